@@ -1,0 +1,6 @@
+//! Chat prompts: the model's own Jinja chat template, rendered as Hugging Face
+//! `transformers` renders it.
+
+mod template;
+
+pub use template::*;

@@ -1,0 +1,34 @@
+use std::path::PathBuf;
+
+/// Everything the engine can refuse or fail at. Callers map these onto their own
+/// protocol (the HTTP layer maps every variant explicitly).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file not found: {0}")]
+    ModelNotFound(PathBuf),
+    #[error("failed to load model {path}: {reason}")]
+    LoadFailed { path: PathBuf, reason: String },
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error(
+        "this model's maximum context length is {n_ctx} tokens, but the request needs \
+         {requested} tokens ({prompt} in the prompt, {completion} for the completion)"
+    )]
+    ContextLengthExceeded {
+        n_ctx: u32,
+        requested: u32,
+        prompt: u32,
+        completion: u32,
+    },
+    #[error("token id {token} is outside the vocabulary (size {n_vocab})")]
+    InvalidToken { token: TokenIdRepr, n_vocab: u32 },
+    #[error("the model's queue is full ({capacity} requests waiting or running)")]
+    QueueFull { capacity: usize },
+    #[error("the engine has shut down")]
+    ShutDown,
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// Token ids appear in errors as plain integers.
+pub type TokenIdRepr = i64;

@@ -1,0 +1,22 @@
+//! Inference engine: llama.cpp in-process, one scheduler thread per loaded model,
+//! continuous batching, chat templates. This crate knows nothing of HTTP or of
+//! OpenAI's wire types: it takes validated [`GenerateRequest`]s and answers with
+//! streams of [`Event`]s.
+
+mod backend;
+pub mod bench;
+pub mod chat;
+pub mod detok;
+mod error;
+mod event;
+mod gguf;
+mod request;
+mod sampling;
+mod scheduler;
+mod sequence;
+
+pub use backend::{Engine, EngineConfig, ModelInfo};
+pub use error::EngineError;
+pub use event::{Event, EventStream, FinishReason, Usage};
+pub use gguf::{inspect, GgufSummary, ModelKind};
+pub use request::{GenerateRequest, SamplingParams, TokenId};

@@ -1,0 +1,56 @@
+/// A token id of the model's vocabulary.
+pub type TokenId = i32;
+
+/// Sampling settings for one request, already merged with the model's defaults
+/// and validated by the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: i32,
+    pub min_p: f32,
+    /// 1.0 disables it.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    pub penalty_last_n: i32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// `None` draws a fresh seed.
+    pub seed: Option<u32>,
+    /// Added to the logits of these tokens before sampling (-inf bans a token).
+    pub logit_bias: Vec<(TokenId, f32)>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_p: 0.95,
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            penalty_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+/// A validated generation request: prompt tokens in, text events out.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<TokenId>,
+    /// Upper bound on generated tokens; the context size may end it sooner.
+    pub max_tokens: u32,
+    /// Stop strings: generation ends before the first one, which is never emitted.
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+    /// Keep generating through end-of-generation tokens (benchmarks compare equal work).
+    pub ignore_eos: bool,
+    /// The request's tracing span: engine-side logs for it are recorded inside it.
+    pub span: tracing::Span,
+}

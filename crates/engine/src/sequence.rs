@@ -1,0 +1,159 @@
+//! Per-request state inside the scheduler: which tokens are in the KV cache,
+//! the sampler, the text assembly and the channel back to the caller.
+
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::detok::{StopMatcher, StopOutcome, Utf8Assembler};
+use crate::{Event, FinishReason, Usage};
+
+pub(crate) struct Sequence {
+    /// Prompt followed by every generated token so far.
+    pub tokens: Vec<LlamaToken>,
+    pub n_prompt: usize,
+    /// `tokens[..n_past]` are in this sequence's KV cache.
+    pub n_past: usize,
+    pub max_tokens: u32,
+    pub n_generated: u32,
+    pub cached_tokens: u32,
+    /// Set once the sequence has been admitted for the first time (re-admission after
+    /// preemption must not recount cached prompt tokens).
+    pub started: bool,
+    pub ignore_eos: bool,
+    /// A stop string ended generation: nothing held back may be emitted.
+    stopped_by_string: bool,
+    pub sampler: LlamaSampler,
+    utf8: Utf8Assembler,
+    stops: StopMatcher,
+    events: mpsc::Sender<Event>,
+    pub span: tracing::Span,
+    /// Admission order: preemption picks the newest.
+    pub arrival: u64,
+    /// Tokens this sequence put into the batch being decoded.
+    pub in_batch: usize,
+    /// Index of this sequence's logits in the batch being decoded, if it asked for them.
+    pub logits_at: Option<i32>,
+}
+
+impl Sequence {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        tokens: Vec<LlamaToken>,
+        max_tokens: u32,
+        stops: Vec<String>,
+        sampler: LlamaSampler,
+        events: mpsc::Sender<Event>,
+        span: tracing::Span,
+        arrival: u64,
+    ) -> Self {
+        Self {
+            n_prompt: tokens.len(),
+            tokens,
+            n_past: 0,
+            max_tokens,
+            n_generated: 0,
+            cached_tokens: 0,
+            started: false,
+            ignore_eos: false,
+            stopped_by_string: false,
+            sampler,
+            utf8: Utf8Assembler::new(),
+            stops: StopMatcher::new(stops),
+            events,
+            span,
+            arrival,
+            in_batch: 0,
+            logits_at: None,
+        }
+    }
+
+    /// Tokens that must still go through the model before the next sample.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.n_past
+    }
+
+    /// The caller dropped its stream: nobody is listening any more.
+    pub fn is_cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Takes one sampled token with its text bytes. Returns why the sequence
+    /// ends, if it does.
+    pub fn accept(&mut self, token: LlamaToken, piece: &[u8], is_eog: bool) -> Option<FinishReason> {
+        if is_eog && !self.ignore_eos {
+            return Some(FinishReason::Stop);
+        }
+        self.tokens.push(token);
+        self.n_generated += 1;
+        let text = self.utf8.push(piece);
+        if !text.is_empty() {
+            match self.stops.push(&text) {
+                StopOutcome::Continue(safe) => self.send_text(safe),
+                StopOutcome::Stopped { text, .. } => {
+                    self.send_text(text);
+                    self.stopped_by_string = true;
+                    return Some(FinishReason::Stop);
+                }
+            }
+        }
+        (self.n_generated >= self.max_tokens).then_some(FinishReason::Length)
+    }
+
+    /// Flushes held-back text (unless a stop string ended it) and reports the end.
+    /// A stop string completed inside the held-back tail still ends as `Stop`.
+    pub fn finish(&mut self, reason: FinishReason) {
+        let mut reason = reason;
+        if !self.stopped_by_string {
+            let tail = self.utf8.finish();
+            let mut text = String::new();
+            let outcome = match self.stops.push(&tail) {
+                StopOutcome::Continue(safe) => {
+                    text.push_str(&safe);
+                    self.stops.finish_outcome()
+                }
+                stopped => stopped,
+            };
+            match outcome {
+                StopOutcome::Continue(rest) => text.push_str(&rest),
+                StopOutcome::Stopped { text: before, .. } => {
+                    text.push_str(&before);
+                    reason = FinishReason::Stop;
+                }
+            }
+            self.send_text(text);
+        }
+        self.send(Event::Done {
+            finish_reason: reason,
+            usage: self.usage(),
+        });
+    }
+
+    pub fn fail(&mut self, error: crate::EngineError) {
+        self.send(Event::Error(error));
+    }
+
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.n_prompt as u32,
+            completion_tokens: self.n_generated,
+            cached_tokens: self.cached_tokens,
+        }
+    }
+
+    fn send_text(&self, text: String) {
+        if !text.is_empty() {
+            self.send(Event::Text(text));
+        }
+    }
+
+    fn send(&self, event: Event) {
+        // The channel holds max_tokens + 2 events, one per token at most plus the
+        // end, so it is never full; a closed channel is a cancelled request, which
+        // the scheduler notices before the next step.
+        if let Err(TrySendError::Full(_)) = self.events.try_send(event) {
+            tracing::error!(parent: &self.span, "event channel full: dropping an event");
+        }
+    }
+}

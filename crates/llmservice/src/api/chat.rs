@@ -1,0 +1,220 @@
+//! `POST /v1/chat/completions`.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use engine::chat::{normalize_messages, RenderInput};
+use engine::{Event, ModelKind};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::generate::{self, build_request, collect, finish_reason_str, new_id, now_unix, sse, sse_error};
+use super::json::Json;
+use super::types::*;
+use super::AppState;
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    generate::validate(&req.sampling)?;
+    reject_unsupported(&req)?;
+    let messages = prepare_messages(&req.messages)?;
+
+    let entry = state.registry.resolve(&req.model)?;
+    if entry.kind != ModelKind::Chat {
+        return Err(ApiError::invalid(
+            "model",
+            format!("'{}' is a {} model and cannot chat", entry.id, entry.kind.as_str()),
+        ));
+    }
+    let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
+    let info = engine.info();
+    let template = info.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            "model",
+            info.chat_template_error
+                .clone()
+                .unwrap_or_else(|| "the model has no chat template".to_owned()),
+        )
+        .with_code("chat_template_missing")
+    })?;
+    let prompt = template
+        .render(&RenderInput {
+            messages: &messages,
+            tools: None,
+            add_generation_prompt: true,
+            extra: req.chat_template_kwargs.as_ref(),
+        })
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let tokens = engine.tokenize_chat_prompt(&prompt);
+    let request = build_request(&req.sampling, &entry.defaults, &engine, tokens)?;
+    let stream = engine.submit(request)?;
+
+    let id = new_id("chatcmpl");
+    let created = now_unix();
+    let model = req.model.clone();
+    if !req.sampling.stream.unwrap_or(false) {
+        let done = collect(stream).await?;
+        generate::log_done(&entry.id, "chat", &done.usage, started);
+        return Ok(axum::Json(ChatCompletion {
+            id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: ChatMessage {
+                    role: "assistant",
+                    content: done.text,
+                },
+                logprobs: None,
+                finish_reason: finish_reason_str(done.finish_reason),
+            }],
+            usage: done.usage.into(),
+            system_fingerprint: None,
+        })
+        .into_response());
+    }
+
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let chunk = move |delta: ChatDelta, finish: Option<&'static str>| ChatCompletionChunk {
+        id: id.clone(),
+        object: "chat.completion.chunk",
+        created,
+        model: model.clone(),
+        choices: vec![ChatChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: finish,
+        }],
+        system_fingerprint: None,
+        usage: include_usage.then_some(None),
+    };
+    let entry_id = entry.id.clone();
+    let mut stream = stream;
+    let payloads = async_stream::stream! {
+        let first = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+        yield json(&chunk(first, None));
+        while let Some(event) = stream.recv().await {
+            match event {
+                Event::Text(text) => {
+                    yield json(&chunk(ChatDelta { role: None, content: Some(text) }, None));
+                }
+                Event::Done { finish_reason, usage } => {
+                    yield json(&chunk(ChatDelta::default(), Some(finish_reason_str(finish_reason))));
+                    if include_usage {
+                        let mut last = chunk(ChatDelta::default(), None);
+                        last.choices.clear();
+                        last.usage = Some(Some(usage.into()));
+                        yield json(&last);
+                    }
+                    generate::log_done(&entry_id, "chat", &usage, started);
+                    break;
+                }
+                Event::Error(error) => {
+                    yield sse_error(error);
+                    break;
+                }
+            }
+        }
+    };
+    Ok(sse(payloads))
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("wire types always serialize")
+}
+
+fn reject_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::unsupported("tools", "tool calling is not supported yet"));
+    }
+    if req.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+        return Err(ApiError::unsupported("functions", "function calling is not supported yet"));
+    }
+    if let Some(format) = &req.response_format {
+        let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
+        if kind != "text" {
+            return Err(ApiError::unsupported(
+                "response_format",
+                format!("response_format type {kind:?} is not supported yet"),
+            ));
+        }
+    }
+    if req.grammar.is_some() {
+        return Err(ApiError::unsupported("grammar", "grammar-constrained output is not supported yet"));
+    }
+    Ok(())
+}
+
+/// Checks the history's shape and turns it into what chat templates expect:
+/// text-only content, `developer` as `system`, tool-call arguments as objects.
+fn prepare_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must contain at least one message"));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, message) in messages.iter().enumerate() {
+        let Some(object) = message.as_object() else {
+            return Err(ApiError::invalid(&format!("messages[{i}]"), "each message must be an object"));
+        };
+        let role = object.get("role").and_then(Value::as_str).unwrap_or_default();
+        if !ROLES.contains(&role) {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].role"),
+                format!("unknown role {role:?}; expected one of {}", ROLES.join(", ")),
+            ));
+        }
+        let mut object = object.clone();
+        if role == "developer" {
+            object.insert("role".into(), "system".into());
+        }
+        let param = || format!("messages[{i}].content");
+        let content = match object.get("content") {
+            None | Some(Value::Null) => {
+                let has_calls = object.get("tool_calls").is_some_and(|c| !c.is_null())
+                    || object.get("function_call").is_some_and(|c| !c.is_null());
+                if role == "assistant" && has_calls {
+                    Value::Null
+                } else {
+                    return Err(ApiError::invalid(&param(), "content is required for this message"));
+                }
+            }
+            Some(Value::String(s)) => Value::String(s.clone()),
+            Some(Value::Array(parts)) => Value::String(text_of_parts(parts).map_err(|m| ApiError::invalid(&param(), m))?),
+            Some(_) => return Err(ApiError::invalid(&param(), "content must be a string or an array of content parts")),
+        };
+        object.insert("content".into(), content);
+        out.push(Value::Object(object));
+    }
+    normalize_messages(&mut out);
+    Ok(out)
+}
+
+fn text_of_parts(parts: &[Value]) -> Result<String, String> {
+    let mut texts = Vec::with_capacity(parts.len());
+    for part in parts {
+        match part.get("type").and_then(Value::as_str) {
+            Some("text") => match part.get("text").and_then(Value::as_str) {
+                Some(t) => texts.push(t),
+                None => return Err("a text content part needs a string `text`".to_owned()),
+            },
+            Some(other) => return Err(format!("content parts of type {other:?} are not supported: this server takes text only")),
+            None => return Err("each content part needs a `type`".to_owned()),
+        }
+    }
+    Ok(texts.join("\n"))
+}

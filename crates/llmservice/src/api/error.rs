@@ -1,0 +1,150 @@
+//! The one mapping from every failure to OpenAI's error shape
+//! `{"error":{"message","type","param","code"}}` and an HTTP status.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use engine::EngineError;
+use serde_json::json;
+
+use crate::models::ModelError;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after_secs: None,
+        }
+    }
+
+    /// A request field with a bad value (400), naming the field.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.to_owned()),
+            code: Some("invalid_value"),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    /// A well-formed request for something this server does not do (yet).
+    pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.to_owned()),
+            code: Some("unsupported_parameter"),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, message = %self.message, "request failed");
+        }
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        let message = error.to_string();
+        match error {
+            EngineError::ModelNotFound(_) | EngineError::LoadFailed { .. } => Self {
+                code: Some("model_load_failed"),
+                ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+            },
+            EngineError::EmptyPrompt => Self::invalid("prompt", message),
+            EngineError::ContextLengthExceeded { .. } => Self {
+                param: Some("messages".to_owned()),
+                code: Some("context_length_exceeded"),
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            },
+            EngineError::InvalidToken { .. } => Self::invalid("prompt", message),
+            EngineError::QueueFull { .. } => Self {
+                code: Some("queue_full"),
+                retry_after_secs: Some(1),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            },
+            EngineError::ShutDown => Self {
+                code: Some("shutting_down"),
+                retry_after_secs: Some(5),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            },
+            EngineError::Inference(_) => Self::internal(message),
+        }
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(error: ModelError) -> Self {
+        match error {
+            ModelError::NotFound { name, available } => Self {
+                param: Some("model".to_owned()),
+                code: Some("model_not_found"),
+                ..Self::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!(
+                        "Model not found: {name}. Available models: {}",
+                        if available.is_empty() {
+                            "none (set LIGHT_MODEL_PATH or put .gguf files in MODELS_DIR)".to_owned()
+                        } else {
+                            available.join(", ")
+                        }
+                    ),
+                )
+            },
+            ModelError::Loading(id) => Self {
+                code: Some("model_loading"),
+                retry_after_secs: Some(5),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    format!("model '{id}' is loading; retry shortly"),
+                )
+            },
+            ModelError::Load(e) => e.into(),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The HTTP surface. Handlers turn wire types into engine requests and engine
+//! events back into wire types; nothing here touches llama.cpp.
+
+mod chat;
+mod completions;
+pub mod error;
+mod generate;
+mod json;
+mod models;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::cors::CorsLayer;
+use tracing::Instrument;
+
+use crate::config::Settings;
+use crate::models::Registry;
+use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub registry: Arc<Registry>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.settings.max_body_bytes;
+    Router::new()
+        .route("/health", get(models::health))
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/models/chat", get(models::chat_models))
+        .route("/v1/models/embeddings", get(models::embedding_models))
+        .route("/v1/models/{*id}", get(models::get_model))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CorsLayer::permissive())
+        .layer(middleware::from_fn(trace_request))
+        .with_state(state)
+}
+
+async fn unknown_route(request: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        ..ApiError::bad_request(format!("no route for {} {}", request.method(), request.uri().path()))
+    }
+    .with_code("unknown_url")
+}
+
+async fn wrong_method(request: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::bad_request(format!("{} is not allowed on {}", request.method(), request.uri().path()))
+    }
+    .with_code("method_not_allowed")
+}
+
+/// Opens the request's span (with its id, echoed as `x-request-id`) and logs one
+/// line when the response head is ready.
+async fn trace_request(request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
+    let started = Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    tracing::info!(parent: &span, status = response.status().as_u16(), latency_ms = started.elapsed().as_millis() as u64, "response");
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response.into_response()
+}

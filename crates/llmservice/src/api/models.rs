@@ -1,0 +1,108 @@
+//! `GET /health`, `GET /v1/models[/{id}]`, and seed 002's per-kind lists.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use engine::ModelKind;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::types::{ModelList, ModelObject};
+use super::AppState;
+use crate::models::{ModelEntry, ModelError};
+
+/// Answers from atomics and `try_lock` only: it never waits on a loading model.
+pub async fn health(State(state): State<AppState>) -> Json<Value> {
+    let loaded: Vec<Value> = state
+        .registry
+        .loaded()
+        .iter()
+        .map(|e| json!({"id": e.id, "kind": e.kind.as_str()}))
+        .collect();
+    Json(json!({
+        "status": "healthy",
+        "timestamp": chrono::Local::now().naive_local().format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+        "models": loaded,
+    }))
+}
+
+fn model_object(entry: &ModelEntry) -> ModelObject {
+    let state = entry.state();
+    ModelObject {
+        id: entry.id.clone(),
+        object: "model",
+        created: entry.created,
+        owned_by: entry.owned_by(),
+        kind: entry.kind.as_str(),
+        state: state.as_str(),
+        error: (state == crate::models::ModelState::Failed)
+            .then(|| entry.last_error())
+            .flatten(),
+    }
+}
+
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    let registry = state.registry.clone();
+    let entries = tokio::task::spawn_blocking(move || registry.list())
+        .await
+        .unwrap_or_default();
+    Json(ModelList {
+        object: "list",
+        data: entries.iter().map(|e| model_object(e)).collect(),
+    })
+}
+
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    let registry = state.registry.clone();
+    let lookup = id.clone();
+    let entries = tokio::task::spawn_blocking(move || registry.list())
+        .await
+        .unwrap_or_default();
+    entries
+        .iter()
+        .find(|e| e.id == lookup)
+        .map(|e| Json(model_object(e)))
+        .ok_or_else(|| {
+            ModelError::NotFound {
+                name: id,
+                available: entries.iter().map(|e| e.id.clone()).collect(),
+            }
+            .into()
+        })
+}
+
+/// Seed 002's shape: a bare array of `{name, ...}`, `name` being what to send as `model`.
+async fn by_kind(state: AppState, kind: ModelKind) -> Json<Vec<Value>> {
+    let registry = state.registry.clone();
+    let entries: Vec<Arc<ModelEntry>> = tokio::task::spawn_blocking(move || registry.list())
+        .await
+        .unwrap_or_default();
+    Json(
+        entries
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| {
+                json!({
+                    "name": e.id,
+                    "id": e.id,
+                    "path": e.path.display().to_string(),
+                    "size_bytes": std::fs::metadata(&e.path).map(|m| m.len()).unwrap_or(0),
+                    "state": e.state().as_str(),
+                    "tier": e.tier.map(|t| t.as_str()),
+                })
+            })
+            .collect(),
+    )
+}
+
+pub async fn chat_models(State(state): State<AppState>) -> Json<Vec<Value>> {
+    by_kind(state, ModelKind::Chat).await
+}
+
+pub async fn embedding_models(State(state): State<AppState>) -> Json<Vec<Value>> {
+    by_kind(state, ModelKind::Embedding).await
+}

@@ -1,0 +1,379 @@
+//! Configuration: command-line flags > environment (and `.env`) > defaults.
+//! The raw layer (clap + environment variables under the seeds' names) becomes a
+//! validated [`Settings`]; everything after start-up reads only `Settings`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use engine::EngineConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "llmservice", version, about = "Local language models behind an OpenAI-compatible API")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve(ServeArgs),
+    /// List the models the server would offer, with their kind.
+    Models(ServeArgs),
+    /// Measure single-stream decode speed: the server path vs. a plain llama.cpp loop.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Flags for `serve`. Each falls back to the environment under the names the
+/// earlier services used, then to a default.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Address to listen on [env: HOST, LLM_SERVICE_HOST] [default: 127.0.0.1]
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one (written to `.port`) [env: PORT, LLM_SERVICE_PORT] [default: 8000]
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Directory whose `.gguf` files are servable by file stem [env: MODELS_DIR, LLM_SERVICE_MODELS_DIR, MODEL_DIR]
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Directory for the service's own state [env: DATA_DIR, LLM_SERVICE_DATA_DIR] [default: ~/.llmservice]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Log filter, e.g. info or debug [env: LOG_LEVEL] [default: info]
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Largest request body accepted, in bytes [env: MAX_BODY_BYTES] [default: 10485760]
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+}
+
+/// The five model tiers of the seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Light,
+    Medium,
+    Heavy,
+    Embedding,
+    Reranker,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 5] = [Tier::Light, Tier::Medium, Tier::Heavy, Tier::Embedding, Tier::Reranker];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Light => "light",
+            Tier::Medium => "medium",
+            Tier::Heavy => "heavy",
+            Tier::Embedding => "embedding",
+            Tier::Reranker => "reranker",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|t| t.as_str().eq_ignore_ascii_case(name))
+    }
+
+    fn env_prefix(self) -> String {
+        self.as_str().to_ascii_uppercase()
+    }
+}
+
+/// Defaults a request's own values override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationDefaults {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub max_tokens: u32,
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        // The seeds' documented defaults.
+        Self {
+            temperature: 0.7,
+            top_p: 0.95,
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            max_tokens: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierSettings {
+    pub tier: Tier,
+    pub model_path: PathBuf,
+    pub engine: EngineConfig,
+    pub defaults: GenerationDefaults,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub models_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub log_level: String,
+    pub max_body_bytes: usize,
+    pub tiers: Vec<TierSettings>,
+    /// Engine settings for models found in `models_dir` that no tier names.
+    pub dir_engine: EngineConfig,
+    pub dir_defaults: GenerationDefaults,
+}
+
+/// A configuration value that does not parse, named so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {name}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub name: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Where configuration values come from; a trait so tests need not touch the process environment.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl<const N: usize> Env for [(&str, &str); N] {
+    fn get(&self, name: &str) -> Option<String> {
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+    }
+}
+
+impl Env for Vec<(String, String)> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+}
+
+fn first(env: &dyn Env, names: &[&str]) -> Option<(String, String)> {
+    names.iter().find_map(|n| env.get(n).map(|v| (n.to_string(), v)))
+}
+
+fn parse<T: std::str::FromStr>(env: &dyn Env, names: &[&str]) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match first(env, names) {
+        None => Ok(None),
+        Some((name, value)) => value.trim().parse().map(Some).map_err(|e: T::Err| ConfigError {
+            name,
+            reason: e.to_string(),
+            value,
+        }),
+    }
+}
+
+fn parse_bool(env: &dyn Env, name: &str) -> Result<Option<bool>, ConfigError> {
+    match env.get(name) {
+        None => Ok(None),
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Some(true)),
+            "0" | "false" | "no" | "off" => Ok(Some(false)),
+            _ => Err(ConfigError {
+                name: name.to_owned(),
+                value: v,
+                reason: "expected true or false".to_owned(),
+            }),
+        },
+    }
+}
+
+fn home_dir(env: &dyn Env) -> PathBuf {
+    env.get("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+}
+
+impl Settings {
+    pub fn resolve(args: &ServeArgs, env: &dyn Env) -> Result<Settings, ConfigError> {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or_else(|| first(env, &["DATA_DIR", "LLM_SERVICE_DATA_DIR"]).map(|(_, v)| v.into()))
+            .unwrap_or_else(|| home_dir(env).join(".llmservice"));
+        let models_dir = args
+            .models_dir
+            .clone()
+            .or_else(|| {
+                first(env, &["MODELS_DIR", "LLM_SERVICE_MODELS_DIR", "MODEL_DIR"]).map(|(_, v)| v.into())
+            })
+            .unwrap_or_else(|| data_dir.join("models"));
+        let mut tiers = Vec::new();
+        for tier in Tier::ALL {
+            if let Some(t) = tier_settings(tier, env)? {
+                tiers.push(t);
+            }
+        }
+        Ok(Settings {
+            host: args
+                .host
+                .clone()
+                .or_else(|| first(env, &["HOST", "LLM_SERVICE_HOST"]).map(|(_, v)| v))
+                .unwrap_or_else(|| "127.0.0.1".to_owned()),
+            port: match args.port {
+                Some(p) => p,
+                None => parse(env, &["PORT", "LLM_SERVICE_PORT"])?.unwrap_or(8000),
+            },
+            models_dir,
+            data_dir,
+            log_level: args
+                .log_level
+                .clone()
+                .or_else(|| env.get("LOG_LEVEL"))
+                .unwrap_or_else(|| "info".to_owned())
+                .to_ascii_lowercase(),
+            max_body_bytes: match args.max_body_bytes {
+                Some(n) => n,
+                None => parse(env, &["MAX_BODY_BYTES"])?.unwrap_or(10 * 1024 * 1024),
+            },
+            tiers,
+            dir_engine: EngineConfig::default(),
+            dir_defaults: GenerationDefaults::default(),
+        })
+    }
+}
+
+/// A tier exists when `{TIER}_MODEL_PATH` is set; its other settings fall back to defaults.
+fn tier_settings(tier: Tier, env: &dyn Env) -> Result<Option<TierSettings>, ConfigError> {
+    let p = tier.env_prefix();
+    let name = |suffix: &str| format!("{p}_{suffix}");
+    let Some(model_path) = env.get(&name("MODEL_PATH")) else {
+        return Ok(None);
+    };
+    if let Some(backend) = env.get(&name("BACKEND")) {
+        if !backend.eq_ignore_ascii_case("llamacpp") {
+            return Err(ConfigError {
+                name: name("BACKEND"),
+                value: backend,
+                reason: "only `llamacpp` is available in this build".to_owned(),
+            });
+        }
+    }
+    let mut engine = EngineConfig::default();
+    if let Some(v) = parse(env, &[&name("N_CTX")])? {
+        engine.n_ctx = v;
+    }
+    if let Some(v) = parse(env, &[&name("N_BATCH")])? {
+        engine.n_batch = v;
+    }
+    if let Some(v) = parse::<i32>(env, &[&name("N_THREADS")])? {
+        engine.n_threads = v;
+        engine.n_threads_batch = v;
+    }
+    if let Some(v) = parse(env, &[&name("N_GPU_LAYERS")])? {
+        engine.n_gpu_layers = v;
+    }
+    if let Some(v) = parse_bool(env, &name("USE_MMAP"))? {
+        engine.use_mmap = v;
+    }
+    if let Some(v) = parse_bool(env, &name("USE_MLOCK"))? {
+        engine.use_mlock = v;
+    }
+    if let Some(v) = parse(env, &[&name("PARALLEL")])? {
+        engine.parallel = v;
+    }
+    if let Some(v) = parse(env, &[&name("MAX_QUEUE")])? {
+        engine.max_queue = v;
+    }
+    if let Some(v) = env.get(&name("CHAT_TEMPLATE")) {
+        // A path to a template file, or the template itself.
+        engine.chat_template = Some(match std::fs::read_to_string(&v) {
+            Ok(source) => source,
+            Err(_) => v,
+        });
+    }
+    let mut defaults = GenerationDefaults::default();
+    if let Some(v) = parse(env, &[&name("TEMPERATURE")])? {
+        defaults.temperature = v;
+    }
+    if let Some(v) = parse(env, &[&name("TOP_P")])? {
+        defaults.top_p = v;
+    }
+    if let Some(v) = parse(env, &[&name("TOP_K")])? {
+        defaults.top_k = v;
+    }
+    if let Some(v) = parse(env, &[&name("MIN_P")])? {
+        defaults.min_p = v;
+    }
+    if let Some(v) = parse(env, &[&name("REPEAT_PENALTY")])? {
+        defaults.repeat_penalty = v;
+    }
+    if let Some(v) = parse(env, &[&name("MAX_TOKENS")])? {
+        defaults.max_tokens = v;
+    }
+    Ok(Some(TierSettings {
+        tier,
+        model_path: PathBuf::from(model_path),
+        engine,
+        defaults,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let s = Settings::resolve(&ServeArgs::default(), &[("HOME", "/home/u")]).unwrap();
+        assert_eq!(s.host, "127.0.0.1");
+        assert_eq!(s.port, 8000);
+        assert_eq!(s.models_dir, PathBuf::from("/home/u/.llmservice/models"));
+        assert!(s.tiers.is_empty());
+    }
+
+    #[test]
+    fn seed_names_are_read_and_flags_win() {
+        let env = [
+            ("PORT", "9000"),
+            ("LLM_SERVICE_HOST", "0.0.0.0"),
+            ("MODEL_DIR", "/models"),
+            ("LIGHT_MODEL_PATH", "/m/qwen-0.5b.gguf"),
+            ("LIGHT_N_CTX", "2048"),
+            ("LIGHT_TEMPERATURE", "0.1"),
+            ("LIGHT_TOP_K", "10"),
+            ("LIGHT_USE_MMAP", "false"),
+        ];
+        let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        assert_eq!((s.host.as_str(), s.port), ("0.0.0.0", 9000));
+        assert_eq!(s.models_dir, PathBuf::from("/models"));
+        let light = &s.tiers[0];
+        assert_eq!(light.tier, Tier::Light);
+        assert_eq!(light.engine.n_ctx, 2048);
+        assert!(!light.engine.use_mmap);
+        assert_eq!(light.defaults.temperature, 0.1);
+        assert_eq!(light.defaults.top_k, 10);
+
+        let args = ServeArgs {
+            port: Some(1234),
+            ..Default::default()
+        };
+        assert_eq!(Settings::resolve(&args, &env).unwrap().port, 1234);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let err = Settings::resolve(
+            &ServeArgs::default(),
+            &[("LIGHT_MODEL_PATH", "/m.gguf"), ("LIGHT_N_CTX", "lots")],
+        )
+        .unwrap_err();
+        assert_eq!(err.name, "LIGHT_N_CTX");
+        let err = Settings::resolve(&ServeArgs::default(), &[("PORT", "99999")]).unwrap_err();
+        assert_eq!(err.name, "PORT");
+    }
+}

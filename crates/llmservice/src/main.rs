@@ -1,0 +1,62 @@
+use clap::Parser;
+
+use llmservice::config::{Cli, Command, ProcessEnv, ServeArgs, Settings};
+use llmservice::{bench, models, server};
+
+fn main() -> std::process::ExitCode {
+    // `.env` fills in what the environment does not set; flags override both.
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
+    let args = match &command {
+        Command::Serve(a) | Command::Models(a) => a.clone(),
+        Command::Bench(b) => b.serve_args(),
+    };
+    let settings = match Settings::resolve(&args, &ProcessEnv) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("llmservice: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(&settings.log_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("llmservice: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = match command {
+        Command::Serve(_) => runtime.block_on(server::serve(settings)),
+        Command::Models(_) => {
+            list_models(settings);
+            Ok(())
+        }
+        Command::Bench(args) => runtime.block_on(bench::run(args, settings)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llmservice: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(level: &str) {
+    // llama.cpp's own log is chatty at info: keep it at warn unless asked.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},llama_cpp_2=warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn list_models(settings: Settings) {
+    let registry = models::Registry::new(std::sync::Arc::new(settings));
+    for entry in registry.list() {
+        println!("{}\t{}\t{}", entry.id, entry.kind.as_str(), entry.path.display());
+    }
+}

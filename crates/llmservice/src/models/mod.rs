@@ -1,0 +1,373 @@
+//! The model registry: the configured tiers plus every GGUF in the models
+//! directory, how a request's `model` name resolves to one of them, and lazy,
+//! single-flight loading.
+//!
+//! Lock order: `Registry::dir_cache` is never held while a model's `engine` lock
+//! is taken, and loading never touches the registry.
+
+mod routing;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use engine::{Engine, EngineConfig, EngineError, ModelKind};
+
+use crate::config::{GenerationDefaults, Settings, Tier};
+
+pub use routing::tier_for_name;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelState {
+    /// Known and loadable; not in memory.
+    Available,
+    Loading,
+    Loaded,
+    /// The last load attempt failed; the next request tries again.
+    Failed,
+}
+
+impl ModelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelState::Available => "available",
+            ModelState::Loading => "loading",
+            ModelState::Loaded => "loaded",
+            ModelState::Failed => "failed",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => ModelState::Loading,
+            2 => ModelState::Loaded,
+            3 => ModelState::Failed,
+            _ => ModelState::Available,
+        }
+    }
+}
+
+/// Why a model could not be handed out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ModelError {
+    #[error("model '{name}' not found")]
+    NotFound { name: String, available: Vec<String> },
+    #[error("model '{0}' is loading")]
+    Loading(String),
+    #[error(transparent)]
+    Load(#[from] EngineError),
+}
+
+/// One servable model file and, once loaded, its engine.
+pub struct ModelEntry {
+    pub id: String,
+    pub tier: Option<Tier>,
+    pub path: PathBuf,
+    pub kind: ModelKind,
+    /// Unix seconds of the file's modification time (OpenAI's `created`).
+    pub created: i64,
+    pub engine_config: EngineConfig,
+    pub defaults: GenerationDefaults,
+    /// Held for the whole load, so concurrent first requests load once.
+    engine: Arc<tokio::sync::Mutex<Option<Arc<Engine>>>>,
+    state: AtomicU8,
+    last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for ModelEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelEntry").field("id", &self.id).finish()
+    }
+}
+
+impl ModelEntry {
+    fn new(
+        id: String,
+        tier: Option<Tier>,
+        path: PathBuf,
+        kind: ModelKind,
+        engine_config: EngineConfig,
+        defaults: GenerationDefaults,
+    ) -> Self {
+        let created = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        Self {
+            id,
+            tier,
+            path,
+            kind,
+            created,
+            engine_config,
+            defaults,
+            engine: Default::default(),
+            state: AtomicU8::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn owned_by(&self) -> String {
+        match self.tier {
+            Some(t) => format!("llmservice-{}", t.as_str()),
+            None => "llmservice".to_owned(),
+        }
+    }
+
+    pub fn state(&self) -> ModelState {
+        ModelState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn set_state(&self, state: ModelState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// The loaded engine, if it is loaded; never waits.
+    pub fn loaded_engine(&self) -> Option<Arc<Engine>> {
+        self.engine.try_lock().ok().and_then(|g| g.clone())
+    }
+
+    /// The engine, loading it first if needed. With `wait == false`, a model that
+    /// is not loaded yet starts loading and the call answers [`ModelError::Loading`].
+    pub async fn engine(self: &Arc<Self>, wait: bool) -> Result<Arc<Engine>, ModelError> {
+        if let Some(engine) = self.loaded_engine() {
+            return Ok(engine);
+        }
+        let load = self.clone().start_load();
+        if !wait {
+            return Err(ModelError::Loading(self.id.clone()));
+        }
+        load.await
+    }
+
+    /// Starts loading in a task of its own, so a client that gives up does not
+    /// abandon a half-done load; the returned future yields its outcome.
+    fn start_load(self: Arc<Self>) -> impl std::future::Future<Output = Result<Arc<Engine>, ModelError>> {
+        let task = tokio::spawn(async move {
+            let mut slot = self.engine.clone().lock_owned().await;
+            if let Some(engine) = slot.as_ref() {
+                return Ok(engine.clone());
+            }
+            self.set_state(ModelState::Loading);
+            let entry = self.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                Engine::load(&entry.path, entry.engine_config.clone()).map(Arc::new)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(EngineError::LoadFailed {
+                    path: self.path.clone(),
+                    reason: format!("the loader panicked: {e}"),
+                })
+            });
+            match loaded {
+                Ok(engine) => {
+                    *slot = Some(engine.clone());
+                    self.set_state(ModelState::Loaded);
+                    if let Ok(mut e) = self.last_error.lock() {
+                        *e = None;
+                    }
+                    Ok(engine)
+                }
+                Err(error) => {
+                    tracing::error!(model = %self.id, %error, "model failed to load");
+                    self.set_state(ModelState::Failed);
+                    if let Ok(mut e) = self.last_error.lock() {
+                        *e = Some(error.to_string());
+                    }
+                    Err(ModelError::Load(error))
+                }
+            }
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(ModelError::Load(EngineError::Inference(format!(
+                    "model loading task failed: {e}"
+                ))))
+            })
+        }
+    }
+}
+
+/// The natural kind of a tier, used when its file cannot be inspected.
+fn tier_kind(tier: Tier) -> ModelKind {
+    match tier {
+        Tier::Light | Tier::Medium | Tier::Heavy => ModelKind::Chat,
+        Tier::Embedding => ModelKind::Embedding,
+        Tier::Reranker => ModelKind::Reranker,
+    }
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned()
+}
+
+type DirCache = HashMap<PathBuf, (SystemTime, u64, Arc<ModelEntry>)>;
+
+pub struct Registry {
+    settings: Arc<Settings>,
+    tiers: Vec<Arc<ModelEntry>>,
+    dir_cache: Mutex<DirCache>,
+}
+
+impl Registry {
+    pub fn new(settings: Arc<Settings>) -> Self {
+        let tiers = settings
+            .tiers
+            .iter()
+            .map(|t| {
+                let kind = engine::inspect(&t.model_path).map_or_else(
+                    || {
+                        tracing::warn!(tier = t.tier.as_str(), path = %t.model_path.display(), "tier model is not a readable GGUF file");
+                        tier_kind(t.tier)
+                    },
+                    |s| s.kind,
+                );
+                Arc::new(ModelEntry::new(
+                    format!("{}/{}", t.tier.as_str(), file_stem(&t.model_path)),
+                    Some(t.tier),
+                    t.model_path.clone(),
+                    kind,
+                    t.engine.clone(),
+                    t.defaults.clone(),
+                ))
+            })
+            .collect();
+        Self {
+            settings,
+            tiers,
+            dir_cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Every servable model: the tiers, then the models directory's files that
+    /// no tier already serves.
+    pub fn list(&self) -> Vec<Arc<ModelEntry>> {
+        let mut all = self.tiers.clone();
+        let tier_paths: Vec<PathBuf> = self.tiers.iter().map(|t| canonical(&t.path)).collect();
+        all.extend(
+            self.scan_dir()
+                .into_iter()
+                .filter(|e| !tier_paths.contains(&canonical(&e.path))),
+        );
+        all
+    }
+
+    /// Loaded models, without touching the disk or waiting on any lock.
+    pub fn loaded(&self) -> Vec<Arc<ModelEntry>> {
+        let mut loaded: Vec<_> = self
+            .tiers
+            .iter()
+            .filter(|e| e.state() == ModelState::Loaded)
+            .cloned()
+            .collect();
+        if let Ok(cache) = self.dir_cache.try_lock() {
+            loaded.extend(
+                cache
+                    .values()
+                    .filter(|(_, _, e)| e.state() == ModelState::Loaded)
+                    .map(|(_, _, e)| e.clone()),
+            );
+        }
+        loaded
+    }
+
+    /// A request's `model` name to a model: exact id, tier name, file stem, then
+    /// the seed's name patterns.
+    pub fn resolve(&self, name: &str) -> Result<Arc<ModelEntry>, ModelError> {
+        let all = self.list();
+        let name = name.trim();
+        let found = all
+            .iter()
+            .find(|e| e.id == name)
+            .or_else(|| {
+                let tier = Tier::parse(name)?;
+                self.tiers.iter().find(|e| e.tier == Some(tier))
+            })
+            .or_else(|| all.iter().find(|e| file_stem(&e.path) == name))
+            .or_else(|| {
+                all.iter()
+                    .find(|e| e.id.eq_ignore_ascii_case(name) || file_stem(&e.path).eq_ignore_ascii_case(name))
+            })
+            .or_else(|| {
+                let tier = tier_for_name(name)?;
+                self.tiers.iter().find(|e| e.tier == Some(tier))
+            });
+        found.cloned().ok_or_else(|| ModelError::NotFound {
+            name: name.to_owned(),
+            available: all.iter().map(|e| e.id.clone()).collect(),
+        })
+    }
+
+    /// The models directory's GGUF files, inspected once per (mtime, size).
+    fn scan_dir(&self) -> Vec<Arc<ModelEntry>> {
+        let Ok(read) = std::fs::read_dir(&self.settings.models_dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<(PathBuf, SystemTime, u64)> = read
+            .filter_map(Result::ok)
+            .filter_map(|d| {
+                let path = d.path();
+                let is_gguf = path
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+                let meta = d.metadata().ok()?;
+                (is_gguf && meta.is_file() && !is_later_split_part(&path))
+                    .then(|| (path, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()))
+            })
+            .collect();
+        files.sort();
+        let Ok(mut cache) = self.dir_cache.lock() else {
+            return Vec::new();
+        };
+        cache.retain(|path, _| files.iter().any(|(p, _, _)| p == path));
+        files
+            .into_iter()
+            .filter_map(|(path, mtime, len)| {
+                if let Some((m, l, entry)) = cache.get(&path) {
+                    if *m == mtime && *l == len {
+                        return Some(entry.clone());
+                    }
+                }
+                let summary = engine::inspect(&path)?;
+                let entry = Arc::new(ModelEntry::new(
+                    file_stem(&path),
+                    None,
+                    path.clone(),
+                    summary.kind,
+                    self.settings.dir_engine.clone(),
+                    self.settings.dir_defaults.clone(),
+                ));
+                cache.insert(path, (mtime, len, entry.clone()));
+                Some(entry)
+            })
+            .collect()
+    }
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// `model-00002-of-00003.gguf`: only the first part of a split model is servable.
+fn is_later_split_part(path: &Path) -> bool {
+    let stem = file_stem(path);
+    let Some(idx) = stem.rfind("-of-") else {
+        return false;
+    };
+    let part = &stem[..idx];
+    part.rsplit('-')
+        .next()
+        .and_then(|n| n.parse::<u32>().ok())
+        .is_some_and(|n| n > 1)
+}

@@ -1,0 +1,108 @@
+//! Binding, `.port`, and a graceful shutdown that cannot hang forever.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{router, AppState};
+use crate::config::Settings;
+use crate::models::Registry;
+
+/// How long in-flight requests may run on after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The file clients read to find the port (seed 000).
+const PORT_FILE: &str = ".port";
+
+pub async fn serve(settings: Settings) -> Result<(), String> {
+    let settings = Arc::new(settings);
+    let listener = bind(&settings.host, settings.port).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let port_file = PortFile::write(addr)?;
+    let registry = Arc::new(Registry::new(settings.clone()));
+    let models = registry.list();
+    tracing::info!(
+        %addr,
+        models = models.len(),
+        models_dir = %settings.models_dir.display(),
+        "llmservice listening"
+    );
+    for entry in &models {
+        tracing::info!(id = %entry.id, kind = entry.kind.as_str(), path = %entry.path.display(), "model available");
+    }
+    let app = router(AppState { settings, registry });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut stop_rx = stop_rx;
+    let forced = async move {
+        let _ = stop_rx.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(|e| format!("server error: {e}"))?,
+        () = forced => tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting anyway"),
+    }
+    drop(port_file);
+    tracing::info!("llmservice stopped");
+    Ok(())
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("port {port} on {host} is already in use: stop the other process, choose another with --port or PORT, or use --port 0 for any free port (written to .port)")
+        } else {
+            format!("cannot listen on {addr}: {e}")
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received: finishing in-flight requests");
+}
+
+/// `.port` in the working directory, removed again on exit.
+struct PortFile(PathBuf);
+
+impl PortFile {
+    fn write(addr: SocketAddr) -> Result<Self, String> {
+        let path = PathBuf::from(PORT_FILE);
+        std::fs::write(&path, format!("{}\n", addr.port()))
+            .map_err(|e| format!("cannot write {PORT_FILE}: {e}"))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for PortFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,131 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use llmservice::api::{router, AppState};
+use llmservice::config::{ServeArgs, Settings};
+use llmservice::models::Registry;
+use serde_json::Value;
+use tower::ServiceExt;
+
+pub fn shared_models() -> PathBuf {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models"));
+    assert!(
+        dir.join("SmolLM2-135M-Instruct-Q4_1.gguf").is_file(),
+        "the test models are missing: expected {} (shared/ beside the repository)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn smollm() -> String {
+    shared_models()
+        .join("SmolLM2-135M-Instruct-Q4_1.gguf")
+        .display()
+        .to_string()
+}
+
+/// The model id the light tier gets for SmolLM2.
+pub const LIGHT_ID: &str = "light/SmolLM2-135M-Instruct-Q4_1";
+
+pub struct TestApp {
+    pub state: AppState,
+    pub _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    /// A server whose light tier is SmolLM2, plus `extra` environment settings.
+    pub fn new(extra: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let models_dir = dir.path().join("models");
+        std::fs::create_dir_all(&models_dir).unwrap();
+        let mut env: Vec<(String, String)> = vec![
+            ("LIGHT_MODEL_PATH".into(), smollm()),
+            ("LIGHT_N_CTX".into(), "2048".into()),
+            ("LIGHT_N_THREADS".into(), "2".into()),
+            ("MODELS_DIR".into(), models_dir.display().to_string()),
+            ("HOME".into(), dir.path().display().to_string()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let settings = Arc::new(Settings::resolve(&ServeArgs::default(), &env).unwrap());
+        let registry = Arc::new(Registry::new(settings.clone()));
+        Self {
+            state: AppState { settings, registry },
+            _dir: dir,
+        }
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.state.settings.models_dir.clone()
+    }
+
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+        let response = self.router().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, headers, value)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, HeaderMap, Value) {
+        self.send(
+            Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let (status, _, body) = self.send(Request::get(path).body(Body::empty()).unwrap()).await;
+        (status, body)
+    }
+
+    /// Serves on a real loopback socket (port 0) for protocol details like SSE and disconnects.
+    pub async fn spawn(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = self.router();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        format!("http://{addr}")
+    }
+}
+
+/// Asserts OpenAI's error shape and returns the error object.
+pub fn error_of(body: &Value) -> &serde_json::Map<String, Value> {
+    let error = body
+        .get("error")
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("not an OpenAI error: {body}"));
+    for key in ["message", "type", "param", "code"] {
+        assert!(error.contains_key(key), "error lacks {key}: {body}");
+    }
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    error
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_payloads(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            e.trim()
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data event: {e:?}"))
+                .to_owned()
+        })
+        .collect()
+}

@@ -1,0 +1,131 @@
+//! Chat and completions on the real model: exact greedy text, usage, stops,
+//! concurrency, prefix reuse, queue limits.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn hello() -> Value {
+    json!({"model": "light", "temperature": 0, "max_tokens": 24,
+           "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+}
+
+#[tokio::test]
+async fn greedy_chat_gives_the_known_answer() {
+    let app = TestApp::new(&[]);
+    let (status, _, body) = app.post("/v1/chat/completions", hello()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "light");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], GREEDY_FRANCE, "greedy output changed");
+    let usage = &body["usage"];
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), usage["prompt_tokens"].as_u64().unwrap() + completion);
+    match choice["finish_reason"].as_str().unwrap() {
+        "length" => assert_eq!(completion, 24),
+        "stop" => assert!(completion < 24),
+        other => panic!("finish_reason {other}"),
+    }
+    // Same request again: identical text, and the prompt's KV is reused.
+    let (_, _, again) = app.post("/v1/chat/completions", hello()).await;
+    assert_eq!(again["choices"][0]["message"]["content"], GREEDY_FRANCE);
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(cached, prompt - 1, "all but the last prompt token come from the cache");
+}
+
+/// SmolLM2-135M-Instruct Q4_1, greedy, 24 tokens max, for `hello()`.
+const GREEDY_FRANCE: &str = "The capital of France is Paris.";
+
+#[tokio::test]
+async fn stop_strings_are_never_emitted() {
+    let app = TestApp::new(&[]);
+    let mut request = hello();
+    request["stop"] = json!(["Paris"]);
+    let (status, _, body) = app.post("/v1/chat/completions", request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "The capital of France is ");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn max_tokens_ends_with_length_and_exact_usage() {
+    let app = TestApp::new(&[]);
+    let (status, _, body) = app
+        .post("/v1/completions", json!({"model": "light", "prompt": "Once upon a time", "max_tokens": 7, "temperature": 0, "ignore_eos": true}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 7);
+    assert_eq!(body["usage"]["prompt_tokens"], 4, "'Once upon a time' is 4 tokens in SmolLM2's vocabulary");
+    assert!(!body["choices"][0]["text"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_requests_all_complete_like_alone() {
+    let app = TestApp::new(&[("LIGHT_PARALLEL", "4")]);
+    let prompts = ["Name a color.", "Name a fruit.", "Name an animal.", "Name a country.", "Name a planet.", "Name a metal."];
+    let request = |p: &str| json!({"model": "light", "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": p}]});
+    let alone: Vec<Value> = {
+        let mut out = Vec::new();
+        for p in prompts {
+            out.push(app.post("/v1/chat/completions", request(p)).await.2);
+        }
+        out
+    };
+    let together = futures_util::future::join_all(prompts.iter().map(|p| app.post("/v1/chat/completions", request(p)))).await;
+    for ((status, _, body), alone) in together.into_iter().zip(alone) {
+        assert_eq!(status, 200, "{body}");
+        let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!text.trim().is_empty());
+        assert_eq!(body["usage"]["prompt_tokens"], alone["usage"]["prompt_tokens"]);
+        let n = body["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(n >= 1 && n <= 12);
+        if body["choices"][0]["finish_reason"] == "length" {
+            assert_eq!(n, 12);
+        }
+    }
+}
+
+#[tokio::test]
+async fn several_prompts_in_one_completion_request() {
+    let app = TestApp::new(&[]);
+    let (status, _, body) = app
+        .post("/v1/completions", json!({"model": "light", "prompt": ["One, two,", "Red, green,"], "max_tokens": 3, "temperature": 0, "ignore_eos": true}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0]["index"], 0);
+    assert_eq!(choices[1]["index"], 1);
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+}
+
+#[tokio::test]
+async fn full_queue_answers_503_with_retry_after() {
+    let app = TestApp::new(&[("LIGHT_PARALLEL", "1"), ("LIGHT_MAX_QUEUE", "0")]);
+    let base = app.spawn().await;
+    let client = reqwest::Client::new();
+    // Hold the only place with a long stream, then ask again.
+    let long = client
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "light", "prompt": "Count:", "max_tokens": 400, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 200);
+    let second = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 503);
+    assert!(second.headers().contains_key("retry-after"));
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(error_of(&body)["code"], "queue_full");
+    drop(long);
+}

@@ -1,0 +1,74 @@
+//! Model listing, routing by name, and the models directory.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn lists_tiers_and_the_models_directory_with_kinds_and_states() {
+    let app = TestApp::new(&[]);
+    let dir = app.models_dir();
+    std::fs::copy(shared_models().join("all-MiniLM-L6-v2-f16.gguf"), dir.join("all-MiniLM-L6-v2-f16.gguf")).unwrap();
+    std::fs::copy(shared_models().join("SYNTHETIC-minilm-l6-reranker-f16.gguf"), dir.join("tiny-reranker.gguf")).unwrap();
+    std::fs::write(dir.join("broken.gguf"), b"not a gguf").unwrap();
+
+    let (status, body) = app.get("/v1/models").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["object"], "list");
+    let data = body["data"].as_array().unwrap();
+    let find = |id: &str| data.iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("{id} missing from {body}")).clone();
+    let light = find(LIGHT_ID);
+    assert_eq!(light["owned_by"], "llmservice-light");
+    assert_eq!(light["object"], "model");
+    assert_eq!(light["kind"], "chat");
+    assert_eq!(light["state"], "available");
+    assert!(light["created"].as_i64().unwrap() > 0);
+    assert_eq!(find("all-MiniLM-L6-v2-f16")["kind"], "embedding");
+    assert_eq!(find("tiny-reranker")["kind"], "reranker");
+    assert_eq!(data.len(), 3, "the broken file is not offered");
+
+    let (status, chat) = app.get("/v1/models/chat").await;
+    assert_eq!(status, 200);
+    assert_eq!(chat.as_array().unwrap().len(), 1);
+    assert_eq!(chat[0]["name"], LIGHT_ID);
+    let (_, embeddings) = app.get("/v1/models/embeddings").await;
+    assert_eq!(embeddings[0]["name"], "all-MiniLM-L6-v2-f16");
+
+    // After first use the model shows as loaded, in the list and in /health.
+    let (status, _, _) = app
+        .post("/v1/chat/completions", json!({"model": LIGHT_ID, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}))
+        .await;
+    assert_eq!(status, 200);
+    let (_, one) = app.get(&format!("/v1/models/{LIGHT_ID}")).await;
+    assert_eq!(one["state"], "loaded");
+    let (_, health) = app.get("/health").await;
+    assert_eq!(health["status"], "healthy");
+    assert!(health["timestamp"].is_string());
+    assert_eq!(health["models"][0]["id"], LIGHT_ID);
+}
+
+#[tokio::test]
+async fn names_resolve_by_id_tier_stem_and_pattern() {
+    let app = TestApp::new(&[]);
+    for name in [LIGHT_ID, "light", "SmolLM2-135M-Instruct-Q4_1", "qwen-0.5b"] {
+        let (status, _, body) = app
+            .post("/v1/completions", json!({"model": name, "prompt": "Hi", "max_tokens": 1}))
+            .await;
+        assert_eq!(status, 200, "{name}: {body}");
+        assert_eq!(body["model"], Value::from(name));
+    }
+    // A size hint for a tier that is not configured is not found.
+    let (status, _, _) = app.post("/v1/completions", json!({"model": "llama-70b", "prompt": "Hi", "max_tokens": 1})).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_load_the_model_once() {
+    let app = TestApp::new(&[]);
+    let entry = app.state.registry.resolve("light").unwrap();
+    let loads = futures_util::future::join_all((0..4).map(|_| entry.engine(true))).await;
+    let first = loads[0].as_ref().unwrap();
+    for engine in &loads {
+        assert!(std::sync::Arc::ptr_eq(first, engine.as_ref().unwrap()));
+    }
+}

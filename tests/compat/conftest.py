@@ -1,0 +1,228 @@
+"""Fixtures for the llmservice OpenAI-compatibility suite.
+
+The server is started once per session, lazily: only when a test asks for
+`server`, `base_url`, `http` or `client`, so `pytest --collect-only` never
+starts it.
+
+Environment:
+  LLMSERVICE_BIN          server binary (default <repo>/target/release/llmservice)
+  LLMSERVICE_TEST_MODEL   GGUF model (default <repo>/../shared/models/SmolLM2-135M-Instruct-Q4_1.gguf)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+COMPAT_DIR = Path(__file__).resolve().parent
+REPO_ROOT = COMPAT_DIR.parent.parent
+MODEL_FILE_NAME = "SmolLM2-135M-Instruct-Q4_1.gguf"
+DEFAULT_BIN = REPO_ROOT / "target" / "release" / "llmservice"
+DEFAULT_MODEL = REPO_ROOT.parent / "shared" / "models" / MODEL_FILE_NAME
+
+STARTUP_TIMEOUT_S = 60.0
+POLL_INTERVAL_S = 0.1
+SHUTDOWN_GRACE_S = 15.0
+REQUEST_TIMEOUT_S = 120.0
+LOG_TAIL_CHARS = 20_000
+
+# Where the running session's server logs live; read by pytest_terminal_summary.
+_SERVER_LOGS: dict[str, Path] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    port: int
+    base_url: str  # server root, e.g. http://127.0.0.1:41234 (no /v1)
+    workdir: Path
+    stderr_path: Path
+    proc: subprocess.Popen
+
+
+def _tail(path: Path, max_chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"<could not read {path}: {exc}>"
+    text = data.decode("utf-8", errors="replace")
+    if len(text) > max_chars:
+        text = "...[truncated]...\n" + text[-max_chars:]
+    return text or "<empty>"
+
+
+def _resolve_model() -> Path:
+    configured = os.environ.get("LLMSERVICE_TEST_MODEL")
+    model = Path(configured) if configured else DEFAULT_MODEL
+    model = model.resolve()
+    if not model.is_file():
+        source = "LLMSERVICE_TEST_MODEL" if configured else "the default location"
+        pytest.fail(
+            f"test model not found at {model} (from {source}). "
+            f"Put {MODEL_FILE_NAME} there or point LLMSERVICE_TEST_MODEL at it.",
+            pytrace=False,
+        )
+    return model
+
+
+def _resolve_binary() -> Path:
+    configured = os.environ.get("LLMSERVICE_BIN")
+    binary = (Path(configured) if configured else DEFAULT_BIN).resolve()
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        pytest.fail(
+            f"llmservice binary not found or not executable at {binary}. "
+            "Build it with `cargo build --release` or set LLMSERVICE_BIN.",
+            pytrace=False,
+        )
+    return binary
+
+
+def _read_port(port_file: Path) -> int | None:
+    try:
+        text = port_file.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    if not text.isdigit():
+        return None  # not written yet (or only partly)
+    port = int(text)
+    return port if 0 < port < 65536 else None
+
+
+def _wait_until_ready(proc: subprocess.Popen, port_file: Path, stderr_path: Path) -> int:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last_problem = f"{port_file.name} not written yet"
+    while time.monotonic() < deadline:
+        rc = proc.poll()
+        if rc is not None:
+            pytest.fail(
+                f"llmservice exited with status {rc} during startup "
+                f"(see the 'llmservice stderr' section at the end; full log: {stderr_path})",
+                pytrace=False,
+            )
+        # Re-read every time: never latch onto a partly written file.
+        port = _read_port(port_file)
+        if port is not None:
+            try:
+                resp = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0, trust_env=False)
+                body = resp.json() if resp.status_code == 200 else None
+                if isinstance(body, dict) and body.get("status") == "healthy":
+                    return port
+                last_problem = f"GET /health -> {resp.status_code} {resp.text[:200]!r}"
+            except (httpx.HTTPError, ValueError) as exc:
+                last_problem = f"GET /health on port {port}: {exc!r}"
+        time.sleep(POLL_INTERVAL_S)
+    pytest.fail(
+        f"llmservice not healthy within {STARTUP_TIMEOUT_S:.0f}s (last: {last_problem}); "
+        f"see the 'llmservice stderr' section at the end; full log: {stderr_path}",
+        pytrace=False,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=SHUTDOWN_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    model = _resolve_model()
+    binary = _resolve_binary()
+
+    workdir = tmp_path_factory.mktemp("llmservice")
+    models_dir = workdir / "models"
+    models_dir.mkdir()
+    stderr_path = workdir / "server.stderr.log"
+    stdout_path = workdir / "server.stdout.log"
+    _SERVER_LOGS["stderr"] = stderr_path
+    _SERVER_LOGS["stdout"] = stdout_path
+
+    env = os.environ.copy()
+    env.update(
+        LIGHT_MODEL_PATH=str(model),
+        MODELS_DIR=str(models_dir),
+        LIGHT_N_CTX="2048",
+        LIGHT_N_THREADS="2",
+        RUST_BACKTRACE="1",
+    )
+
+    # Requests to the local server must never go through an HTTP proxy.
+    mp = pytest.MonkeyPatch()
+    for var in ("NO_PROXY", "no_proxy"):
+        current = os.environ.get(var, "")
+        mp.setenv(var, ",".join(filter(None, [current, "127.0.0.1", "localhost"])))
+
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            [str(binary), "serve", "--host", "127.0.0.1", "--port", "0"],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        port = _wait_until_ready(proc, workdir / ".port", stderr_path)
+        yield Server(
+            port=port,
+            base_url=f"http://127.0.0.1:{port}",
+            workdir=workdir,
+            stderr_path=stderr_path,
+            proc=proc,
+        )
+    finally:
+        _stop(proc)
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def base_url(server: Server) -> str:
+    """Server root URL without /v1, e.g. http://127.0.0.1:41234."""
+    return server.base_url
+
+
+@pytest.fixture(scope="session")
+def client(server: Server):
+    c = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1",
+        api_key="not-needed",
+        max_retries=0,
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def http(base_url: str):
+    """Raw httpx client rooted at the server (paths like "/v1/chat/completions")."""
+    with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT_S, trust_env=False) as c:
+        yield c
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    stderr_path = _SERVER_LOGS.get("stderr")
+    if stderr_path is None:
+        return  # server never started (e.g. --collect-only)
+    stats = terminalreporter.stats
+    if not (stats.get("failed") or stats.get("error")):
+        return
+    terminalreporter.section("llmservice stderr (tail)")
+    terminalreporter.write_line(f"full log: {stderr_path}")
+    terminalreporter.write_line(_tail(stderr_path))
+    stdout_path = _SERVER_LOGS.get("stdout")
+    if stdout_path is not None and stdout_path.exists() and stdout_path.stat().st_size:
+        terminalreporter.section("llmservice stdout (tail)")
+        terminalreporter.write_line(_tail(stdout_path, 5_000))
