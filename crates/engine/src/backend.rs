@@ -104,7 +104,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("path", &self.info.path).finish()
+        f.debug_struct("Engine")
+            .field("path", &self.info.path)
+            .finish()
     }
 }
 
@@ -232,7 +234,8 @@ impl Engine {
     /// Tokenizes a rendered chat prompt: the template already wrote BOS when the
     /// model uses one, so it is added only if the template did not.
     pub fn tokenize_chat_prompt(&self, prompt: &str) -> Vec<TokenId> {
-        let template_wrote_bos = !self.info.bos_token.is_empty() && prompt.starts_with(&self.info.bos_token);
+        let template_wrote_bos =
+            !self.info.bos_token.is_empty() && prompt.starts_with(&self.info.bos_token);
         self.tokenize(prompt, !template_wrote_bos, true)
     }
 
@@ -271,16 +274,23 @@ impl Engine {
                 completion: 1,
             });
         }
-        let permit = self
-            .capacity
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| EngineError::QueueFull {
-                capacity: self.capacity_total,
-            })?;
+        let permit =
+            self.capacity
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| EngineError::QueueFull {
+                    capacity: self.capacity_total,
+                })?;
         let max_tokens = request.max_tokens.clamp(1, n_ctx - prompt);
         let (events, rx) = mpsc::channel(max_tokens as usize + 2);
-        self.check_tokens(&request.sampling.logit_bias.iter().map(|b| b.0).collect::<Vec<_>>())?;
+        self.check_tokens(
+            &request
+                .sampling
+                .logit_bias
+                .iter()
+                .map(|b| b.0)
+                .collect::<Vec<_>>(),
+        )?;
         let sampler = sampling::build_chain(&request.sampling, self.info.n_vocab as i32);
         let arrival = self
             .arrivals
@@ -364,7 +374,10 @@ fn model_info(
         },
         None => (
             None,
-            Some("the model has no chat template; configure one with {TIER}_CHAT_TEMPLATE".to_owned()),
+            Some(
+                "the model has no chat template; configure one with {TIER}_CHAT_TEMPLATE"
+                    .to_owned(),
+            ),
         ),
     };
     ModelInfo {

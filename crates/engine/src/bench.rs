@@ -60,15 +60,13 @@ pub fn plain_generate(
     ctx.decode(&mut batch).map_err(|e| err(&e))?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let mut sampler = LlamaSampler::greedy();
-    let mut pos = tokens.len() as i32;
     let mut index = batch.n_tokens() - 1;
     let decode_start = Instant::now();
-    for _ in 0..n_tokens {
+    for pos in (tokens.len() as i32..).take(n_tokens) {
         let token = sampler.sample(&ctx, index);
         batch.clear();
         batch.add(token, pos, &[0], true).map_err(|e| err(&e))?;
         ctx.decode(&mut batch).map_err(|e| err(&e))?;
-        pos += 1;
         index = 0;
     }
     Ok(PlainRun {

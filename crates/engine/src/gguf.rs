@@ -104,7 +104,11 @@ mod tests {
     use std::path::PathBuf;
 
     fn shared_model(name: &str) -> PathBuf {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models")).join(name)
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/models"
+        ))
+        .join(name)
     }
 
     #[test]
@@ -118,8 +122,8 @@ mod tests {
         assert_eq!(embed.kind, ModelKind::Embedding);
         assert_eq!(embed.pooling_type, Some(1));
 
-        let rerank = inspect(&shared_model("SYNTHETIC-minilm-l6-reranker-f16.gguf"))
-            .expect("reranker gguf");
+        let rerank =
+            inspect(&shared_model("SYNTHETIC-minilm-l6-reranker-f16.gguf")).expect("reranker gguf");
         assert_eq!(rerank.kind, ModelKind::Reranker);
         assert_eq!(rerank.pooling_type, None);
     }

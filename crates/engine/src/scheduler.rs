@@ -130,7 +130,11 @@ impl<'m> Scheduler<'m> {
         self.waiting.retain(|seq| !seq.is_cancelled());
         let mut cancelled = (before - self.waiting.len()) as u64;
         for i in 0..self.slots.len() {
-            if self.slots[i].active.as_ref().is_some_and(Sequence::is_cancelled) {
+            if self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(Sequence::is_cancelled)
+            {
                 let seq = self.slots[i].active.take().expect("checked above");
                 tracing::debug!(parent: &seq.span, "client went away; sequence freed");
                 self.release(i, seq);
@@ -166,7 +170,9 @@ impl<'m> Scheduler<'m> {
                     != Some(true)
             {
                 // Some memory types cannot drop a partial range: start this slot afresh.
-                let _ = self.ctx.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
+                let _ = self
+                    .ctx
+                    .clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
                 keep = 0;
             }
             slot.cached.clear();
@@ -187,7 +193,12 @@ impl<'m> Scheduler<'m> {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.active.is_none())
-            .max_by_key(|(_, s)| (common_prefix(&s.cached, tokens), std::cmp::Reverse(s.last_used)))
+            .max_by_key(|(_, s)| {
+                (
+                    common_prefix(&s.cached, tokens),
+                    std::cmp::Reverse(s.last_used),
+                )
+            })
             .map(|(i, _)| i)
     }
 
@@ -197,7 +208,9 @@ impl<'m> Scheduler<'m> {
         let mut budget = self.n_batch;
         // Generating sequences first: one token each keeps every stream moving.
         for slot in &mut self.slots {
-            let Some(seq) = slot.active.as_mut() else { continue };
+            let Some(seq) = slot.active.as_mut() else {
+                continue;
+            };
             seq.in_batch = 0;
             seq.logits_at = None;
             if seq.pending() == 1 && budget > 0 {
@@ -207,7 +220,12 @@ impl<'m> Scheduler<'m> {
         }
         // Then prompt chunks, oldest request first, within what is left of the budget.
         let mut prefilling: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].active.as_ref().is_some_and(|s| s.pending() > 1))
+            .filter(|&i| {
+                self.slots[i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|s| s.pending() > 1)
+            })
             .collect();
         prefilling.sort_by_key(|&i| self.slots[i].active.as_ref().map(|s| s.arrival));
         for i in prefilling {
@@ -232,7 +250,9 @@ impl<'m> Scheduler<'m> {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
 
         for i in 0..self.slots.len() {
-            let Some(seq) = self.slots[i].active.as_mut() else { continue };
+            let Some(seq) = self.slots[i].active.as_mut() else {
+                continue;
+            };
             seq.n_past += seq.in_batch;
             let Some(index) = seq.logits_at else { continue };
             let token = seq.sampler.sample(&self.ctx, index);
@@ -265,7 +285,9 @@ impl<'m> Scheduler<'m> {
             .filter(|s| s.active.is_none() && !s.cached.is_empty())
             .min_by_key(|s| s.last_used)
         {
-            let _ = self.ctx.clear_kv_cache_seq(Some(idle.seq_id as u32), None, None);
+            let _ = self
+                .ctx
+                .clear_kv_cache_seq(Some(idle.seq_id as u32), None, None);
             idle.cached.clear();
             return;
         }
@@ -303,7 +325,11 @@ impl<'m> Scheduler<'m> {
     fn fail_batch(&mut self, message: &str) {
         tracing::error!(error = message, "decode failed");
         for i in 0..self.slots.len() {
-            if self.slots[i].active.as_ref().is_some_and(|s| s.in_batch > 0) {
+            if self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|s| s.in_batch > 0)
+            {
                 let mut seq = self.slots[i].active.take().expect("active");
                 seq.fail(EngineError::Inference(message.to_owned()));
                 let _ = self

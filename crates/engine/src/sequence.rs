@@ -81,7 +81,12 @@ impl Sequence {
 
     /// Takes one sampled token with its text bytes. Returns why the sequence
     /// ends, if it does.
-    pub fn accept(&mut self, token: LlamaToken, piece: &[u8], is_eog: bool) -> Option<FinishReason> {
+    pub fn accept(
+        &mut self,
+        token: LlamaToken,
+        piece: &[u8],
+        is_eog: bool,
+    ) -> Option<FinishReason> {
         if is_eog && !self.ignore_eos {
             return Some(FinishReason::Stop);
         }

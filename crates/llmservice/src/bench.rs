@@ -62,7 +62,10 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> Result<(), String> 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
-    let base = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    let base = format!(
+        "http://{}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
     tokio::spawn(async move {
         let _ = axum::serve(listener, router(AppState { settings, registry })).await;
     });
@@ -73,8 +76,13 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> Result<(), String> 
     let (mut server, mut plain) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
         let s = server_run(&client, &base, &model_id, &args.prompt, args.tokens).await?;
-        let (path, prompt, threads, n_ctx, tokens) =
-            (args.model.clone(), args.prompt.clone(), args.threads, args.n_ctx, args.tokens as usize);
+        let (path, prompt, threads, n_ctx, tokens) = (
+            args.model.clone(),
+            args.prompt.clone(),
+            args.threads,
+            args.n_ctx,
+            args.tokens as usize,
+        );
         let p = tokio::task::spawn_blocking(move || {
             engine::bench::plain_generate(&path, threads, n_ctx, &prompt, tokens)
         })
@@ -82,7 +90,10 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> Result<(), String> 
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?
         .decode_tokens_per_sec();
-        println!("run {}: server {s:.2} tok/s, plain loop {p:.2} tok/s", run + 1);
+        println!(
+            "run {}: server {s:.2} tok/s, plain loop {p:.2} tok/s",
+            run + 1
+        );
         server.push(s);
         plain.push(p);
     }
@@ -116,7 +127,11 @@ async fn server_run(
         .await
         .map_err(|e| e.to_string())?;
     if !response.status().is_success() {
-        return Err(format!("server answered {}: {}", response.status(), response.text().await.unwrap_or_default()));
+        return Err(format!(
+            "server answered {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        ));
     }
     let mut bytes = response.bytes_stream();
     let (mut first, mut last, mut completion_tokens) = (None, None, 0u64);
@@ -126,12 +141,17 @@ async fn server_run(
         buffer.push_str(&String::from_utf8_lossy(&chunk.map_err(|e| e.to_string())?));
         while let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 continue;
             }
             let value: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
-            if let Some(n) = value.pointer("/usage/completion_tokens").and_then(Value::as_u64) {
+            if let Some(n) = value
+                .pointer("/usage/completion_tokens")
+                .and_then(Value::as_u64)
+            {
                 completion_tokens = n;
             }
             let has_text = value
@@ -147,7 +167,8 @@ async fn server_run(
     let (Some(first), Some(last)) = (first, last) else {
         return Err("the server streamed no text".to_owned());
     };
-    Ok(completion_tokens.saturating_sub(1) as f64 / last.duration_since(first).as_secs_f64().max(1e-9))
+    Ok(completion_tokens.saturating_sub(1) as f64
+        / last.duration_since(first).as_secs_f64().max(1e-9))
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use engine::EngineConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "llmservice", version, about = "Local language models behind an OpenAI-compatible API")]
+#[command(
+    name = "llmservice",
+    version,
+    about = "Local language models behind an OpenAI-compatible API"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -59,7 +63,13 @@ pub enum Tier {
 }
 
 impl Tier {
-    pub const ALL: [Tier; 5] = [Tier::Light, Tier::Medium, Tier::Heavy, Tier::Embedding, Tier::Reranker];
+    pub const ALL: [Tier; 5] = [
+        Tier::Light,
+        Tier::Medium,
+        Tier::Heavy,
+        Tier::Embedding,
+        Tier::Reranker,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -72,7 +82,9 @@ impl Tier {
     }
 
     pub fn parse(name: &str) -> Option<Tier> {
-        Tier::ALL.into_iter().find(|t| t.as_str().eq_ignore_ascii_case(name))
+        Tier::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(name))
     }
 
     fn env_prefix(self) -> String {
@@ -151,7 +163,9 @@ impl Env for ProcessEnv {
 
 impl<const N: usize> Env for [(&str, &str); N] {
     fn get(&self, name: &str) -> Option<String> {
-        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        self.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
     }
 }
 
@@ -162,7 +176,9 @@ impl Env for Vec<(String, String)> {
 }
 
 fn first(env: &dyn Env, names: &[&str]) -> Option<(String, String)> {
-    names.iter().find_map(|n| env.get(n).map(|v| (n.to_string(), v)))
+    names
+        .iter()
+        .find_map(|n| env.get(n).map(|v| (n.to_string(), v)))
 }
 
 fn parse<T: std::str::FromStr>(env: &dyn Env, names: &[&str]) -> Result<Option<T>, ConfigError>
@@ -171,11 +187,15 @@ where
 {
     match first(env, names) {
         None => Ok(None),
-        Some((name, value)) => value.trim().parse().map(Some).map_err(|e: T::Err| ConfigError {
-            name,
-            reason: e.to_string(),
-            value,
-        }),
+        Some((name, value)) => value
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e: T::Err| ConfigError {
+                name,
+                reason: e.to_string(),
+                value,
+            }),
     }
 }
 
@@ -195,7 +215,9 @@ fn parse_bool(env: &dyn Env, name: &str) -> Result<Option<bool>, ConfigError> {
 }
 
 fn home_dir(env: &dyn Env) -> PathBuf {
-    env.get("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+    env.get("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 impl Settings {
@@ -209,7 +231,8 @@ impl Settings {
             .models_dir
             .clone()
             .or_else(|| {
-                first(env, &["MODELS_DIR", "LLM_SERVICE_MODELS_DIR", "MODEL_DIR"]).map(|(_, v)| v.into())
+                first(env, &["MODELS_DIR", "LLM_SERVICE_MODELS_DIR", "MODEL_DIR"])
+                    .map(|(_, v)| v.into())
             })
             .unwrap_or_else(|| data_dir.join("models"));
         let mut tiers = Vec::new();

@@ -45,18 +45,25 @@ fn main() -> std::process::ExitCode {
 }
 
 fn init_tracing(level: &str) {
-    // llama.cpp's own log is chatty at info: keep it at warn unless asked.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},llama_cpp_2=warn")));
+    // llama.cpp's own log is chatty at info: keep it to errors unless RUST_LOG asks.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},llama_cpp_2=error"))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
 fn list_models(settings: Settings) {
     let registry = models::Registry::new(std::sync::Arc::new(settings));
     for entry in registry.list() {
-        println!("{}\t{}\t{}", entry.id, entry.kind.as_str(), entry.path.display());
+        println!(
+            "{}\t{}\t{}",
+            entry.id,
+            entry.kind.as_str(),
+            entry.path.display()
+        );
     }
 }

@@ -10,12 +10,21 @@ use engine::{Event, ModelKind};
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::generate::{self, build_request, collect, finish_reason_str, new_id, now_unix, sse, sse_error};
+use super::generate::{
+    self, build_request, collect, finish_reason_str, new_id, now_unix, sse, sse_error,
+};
 use super::json::Json;
 use super::types::*;
 use super::AppState;
 
-const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -31,7 +40,11 @@ pub async fn chat_completions(
     if entry.kind != ModelKind::Chat {
         return Err(ApiError::invalid(
             "model",
-            format!("'{}' is a {} model and cannot chat", entry.id, entry.kind.as_str()),
+            format!(
+                "'{}' is a {} model and cannot chat",
+                entry.id,
+                entry.kind.as_str()
+            ),
         ));
     }
     let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
@@ -140,10 +153,16 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 
 fn reject_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported("tools", "tool calling is not supported yet"));
+        return Err(ApiError::unsupported(
+            "tools",
+            "tool calling is not supported yet",
+        ));
     }
     if req.functions.as_ref().is_some_and(|f| !f.is_empty()) {
-        return Err(ApiError::unsupported("functions", "function calling is not supported yet"));
+        return Err(ApiError::unsupported(
+            "functions",
+            "function calling is not supported yet",
+        ));
     }
     if let Some(format) = &req.response_format {
         let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
@@ -155,7 +174,10 @@ fn reject_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
         }
     }
     if req.grammar.is_some() {
-        return Err(ApiError::unsupported("grammar", "grammar-constrained output is not supported yet"));
+        return Err(ApiError::unsupported(
+            "grammar",
+            "grammar-constrained output is not supported yet",
+        ));
     }
     Ok(())
 }
@@ -164,18 +186,30 @@ fn reject_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
 /// text-only content, `developer` as `system`, tool-call arguments as objects.
 fn prepare_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::invalid("messages", "messages must contain at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "messages must contain at least one message",
+        ));
     }
     let mut out = Vec::with_capacity(messages.len());
     for (i, message) in messages.iter().enumerate() {
         let Some(object) = message.as_object() else {
-            return Err(ApiError::invalid(&format!("messages[{i}]"), "each message must be an object"));
+            return Err(ApiError::invalid(
+                &format!("messages[{i}]"),
+                "each message must be an object",
+            ));
         };
-        let role = object.get("role").and_then(Value::as_str).unwrap_or_default();
+        let role = object
+            .get("role")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if !ROLES.contains(&role) {
             return Err(ApiError::invalid(
                 &format!("messages[{i}].role"),
-                format!("unknown role {role:?}; expected one of {}", ROLES.join(", ")),
+                format!(
+                    "unknown role {role:?}; expected one of {}",
+                    ROLES.join(", ")
+                ),
             ));
         }
         let mut object = object.clone();
@@ -190,12 +224,22 @@ fn prepare_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
                 if role == "assistant" && has_calls {
                     Value::Null
                 } else {
-                    return Err(ApiError::invalid(&param(), "content is required for this message"));
+                    return Err(ApiError::invalid(
+                        &param(),
+                        "content is required for this message",
+                    ));
                 }
             }
             Some(Value::String(s)) => Value::String(s.clone()),
-            Some(Value::Array(parts)) => Value::String(text_of_parts(parts).map_err(|m| ApiError::invalid(&param(), m))?),
-            Some(_) => return Err(ApiError::invalid(&param(), "content must be a string or an array of content parts")),
+            Some(Value::Array(parts)) => {
+                Value::String(text_of_parts(parts).map_err(|m| ApiError::invalid(&param(), m))?)
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    &param(),
+                    "content must be a string or an array of content parts",
+                ))
+            }
         };
         object.insert("content".into(), content);
         out.push(Value::Object(object));
@@ -212,7 +256,11 @@ fn text_of_parts(parts: &[Value]) -> Result<String, String> {
                 Some(t) => texts.push(t),
                 None => return Err("a text content part needs a string `text`".to_owned()),
             },
-            Some(other) => return Err(format!("content parts of type {other:?} are not supported: this server takes text only")),
+            Some(other) => {
+                return Err(format!(
+                "content parts of type {other:?} are not supported: this server takes text only"
+            ))
+            }
             None => return Err("each content part needs a `type`".to_owned()),
         }
     }

@@ -9,7 +9,9 @@ use engine::{Event, ModelKind, TokenId, Usage};
 use futures_util::StreamExt;
 
 use super::error::ApiError;
-use super::generate::{self, build_request, collect, finish_reason_str, new_id, now_unix, sse, sse_error};
+use super::generate::{
+    self, build_request, collect, finish_reason_str, new_id, now_unix, sse, sse_error,
+};
 use super::json::Json;
 use super::types::*;
 use super::AppState;
@@ -25,16 +27,26 @@ pub async fn completions(
     let started = Instant::now();
     generate::validate(&req.sampling)?;
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported yet"));
+        return Err(ApiError::unsupported(
+            "suffix",
+            "suffix (fill-in-the-middle) is not supported yet",
+        ));
     }
     if req.best_of.is_some_and(|b| b > 1) {
-        return Err(ApiError::unsupported("best_of", "best_of > 1 is not supported yet"));
+        return Err(ApiError::unsupported(
+            "best_of",
+            "best_of > 1 is not supported yet",
+        ));
     }
     let entry = state.registry.resolve(&req.model)?;
     if entry.kind != ModelKind::Chat {
         return Err(ApiError::invalid(
             "model",
-            format!("'{}' is a {} model and cannot generate text", entry.id, entry.kind.as_str()),
+            format!(
+                "'{}' is a {} model and cannot generate text",
+                entry.id,
+                entry.kind.as_str()
+            ),
         ));
     }
     let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
@@ -53,7 +65,10 @@ pub async fn completions(
             .collect::<Result<_, _>>()?,
     };
     if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
-        return Err(ApiError::invalid("prompt", format!("prompt must hold between 1 and {MAX_PROMPTS} prompts")));
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("prompt must hold between 1 and {MAX_PROMPTS} prompts"),
+        ));
     }
     if prompts.iter().any(|(tokens, _)| tokens.is_empty()) {
         return Err(ApiError::invalid("prompt", "prompt must not be empty"));
@@ -175,7 +190,10 @@ fn echoes_len(req: &CompletionRequest) -> usize {
     }
 }
 
-fn token_prompt(engine: &engine::Engine, tokens: &[i64]) -> Result<(Vec<TokenId>, String), ApiError> {
+fn token_prompt(
+    engine: &engine::Engine,
+    tokens: &[i64],
+) -> Result<(Vec<TokenId>, String), ApiError> {
     let n_vocab = engine.info().n_vocab as i64;
     if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
         return Err(ApiError::invalid(

@@ -128,7 +128,8 @@ impl From<ModelError> for ApiError {
                     format!(
                         "Model not found: {name}. Available models: {}",
                         if available.is_empty() {
-                            "none (set LIGHT_MODEL_PATH or put .gguf files in MODELS_DIR)".to_owned()
+                            "none (set LIGHT_MODEL_PATH or put .gguf files in MODELS_DIR)"
+                                .to_owned()
                         } else {
                             available.join(", ")
                         }

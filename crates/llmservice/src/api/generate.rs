@@ -5,7 +5,10 @@
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use engine::{Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, SamplingParams, TokenId, Usage};
+use engine::{
+    Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, SamplingParams,
+    TokenId, Usage,
+};
 use futures_util::Stream;
 
 use super::error::ApiError;
@@ -58,11 +61,20 @@ pub fn validate(f: &SamplingFields) -> Result<(), ApiError> {
     check_range("frequency_penalty", f.frequency_penalty, -2.0, 2.0)?;
     check_range("repeat_penalty", f.repeat_penalty, 0.0, 10.0)?;
     if f.top_k.is_some_and(|k| k < 0) {
-        return Err(ApiError::invalid("top_k", "top_k must be 0 (disabled) or positive"));
+        return Err(ApiError::invalid(
+            "top_k",
+            "top_k must be 0 (disabled) or positive",
+        ));
     }
-    for (param, value) in [("max_tokens", f.max_tokens), ("max_completion_tokens", f.max_completion_tokens)] {
+    for (param, value) in [
+        ("max_tokens", f.max_tokens),
+        ("max_completion_tokens", f.max_completion_tokens),
+    ] {
         if value == Some(0) {
-            return Err(ApiError::invalid(param, format!("{param} must be at least 1")));
+            return Err(ApiError::invalid(
+                param,
+                format!("{param} must be at least 1"),
+            ));
         }
     }
     if let Some(n) = f.n {
@@ -70,7 +82,10 @@ pub fn validate(f: &SamplingFields) -> Result<(), ApiError> {
             return Err(ApiError::invalid("n", "n must be at least 1"));
         }
         if n > 1 {
-            return Err(ApiError::unsupported("n", "n > 1 is not supported yet; send separate requests"));
+            return Err(ApiError::unsupported(
+                "n",
+                "n > 1 is not supported yet; send separate requests",
+            ));
         }
     }
     let wants_logprobs = match &f.logprobs {
@@ -79,12 +94,18 @@ pub fn validate(f: &SamplingFields) -> Result<(), ApiError> {
         Some(_) => true,
     };
     if wants_logprobs || f.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::unsupported("logprobs", "logprobs are not supported yet"));
+        return Err(ApiError::unsupported(
+            "logprobs",
+            "logprobs are not supported yet",
+        ));
     }
     if let Some(biases) = &f.logit_bias {
         for (key, bias) in biases {
             if key.parse::<TokenId>().is_err() {
-                return Err(ApiError::invalid("logit_bias", format!("logit_bias keys must be token ids, got {key:?}")));
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias keys must be token ids, got {key:?}"),
+                ));
             }
             check_range("logit_bias", Some(*bias), -100.0, 100.0)?;
         }
@@ -100,7 +121,10 @@ fn stops(f: &SamplingFields) -> Result<Vec<String>, ApiError> {
     };
     let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
     if stops.len() > MAX_STOPS {
-        return Err(ApiError::invalid("stop", format!("at most {MAX_STOPS} stop sequences are allowed")));
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {MAX_STOPS} stop sequences are allowed"),
+        ));
     }
     Ok(stops)
 }
@@ -147,7 +171,9 @@ pub fn build_request(
     };
     Ok(GenerateRequest {
         prompt,
-        max_tokens: explicit.unwrap_or(defaults.max_tokens).min(n_ctx.saturating_sub(prompt_len).max(1)),
+        max_tokens: explicit
+            .unwrap_or(defaults.max_tokens)
+            .min(n_ctx.saturating_sub(prompt_len).max(1)),
         stop: stops(f)?,
         sampling,
         ignore_eos: f.ignore_eos.unwrap_or(false),
@@ -167,7 +193,10 @@ pub async fn collect(mut stream: EventStream) -> Result<Collected, ApiError> {
     while let Some(event) = stream.recv().await {
         match event {
             Event::Text(t) => text.push_str(&t),
-            Event::Done { finish_reason, usage } => {
+            Event::Done {
+                finish_reason,
+                usage,
+            } => {
                 return Ok(Collected {
                     text,
                     finish_reason,

@@ -2,10 +2,10 @@
 //! missing fields, oversized bodies) answers in OpenAI's error shape, naming
 //! the offending field where there is one.
 
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
-use axum::body::Bytes;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -30,12 +30,17 @@ where
                 "expected a JSON body with Content-Type: application/json",
             ));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(body_rejection)?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(body_rejection)?;
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         match serde_path_to_error::deserialize(de) {
             Ok(value) => Ok(Json(value)),
             Err(err) => {
-                let path = err.path().to_string();
+                let mut path = err.path().to_string();
+                if path == "." {
+                    path = flattened_field_path(&bytes).unwrap_or(path);
+                }
                 let inner = err.into_inner();
                 let message = if inner.is_syntax() || inner.is_eof() {
                     format!("could not parse the JSON body: {inner}")
@@ -52,11 +57,22 @@ where
     }
 }
 
+/// Fields inside `#[serde(flatten)]` lose their path in serde's error; the shared
+/// sampling fields are the flattened ones, so read them alone to name the field.
+fn flattened_field_path(bytes: &[u8]) -> Option<String> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let err = serde_path_to_error::deserialize::<_, super::types::SamplingFields>(de).err()?;
+    let path = err.path().to_string();
+    (path != ".").then_some(path)
+}
+
 fn body_rejection(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
-            ..ApiError::bad_request("the request body is larger than this server accepts (MAX_BODY_BYTES)")
+            ..ApiError::bad_request(
+                "the request body is larger than this server accepts (MAX_BODY_BYTES)",
+            )
         }
         .with_code("request_too_large")
     } else {

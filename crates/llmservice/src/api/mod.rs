@@ -52,7 +52,11 @@ pub fn router(state: AppState) -> Router {
 async fn unknown_route(request: Request) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
-        ..ApiError::bad_request(format!("no route for {} {}", request.method(), request.uri().path()))
+        ..ApiError::bad_request(format!(
+            "no route for {} {}",
+            request.method(),
+            request.uri().path()
+        ))
     }
     .with_code("unknown_url")
 }
@@ -60,7 +64,11 @@ async fn unknown_route(request: Request) -> ApiError {
 async fn wrong_method(request: Request) -> ApiError {
     ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
-        ..ApiError::bad_request(format!("{} is not allowed on {}", request.method(), request.uri().path()))
+        ..ApiError::bad_request(format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ))
     }
     .with_code("method_not_allowed")
 }

@@ -53,7 +53,10 @@ impl ModelState {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
     #[error("model '{name}' not found")]
-    NotFound { name: String, available: Vec<String> },
+    NotFound {
+        name: String,
+        available: Vec<String>,
+    },
     #[error("model '{0}' is loading")]
     Loading(String),
     #[error(transparent)]
@@ -149,7 +152,9 @@ impl ModelEntry {
 
     /// Starts loading in a task of its own, so a client that gives up does not
     /// abandon a half-done load; the returned future yields its outcome.
-    fn start_load(self: Arc<Self>) -> impl std::future::Future<Output = Result<Arc<Engine>, ModelError>> {
+    fn start_load(
+        self: Arc<Self>,
+    ) -> impl std::future::Future<Output = Result<Arc<Engine>, ModelError>> {
         let task = tokio::spawn(async move {
             let mut slot = self.engine.clone().lock_owned().await;
             if let Some(engine) = slot.as_ref() {
@@ -296,8 +301,9 @@ impl Registry {
             })
             .or_else(|| all.iter().find(|e| file_stem(&e.path) == name))
             .or_else(|| {
-                all.iter()
-                    .find(|e| e.id.eq_ignore_ascii_case(name) || file_stem(&e.path).eq_ignore_ascii_case(name))
+                all.iter().find(|e| {
+                    e.id.eq_ignore_ascii_case(name) || file_stem(&e.path).eq_ignore_ascii_case(name)
+                })
             })
             .or_else(|| {
                 let tier = tier_for_name(name)?;
@@ -322,8 +328,13 @@ impl Registry {
                     .extension()
                     .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
                 let meta = d.metadata().ok()?;
-                (is_gguf && meta.is_file() && !is_later_split_part(&path))
-                    .then(|| (path, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()))
+                (is_gguf && meta.is_file() && !is_later_split_part(&path)).then(|| {
+                    (
+                        path,
+                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        meta.len(),
+                    )
+                })
             })
             .collect();
         files.sort();

@@ -8,7 +8,10 @@ pub fn tier_for_name(name: &str) -> Option<Tier> {
     let lower = name.to_ascii_lowercase();
     // Rerankers first: their names often contain an embedding family's name too
     // (`bge-reranker-v2-m3`), and `rerank` is the more specific word.
-    if ["rerank", "cross-encoder"].iter().any(|p| lower.contains(p)) {
+    if ["rerank", "cross-encoder"]
+        .iter()
+        .any(|p| lower.contains(p))
+    {
         return Some(Tier::Reranker);
     }
     if ["embed", "bge", "e5"].iter().any(|p| lower.contains(p)) {
@@ -57,9 +60,15 @@ mod tests {
     fn seed_patterns() {
         assert_eq!(tier_for_name("bge-m3"), Some(Tier::Embedding));
         assert_eq!(tier_for_name("jina-embeddings-v3"), Some(Tier::Embedding));
-        assert_eq!(tier_for_name("multilingual-e5-large"), Some(Tier::Embedding));
+        assert_eq!(
+            tier_for_name("multilingual-e5-large"),
+            Some(Tier::Embedding)
+        );
         assert_eq!(tier_for_name("bge-reranker-v2-m3"), Some(Tier::Reranker));
-        assert_eq!(tier_for_name("ms-marco-cross-encoder"), Some(Tier::Reranker));
+        assert_eq!(
+            tier_for_name("ms-marco-cross-encoder"),
+            Some(Tier::Reranker)
+        );
         assert_eq!(tier_for_name("jina-reranker-v2"), Some(Tier::Reranker));
         assert_eq!(tier_for_name("qwen-0.5b"), Some(Tier::Light));
         assert_eq!(tier_for_name("llama-2-7b-chat"), Some(Tier::Medium));

@@ -11,7 +11,10 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 pub fn shared_models() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models"));
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/models"
+    ));
     assert!(
         dir.join("SmolLM2-135M-Instruct-Q4_1.gguf").is_file(),
         "the test models are missing: expected {} (shared/ beside the repository)",
@@ -72,8 +75,11 @@ impl TestApp {
         let response = self.router().oneshot(request).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         (status, headers, value)
     }
 
@@ -88,7 +94,9 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let (status, _, body) = self.send(Request::get(path).body(Body::empty()).unwrap()).await;
+        let (status, _, body) = self
+            .send(Request::get(path).body(Body::empty()).unwrap())
+            .await;
         (status, body)
     }
 

@@ -8,7 +8,8 @@ use serde_json::json;
 use crate::common::*;
 
 fn chat(extra: serde_json::Value) -> serde_json::Value {
-    let mut body = json!({"model": "light", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]});
+    let mut body =
+        json!({"model": "light", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]});
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
@@ -24,10 +25,19 @@ async fn bad_parameters_are_400_naming_the_field() {
         (json!({"max_tokens": 0}), "max_tokens"),
         (json!({"n": 0}), "n"),
         (json!({"messages": []}), "messages"),
-        (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
-        (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), "messages[0].content"),
+        (
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            "messages[0].content",
+        ),
         (json!({"temperature": "hot"}), "temperature"),
-        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
     ];
     for (extra, param) in cases {
         let (status, _, body) = app.post("/v1/chat/completions", chat(extra.clone())).await;
@@ -50,23 +60,38 @@ async fn malformed_json_and_wrong_content_type_are_400() {
         )
         .await;
     assert_eq!(status, 400);
-    assert!(error_of(&body)["message"].as_str().unwrap().contains("JSON"));
+    assert!(error_of(&body)["message"]
+        .as_str()
+        .unwrap()
+        .contains("JSON"));
 
     let (status, _, body) = app
-        .send(Request::post("/v1/completions").header("content-type", "text/plain").body(Body::from("hi")).unwrap())
+        .send(
+            Request::post("/v1/completions")
+                .header("content-type", "text/plain")
+                .body(Body::from("hi"))
+                .unwrap(),
+        )
         .await;
     assert_eq!(status, 400);
     error_of(&body);
 
-    let (status, _, body) = app.post("/v1/chat/completions", json!({"messages": []})).await;
+    let (status, _, body) = app
+        .post("/v1/chat/completions", json!({"messages": []}))
+        .await;
     assert_eq!(status, 400, "missing model");
-    assert!(error_of(&body)["message"].as_str().unwrap().contains("model"));
+    assert!(error_of(&body)["message"]
+        .as_str()
+        .unwrap()
+        .contains("model"));
 }
 
 #[tokio::test]
 async fn unknown_model_is_404_listing_what_exists() {
     let app = TestApp::new(&[]);
-    let (status, _, body) = app.post("/v1/chat/completions", chat(json!({"model": "gpt-4o"}))).await;
+    let (status, _, body) = app
+        .post("/v1/chat/completions", chat(json!({"model": "gpt-4o"})))
+        .await;
     assert_eq!(status, 404);
     let error = error_of(&body);
     assert_eq!(error["code"], "model_not_found");
@@ -80,7 +105,12 @@ async fn unknown_model_is_404_listing_what_exists() {
 async fn oversized_body_is_413() {
     let app = TestApp::new(&[("MAX_BODY_BYTES", "1000")]);
     let big = "x".repeat(5000);
-    let (status, _, body) = app.post("/v1/chat/completions", chat(json!({"messages": [{"role": "user", "content": big}]}))).await;
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            chat(json!({"messages": [{"role": "user", "content": big}]})),
+        )
+        .await;
     assert_eq!(status, 413);
     assert_eq!(error_of(&body)["code"], "request_too_large");
 }
@@ -89,14 +119,21 @@ async fn oversized_body_is_413() {
 async fn context_overflow_is_400_with_the_numbers() {
     let app = TestApp::new(&[("LIGHT_N_CTX", "256")]);
     let long = "word ".repeat(400);
-    let (status, _, body) = app.post("/v1/chat/completions", chat(json!({"messages": [{"role": "user", "content": long}]}))).await;
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            chat(json!({"messages": [{"role": "user", "content": long}]})),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     let error = error_of(&body);
     assert_eq!(error["code"], "context_length_exceeded");
     assert!(error["message"].as_str().unwrap().contains("256"));
 
     // A prompt that fits, with an explicit max_tokens that does not.
-    let (status, _, body) = app.post("/v1/chat/completions", chat(json!({"max_tokens": 1000}))).await;
+    let (status, _, body) = app
+        .post("/v1/chat/completions", chat(json!({"max_tokens": 1000})))
+        .await;
     assert_eq!(status, 400);
     assert_eq!(error_of(&body)["code"], "context_length_exceeded");
 }
@@ -124,12 +161,20 @@ async fn loading_model_answers_503_when_the_client_will_not_wait() {
 #[tokio::test]
 async fn a_model_that_fails_to_load_leaves_the_server_up() {
     let app = TestApp::new(&[("MEDIUM_MODEL_PATH", "/nonexistent/model-7b.gguf")]);
-    let (status, _, body) = app.post("/v1/chat/completions", chat(json!({"model": "medium"}))).await;
+    let (status, _, body) = app
+        .post("/v1/chat/completions", chat(json!({"model": "medium"})))
+        .await;
     assert_eq!(status, 500);
     assert_eq!(error_of(&body)["code"], "model_load_failed");
     let (status, models) = app.get("/v1/models").await;
     assert_eq!(status, 200);
-    let medium = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "medium/model-7b").unwrap().clone();
+    let medium = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "medium/model-7b")
+        .unwrap()
+        .clone();
     assert_eq!(medium["state"], "failed");
     let (status, _, body) = app.post("/v1/chat/completions", chat(json!({}))).await;
     assert_eq!(status, 200, "{body}");
@@ -139,8 +184,14 @@ async fn a_model_that_fails_to_load_leaves_the_server_up() {
 async fn a_model_without_chat_template_is_a_clear_400() {
     let app = TestApp::new(&[]);
     // The embedding model has no chat template and is not a chat model.
-    std::fs::copy(shared_models().join("all-MiniLM-L6-v2-f16.gguf"), app.models_dir().join("minilm.gguf")).unwrap();
-    let (status, _, body) = app.post("/v1/chat/completions", chat(json!({"model": "minilm"}))).await;
+    std::fs::copy(
+        shared_models().join("all-MiniLM-L6-v2-f16.gguf"),
+        app.models_dir().join("minilm.gguf"),
+    )
+    .unwrap();
+    let (status, _, body) = app
+        .post("/v1/chat/completions", chat(json!({"model": "minilm"})))
+        .await;
     assert_eq!(status, 400);
     assert_eq!(error_of(&body)["param"], "model");
 }

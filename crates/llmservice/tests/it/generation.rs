@@ -6,8 +6,9 @@ use serde_json::{json, Value};
 use crate::common::*;
 
 fn hello() -> Value {
-    json!({"model": "light", "temperature": 0, "max_tokens": 24,
-           "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    json!({"model": "light", "temperature": 0, "repeat_penalty": 1.0, "max_tokens": 24,
+           "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": "What is the capital of France?"}]})
 }
 
 #[tokio::test]
@@ -19,10 +20,16 @@ async fn greedy_chat_gives_the_known_answer() {
     assert_eq!(body["model"], "light");
     let choice = &body["choices"][0];
     assert_eq!(choice["message"]["role"], "assistant");
-    assert_eq!(choice["message"]["content"], GREEDY_FRANCE, "greedy output changed");
+    assert_eq!(
+        choice["message"]["content"], GREEDY_FRANCE,
+        "greedy output changed"
+    );
     let usage = &body["usage"];
     let completion = usage["completion_tokens"].as_u64().unwrap();
-    assert_eq!(usage["total_tokens"].as_u64().unwrap(), usage["prompt_tokens"].as_u64().unwrap() + completion);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + completion
+    );
     match choice["finish_reason"].as_str().unwrap() {
         "length" => assert_eq!(completion, 24),
         "stop" => assert!(completion < 24),
@@ -31,12 +38,18 @@ async fn greedy_chat_gives_the_known_answer() {
     // Same request again: identical text, and the prompt's KV is reused.
     let (_, _, again) = app.post("/v1/chat/completions", hello()).await;
     assert_eq!(again["choices"][0]["message"]["content"], GREEDY_FRANCE);
-    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
     let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert_eq!(cached, prompt - 1, "all but the last prompt token come from the cache");
+    assert_eq!(
+        cached,
+        prompt - 1,
+        "all but the last prompt token come from the cache"
+    );
 }
 
-/// SmolLM2-135M-Instruct Q4_1, greedy, 24 tokens max, for `hello()`.
+/// SmolLM2-135M-Instruct Q4_1, greedy, no penalties, for `hello()`.
 const GREEDY_FRANCE: &str = "The capital of France is Paris.";
 
 #[tokio::test]
@@ -46,7 +59,10 @@ async fn stop_strings_are_never_emitted() {
     request["stop"] = json!(["Paris"]);
     let (status, _, body) = app.post("/v1/chat/completions", request).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["choices"][0]["message"]["content"], "The capital of France is ");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "The capital of France is "
+    );
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
 }
 
@@ -60,14 +76,24 @@ async fn max_tokens_ends_with_length_and_exact_usage() {
     assert_eq!(body["object"], "text_completion");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     assert_eq!(body["usage"]["completion_tokens"], 7);
-    assert_eq!(body["usage"]["prompt_tokens"], 4, "'Once upon a time' is 4 tokens in SmolLM2's vocabulary");
+    assert_eq!(
+        body["usage"]["prompt_tokens"], 4,
+        "'Once upon a time' is 4 tokens in SmolLM2's vocabulary"
+    );
     assert!(!body["choices"][0]["text"].as_str().unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn concurrent_requests_all_complete_like_alone() {
     let app = TestApp::new(&[("LIGHT_PARALLEL", "4")]);
-    let prompts = ["Name a color.", "Name a fruit.", "Name an animal.", "Name a country.", "Name a planet.", "Name a metal."];
+    let prompts = [
+        "Name a color.",
+        "Name a fruit.",
+        "Name an animal.",
+        "Name a country.",
+        "Name a planet.",
+        "Name a metal.",
+    ];
     let request = |p: &str| json!({"model": "light", "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": p}]});
     let alone: Vec<Value> = {
         let mut out = Vec::new();
@@ -76,14 +102,22 @@ async fn concurrent_requests_all_complete_like_alone() {
         }
         out
     };
-    let together = futures_util::future::join_all(prompts.iter().map(|p| app.post("/v1/chat/completions", request(p)))).await;
+    let together = futures_util::future::join_all(
+        prompts
+            .iter()
+            .map(|p| app.post("/v1/chat/completions", request(p))),
+    )
+    .await;
     for ((status, _, body), alone) in together.into_iter().zip(alone) {
         assert_eq!(status, 200, "{body}");
         let text = body["choices"][0]["message"]["content"].as_str().unwrap();
         assert!(!text.trim().is_empty());
-        assert_eq!(body["usage"]["prompt_tokens"], alone["usage"]["prompt_tokens"]);
+        assert_eq!(
+            body["usage"]["prompt_tokens"],
+            alone["usage"]["prompt_tokens"]
+        );
         let n = body["usage"]["completion_tokens"].as_u64().unwrap();
-        assert!(n >= 1 && n <= 12);
+        assert!((1..=12).contains(&n));
         if body["choices"][0]["finish_reason"] == "length" {
             assert_eq!(n, 12);
         }

@@ -8,15 +8,28 @@ use crate::common::*;
 async fn lists_tiers_and_the_models_directory_with_kinds_and_states() {
     let app = TestApp::new(&[]);
     let dir = app.models_dir();
-    std::fs::copy(shared_models().join("all-MiniLM-L6-v2-f16.gguf"), dir.join("all-MiniLM-L6-v2-f16.gguf")).unwrap();
-    std::fs::copy(shared_models().join("SYNTHETIC-minilm-l6-reranker-f16.gguf"), dir.join("tiny-reranker.gguf")).unwrap();
+    std::fs::copy(
+        shared_models().join("all-MiniLM-L6-v2-f16.gguf"),
+        dir.join("all-MiniLM-L6-v2-f16.gguf"),
+    )
+    .unwrap();
+    std::fs::copy(
+        shared_models().join("SYNTHETIC-minilm-l6-reranker-f16.gguf"),
+        dir.join("tiny-reranker.gguf"),
+    )
+    .unwrap();
     std::fs::write(dir.join("broken.gguf"), b"not a gguf").unwrap();
 
     let (status, body) = app.get("/v1/models").await;
     assert_eq!(status, 200);
     assert_eq!(body["object"], "list");
     let data = body["data"].as_array().unwrap();
-    let find = |id: &str| data.iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("{id} missing from {body}")).clone();
+    let find = |id: &str| {
+        data.iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("{id} missing from {body}"))
+            .clone()
+    };
     let light = find(LIGHT_ID);
     assert_eq!(light["owned_by"], "llmservice-light");
     assert_eq!(light["object"], "model");
@@ -52,13 +65,21 @@ async fn names_resolve_by_id_tier_stem_and_pattern() {
     let app = TestApp::new(&[]);
     for name in [LIGHT_ID, "light", "SmolLM2-135M-Instruct-Q4_1", "qwen-0.5b"] {
         let (status, _, body) = app
-            .post("/v1/completions", json!({"model": name, "prompt": "Hi", "max_tokens": 1}))
+            .post(
+                "/v1/completions",
+                json!({"model": name, "prompt": "Hi", "max_tokens": 1}),
+            )
             .await;
         assert_eq!(status, 200, "{name}: {body}");
         assert_eq!(body["model"], Value::from(name));
     }
     // A size hint for a tier that is not configured is not found.
-    let (status, _, _) = app.post("/v1/completions", json!({"model": "llama-70b", "prompt": "Hi", "max_tokens": 1})).await;
+    let (status, _, _) = app
+        .post(
+            "/v1/completions",
+            json!({"model": "llama-70b", "prompt": "Hi", "max_tokens": 1}),
+        )
+        .await;
     assert_eq!(status, 404);
 }
 

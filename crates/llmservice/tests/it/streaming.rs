@@ -21,11 +21,17 @@ async fn chat_stream_follows_openai_chunk_rules() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let body = response.text().await.unwrap();
     let payloads = sse_payloads(&body);
     assert_eq!(payloads.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).unwrap()).collect();
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
     let (id, created) = (chunks[0]["id"].clone(), chunks[0]["created"].clone());
     let mut text = String::new();
     for (i, chunk) in chunks.iter().enumerate() {
@@ -39,11 +45,18 @@ async fn chat_stream_follows_openai_chunk_rules() {
         }
         assert!(chunk["usage"].is_null(), "usage only on the last chunk");
         let delta = &chunk["choices"][0]["delta"];
-        assert_eq!(delta.get("role").is_some(), i == 0, "role in the first delta only");
+        assert_eq!(
+            delta.get("role").is_some(),
+            i == 0,
+            "role in the first delta only"
+        );
         text.push_str(delta["content"].as_str().unwrap_or(""));
         let finish = &chunk["choices"][0]["finish_reason"];
         if i == chunks.len() - 2 {
-            assert!(finish.is_string(), "the last choice chunk has finish_reason");
+            assert!(
+                finish.is_string(),
+                "the last choice chunk has finish_reason"
+            );
             assert_eq!(delta, &json!({}), "and an empty delta");
         } else {
             assert!(finish.is_null());
@@ -55,8 +68,14 @@ async fn chat_stream_follows_openai_chunk_rules() {
     let mut plain = request.clone();
     plain["stream"] = json!(false);
     let (_, _, whole) = app.post("/v1/chat/completions", plain).await;
-    assert_eq!(whole["choices"][0]["message"]["content"].as_str().unwrap(), text);
-    assert_eq!(whole["usage"]["completion_tokens"], usage["completion_tokens"]);
+    assert_eq!(
+        whole["choices"][0]["message"]["content"].as_str().unwrap(),
+        text
+    );
+    assert_eq!(
+        whole["usage"]["completion_tokens"],
+        usage["completion_tokens"]
+    );
 }
 
 #[tokio::test]
@@ -95,7 +114,13 @@ async fn a_disconnected_stream_frees_its_sequence() {
     let mut body = response.bytes_stream();
     body.next().await.unwrap().unwrap();
     drop(body);
-    let engine = app.state.registry.resolve("light").unwrap().loaded_engine().unwrap();
+    let engine = app
+        .state
+        .registry
+        .resolve("light")
+        .unwrap()
+        .loaded_engine()
+        .unwrap();
     let stats = engine.stats();
     let mut freed = false;
     for _ in 0..200 {

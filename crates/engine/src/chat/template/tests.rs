@@ -6,17 +6,30 @@ use serde_json::{json, Value};
 use super::*;
 
 fn templates_dir() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/templates"));
-    assert!(dir.join("cases.json").is_file(), "shared templates missing at {}", dir.display());
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/templates"
+    ));
+    assert!(
+        dir.join("cases.json").is_file(),
+        "shared templates missing at {}",
+        dir.display()
+    );
     dir
 }
 
 /// The day the reference renderings were made (mistral_small32 prints today's date).
 fn reference_day() -> chrono::DateTime<chrono::Local> {
-    chrono::Local.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap()
+    chrono::Local
+        .with_ymd_and_hms(2026, 11, 22, 12, 0, 0)
+        .unwrap()
 }
 
-fn render_case(template: &ChatTemplate, case: &Value, normalize: bool) -> Result<String, TemplateError> {
+fn render_case(
+    template: &ChatTemplate,
+    case: &Value,
+    normalize: bool,
+) -> Result<String, TemplateError> {
     let mut messages = case["messages"].as_array().unwrap().clone();
     if normalize {
         normalize_messages(&mut messages);
@@ -48,10 +61,15 @@ fn golden_renderings_match_python_jinja2() {
             continue;
         }
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let template = ChatTemplate::new(&std::fs::read_to_string(&path).unwrap(), "<BOS>", "<EOS>")
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let template =
+            ChatTemplate::new(&std::fs::read_to_string(&path).unwrap(), "<BOS>", "<EOS>")
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
         for (case_name, case) in &cases {
-            let expected = std::fs::read_to_string(dir.join("expected").join(format!("{name}__{case_name}.txt"))).unwrap();
+            let expected = std::fs::read_to_string(
+                dir.join("expected")
+                    .join(format!("{name}__{case_name}.txt")),
+            )
+            .unwrap();
             // The references render raw inputs: compare without normalization.
             let got = render_case(&template, case, false);
             compared += 1;
@@ -74,14 +92,20 @@ fn golden_renderings_match_python_jinja2() {
         }
     }
     assert_eq!(compared, 30, "six templates x five cases");
-    assert!(failures.is_empty(), "{} of {compared} differ:\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {compared} differ:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }
 
 /// After normalization an assistant turn with `content: null` renders as with "".
 #[test]
 fn normalized_null_content_renders_like_empty() {
     let dir = templates_dir();
-    let cases: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let source = std::fs::read_to_string(dir.join("qwen3.jinja")).unwrap();
     let template = ChatTemplate::new(&source, "<BOS>", "<EOS>").unwrap();
     let null = render_case(&template, &cases["tool_roundtrip_null"], true).unwrap();
@@ -97,8 +121,14 @@ fn normalize_parses_string_arguments() {
     ]})];
     normalize_messages(&mut messages);
     assert_eq!(messages[0]["content"], "");
-    assert_eq!(messages[0]["tool_calls"][0]["function"]["arguments"], json!({"a": 1}));
-    assert_eq!(messages[0]["tool_calls"][1]["function"]["arguments"], "not json");
+    assert_eq!(
+        messages[0]["tool_calls"][0]["function"]["arguments"],
+        json!({"a": 1})
+    );
+    assert_eq!(
+        messages[0]["tool_calls"][1]["function"]["arguments"],
+        "not json"
+    );
 }
 
 #[test]
@@ -112,7 +142,12 @@ fn tojson_is_python_json_dumps_without_html_escaping() {
     let messages = [];
     let extra = json!({"x": {"s": "<a href='x'>&°C</a>", "n": [1, 2.5, null, true]}, "y": {"b": 1, "a": {"d": 1, "c": 2}}});
     let out = t
-        .render(&RenderInput { messages: &messages, tools: None, add_generation_prompt: false, extra: extra.as_object() })
+        .render(&RenderInput {
+            messages: &messages,
+            tools: None,
+            add_generation_prompt: false,
+            extra: extra.as_object(),
+        })
         .unwrap();
     assert_eq!(
         out,
@@ -122,14 +157,30 @@ fn tojson_is_python_json_dumps_without_html_escaping() {
 
 #[test]
 fn raise_exception_message_is_kept_verbatim() {
-    let t = ChatTemplate::new("{{ raise_exception('Only user and assistant roles are supported!') }}", "", "").unwrap();
+    let t = ChatTemplate::new(
+        "{{ raise_exception('Only user and assistant roles are supported!') }}",
+        "",
+        "",
+    )
+    .unwrap();
     let err = t
-        .render(&RenderInput { messages: &[], tools: None, add_generation_prompt: true, extra: None })
+        .render(&RenderInput {
+            messages: &[],
+            tools: None,
+            add_generation_prompt: true,
+            extra: None,
+        })
         .unwrap_err();
-    assert_eq!(err.to_string(), "Only user and assistant roles are supported!");
+    assert_eq!(
+        err.to_string(),
+        "Only user and assistant roles are supported!"
+    );
 }
 
 #[test]
 fn a_broken_template_is_a_compile_error() {
-    assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(TemplateError::Compile(_))));
+    assert!(matches!(
+        ChatTemplate::new("{% for %}", "", ""),
+        Err(TemplateError::Compile(_))
+    ));
 }
