@@ -1,19 +1,16 @@
 //! `llmservice bench`: single-stream decode speed of the whole server (HTTP,
-//! scheduler, sampling, SSE) against a plain llama-cpp-2 loop on the same model,
-//! threads, context and prompt, interleaved run by run so both see the same
-//! machine noise.
+//! scheduler, sampling, SSE; run as a separate process) against a plain
+//! llama-cpp-2 loop on the same model, threads, context and prompt, interleaved
+//! run by run so both see the same machine noise.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::api::{router, AppState};
 use crate::config::{ServeArgs, Settings};
-use crate::models::Registry;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -42,40 +39,16 @@ impl BenchArgs {
     }
 }
 
-pub async fn run(args: BenchArgs, mut settings: Settings) -> Result<(), String> {
-    settings.tiers.clear();
-    settings.models_dir = args
-        .model
-        .parent()
-        .map(PathBuf::from)
-        .ok_or("the model path has no directory")?;
-    settings.dir_engine.n_threads = args.threads;
-    settings.dir_engine.n_threads_batch = args.threads;
-    settings.dir_engine.n_ctx = args.n_ctx;
-    let model_id = args
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .ok_or("the model path has no file name")?;
-    let settings = Arc::new(settings);
-    let registry = Arc::new(Registry::new(settings.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let base = format!(
-        "http://{}",
-        listener.local_addr().map_err(|e| e.to_string())?
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router(AppState { settings, registry })).await;
-    });
+pub async fn run(args: BenchArgs, _settings: Settings) -> Result<(), String> {
+    let server = ServerProcess::start(&args).await?;
     let client = reqwest::Client::new();
+    let model = "light";
     // Warm-up: loads the model into the server and pages the file in.
-    server_run(&client, &base, &model_id, &args.prompt, 8).await?;
+    server_run(&client, &server.base, model, &args.prompt, 8).await?;
 
-    let (mut server, mut plain) = (Vec::new(), Vec::new());
+    let (mut served, mut plain) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
-        let s = server_run(&client, &base, &model_id, &args.prompt, args.tokens).await?;
+        let s = server_run(&client, &server.base, model, &args.prompt, args.tokens).await?;
         let (path, prompt, threads, n_ctx, tokens) = (
             args.model.clone(),
             args.prompt.clone(),
@@ -90,14 +63,11 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> Result<(), String> 
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?
         .decode_tokens_per_sec();
-        println!(
-            "run {}: server {s:.2} tok/s, plain loop {p:.2} tok/s",
-            run + 1
-        );
-        server.push(s);
+        println!("run {}: server {s:.2} tok/s, plain loop {p:.2} tok/s", run + 1);
+        served.push(s);
         plain.push(p);
     }
-    let (s, p) = (median(&mut server), median(&mut plain));
+    let (s, p) = (median(&mut served), median(&mut plain));
     println!(
         "median decode tokens/s over {} runs of {} tokens, {} threads: server {s:.2}, plain llama-cpp-2 loop {p:.2}, ratio {:.3}",
         args.runs,
@@ -106,6 +76,55 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> Result<(), String> 
         s / p
     );
     Ok(())
+}
+
+/// The server under test, as its own process: clients are other processes, and
+/// a client sharing the server's cores would distort its timings.
+struct ServerProcess {
+    child: std::process::Child,
+    base: String,
+    _dir: PathBuf,
+}
+
+impl ServerProcess {
+    async fn start(args: &BenchArgs) -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("llmservice-bench-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("models")).map_err(|e| e.to_string())?;
+        let model = std::fs::canonicalize(&args.model).map_err(|e| format!("{}: {e}", args.model.display()))?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
+        let child = std::process::Command::new(exe)
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .current_dir(&dir)
+            .env("LIGHT_MODEL_PATH", &model)
+            .env("LIGHT_N_THREADS", args.threads.to_string())
+            .env("LIGHT_N_CTX", args.n_ctx.to_string())
+            .env("MODELS_DIR", dir.join("models"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start the server: {e}"))?;
+        let mut server = Self { child, base: String::new(), _dir: dir.clone() };
+        for _ in 0..600 {
+            if let Ok(port) = std::fs::read_to_string(dir.join(".port")) {
+                server.base = format!("http://127.0.0.1:{}", port.trim());
+                return Ok(server);
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!("the server exited with {status}; see {}", dir.join("server.log").display()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Err("the server did not start within 30 s".to_owned())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
 }
 
 /// One greedy streaming completion; decode tokens/s from the first text chunk to the last.
@@ -117,7 +136,7 @@ async fn server_run(
     tokens: u32,
 ) -> Result<f64, String> {
     let body = json!({
-        "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+        "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "repeat_penalty": 1.0,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},
     });
     let response = client
@@ -167,6 +186,7 @@ async fn server_run(
     let (Some(first), Some(last)) = (first, last) else {
         return Err("the server streamed no text".to_owned());
     };
+    tracing::debug!(completion_tokens, secs = last.duration_since(first).as_secs_f64(), "server run");
     Ok(completion_tokens.saturating_sub(1) as f64
         / last.duration_since(first).as_secs_f64().max(1e-9))
 }
