@@ -35,6 +35,8 @@ pub struct EngineConfig {
     pub parallel: u32,
     /// Requests that may wait for a free sequence beyond the running ones.
     pub max_queue: usize,
+    /// How long a request may wait for its first admission before failing.
+    pub queue_timeout: std::time::Duration,
     /// Jinja chat template to use instead of the GGUF's own (required for models without one).
     pub chat_template: Option<String>,
 }
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             use_mlock: false,
             parallel: 4,
             max_queue: 64,
+            queue_timeout: std::time::Duration::from_secs(300),
             chat_template: None,
         }
     }
@@ -94,7 +97,8 @@ pub(crate) fn shared_backend() -> Result<&'static LlamaBackend, EngineError> {
 pub struct Engine {
     info: Arc<ModelInfo>,
     model: Arc<LlamaModel>,
-    requests: Option<mpsc::Sender<Sequence>>,
+    requests: Option<mpsc::Sender<Vec<Sequence>>>,
+    queue_timeout: std::time::Duration,
     capacity: Arc<Semaphore>,
     capacity_total: usize,
     stats: Arc<SchedulerStats>,
@@ -130,6 +134,7 @@ impl Engine {
             config.n_ctx = config.n_ctx.min(u32::try_from(train).unwrap_or(u32::MAX));
         }
         let parallel = config.parallel.max(1);
+        let queue_timeout = config.queue_timeout;
         let capacity_total = parallel as usize + config.max_queue;
         let (requests, request_rx) = mpsc::channel(capacity_total);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Ready>(1);
@@ -203,6 +208,7 @@ impl Engine {
             info: Arc::new(info),
             model,
             requests: Some(requests),
+            queue_timeout,
             capacity: Arc::new(Semaphore::new(capacity_total)),
             capacity_total,
             stats,
@@ -260,10 +266,36 @@ impl Engine {
 
     /// Queues a request. Fails at once when the prompt cannot fit or the queue is full.
     pub fn submit(&self, request: GenerateRequest) -> Result<EventStream, EngineError> {
+        Ok(self.submit_n(request, 1)?.remove(0))
+    }
+
+    /// Queues `n` independent choices for one prompt. The prompt is computed once
+    /// and its KV copied to the other choices; each samples with its own chain
+    /// (seeded requests use seed, seed+1, ...). One stream per choice.
+    pub fn submit_n(
+        &self,
+        request: GenerateRequest,
+        n: u32,
+    ) -> Result<Vec<EventStream>, EngineError> {
         if request.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
+        let parallel = self.info.parallel;
+        if n == 0 || n > parallel {
+            return Err(EngineError::TooManyChoices {
+                requested: n,
+                parallel,
+            });
+        }
         self.check_tokens(&request.prompt)?;
+        self.check_tokens(
+            &request
+                .sampling
+                .logit_bias
+                .iter()
+                .map(|b| b.0)
+                .collect::<Vec<_>>(),
+        )?;
         let n_ctx = self.info.n_ctx;
         let prompt = request.prompt.len() as u32;
         if prompt >= n_ctx {
@@ -274,43 +306,61 @@ impl Engine {
                 completion: 1,
             });
         }
-        let permit =
+        let mut permits = Some(
             self.capacity
                 .clone()
-                .try_acquire_owned()
+                .try_acquire_many_owned(n)
                 .map_err(|_| EngineError::QueueFull {
                     capacity: self.capacity_total,
-                })?;
-        let max_tokens = request.max_tokens.clamp(1, n_ctx - prompt);
-        let (events, rx) = mpsc::channel(max_tokens as usize + 2);
-        self.check_tokens(
-            &request
-                .sampling
-                .logit_bias
-                .iter()
-                .map(|b| b.0)
-                .collect::<Vec<_>>(),
-        )?;
-        let sampler = sampling::build_chain(&request.sampling, self.info.n_vocab as i32);
-        let arrival = self
-            .arrivals
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut seq = Sequence::new(
-            request.prompt.into_iter().map(LlamaToken).collect(),
-            max_tokens,
-            request.stop,
-            sampler,
-            events,
-            request.span,
-            arrival,
+                })?,
         );
-        seq.ignore_eos = request.ignore_eos;
         let sender = self.requests.as_ref().ok_or(EngineError::ShutDown)?;
-        sender.try_send(seq).map_err(|_| EngineError::ShutDown)?;
-        Ok(EventStream {
-            rx,
-            _permit: permit,
-        })
+        let max_tokens = request.max_tokens.clamp(1, n_ctx - prompt);
+        let tokens: Vec<LlamaToken> = request.prompt.iter().map(|&t| LlamaToken(t)).collect();
+        let first_arrival = self
+            .arrivals
+            .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + self.queue_timeout;
+        let mut streams = Vec::with_capacity(n as usize);
+        let mut group = Vec::with_capacity(n as usize);
+        for choice in 0..n {
+            let (events, rx) = mpsc::channel(max_tokens as usize + 2);
+            let mut sampling = request.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice));
+            let sampler = sampling::build_chain(&sampling, self.info.n_vocab as i32);
+            let mut seq = Sequence::new(
+                tokens.clone(),
+                max_tokens,
+                request.stop.clone(),
+                sampler,
+                events,
+                request.span.clone(),
+                first_arrival + u64::from(choice),
+            );
+            seq.ignore_eos = request.ignore_eos;
+            seq.logprobs = request.logprobs;
+            seq.reuse_prefix = request.sampling.seed.is_none();
+            seq.deadline = Some(deadline);
+            if n > 1 {
+                seq.group = Some(crate::sequence::Group {
+                    id: first_arrival,
+                    leader: choice == 0,
+                });
+            }
+            group.push(seq);
+            let permit = if choice + 1 == n {
+                permits.take()
+            } else {
+                permits.as_mut().and_then(|p| p.split(1))
+            };
+            streams.push(EventStream {
+                rx,
+                _permit: permit.expect("one permit per choice"),
+            });
+        }
+        // One message, so the scheduler sees the choices together and admits them at once.
+        sender.try_send(group).map_err(|_| EngineError::ShutDown)?;
+        Ok(streams)
     }
 }
 

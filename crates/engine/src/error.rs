@@ -24,6 +24,10 @@ pub enum EngineError {
     InvalidToken { token: TokenIdRepr, n_vocab: u32 },
     #[error("the model's queue is full ({capacity} requests waiting or running)")]
     QueueFull { capacity: usize },
+    #[error("waited {waited_secs} s for a free sequence slot; the server is busy, retry later")]
+    QueueTimeout { waited_secs: u64 },
+    #[error("{requested} choices requested but this model decodes at most {parallel} sequences together")]
+    TooManyChoices { requested: u32, parallel: u32 },
     #[error("the engine has shut down")]
     ShutDown,
     #[error("inference failed: {0}")]

@@ -20,12 +20,27 @@ pub struct Usage {
     pub cached_tokens: u32,
 }
 
+/// A generated token's log-probability under the model, and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text (lossy where the token is part of a UTF-8 character).
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens at this position, most likely first.
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
 /// What the engine sends back for one request, in order: any number of `Text`,
 /// then exactly one `Done` or `Error`.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Newly generated text: always whole UTF-8 characters, never part of a stop string.
-    Text(String),
+    /// Newly generated text: always whole UTF-8 characters, never part of a stop
+    /// string; with logprobs on, the tokens that produced it.
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done {
         finish_reason: FinishReason,
         usage: Usage,

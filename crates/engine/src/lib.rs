@@ -17,6 +17,7 @@ mod sequence;
 
 pub use backend::{Engine, EngineConfig, ModelInfo};
 pub use error::EngineError;
-pub use event::{Event, EventStream, FinishReason, Usage};
+pub use event::{Event, EventStream, FinishReason, TokenLogprob, Usage};
 pub use gguf::{inspect, GgufSummary, ModelKind};
 pub use request::{GenerateRequest, SamplingParams, TokenId};
+pub use scheduler::SchedulerStats;

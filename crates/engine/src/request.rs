@@ -49,6 +49,8 @@ pub struct GenerateRequest {
     /// Stop strings: generation ends before the first one, which is never emitted.
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// Report each token's logprob and this many alternatives (`None`: no logprobs).
+    pub logprobs: Option<u32>,
     /// Keep generating through end-of-generation tokens (benchmarks compare equal work).
     pub ignore_eos: bool,
     /// The request's tracing span: engine-side logs for it are recorded inside it.

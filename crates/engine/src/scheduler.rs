@@ -16,10 +16,10 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::sequence::Sequence;
-use crate::{EngineError, FinishReason};
+use crate::{EngineError, FinishReason, TokenLogprob};
 
-/// A request handed to the scheduler thread.
-pub(crate) type Admission = Sequence;
+/// A request handed to the scheduler thread: its choices (one unless `n` > 1).
+pub(crate) type Admission = Vec<Sequence>;
 
 /// Counters the scheduler publishes for observers (metrics, tests).
 #[derive(Debug, Default)]
@@ -29,6 +29,9 @@ pub struct SchedulerStats {
     pub steps: AtomicU64,
     pub preemptions: AtomicU64,
     pub cancelled: AtomicU64,
+    pub timed_out: AtomicU64,
+    /// Choices that copied their prompt's KV from a sibling instead of computing it.
+    pub forks: AtomicU64,
 }
 
 /// One KV-cache sequence id of the shared context.
@@ -94,13 +97,13 @@ impl<'m> Scheduler<'m> {
                     return;
                 }
                 match requests.blocking_recv() {
-                    Some(seq) => self.waiting.push_back(seq),
+                    Some(group) => self.waiting.extend(group),
                     None => return,
                 }
             }
             while open {
                 match requests.try_recv() {
-                    Ok(seq) => self.waiting.push_back(seq),
+                    Ok(group) => self.waiting.extend(group),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
                 }
@@ -124,11 +127,25 @@ impl<'m> Scheduler<'m> {
             .store(self.waiting.len(), Ordering::Relaxed);
     }
 
-    /// Frees the sequences whose caller went away, before spending compute on them.
+    /// Frees the sequences whose caller went away, before spending compute on
+    /// them, and fails those that waited too long for their first admission.
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len();
         self.waiting.retain(|seq| !seq.is_cancelled());
         let mut cancelled = (before - self.waiting.len()) as u64;
+        let now = std::time::Instant::now();
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for mut seq in self.waiting.drain(..) {
+            if !seq.started && seq.deadline.is_some_and(|d| now >= d) {
+                let waited_secs = now.duration_since(seq.queued_at).as_secs();
+                tracing::info!(parent: &seq.span, waited_secs, "timed out waiting for a slot");
+                seq.fail(EngineError::QueueTimeout { waited_secs });
+                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            } else {
+                kept.push_back(seq);
+            }
+        }
+        self.waiting = kept;
         for i in 0..self.slots.len() {
             if self.slots[i]
                 .active
@@ -147,19 +164,56 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Moves waiting sequences into free slots, reusing the longest cached prefix.
+    /// The choices of one request are admitted together so they can share the prompt.
     fn admit(&mut self) {
+        self.release_orphaned_followers();
         let any_active = self.slots.iter().any(|s| s.active.is_some());
         if self.kv_pressure && any_active {
             return;
         }
         self.kv_pressure = false;
-        while let Some(seq) = self.waiting.front() {
-            let Some(slot_idx) = self.best_free_slot(&seq.tokens) else {
-                return;
+        while let Some(front) = self.waiting.front() {
+            let group_size = match front.group {
+                Some(g) if g.leader && !front.started => self
+                    .waiting
+                    .iter()
+                    .take_while(|s| s.group.is_some_and(|h| h.id == g.id))
+                    .count(),
+                _ => 1,
             };
-            let mut seq = self.waiting.pop_front().expect("front exists");
-            let slot = &mut self.slots[slot_idx];
-            let common = common_prefix(&slot.cached, &seq.tokens);
+            let free = self.slots.iter().filter(|s| s.active.is_none()).count();
+            if free < group_size {
+                return;
+            }
+            if !front.reuse_prefix && free == self.slots.len() {
+                // A seeded request on an idle engine starts from an empty cache: where
+                // its cells land in the KV buffer changes the order of attention's
+                // sums, and with it what a seeded sampler draws.
+                self.ctx.clear_kv_cache();
+                self.slots.iter_mut().for_each(|s| s.cached.clear());
+            }
+            for member in 0..group_size {
+                let seq = self.waiting.pop_front().expect("counted above");
+                self.admit_one(seq, member > 0);
+            }
+        }
+    }
+
+    fn admit_one(&mut self, mut seq: Sequence, follower: bool) {
+        let slot_idx = self
+            .best_free_slot(&seq.tokens)
+            .expect("the caller checked for a free slot");
+        let slot = &mut self.slots[slot_idx];
+        if follower {
+            // Its prompt KV is copied from the leader once the leader has computed it.
+            seq.awaiting_fork = true;
+            seq.n_past = 0;
+        } else {
+            let common = if seq.reuse_prefix {
+                common_prefix(&slot.cached, &seq.tokens)
+            } else {
+                0
+            };
             // At least one token must be decoded to get logits for the next sample.
             let mut keep = common.min(seq.tokens.len() - 1);
             if keep < slot.cached.len()
@@ -175,14 +229,32 @@ impl<'m> Scheduler<'m> {
                     .clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
                 keep = 0;
             }
-            slot.cached.clear();
             seq.n_past = keep;
             if !seq.started {
-                seq.started = true;
                 seq.cached_tokens = keep.min(seq.n_prompt) as u32;
-                tracing::debug!(parent: &seq.span, slot = slot.seq_id, cached = keep, prompt = seq.n_prompt, "admitted");
             }
-            slot.active = Some(seq);
+        }
+        slot.cached.clear();
+        if !seq.started {
+            seq.started = true;
+            tracing::debug!(parent: &seq.span, slot = slot.seq_id, cached = seq.n_past, prompt = seq.n_prompt, follower, "admitted");
+        }
+        slot.active = Some(seq);
+    }
+
+    /// A follower whose leader left before computing the prompt computes it itself.
+    fn release_orphaned_followers(&mut self) {
+        let forking: Vec<u64> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.active.as_ref())
+            .filter(|s| s.n_generated == 0)
+            .filter_map(|s| s.group.filter(|g| g.leader).map(|g| g.id))
+            .collect();
+        for seq in self.slots.iter_mut().filter_map(|s| s.active.as_mut()) {
+            if seq.awaiting_fork && !seq.group.is_some_and(|g| forking.contains(&g.id)) {
+                seq.awaiting_fork = false;
+            }
         }
     }
 
@@ -213,7 +285,7 @@ impl<'m> Scheduler<'m> {
             };
             seq.in_batch = 0;
             seq.logits_at = None;
-            if seq.pending() == 1 && budget > 0 {
+            if seq.pending() == 1 && !seq.awaiting_fork && budget > 0 {
                 add(&mut self.batch, seq, slot.seq_id, 1);
                 budget -= 1;
             }
@@ -224,7 +296,7 @@ impl<'m> Scheduler<'m> {
                 self.slots[i]
                     .active
                     .as_ref()
-                    .is_some_and(|s| s.pending() > 1)
+                    .is_some_and(|s| s.pending() > 1 && !s.awaiting_fork)
             })
             .collect();
         prefilling.sort_by_key(|&i| self.slots[i].active.as_ref().map(|s| s.arrival));
@@ -249,30 +321,85 @@ impl<'m> Scheduler<'m> {
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
 
+        // Leaders that just computed their prompt, to copy to their followers.
+        let mut forks = Vec::new();
         for i in 0..self.slots.len() {
+            let seq_id = self.slots[i].seq_id;
             let Some(seq) = self.slots[i].active.as_mut() else {
                 continue;
             };
             seq.n_past += seq.in_batch;
-            let Some(index) = seq.logits_at else { continue };
-            let token = seq.sampler.sample(&self.ctx, index);
-            let vocab = self.model.vocab();
-            let is_eog = vocab.is_eog(token);
-            let piece = if is_eog {
-                Vec::new()
-            } else {
-                vocab.token_to_piece(token, false, None)
+            let Some(index) = seq.logits_at else {
+                continue;
             };
-            let mut finish = seq.accept(token, &piece, is_eog);
-            if finish.is_none() && seq.tokens.len() >= self.n_ctx {
-                finish = Some(FinishReason::Length);
+            if let Some(group) = seq.group.filter(|g| g.leader && seq.n_generated == 0) {
+                forks.push((group.id, seq_id, index, seq.n_past, seq.cached_tokens));
             }
-            if let Some(reason) = finish {
-                let mut seq = self.slots[i].active.take().expect("active");
-                seq.finish(reason);
-                tracing::debug!(parent: &seq.span, ?reason, generated = seq.n_generated, "finished");
-                self.release(i, seq);
+            self.sample(i, index);
+        }
+        for (group, leader_seq, index, n_prompt, cached) in forks {
+            for i in 0..self.slots.len() {
+                let follower_seq = self.slots[i].seq_id;
+                let Some(seq) = self.slots[i].active.as_mut() else {
+                    continue;
+                };
+                if !seq.awaiting_fork || seq.group.map(|g| g.id) != Some(group) {
+                    continue;
+                }
+                let _ = self
+                    .ctx
+                    .clear_kv_cache_seq(Some(follower_seq as u32), None, None);
+                // Unified KV makes partial sequence copies safe (see backend.rs).
+                let _ = self.ctx.copy_kv_cache_seq(
+                    leader_seq,
+                    follower_seq,
+                    Some(0),
+                    Some(n_prompt as u32),
+                );
+                seq.awaiting_fork = false;
+                self.stats.forks.fetch_add(1, Ordering::Relaxed);
+                seq.n_past = n_prompt;
+                seq.cached_tokens = cached;
+                self.sample(i, index);
             }
+        }
+    }
+
+    /// Samples the next token of the sequence in `slot_idx` from the logits at
+    /// `index` of the batch just decoded, emits it, and ends the sequence if done.
+    fn sample(&mut self, slot_idx: usize, index: i32) {
+        let Some(seq) = self.slots[slot_idx].active.as_mut() else {
+            return;
+        };
+        let token = seq.sampler.sample(&self.ctx, index);
+        let vocab = self.model.vocab();
+        let is_eog = vocab.is_eog(token);
+        let piece = if is_eog {
+            Vec::new()
+        } else {
+            vocab.token_to_piece(token, false, None)
+        };
+        let logprob = seq
+            .logprobs
+            .filter(|_| !is_eog || seq.ignore_eos)
+            .map(|top| {
+                token_logprob(
+                    self.model,
+                    self.ctx.get_logits_ith(index),
+                    token,
+                    &piece,
+                    top,
+                )
+            });
+        let mut finish = seq.accept(token, &piece, is_eog, logprob);
+        if finish.is_none() && seq.tokens.len() >= self.n_ctx {
+            finish = Some(FinishReason::Length);
+        }
+        if let Some(reason) = finish {
+            let mut seq = self.slots[slot_idx].active.take().expect("active");
+            seq.finish(reason);
+            tracing::debug!(parent: &seq.span, ?reason, generated = seq.n_generated, "finished");
+            self.release(slot_idx, seq);
         }
     }
 
@@ -294,9 +421,11 @@ impl<'m> Scheduler<'m> {
         let active: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].active.is_some())
             .collect();
+        // The newest sequence that holds KV: preempting one without frees nothing.
         let newest = active
             .iter()
             .copied()
+            .filter(|&i| self.slots[i].active.as_ref().is_some_and(|s| s.n_past > 0))
             .max_by_key(|&i| self.slots[i].active.as_ref().map(|s| s.arrival));
         let Some(newest) = newest else { return };
         let mut seq = self.slots[newest].active.take().expect("active");
@@ -367,6 +496,47 @@ fn add(batch: &mut LlamaBatch<'static>, seq: &mut Sequence, seq_id: i32, count: 
         }
     }
     seq.in_batch = count;
+}
+
+/// The model's log-probability of `token` at this position (log-softmax of the raw
+/// logits, before any sampling transform, as OpenAI reports it) and the `top` most
+/// likely alternatives.
+fn token_logprob(
+    model: &LlamaModel,
+    logits: &[f32],
+    token: LlamaToken,
+    piece: &[u8],
+    top: u32,
+) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let logprob_of = |id: usize| logits[id] - log_sum;
+    let mut best: Vec<usize> = Vec::new();
+    if top > 0 {
+        let k = (top as usize).min(logits.len());
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        order.truncate(k);
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        best = order;
+    }
+    let vocab = model.vocab();
+    TokenLogprob {
+        token: String::from_utf8_lossy(piece).into_owned(),
+        bytes: piece.to_vec(),
+        logprob: logprob_of(token.0 as usize),
+        top: best
+            .into_iter()
+            .map(|id| {
+                let bytes = vocab.token_to_piece(LlamaToken(id as i32), false, None);
+                (
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                    bytes,
+                    logprob_of(id),
+                )
+            })
+            .collect(),
+    }
 }
 
 fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {

@@ -1,13 +1,23 @@
 //! Per-request state inside the scheduler: which tokens are in the KV cache,
 //! the sampler, the text assembly and the channel back to the caller.
 
+use std::time::Instant;
+
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::detok::{StopMatcher, StopOutcome, Utf8Assembler};
-use crate::{Event, FinishReason, Usage};
+use crate::{Event, FinishReason, TokenLogprob, Usage};
+
+/// Choices of one request (`n` > 1) share the prompt: the leader computes it,
+/// the followers copy its KV cache instead of recomputing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Group {
+    pub id: u64,
+    pub leader: bool,
+}
 
 pub(crate) struct Sequence {
     /// Prompt followed by every generated token so far.
@@ -19,14 +29,29 @@ pub(crate) struct Sequence {
     pub n_generated: u32,
     pub cached_tokens: u32,
     /// Set once the sequence has been admitted for the first time (re-admission after
-    /// preemption must not recount cached prompt tokens).
+    /// preemption must not recount cached prompt tokens or time out).
     pub started: bool,
     pub ignore_eos: bool,
+    /// `Some(k)`: report logprobs with `k` alternatives.
+    pub logprobs: Option<u32>,
+    pub group: Option<Group>,
+    /// Whether cached prompt KV may be reused. Seeded requests compute the whole
+    /// prompt: reusing a prefix decodes the last prompt token in a different batch
+    /// shape, which changes llama.cpp's numerics enough to change what a seeded
+    /// sampler draws, and a seed promises the same answer.
+    pub reuse_prefix: bool,
+    /// A follower still waiting for its leader's prompt KV.
+    pub awaiting_fork: bool,
+    /// Past this instant a sequence still waiting for its first admission fails.
+    pub deadline: Option<Instant>,
+    pub queued_at: Instant,
     /// A stop string ended generation: nothing held back may be emitted.
     stopped_by_string: bool,
     pub sampler: LlamaSampler,
     utf8: Utf8Assembler,
     stops: StopMatcher,
+    /// Logprobs of tokens whose text is still held back.
+    pending_logprobs: Vec<TokenLogprob>,
     events: mpsc::Sender<Event>,
     pub span: tracing::Span,
     /// Admission order: preemption picks the newest.
@@ -38,7 +63,6 @@ pub(crate) struct Sequence {
 }
 
 impl Sequence {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         tokens: Vec<LlamaToken>,
         max_tokens: u32,
@@ -57,10 +81,17 @@ impl Sequence {
             cached_tokens: 0,
             started: false,
             ignore_eos: false,
+            logprobs: None,
+            group: None,
+            reuse_prefix: true,
+            awaiting_fork: false,
+            deadline: None,
+            queued_at: Instant::now(),
             stopped_by_string: false,
             sampler,
             utf8: Utf8Assembler::new(),
             stops: StopMatcher::new(stops),
+            pending_logprobs: Vec::new(),
             events,
             span,
             arrival,
@@ -86,12 +117,14 @@ impl Sequence {
         token: LlamaToken,
         piece: &[u8],
         is_eog: bool,
+        logprob: Option<TokenLogprob>,
     ) -> Option<FinishReason> {
         if is_eog && !self.ignore_eos {
             return Some(FinishReason::Stop);
         }
         self.tokens.push(token);
         self.n_generated += 1;
+        self.pending_logprobs.extend(logprob);
         let text = self.utf8.push(piece);
         if !text.is_empty() {
             match self.stops.push(&text) {
@@ -147,9 +180,12 @@ impl Sequence {
         }
     }
 
-    fn send_text(&self, text: String) {
+    /// Emits text with the logprobs of the tokens that produced it. Tokens whose
+    /// text never appears (a stop string) take their logprobs with them.
+    fn send_text(&mut self, text: String) {
         if !text.is_empty() {
-            self.send(Event::Text(text));
+            let logprobs = std::mem::take(&mut self.pending_logprobs);
+            self.send(Event::Text { text, logprobs });
         }
     }
 

@@ -63,7 +63,10 @@ pub async fn run(args: BenchArgs, _settings: Settings) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?
         .decode_tokens_per_sec();
-        println!("run {}: server {s:.2} tok/s, plain loop {p:.2} tok/s", run + 1);
+        println!(
+            "run {}: server {s:.2} tok/s, plain loop {p:.2} tok/s",
+            run + 1
+        );
         served.push(s);
         plain.push(p);
     }
@@ -90,7 +93,8 @@ impl ServerProcess {
     async fn start(args: &BenchArgs) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("llmservice-bench-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("models")).map_err(|e| e.to_string())?;
-        let model = std::fs::canonicalize(&args.model).map_err(|e| format!("{}: {e}", args.model.display()))?;
+        let model = std::fs::canonicalize(&args.model)
+            .map_err(|e| format!("{}: {e}", args.model.display()))?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
         let child = std::process::Command::new(exe)
@@ -104,14 +108,21 @@ impl ServerProcess {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start the server: {e}"))?;
-        let mut server = Self { child, base: String::new(), _dir: dir.clone() };
+        let mut server = Self {
+            child,
+            base: String::new(),
+            _dir: dir.clone(),
+        };
         for _ in 0..600 {
             if let Ok(port) = std::fs::read_to_string(dir.join(".port")) {
                 server.base = format!("http://127.0.0.1:{}", port.trim());
                 return Ok(server);
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!("the server exited with {status}; see {}", dir.join("server.log").display()));
+                return Err(format!(
+                    "the server exited with {status}; see {}",
+                    dir.join("server.log").display()
+                ));
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
@@ -186,7 +197,11 @@ async fn server_run(
     let (Some(first), Some(last)) = (first, last) else {
         return Err("the server streamed no text".to_owned());
     };
-    tracing::debug!(completion_tokens, secs = last.duration_since(first).as_secs_f64(), "server run");
+    tracing::debug!(
+        completion_tokens,
+        secs = last.duration_since(first).as_secs_f64(),
+        "server run"
+    );
     Ok(completion_tokens.saturating_sub(1) as f64
         / last.duration_since(first).as_secs_f64().max(1e-9))
 }

@@ -312,6 +312,14 @@ fn tier_settings(tier: Tier, env: &dyn Env) -> Result<Option<TierSettings>, Conf
     if let Some(v) = parse(env, &[&name("MAX_QUEUE")])? {
         engine.max_queue = v;
     }
+    if let Some(secs) = parse::<f64>(env, &[&name("QUEUE_TIMEOUT")])? {
+        engine.queue_timeout =
+            std::time::Duration::try_from_secs_f64(secs).map_err(|e| ConfigError {
+                name: name("QUEUE_TIMEOUT"),
+                value: secs.to_string(),
+                reason: e.to_string(),
+            })?;
+    }
     if let Some(v) = env.get(&name("CHAT_TEMPLATE")) {
         // A path to a template file, or the template itself.
         engine.chat_template = Some(match std::fs::read_to_string(&v) {

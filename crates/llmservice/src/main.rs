@@ -22,7 +22,9 @@ fn main() -> std::process::ExitCode {
     init_tracing(&settings.log_level);
     // The bench client is light and must not compete with the server it measures.
     let runtime = match &command {
-        Command::Bench(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Command::Bench(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
         _ => tokio::runtime::Runtime::new(),
     };
     let runtime = match runtime {

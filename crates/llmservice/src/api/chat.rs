@@ -7,12 +7,11 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use engine::chat::{normalize_messages, RenderInput};
 use engine::{Event, ModelKind};
+use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::generate::{
-    self, build_request, collect, finish_reason_str, new_id, now_unix, sse, sse_error,
-};
+use super::generate::{self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error};
 use super::json::Json;
 use super::types::*;
 use super::AppState;
@@ -67,30 +66,39 @@ pub async fn chat_completions(
         })
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let tokens = engine.tokenize_chat_prompt(&prompt);
-    let request = build_request(&req.sampling, &entry.defaults, &engine, tokens)?;
-    let stream = engine.submit(request)?;
+    let logprobs = chat_logprobs_request(&req.sampling)?;
+    let request = build_request(&req.sampling, &entry.defaults, &engine, tokens, logprobs)?;
+    let n = req.sampling.n.unwrap_or(1);
+    let choices = generate::start(engine.submit_n(request, n)?).await?;
 
     let id = new_id("chatcmpl");
     let created = now_unix();
     let model = req.model.clone();
+    let with_logprobs = logprobs.is_some();
     if !req.sampling.stream.unwrap_or(false) {
-        let done = collect(stream).await?;
-        generate::log_done(&entry.id, "chat", &done.usage, started);
+        let done = generate::collect_all(choices).await?;
+        let usages: Vec<_> = done.iter().map(|d| d.usage).collect();
+        let usage = generate::total_usage(&usages, n as usize);
+        generate::log_done(&entry.id, "chat", &usage, started);
         return Ok(axum::Json(ChatCompletion {
             id,
             object: "chat.completion",
             created,
             model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: ChatMessage {
-                    role: "assistant",
-                    content: done.text,
-                },
-                logprobs: None,
-                finish_reason: finish_reason_str(done.finish_reason),
-            }],
-            usage: done.usage.into(),
+            choices: done
+                .into_iter()
+                .enumerate()
+                .map(|(index, d)| ChatChoice {
+                    index: index as u32,
+                    logprobs: with_logprobs.then(|| generate::chat_logprobs(&d.logprobs)),
+                    message: ChatMessage {
+                        role: "assistant",
+                        content: d.text,
+                    },
+                    finish_reason: finish_reason_str(d.finish_reason),
+                })
+                .collect(),
+            usage: usage.into(),
             system_fingerprint: None,
         })
         .into_response());
@@ -102,40 +110,55 @@ pub async fn chat_completions(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let chunk = move |delta: ChatDelta, finish: Option<&'static str>| ChatCompletionChunk {
-        id: id.clone(),
-        object: "chat.completion.chunk",
-        created,
-        model: model.clone(),
-        choices: vec![ChatChunkChoice {
-            index: 0,
-            delta,
-            logprobs: None,
-            finish_reason: finish,
-        }],
-        system_fingerprint: None,
-        usage: include_usage.then_some(None),
+    let chunk = move |index: u32,
+                      delta: ChatDelta,
+                      logprobs: Option<Value>,
+                      finish: Option<&'static str>| {
+        ChatCompletionChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk",
+            created,
+            model: model.clone(),
+            choices: vec![ChatChunkChoice {
+                index,
+                delta,
+                logprobs,
+                finish_reason: finish,
+            }],
+            system_fingerprint: None,
+            usage: include_usage.then_some(None),
+        }
     };
     let entry_id = entry.id.clone();
-    let mut stream = stream;
+    let mut events = Box::pin(generate::merge(choices));
     let payloads = async_stream::stream! {
-        let first = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
-        yield json(&chunk(first, None));
-        while let Some(event) = stream.recv().await {
+        for index in 0..n {
+            let first = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+            yield json(&chunk(index, first, None, None));
+        }
+        let mut usages = vec![engine::Usage::default(); n as usize];
+        let mut remaining = n;
+        while let Some((index, event)) = events.next().await {
             match event {
-                Event::Text(text) => {
-                    yield json(&chunk(ChatDelta { role: None, content: Some(text) }, None));
+                Event::Text { text, logprobs } => {
+                    let logprobs = with_logprobs.then(|| generate::chat_logprobs(&logprobs));
+                    yield json(&chunk(index, ChatDelta { role: None, content: Some(text) }, logprobs, None));
                 }
                 Event::Done { finish_reason, usage } => {
-                    yield json(&chunk(ChatDelta::default(), Some(finish_reason_str(finish_reason))));
-                    if include_usage {
-                        let mut last = chunk(ChatDelta::default(), None);
-                        last.choices.clear();
-                        last.usage = Some(Some(usage.into()));
-                        yield json(&last);
+                    yield json(&chunk(index, ChatDelta::default(), None, Some(finish_reason_str(finish_reason))));
+                    usages[index as usize] = usage;
+                    remaining -= 1;
+                    if remaining == 0 {
+                        let usage = generate::total_usage(&usages, n as usize);
+                        if include_usage {
+                            let mut last = chunk(0, ChatDelta::default(), None, None);
+                            last.choices.clear();
+                            last.usage = Some(Some(usage.into()));
+                            yield json(&last);
+                        }
+                        generate::log_done(&entry_id, "chat", &usage, started);
+                        break;
                     }
-                    generate::log_done(&entry_id, "chat", &usage, started);
-                    break;
                 }
                 Event::Error(error) => {
                     yield sse_error(error);
@@ -145,6 +168,26 @@ pub async fn chat_completions(
         }
     };
     Ok(sse(payloads))
+}
+
+/// Chat asks with `logprobs: true` and `top_logprobs: k`.
+fn chat_logprobs_request(f: &SamplingFields) -> Result<Option<u32>, ApiError> {
+    match &f.logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {
+            if f.top_logprobs.is_some_and(|k| k > 0) {
+                return Err(ApiError::invalid(
+                    "logprobs",
+                    "top_logprobs requires logprobs: true",
+                ));
+            }
+            Ok(None)
+        }
+        Some(Value::Bool(true)) => Ok(Some(f.top_logprobs.unwrap_or(0))),
+        Some(_) => Err(ApiError::invalid(
+            "logprobs",
+            "logprobs must be true or false",
+        )),
+    }
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {

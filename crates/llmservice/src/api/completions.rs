@@ -5,13 +5,11 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use engine::{Event, ModelKind, TokenId, Usage};
+use engine::{Event, ModelKind, TokenId};
 use futures_util::StreamExt;
 
 use super::error::ApiError;
-use super::generate::{
-    self, build_request, collect, finish_reason_str, new_id, now_unix, sse, sse_error,
-};
+use super::generate::{self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error};
 use super::json::Json;
 use super::types::*;
 use super::AppState;
@@ -74,33 +72,40 @@ pub async fn completions(
         return Err(ApiError::invalid("prompt", "prompt must not be empty"));
     }
     let echo = req.echo.unwrap_or(false);
-    let mut streams = Vec::with_capacity(prompts.len());
-    let mut echoes = Vec::with_capacity(prompts.len());
+    let logprobs = completion_logprobs_request(&req.sampling)?;
+    let n = req.sampling.n.unwrap_or(1);
+    // Choices are prompt-major: prompt p, choice c has index p * n + c.
+    let mut streams = Vec::with_capacity(prompts.len() * n as usize);
+    let mut echoes = Vec::with_capacity(prompts.len() * n as usize);
     for (tokens, text) in prompts {
-        let request = build_request(&req.sampling, &entry.defaults, &engine, tokens)?;
-        streams.push(engine.submit(request)?);
-        echoes.push(if echo { text } else { String::new() });
+        let request = build_request(&req.sampling, &entry.defaults, &engine, tokens, logprobs)?;
+        streams.extend(engine.submit_n(request, n)?);
+        echoes.extend(std::iter::repeat_n(
+            if echo { text } else { String::new() },
+            n as usize,
+        ));
     }
+    let choices = generate::start(streams).await?;
 
     let id = new_id("cmpl");
     let created = now_unix();
     let model = req.model.clone();
     if !req.sampling.stream.unwrap_or(false) {
-        let mut choices = Vec::with_capacity(streams.len());
-        let mut total = Usage::default();
-        let results = futures_util::future::join_all(streams.into_iter().map(collect)).await;
-        for (index, (result, prefix)) in results.into_iter().zip(echoes).enumerate() {
-            let done = result?;
-            total.prompt_tokens += done.usage.prompt_tokens;
-            total.completion_tokens += done.usage.completion_tokens;
-            total.cached_tokens += done.usage.cached_tokens;
-            choices.push(CompletionChoice {
-                text: prefix + &done.text,
+        let done = generate::collect_all(choices).await?;
+        let usages: Vec<_> = done.iter().map(|d| d.usage).collect();
+        let total = generate::total_usage(&usages, n as usize);
+        let choices = done
+            .into_iter()
+            .zip(echoes)
+            .enumerate()
+            .map(|(index, (d, prefix))| CompletionChoice {
+                logprobs: logprobs
+                    .map(|_| generate::completion_logprobs(&d.logprobs, prefix.len())),
+                text: prefix + &d.text,
                 index: index as u32,
-                logprobs: None,
-                finish_reason: Some(finish_reason_str(done.finish_reason)),
-            });
-        }
+                finish_reason: Some(finish_reason_str(d.finish_reason)),
+            })
+            .collect();
         generate::log_done(&entry.id, "completions", &total, started);
         return Ok(axum::Json(Completion {
             id,
@@ -129,40 +134,36 @@ pub async fn completions(
         usage: include_usage.then_some(None),
         system_fingerprint: None,
     };
-    // One stream of (choice index, event) for all prompts, interleaved as they come.
-    let merged = futures_util::stream::select_all(streams.into_iter().zip(echoes).enumerate().map(
-        |(index, (mut stream, prefix))| {
-            Box::pin(async_stream::stream! {
-                if !prefix.is_empty() {
-                    yield (index, Event::Text(prefix));
-                }
-                while let Some(event) = stream.recv().await {
-                    let last = !matches!(event, Event::Text(_));
-                    yield (index, event);
-                    if last { break; }
-                }
-            })
-        },
-    ));
-    let n = echoes_len(&req);
+    let total_choices = choices.len();
     let entry_id = entry.id.clone();
+    let mut events = Box::pin(generate::merge(choices));
     let payloads = async_stream::stream! {
-        let mut merged = merged;
-        let mut total = Usage::default();
-        let mut remaining = n;
-        while let Some((index, event)) = merged.next().await {
-            let choice = |text: String, finish: Option<&'static str>| CompletionChoice {
-                text, index: index as u32, logprobs: None, finish_reason: finish,
-            };
+        let mut offsets: Vec<usize> = echoes.iter().map(String::len).collect();
+        for (index, prefix) in echoes.into_iter().enumerate() {
+            if !prefix.is_empty() {
+                yield json(&chunk(vec![CompletionChoice { text: prefix, index: index as u32, logprobs: None, finish_reason: None }]));
+            }
+        }
+        let mut usages = vec![engine::Usage::default(); total_choices];
+        let mut remaining = total_choices;
+        while let Some((index, event)) = events.next().await {
             match event {
-                Event::Text(text) => yield json(&chunk(vec![choice(text, None)])),
+                Event::Text { text, logprobs: lp } => {
+                    let i = index as usize;
+                    let logprobs = logprobs.map(|_| generate::completion_logprobs(&lp, offsets[i]));
+                    offsets[i] += text.len();
+                    yield json(&chunk(vec![CompletionChoice { text, index, logprobs, finish_reason: None }]));
+                }
                 Event::Done { finish_reason, usage } => {
-                    total.prompt_tokens += usage.prompt_tokens;
-                    total.completion_tokens += usage.completion_tokens;
-                    total.cached_tokens += usage.cached_tokens;
-                    yield json(&chunk(vec![choice(String::new(), Some(finish_reason_str(finish_reason)))]));
+                    usages[index as usize] = usage;
+                    let done = CompletionChoice {
+                        text: String::new(), index, logprobs: None,
+                        finish_reason: Some(finish_reason_str(finish_reason)),
+                    };
+                    yield json(&chunk(vec![done]));
                     remaining -= 1;
                     if remaining == 0 {
+                        let total = generate::total_usage(&usages, n as usize);
                         if include_usage {
                             let mut last = chunk(Vec::new());
                             last.usage = Some(Some(total.into()));
@@ -182,11 +183,21 @@ pub async fn completions(
     Ok(sse(payloads))
 }
 
-fn echoes_len(req: &CompletionRequest) -> usize {
-    match &req.prompt {
-        PromptField::Text(_) | PromptField::Tokens(_) => 1,
-        PromptField::Texts(t) => t.len(),
-        PromptField::TokenLists(l) => l.len(),
+/// Legacy completions ask with `logprobs: k` (0-5 in OpenAI's API; up to 20 here).
+fn completion_logprobs_request(f: &SamplingFields) -> Result<Option<u32>, ApiError> {
+    match &f.logprobs {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(k)) => match k.as_u64() {
+            Some(k) if k <= 20 => Ok(Some(k as u32)),
+            _ => Err(ApiError::invalid(
+                "logprobs",
+                "logprobs must be an integer between 0 and 20",
+            )),
+        },
+        Some(_) => Err(ApiError::invalid(
+            "logprobs",
+            "logprobs must be an integer between 0 and 20",
+        )),
     }
 }
 

@@ -106,6 +106,12 @@ impl From<EngineError> for ApiError {
                 retry_after_secs: Some(1),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
             },
+            EngineError::QueueTimeout { .. } => Self {
+                code: Some("queue_timeout"),
+                retry_after_secs: Some(5),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            },
+            EngineError::TooManyChoices { .. } => Self::invalid("n", message),
             EngineError::ShutDown => Self {
                 code: Some("shutting_down"),
                 retry_after_secs: Some(5),

@@ -7,7 +7,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use engine::{
     Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, SamplingParams,
-    TokenId, Usage,
+    TokenId, TokenLogprob, Usage,
 };
 use futures_util::Stream;
 
@@ -17,6 +17,8 @@ use crate::config::GenerationDefaults;
 
 /// Most stop strings a request may give.
 const MAX_STOPS: usize = 16;
+/// Most alternatives per token (OpenAI's limit).
+const MAX_TOP_LOGPROBS: u32 = 20;
 
 pub fn finish_reason_str(reason: FinishReason) -> &'static str {
     match reason {
@@ -77,26 +79,13 @@ pub fn validate(f: &SamplingFields) -> Result<(), ApiError> {
             ));
         }
     }
-    if let Some(n) = f.n {
-        if n == 0 {
-            return Err(ApiError::invalid("n", "n must be at least 1"));
-        }
-        if n > 1 {
-            return Err(ApiError::unsupported(
-                "n",
-                "n > 1 is not supported yet; send separate requests",
-            ));
-        }
+    if f.n == Some(0) {
+        return Err(ApiError::invalid("n", "n must be at least 1"));
     }
-    let wants_logprobs = match &f.logprobs {
-        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
-        Some(serde_json::Value::Number(n)) => n.as_u64() != Some(0),
-        Some(_) => true,
-    };
-    if wants_logprobs || f.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "logprobs are not supported yet",
+    if f.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
         ));
     }
     if let Some(biases) = &f.logit_bias {
@@ -136,6 +125,7 @@ pub fn build_request(
     defaults: &GenerationDefaults,
     engine: &Engine,
     prompt: Vec<TokenId>,
+    logprobs: Option<u32>,
 ) -> Result<GenerateRequest, ApiError> {
     let n_ctx = engine.info().n_ctx;
     let prompt_len = prompt.len() as u32;
@@ -177,28 +167,72 @@ pub fn build_request(
         stop: stops(f)?,
         sampling,
         ignore_eos: f.ignore_eos.unwrap_or(false),
+        logprobs,
         span: tracing::Span::current(),
     })
+}
+
+/// One choice's generation, started: its first event is already in hand, so an
+/// error before any output can still be answered with a proper HTTP status.
+pub struct Choice {
+    pub index: u32,
+    first: Option<Event>,
+    stream: EventStream,
+}
+
+/// Waits for every choice's first event; any error there fails the request.
+pub async fn start(streams: Vec<EventStream>) -> Result<Vec<Choice>, ApiError> {
+    let mut choices = Vec::with_capacity(streams.len());
+    for (index, mut stream) in streams.into_iter().enumerate() {
+        match stream.recv().await {
+            Some(Event::Error(e)) => return Err(e.into()),
+            None => return Err(EngineError::ShutDown.into()),
+            first => choices.push(Choice {
+                index: index as u32,
+                first,
+                stream,
+            }),
+        }
+    }
+    Ok(choices)
+}
+
+impl Choice {
+    pub async fn next(&mut self) -> Option<Event> {
+        match self.first.take() {
+            Some(event) => Some(event),
+            None => self.stream.recv().await,
+        }
+    }
 }
 
 /// A whole generation, read to its end.
 pub struct Collected {
     pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
 }
 
-pub async fn collect(mut stream: EventStream) -> Result<Collected, ApiError> {
+pub async fn collect(mut choice: Choice) -> Result<Collected, ApiError> {
     let mut text = String::new();
-    while let Some(event) = stream.recv().await {
+    let mut logprobs = Vec::new();
+    while let Some(event) = choice.next().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text {
+                text: t,
+                logprobs: l,
+            } => {
+                text.push_str(&t);
+                logprobs.extend(l);
+            }
             Event::Done {
                 finish_reason,
                 usage,
             } => {
                 return Ok(Collected {
                     text,
+                    logprobs,
                     finish_reason,
                     usage,
                 })
@@ -207,6 +241,74 @@ pub async fn collect(mut stream: EventStream) -> Result<Collected, ApiError> {
         }
     }
     Err(EngineError::ShutDown.into())
+}
+
+pub async fn collect_all(choices: Vec<Choice>) -> Result<Vec<Collected>, ApiError> {
+    futures_util::future::join_all(choices.into_iter().map(collect))
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// All choices' events as one stream of `(choice index, event)`, interleaved as they come.
+pub fn merge(choices: Vec<Choice>) -> impl Stream<Item = (u32, Event)> + Send {
+    futures_util::stream::select_all(choices.into_iter().map(|mut choice| {
+        Box::pin(async_stream::stream! {
+            while let Some(event) = choice.next().await {
+                let last = !matches!(event, Event::Text { .. });
+                yield (choice.index, event);
+                if last {
+                    break;
+                }
+            }
+        })
+    }))
+}
+
+/// Usage of a request with several choices per prompt: each prompt counts once
+/// (as OpenAI counts it), completions add up. `usages` are in choice order.
+pub fn total_usage(usages: &[Usage], choices_per_prompt: usize) -> Usage {
+    let mut total = Usage::default();
+    for (i, u) in usages.iter().enumerate() {
+        if i % choices_per_prompt.max(1) == 0 {
+            total.prompt_tokens += u.prompt_tokens;
+            total.cached_tokens += u.cached_tokens;
+        }
+        total.completion_tokens += u.completion_tokens;
+    }
+    total
+}
+
+/// OpenAI's chat logprobs: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+pub fn chat_logprobs(logprobs: &[TokenLogprob]) -> serde_json::Value {
+    let entry = |token: &str, bytes: &[u8], logprob: f32| serde_json::json!({"token": token, "logprob": logprob, "bytes": bytes});
+    let content: Vec<serde_json::Value> = logprobs
+        .iter()
+        .map(|l| {
+            let mut e = entry(&l.token, &l.bytes, l.logprob);
+            e["top_logprobs"] = l.top.iter().map(|(t, b, p)| entry(t, b, *p)).collect();
+            e
+        })
+        .collect();
+    serde_json::json!({"content": content, "refusal": null})
+}
+
+/// OpenAI's legacy completion logprobs: parallel arrays, offsets into the choice's text.
+pub fn completion_logprobs(logprobs: &[TokenLogprob], start_offset: usize) -> serde_json::Value {
+    let mut offset = start_offset;
+    let mut offsets = Vec::with_capacity(logprobs.len());
+    for l in logprobs {
+        offsets.push(offset);
+        offset += l.token.len();
+    }
+    serde_json::json!({
+        "tokens": logprobs.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": logprobs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": logprobs.iter().map(|l| {
+            l.top.iter().map(|(t, _, p)| (t.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
 }
 
 /// Wraps a stream of JSON payloads as OpenAI-style SSE, closed by `data: [DONE]`.
