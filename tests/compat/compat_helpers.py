@@ -16,7 +16,7 @@ OWNED_BY = "llmservice-light"
 MODEL_STATES = ("available", "loading", "loaded")
 
 # The model is tiny and CPU-only: every generation stays at <= 32 tokens.
-REF_MAX_TOKENS = 32
+REF_MAX_TOKENS = 24
 
 # Greedy SmolLM2 answers these with prose that runs well past 32 tokens.
 PROSE_MESSAGES = [{"role": "user", "content": "Describe the ocean in a few sentences."}]
@@ -151,6 +151,7 @@ def pick_stop(text: str) -> tuple[str, str]:
     The stop is followed by another word in the reference, so it completes
     before the token limit and the finish reason must be "stop".
     """
+    candidates = []
     for match in re.finditer(r" [A-Za-z]+ [A-Za-z]+", text):
         stop = match.group(0)
         idx = text.find(stop)
@@ -158,7 +159,14 @@ def pick_stop(text: str) -> tuple[str, str]:
             continue
         if not re.search(r" [A-Za-z]", text[idx + len(stop):]):
             continue
-        return stop, text[:idx]
+        candidates.append((stop, text[:idx]))
+    # Prefer a stop string some way into the text, so several content chunks
+    # stream before it; fall back to the earliest usable one.
+    for stop, expected in candidates:
+        if len(expected) >= 20:
+            return stop, expected
+    if candidates:
+        return candidates[0]
     raise AssertionError(
         f"precondition: the greedy reference output has no usable two-word stop string: {text!r}"
     )

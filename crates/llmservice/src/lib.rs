@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod cache;
 pub mod config;
 pub mod models;
 pub mod server;

@@ -3,5 +3,7 @@
 
 mod pyjson;
 mod template;
+mod tool_calls;
 
 pub use template::*;
+pub use tool_calls::*;

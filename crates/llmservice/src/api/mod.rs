@@ -7,6 +7,7 @@ pub mod error;
 mod generate;
 mod json;
 mod models;
+mod tokens;
 pub mod types;
 
 use std::sync::Arc;
@@ -41,6 +42,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(body_limit))

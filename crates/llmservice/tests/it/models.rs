@@ -93,3 +93,43 @@ async fn concurrent_first_requests_load_the_model_once() {
         assert!(std::sync::Arc::ptr_eq(first, engine.as_ref().unwrap()));
     }
 }
+
+#[tokio::test]
+async fn tokenize_and_detokenize_agree_with_usage() {
+    let app = TestApp::new(&[]);
+    let (status, _, body) = app
+        .post("/tokenize", json!({"content": "Once upon a time"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let tokens = body["tokens"].as_array().unwrap().clone();
+    assert_eq!(body["count"], 4);
+    assert_eq!(body["max_model_len"], 2048);
+    let (_, _, back) = app.post("/detokenize", json!({"tokens": tokens})).await;
+    assert_eq!(back["content"], "Once upon a time");
+
+    let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
+    let (_, _, counted) = app
+        .post("/tokenize", json!({"model": "light", "messages": messages}))
+        .await;
+    let (_, _, chat) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "max_tokens": 1, "messages": messages}),
+        )
+        .await;
+    assert_eq!(counted["count"], chat["usage"]["prompt_tokens"]);
+
+    let (_, _, pieces) = app
+        .post(
+            "/tokenize",
+            json!({"content": "Hi there", "with_pieces": true}),
+        )
+        .await;
+    assert_eq!(pieces["tokens"][0]["piece"], "Hi");
+
+    let (status, _, body) = app.post("/detokenize", json!({"tokens": [999999]})).await;
+    assert_eq!(status, 400);
+    assert_eq!(error_of(&body)["param"], "tokens");
+    let (status, _, _) = app.post("/tokenize", json!({})).await;
+    assert_eq!(status, 400);
+}

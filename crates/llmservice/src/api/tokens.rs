@@ -1,0 +1,123 @@
+//! `POST /tokenize` and `POST /detokenize`, for clients that count tokens. Field
+//! names of both llama-server (`content`) and vLLM (`prompt`, `messages`) work.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json as JsonResponse;
+use engine::chat::{normalize_messages, RenderInput};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::generate;
+use super::json::Json;
+use super::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    /// Optional: defaults to the first configured chat tier.
+    pub model: Option<String>,
+    pub content: Option<String>,
+    pub prompt: Option<String>,
+    /// Chat messages, rendered with the model's chat template first.
+    pub messages: Option<Vec<Value>>,
+    /// Add BOS (when the model uses one); llama-server's default is false, vLLM's true.
+    pub add_special: Option<bool>,
+    /// Also return each token's text.
+    pub with_pieces: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<i64>,
+}
+
+fn model_name(state: &AppState, model: Option<&str>) -> Result<String, ApiError> {
+    if let Some(m) = model {
+        return Ok(m.to_owned());
+    }
+    state
+        .settings
+        .tiers
+        .iter()
+        .find(|t| matches!(t.tier.as_str(), "light" | "medium" | "heavy"))
+        .map(|t| t.tier.as_str().to_owned())
+        .ok_or_else(|| ApiError::invalid("model", "model is required: no chat tier is configured"))
+}
+
+pub async fn tokenize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<TokenizeRequest>,
+) -> Result<JsonResponse<Value>, ApiError> {
+    let entry = state
+        .registry
+        .resolve(&model_name(&state, req.model.as_deref())?)?;
+    let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
+    let tokens = match (&req.messages, req.content.as_ref().or(req.prompt.as_ref())) {
+        (Some(messages), None) => {
+            let template = engine.info().chat_template.as_ref().ok_or_else(|| {
+                ApiError::invalid(
+                    "messages",
+                    "the model has no chat template to render messages with",
+                )
+            })?;
+            let mut messages = messages.clone();
+            normalize_messages(&mut messages);
+            let prompt = template
+                .render(&RenderInput {
+                    messages: &messages,
+                    tools: None,
+                    add_generation_prompt: true,
+                    extra: None,
+                })
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            engine.tokenize_chat_prompt(&prompt)
+        }
+        (None, Some(text)) => engine.tokenize(text, req.add_special.unwrap_or(false), true),
+        _ => {
+            return Err(ApiError::invalid(
+                "content",
+                "give exactly one of `content` (or `prompt`) and `messages`",
+            ))
+        }
+    };
+    let mut body = json!({
+        "tokens": tokens,
+        "count": tokens.len(),
+        "max_model_len": engine.info().n_ctx,
+    });
+    if req.with_pieces.unwrap_or(false) {
+        let pieces: Vec<Value> = tokens
+            .iter()
+            .map(|&t| {
+                let piece = engine.detokenize(&[t], true).unwrap_or_default();
+                json!({"id": t, "piece": piece})
+            })
+            .collect();
+        body["tokens"] = pieces.into();
+    }
+    Ok(JsonResponse(body))
+}
+
+pub async fn detokenize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<DetokenizeRequest>,
+) -> Result<JsonResponse<Value>, ApiError> {
+    let entry = state
+        .registry
+        .resolve(&model_name(&state, req.model.as_deref())?)?;
+    let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
+    let n_vocab = i64::from(engine.info().n_vocab);
+    if let Some(bad) = req.tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary (size {n_vocab})"),
+        ));
+    }
+    let tokens: Vec<engine::TokenId> = req.tokens.iter().map(|&t| t as engine::TokenId).collect();
+    let content = engine.detokenize(&tokens, true)?;
+    Ok(JsonResponse(json!({"content": content, "prompt": content})))
+}
