@@ -361,9 +361,16 @@ async def run_level(args: argparse.Namespace, target: Target, http: httpx.AsyncC
 
     async def client_loop(cid: int) -> None:
         seq = 0
+        # Jittered lengths keep closed-loop clients from finishing (and so
+        # arriving) in lockstep; the same seed gives every target the same lengths.
+        lengths = random.Random(f"{level}-{cid}")
         while time.perf_counter() - t0 < w1:
+            max_tokens = args.max_tokens
+            if args.max_tokens_jitter > 0:
+                spread = int(args.max_tokens * args.max_tokens_jitter)
+                max_tokens = max(1, args.max_tokens + lengths.randint(-spread, spread))
             body = sampling_body(args, target.model, sweep_prompt(level, cid, seq),
-                                 args.max_tokens)
+                                 max_tokens)
             r = await stream_completion(http, target, body, t0, args.request_timeout,
                                         client=cid, seq=seq)
             results.append(r)
@@ -385,7 +392,8 @@ async def run_level(args: argparse.Namespace, target: Target, http: httpx.AsyncC
     errors = [r for r in results if not r.ok and r.end >= w0]
     warm_errors = [r for r in results if not r.ok and r.end < w0]
     tokens = sum(r.tokens for r in completed)
-    short = sum(1 for r in completed if r.tokens < args.max_tokens)
+    short = sum(1 for r in completed
+                if args.max_tokens_jitter == 0 and r.tokens < args.max_tokens)
     error_kinds: dict[str, int] = {}
     for r in errors + warm_errors:
         key = (r.error or "?")[:120]
@@ -854,6 +862,9 @@ every server (the "short" count in the output flags requests that did not).""",
                    help="seconds the clients run before the window opens (default 3)")
     g.add_argument("--max-tokens", type=int, default=64, metavar="N",
                    help="max_tokens per sweep request (default 64)")
+    g.add_argument("--max-tokens-jitter", type=float, default=0.0, metavar="F",
+                   help="vary max_tokens uniformly by +-F*N per request (default 0: "
+                        "fixed lengths, so closed-loop clients arrive in lockstep)")
     g.add_argument("--skip-sweep", action="store_true", help="skip workload 1")
 
     g = p.add_argument_group("prefix reuse (workload 2)")

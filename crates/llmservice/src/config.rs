@@ -137,15 +137,26 @@ pub struct Settings {
     /// Engine settings for models found in `models_dir` that no tier names.
     pub dir_engine: EngineConfig,
     pub dir_defaults: GenerationDefaults,
+    pub cache: crate::cache::CacheSettings,
 }
 
 /// A configuration value that does not parse, named so the operator can fix it.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {name}={value:?}: {reason}")]
+#[error("invalid configuration: {message}")]
 pub struct ConfigError {
+    /// The variable at fault.
     pub name: String,
-    pub value: String,
-    pub reason: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(name: impl Into<String>, value: &str, reason: impl std::fmt::Display) -> Self {
+        let name = name.into();
+        Self {
+            message: format!("{name}={value:?}: {reason}"),
+            name,
+        }
+    }
 }
 
 /// Where configuration values come from; a trait so tests need not touch the process environment.
@@ -191,11 +202,7 @@ where
             .trim()
             .parse()
             .map(Some)
-            .map_err(|e: T::Err| ConfigError {
-                name,
-                reason: e.to_string(),
-                value,
-            }),
+            .map_err(|e: T::Err| ConfigError::new(name, &value, e)),
     }
 }
 
@@ -205,11 +212,7 @@ fn parse_bool(env: &dyn Env, name: &str) -> Result<Option<bool>, ConfigError> {
         Some(v) => match v.trim().to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => Ok(Some(true)),
             "0" | "false" | "no" | "off" => Ok(Some(false)),
-            _ => Err(ConfigError {
-                name: name.to_owned(),
-                value: v,
-                reason: "expected true or false".to_owned(),
-            }),
+            _ => Err(ConfigError::new(name, &v, "expected true or false")),
         },
     }
 }
@@ -241,6 +244,12 @@ impl Settings {
                 tiers.push(t);
             }
         }
+        let cache = crate::cache::CacheSettings::from_env(|n| env.get(n), &data_dir).map_err(
+            |message| ConfigError {
+                name: message.split('=').next().unwrap_or_default().to_owned(),
+                message,
+            },
+        )?;
         Ok(Settings {
             host: args
                 .host
@@ -263,6 +272,7 @@ impl Settings {
                 Some(n) => n,
                 None => parse(env, &["MAX_BODY_BYTES"])?.unwrap_or(10 * 1024 * 1024),
             },
+            cache,
             tiers,
             dir_engine: EngineConfig::default(),
             dir_defaults: GenerationDefaults::default(),
@@ -279,11 +289,11 @@ fn tier_settings(tier: Tier, env: &dyn Env) -> Result<Option<TierSettings>, Conf
     };
     if let Some(backend) = env.get(&name("BACKEND")) {
         if !backend.eq_ignore_ascii_case("llamacpp") {
-            return Err(ConfigError {
-                name: name("BACKEND"),
-                value: backend,
-                reason: "only `llamacpp` is available in this build".to_owned(),
-            });
+            return Err(ConfigError::new(
+                name("BACKEND"),
+                &backend,
+                "only `llamacpp` is available in this build",
+            ));
         }
     }
     let mut engine = EngineConfig::default();
@@ -313,12 +323,8 @@ fn tier_settings(tier: Tier, env: &dyn Env) -> Result<Option<TierSettings>, Conf
         engine.max_queue = v;
     }
     if let Some(secs) = parse::<f64>(env, &[&name("QUEUE_TIMEOUT")])? {
-        engine.queue_timeout =
-            std::time::Duration::try_from_secs_f64(secs).map_err(|e| ConfigError {
-                name: name("QUEUE_TIMEOUT"),
-                value: secs.to_string(),
-                reason: e.to_string(),
-            })?;
+        engine.queue_timeout = std::time::Duration::try_from_secs_f64(secs)
+            .map_err(|e| ConfigError::new(name("QUEUE_TIMEOUT"), &secs.to_string(), e))?;
     }
     if let Some(v) = env.get(&name("CHAT_TEMPLATE")) {
         // A path to a template file, or the template itself.

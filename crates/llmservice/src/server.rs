@@ -9,7 +9,6 @@ use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
 use crate::config::Settings;
-use crate::models::Registry;
 
 /// How long in-flight requests may run on after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -24,8 +23,8 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
     let port_file = PortFile::write(addr)?;
-    let registry = Arc::new(Registry::new(settings.clone()));
-    let models = registry.list();
+    let state = AppState::new(settings.clone());
+    let models = state.registry.list();
     tracing::info!(
         %addr,
         models = models.len(),
@@ -35,7 +34,8 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     for entry in &models {
         tracing::info!(id = %entry.id, kind = entry.kind.as_str(), path = %entry.path.display(), "model available");
     }
-    let app = router(AppState { settings, registry });
+    let cache = state.cache.clone();
+    let app = router(state);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -51,6 +51,8 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         result = server => result.map_err(|e| format!("server error: {e}"))?,
         () = forced => tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting anyway"),
     }
+    // The disk cache must hold everything answered before exit.
+    let _ = tokio::task::spawn_blocking(move || cache.flush()).await;
     drop(port_file);
     tracing::info!("llmservice stopped");
     Ok(())

@@ -8,8 +8,9 @@ use axum::response::{IntoResponse, Response};
 use engine::chat::{normalize_messages, RenderInput};
 use engine::{Event, ModelKind};
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 
+use super::cached;
 use super::error::ApiError;
 use super::generate::{self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error};
 use super::json::Json;
@@ -46,6 +47,27 @@ pub async fn chat_completions(
             ),
         ));
     }
+    let stream = req.sampling.stream.unwrap_or(false);
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let cache_key = cached::key_for(
+        &state.cache,
+        "chat",
+        &entry,
+        &req.sampling,
+        &entry.defaults,
+        json!({"messages": messages, "chat_template_kwargs": req.chat_template_kwargs}),
+    );
+    if let Some(key) = &cache_key {
+        if let Some(mut body) = cached::lookup(&state.cache, key).await {
+            body["model"] = req.model.clone().into();
+            return Ok(cached::replay(body, true, stream, include_usage));
+        }
+    }
     let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
     let info = engine.info();
     let template = info.chat_template.as_ref().ok_or_else(|| {
@@ -75,12 +97,12 @@ pub async fn chat_completions(
     let created = now_unix();
     let model = req.model.clone();
     let with_logprobs = logprobs.is_some();
-    if !req.sampling.stream.unwrap_or(false) {
+    if !stream {
         let done = generate::collect_all(choices).await?;
         let usages: Vec<_> = done.iter().map(|d| d.usage).collect();
         let usage = generate::total_usage(&usages, n as usize);
         generate::log_done(&entry.id, "chat", &usage, started);
-        return Ok(axum::Json(ChatCompletion {
+        let completion = ChatCompletion {
             id,
             object: "chat.completion",
             created,
@@ -100,16 +122,16 @@ pub async fn chat_completions(
                 .collect(),
             usage: usage.into(),
             system_fingerprint: None,
-        })
-        .into_response());
+        };
+        let body = serde_json::to_value(&completion).expect("wire types always serialize");
+        if let Some(key) = cache_key {
+            cached::store(&state.cache, key, body.clone());
+        }
+        return Ok(cached::mark(axum::Json(body).into_response(), false));
     }
 
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    // What a cache entry for this stream will hold once it ends.
+    let record = cache_key.map(|key| (key, state.cache.clone(), id.clone(), model.clone()));
     let chunk = move |index: u32,
                       delta: ChatDelta,
                       logprobs: Option<Value>,
@@ -137,19 +159,44 @@ pub async fn chat_completions(
             yield json(&chunk(index, first, None, None));
         }
         let mut usages = vec![engine::Usage::default(); n as usize];
+        let mut texts = vec![String::new(); n as usize];
+        let mut all_logprobs = vec![Vec::new(); n as usize];
+        let mut finishes = vec!["stop"; n as usize];
         let mut remaining = n;
         while let Some((index, event)) = events.next().await {
+            let i = index as usize;
             match event {
                 Event::Text { text, logprobs } => {
-                    let logprobs = with_logprobs.then(|| generate::chat_logprobs(&logprobs));
-                    yield json(&chunk(index, ChatDelta { role: None, content: Some(text) }, logprobs, None));
+                    texts[i].push_str(&text);
+                    let wire = with_logprobs.then(|| generate::chat_logprobs(&logprobs));
+                    all_logprobs[i].extend(logprobs);
+                    yield json(&chunk(index, ChatDelta { role: None, content: Some(text) }, wire, None));
                 }
                 Event::Done { finish_reason, usage } => {
-                    yield json(&chunk(index, ChatDelta::default(), None, Some(finish_reason_str(finish_reason))));
-                    usages[index as usize] = usage;
+                    finishes[i] = finish_reason_str(finish_reason);
+                    yield json(&chunk(index, ChatDelta::default(), None, Some(finishes[i])));
+                    usages[i] = usage;
                     remaining -= 1;
                     if remaining == 0 {
                         let usage = generate::total_usage(&usages, n as usize);
+                        if let Some((key, cache, id, model)) = &record {
+                            let whole = ChatCompletion {
+                                id: id.clone(),
+                                object: "chat.completion",
+                                created,
+                                model: model.clone(),
+                                choices: (0..n as usize).map(|c| ChatChoice {
+                                    index: c as u32,
+                                    message: ChatMessage { role: "assistant", content: std::mem::take(&mut texts[c]) },
+                                    logprobs: with_logprobs.then(|| generate::chat_logprobs(&all_logprobs[c])),
+                                    finish_reason: finishes[c],
+                                }).collect(),
+                                usage: usage.into(),
+                                system_fingerprint: None,
+                            };
+                            let body = serde_json::to_value(&whole).expect("wire types always serialize");
+                            cached::store(cache, key.clone(), body);
+                        }
                         if include_usage {
                             let mut last = chunk(0, ChatDelta::default(), None, None);
                             last.choices.clear();
@@ -167,7 +214,7 @@ pub async fn chat_completions(
             }
         }
     };
-    Ok(sse(payloads))
+    Ok(cached::mark(sse(payloads), false))
 }
 
 /// Chat asks with `logprobs: true` and `top_logprobs: k`.

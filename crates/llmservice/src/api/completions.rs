@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use engine::{Event, ModelKind, TokenId};
 use futures_util::StreamExt;
 
+use super::cached;
 use super::error::ApiError;
 use super::generate::{self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error};
 use super::json::Json;
@@ -46,6 +47,27 @@ pub async fn completions(
                 entry.kind.as_str()
             ),
         ));
+    }
+    let stream = req.sampling.stream.unwrap_or(false);
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let cache_key = cached::key_for(
+        &state.cache,
+        "completions",
+        &entry,
+        &req.sampling,
+        &entry.defaults,
+        serde_json::json!({"prompt": serde_json::to_value(&req.prompt).unwrap_or_default(), "echo": req.echo}),
+    );
+    if let Some(key) = &cache_key {
+        if let Some(mut body) = cached::lookup(&state.cache, key).await {
+            body["model"] = req.model.clone().into();
+            return Ok(cached::replay(body, false, stream, include_usage));
+        }
     }
     let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
 
@@ -90,7 +112,7 @@ pub async fn completions(
     let id = new_id("cmpl");
     let created = now_unix();
     let model = req.model.clone();
-    if !req.sampling.stream.unwrap_or(false) {
+    if !stream {
         let done = generate::collect_all(choices).await?;
         let usages: Vec<_> = done.iter().map(|d| d.usage).collect();
         let total = generate::total_usage(&usages, n as usize);
@@ -107,7 +129,7 @@ pub async fn completions(
             })
             .collect();
         generate::log_done(&entry.id, "completions", &total, started);
-        return Ok(axum::Json(Completion {
+        let body = serde_json::to_value(Completion {
             id,
             object: "text_completion",
             created,
@@ -116,15 +138,15 @@ pub async fn completions(
             usage: Some(Some(total.into())),
             system_fingerprint: None,
         })
-        .into_response());
+        .expect("wire types always serialize");
+        if let Some(key) = cache_key {
+            cached::store(&state.cache, key, body.clone());
+        }
+        return Ok(cached::mark(axum::Json(body).into_response(), false));
     }
 
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    // What a cache entry for this stream will hold once it ends.
+    let record = cache_key.map(|key| (key, state.cache.clone(), id.clone(), model.clone()));
     let chunk = move |choices: Vec<CompletionChoice>| Completion {
         id: id.clone(),
         object: "text_completion",
@@ -139,9 +161,12 @@ pub async fn completions(
     let mut events = Box::pin(generate::merge(choices));
     let payloads = async_stream::stream! {
         let mut offsets: Vec<usize> = echoes.iter().map(String::len).collect();
-        for (index, prefix) in echoes.into_iter().enumerate() {
+        let mut texts = echoes.clone();
+        let mut all_logprobs = vec![Vec::new(); total_choices];
+        let mut finishes = vec!["stop"; total_choices];
+        for (index, prefix) in echoes.iter().enumerate() {
             if !prefix.is_empty() {
-                yield json(&chunk(vec![CompletionChoice { text: prefix, index: index as u32, logprobs: None, finish_reason: None }]));
+                yield json(&chunk(vec![CompletionChoice { text: prefix.clone(), index: index as u32, logprobs: None, finish_reason: None }]));
             }
         }
         let mut usages = vec![engine::Usage::default(); total_choices];
@@ -152,10 +177,13 @@ pub async fn completions(
                     let i = index as usize;
                     let logprobs = logprobs.map(|_| generate::completion_logprobs(&lp, offsets[i]));
                     offsets[i] += text.len();
+                    texts[i].push_str(&text);
+                    all_logprobs[i].extend(lp);
                     yield json(&chunk(vec![CompletionChoice { text, index, logprobs, finish_reason: None }]));
                 }
                 Event::Done { finish_reason, usage } => {
                     usages[index as usize] = usage;
+                    finishes[index as usize] = finish_reason_str(finish_reason);
                     let done = CompletionChoice {
                         text: String::new(), index, logprobs: None,
                         finish_reason: Some(finish_reason_str(finish_reason)),
@@ -164,6 +192,24 @@ pub async fn completions(
                     remaining -= 1;
                     if remaining == 0 {
                         let total = generate::total_usage(&usages, n as usize);
+                        if let Some((key, cache, id, model)) = &record {
+                            let whole = Completion {
+                                id: id.clone(),
+                                object: "text_completion",
+                                created,
+                                model: model.clone(),
+                                choices: (0..total_choices).map(|c| CompletionChoice {
+                                    logprobs: logprobs.map(|_| generate::completion_logprobs(&all_logprobs[c], echoes[c].len())),
+                                    text: std::mem::take(&mut texts[c]),
+                                    index: c as u32,
+                                    finish_reason: Some(finishes[c]),
+                                }).collect(),
+                                usage: Some(Some(total.into())),
+                                system_fingerprint: None,
+                            };
+                            let body = serde_json::to_value(&whole).expect("wire types always serialize");
+                            cached::store(cache, key.clone(), body);
+                        }
                         if include_usage {
                             let mut last = chunk(Vec::new());
                             last.usage = Some(Some(total.into()));
@@ -180,7 +226,7 @@ pub async fn completions(
             }
         }
     };
-    Ok(sse(payloads))
+    Ok(cached::mark(sse(payloads), false))
 }
 
 /// Legacy completions ask with `logprobs: k` (0-5 in OpenAI's API; up to 20 here).

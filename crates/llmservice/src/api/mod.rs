@@ -1,6 +1,7 @@
 //! The HTTP surface. Handlers turn wire types into engine requests and engine
 //! events back into wire types; nothing here touches llama.cpp.
 
+mod cached;
 mod chat;
 mod completions;
 pub mod error;
@@ -30,6 +31,19 @@ use error::ApiError;
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
+    pub cache: Arc<crate::cache::ResponseCache>,
+}
+
+impl AppState {
+    /// The state for `settings`: the model registry and the response cache (whose
+    /// disk tier, if any, is opened here; a broken one is logged and bypassed).
+    pub fn new(settings: Arc<Settings>) -> Self {
+        Self {
+            registry: Arc::new(Registry::new(settings.clone())),
+            cache: Arc::new(crate::cache::ResponseCache::new(settings.cache.clone())),
+            settings,
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -42,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/internal/cache/stats", get(cache_stats))
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
         .fallback(unknown_route)
@@ -50,6 +65,14 @@ pub fn router(state: AppState) -> Router {
         .layer(CorsLayer::permissive())
         .layer(middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+async fn cache_stats(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<crate::cache::CacheStats> {
+    let cache = state.cache.clone();
+    let stats = tokio::task::spawn_blocking(move || cache.stats()).await;
+    axum::Json(stats.unwrap_or_else(|_| state.cache.stats()))
 }
 
 async fn unknown_route(request: Request) -> ApiError {

@@ -59,7 +59,7 @@ pub struct ChatCompletionRequest {
 }
 
 /// Legacy `prompt`: text, texts, tokens, or lists of tokens.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum PromptField {
     Text(String),

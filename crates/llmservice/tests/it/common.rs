@@ -6,7 +6,6 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use llmservice::api::{router, AppState};
 use llmservice::config::{ServeArgs, Settings};
-use llmservice::models::Registry;
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -50,15 +49,16 @@ impl TestApp {
             ("LIGHT_N_THREADS".into(), "2".into()),
             ("MODELS_DIR".into(), models_dir.display().to_string()),
             ("HOME".into(), dir.path().display().to_string()),
+            // Engine tests must reach the engine; the cache tests turn it on.
+            ("ENABLE_CACHE".into(), "false".into()),
         ];
         for (k, v) in extra {
             env.retain(|(name, _)| name != k);
             env.push((k.to_string(), v.to_string()));
         }
         let settings = Arc::new(Settings::resolve(&ServeArgs::default(), &env).unwrap());
-        let registry = Arc::new(Registry::new(settings.clone()));
         Self {
-            state: AppState { settings, registry },
+            state: AppState::new(settings),
             _dir: dir,
         }
     }

@@ -2,6 +2,7 @@
 //! One test binary (each links llama.cpp statically).
 
 mod batching;
+mod cache;
 mod common;
 mod errors;
 mod generation;

@@ -1,0 +1,191 @@
+//! The response cache on the real model: hits, replays as JSON and SSE,
+//! what is never cached, persistence across restarts, a corrupted disk file.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn greedy() -> Value {
+    json!({"model": "light", "temperature": 0, "max_tokens": 12, "repeat_penalty": 1.0,
+           "messages": [{"role": "user", "content": "Name three colors."}]})
+}
+
+async fn wait_for_entries(app: &TestApp, n: u64) {
+    for _ in 0..200 {
+        if app.state.cache.stats().entries >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the cache never held {n} entries: {:?}",
+        app.state.cache.stats()
+    );
+}
+
+fn streamed_text(sse: &str) -> (String, Vec<Value>) {
+    let mut text = String::new();
+    let mut chunks = Vec::new();
+    for payload in sse_payloads(sse).iter().filter(|p| *p != "[DONE]") {
+        let chunk: Value = serde_json::from_str(payload).unwrap();
+        text.push_str(
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or(""),
+        );
+        chunks.push(chunk);
+    }
+    (text, chunks)
+}
+
+#[tokio::test]
+async fn a_deterministic_answer_is_served_again_as_json_and_as_a_stream() {
+    let app = TestApp::new(&[("ENABLE_CACHE", "true")]);
+    let (status, headers, first) = app.post("/v1/chat/completions", greedy()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(headers["x-llmservice-cache"], "miss");
+    wait_for_entries(&app, 1).await;
+
+    let (_, headers, again) = app.post("/v1/chat/completions", greedy()).await;
+    assert_eq!(headers["x-llmservice-cache"], "hit");
+    assert_eq!(again["choices"], first["choices"]);
+    assert_eq!(again["usage"], first["usage"]);
+    assert_ne!(again["id"], first["id"], "every response has its own id");
+
+    // The same answer as a stream, with OpenAI's chunk rules.
+    let base = app.spawn().await;
+    let mut streaming = greedy();
+    streaming["stream"] = json!(true);
+    streaming["stream_options"] = json!({"include_usage": true});
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-llmservice-cache"], "hit");
+    let body = response.text().await.unwrap();
+    assert!(body.trim_end().ends_with("data: [DONE]"));
+    let (text, chunks) = streamed_text(&body);
+    assert_eq!(
+        text,
+        first["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"], first["usage"]);
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        first["choices"][0]["finish_reason"]
+    );
+
+    let stats = app.state.cache.stats();
+    assert_eq!((stats.hits, stats.misses), (2, 1));
+    let (_, served) = app.get("/internal/cache/stats").await;
+    assert_eq!(served["hits"], 2);
+    assert_eq!(served["entries"], 1);
+}
+
+#[tokio::test]
+async fn a_streamed_answer_is_cached_for_later_requests() {
+    let app = TestApp::new(&[("ENABLE_CACHE", "true")]);
+    let base = app.spawn().await;
+    let body = json!({"model": "light", "prompt": "The sky is", "max_tokens": 8, "temperature": 0, "stream": true});
+    let streamed = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let text: String = sse_payloads(&streamed)
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| {
+            serde_json::from_str::<Value>(p).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    wait_for_entries(&app, 1).await;
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    let (_, headers, cached) = app.post("/v1/completions", plain).await;
+    assert_eq!(headers["x-llmservice-cache"], "hit");
+    assert_eq!(cached["choices"][0]["text"].as_str().unwrap(), text);
+    assert_eq!(cached["object"], "text_completion");
+}
+
+#[tokio::test]
+async fn sampled_requests_are_never_cached() {
+    let app = TestApp::new(&[("ENABLE_CACHE", "true")]);
+    let mut sampled = greedy();
+    sampled["temperature"] = json!(0.9);
+    for _ in 0..2 {
+        let (status, headers, _) = app.post("/v1/chat/completions", sampled.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-llmservice-cache"], "miss");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(app.state.cache.stats().entries, 0);
+    // A different sampling field is a different answer.
+    let (_, _, _) = app.post("/v1/chat/completions", greedy()).await;
+    wait_for_entries(&app, 1).await;
+    let mut longer = greedy();
+    longer["max_tokens"] = json!(13);
+    let (_, headers, _) = app.post("/v1/chat/completions", longer).await;
+    assert_eq!(headers["x-llmservice-cache"], "miss");
+}
+
+#[tokio::test]
+async fn the_disk_tier_survives_a_restart_and_a_corrupt_file_is_bypassed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let env = [
+        ("ENABLE_CACHE", "true"),
+        ("CACHE_PERSIST_TO_DISK", "true"),
+        ("CACHE_DIR", cache_dir.to_str().unwrap()),
+    ];
+    let first = {
+        let app = TestApp::new(&env);
+        let (_, _, body) = app.post("/v1/chat/completions", greedy()).await;
+        wait_for_entries(&app, 1).await;
+        for _ in 0..200 {
+            if app.state.cache.stats().disk.entries >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        app.state.cache.flush();
+        body
+    };
+    let app = TestApp::new(&env);
+    let (_, headers, body) = app.post("/v1/chat/completions", greedy()).await;
+    assert_eq!(
+        headers["x-llmservice-cache"], "hit",
+        "served from disk after a restart"
+    );
+    assert_eq!(body["choices"], first["choices"]);
+    drop(app);
+
+    std::fs::write(cache_dir.join("cache.sqlite"), b"this is not a database").unwrap();
+    let app = TestApp::new(&env);
+    let (_, stats) = app.get("/internal/cache/stats").await;
+    assert_eq!(stats["disk"]["enabled"], false);
+    assert!(stats["disk"]["error"].is_string());
+    let (status, headers, _) = app.post("/v1/chat/completions", greedy()).await;
+    assert_eq!(status, 200, "a broken disk cache never breaks serving");
+    assert_eq!(headers["x-llmservice-cache"], "miss");
+    wait_for_entries(&app, 1).await;
+    let (_, headers, _) = app.post("/v1/chat/completions", greedy()).await;
+    assert_eq!(
+        headers["x-llmservice-cache"], "hit",
+        "the memory tier still works"
+    );
+}
