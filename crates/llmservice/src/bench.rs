@@ -103,6 +103,8 @@ impl ServerProcess {
             .env("LIGHT_MODEL_PATH", &model)
             .env("LIGHT_N_THREADS", args.threads.to_string())
             .env("LIGHT_N_CTX", args.n_ctx.to_string())
+            // Every run repeats one greedy request: it must reach the engine, not the cache.
+            .env("ENABLE_CACHE", "false")
             .env("MODELS_DIR", dir.join("models"))
             .stdout(std::process::Stdio::null())
             .stderr(log)
