@@ -8,5 +8,6 @@ pub mod api;
 pub mod bench;
 pub mod cache;
 pub mod config;
+pub mod metrics;
 pub mod models;
 pub mod server;

@@ -91,7 +91,13 @@ pub async fn chat_completions(
     let logprobs = chat_logprobs_request(&req.sampling)?;
     let request = build_request(&req.sampling, &entry.defaults, &engine, tokens, logprobs)?;
     let n = req.sampling.n.unwrap_or(1);
-    let choices = generate::start(engine.submit_n(request, n)?).await?;
+    let choices = generate::start(
+        engine.submit_n(request, n)?,
+        &state.metrics,
+        &entry.id,
+        started,
+    )
+    .await?;
 
     let id = new_id("chatcmpl");
     let created = now_unix();
@@ -101,7 +107,7 @@ pub async fn chat_completions(
         let done = generate::collect_all(choices).await?;
         let usages: Vec<_> = done.iter().map(|d| d.usage).collect();
         let usage = generate::total_usage(&usages, n as usize);
-        generate::log_done(&entry.id, "chat", &usage, started);
+        generate::log_done(&state.metrics, &entry.id, "chat", &usage, started);
         let completion = ChatCompletion {
             id,
             object: "chat.completion",
@@ -152,6 +158,7 @@ pub async fn chat_completions(
         }
     };
     let entry_id = entry.id.clone();
+    let metrics = state.metrics.clone();
     let mut events = Box::pin(generate::merge(choices));
     let payloads = async_stream::stream! {
         for index in 0..n {
@@ -203,7 +210,7 @@ pub async fn chat_completions(
                             last.usage = Some(Some(usage.into()));
                             yield json(&last);
                         }
-                        generate::log_done(&entry_id, "chat", &usage, started);
+                        generate::log_done(&metrics, &entry_id, "chat", &usage, started);
                         break;
                     }
                 }

@@ -107,7 +107,7 @@ pub async fn completions(
             n as usize,
         ));
     }
-    let choices = generate::start(streams).await?;
+    let choices = generate::start(streams, &state.metrics, &entry.id, started).await?;
 
     let id = new_id("cmpl");
     let created = now_unix();
@@ -128,7 +128,7 @@ pub async fn completions(
                 finish_reason: Some(finish_reason_str(d.finish_reason)),
             })
             .collect();
-        generate::log_done(&entry.id, "completions", &total, started);
+        generate::log_done(&state.metrics, &entry.id, "completions", &total, started);
         let body = serde_json::to_value(Completion {
             id,
             object: "text_completion",
@@ -158,6 +158,7 @@ pub async fn completions(
     };
     let total_choices = choices.len();
     let entry_id = entry.id.clone();
+    let metrics = state.metrics.clone();
     let mut events = Box::pin(generate::merge(choices));
     let payloads = async_stream::stream! {
         let mut offsets: Vec<usize> = echoes.iter().map(String::len).collect();
@@ -215,7 +216,7 @@ pub async fn completions(
                             last.usage = Some(Some(total.into()));
                             yield json(&last);
                         }
-                        generate::log_done(&entry_id, "completions", &total, started);
+                        generate::log_done(&metrics, &entry_id, "completions", &total, started);
                         break;
                     }
                 }

@@ -10,6 +10,9 @@ use engine::{
     TokenId, TokenLogprob, Usage,
 };
 use futures_util::Stream;
+use std::time::Instant;
+
+use crate::metrics::{Metrics, TokenTimer};
 
 use super::error::ApiError;
 use super::types::{SamplingFields, StopField};
@@ -178,10 +181,17 @@ pub struct Choice {
     pub index: u32,
     first: Option<Event>,
     stream: EventStream,
+    timer: TokenTimer,
 }
 
 /// Waits for every choice's first event; any error there fails the request.
-pub async fn start(streams: Vec<EventStream>) -> Result<Vec<Choice>, ApiError> {
+/// Text events are timed for the model's latency metrics from `started`.
+pub async fn start(
+    streams: Vec<EventStream>,
+    metrics: &Metrics,
+    model: &str,
+    started: Instant,
+) -> Result<Vec<Choice>, ApiError> {
     let mut choices = Vec::with_capacity(streams.len());
     for (index, mut stream) in streams.into_iter().enumerate() {
         match stream.recv().await {
@@ -191,6 +201,7 @@ pub async fn start(streams: Vec<EventStream>) -> Result<Vec<Choice>, ApiError> {
                 index: index as u32,
                 first,
                 stream,
+                timer: metrics.token_timer(model, started),
             }),
         }
     }
@@ -199,10 +210,14 @@ pub async fn start(streams: Vec<EventStream>) -> Result<Vec<Choice>, ApiError> {
 
 impl Choice {
     pub async fn next(&mut self) -> Option<Event> {
-        match self.first.take() {
+        let event = match self.first.take() {
             Some(event) => Some(event),
             None => self.stream.recv().await,
+        };
+        if let Some(Event::Text { .. }) = &event {
+            self.timer.text();
         }
+        event
     }
 }
 
@@ -328,7 +343,8 @@ pub fn sse_error(error: EngineError) -> String {
     ApiError::from(error).body().to_string()
 }
 
-pub fn log_done(model: &str, endpoint: &str, usage: &Usage, started: std::time::Instant) {
+pub fn log_done(metrics: &Metrics, model: &str, endpoint: &str, usage: &Usage, started: Instant) {
+    metrics.observe_usage(model, usage);
     tracing::info!(
         model,
         endpoint,

@@ -32,6 +32,7 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
     pub cache: Arc<crate::cache::ResponseCache>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -41,6 +42,7 @@ impl AppState {
         Self {
             registry: Arc::new(Registry::new(settings.clone())),
             cache: Arc::new(crate::cache::ResponseCache::new(settings.cache.clone())),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             settings,
         }
     }
@@ -57,14 +59,27 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/internal/cache/stats", get(cache_stats))
+        .route("/metrics", get(metrics))
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CorsLayer::permissive())
-        .layer(middleware::from_fn(trace_request))
+        .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .with_state(state)
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    let body = state.metrics.render(&state);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn cache_stats(
@@ -99,9 +114,36 @@ async fn wrong_method(request: Request) -> ApiError {
     .with_code("method_not_allowed")
 }
 
+/// A bounded set of route labels: model ids and unknown paths must not each
+/// become a metric series.
+fn route_label(path: &str) -> &'static str {
+    const ROUTES: &[&str] = &[
+        "/health",
+        "/v1/models",
+        "/v1/models/chat",
+        "/v1/models/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/tokenize",
+        "/detokenize",
+        "/internal/cache/stats",
+        "/metrics",
+    ];
+    match ROUTES.iter().find(|r| **r == path) {
+        Some(route) => route,
+        None if path.starts_with("/v1/models/") => "/v1/models/{id}",
+        None => "other",
+    }
+}
+
 /// Opens the request's span (with its id, echoed as `x-request-id`) and logs one
 /// line when the response head is ready.
-async fn trace_request(request: Request, next: Next) -> Response {
+async fn trace_request(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route_label(request.uri().path());
     let id = request
         .headers()
         .get("x-request-id")
@@ -113,6 +155,9 @@ async fn trace_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
     tracing::info!(parent: &span, status = response.status().as_u16(), latency_ms = started.elapsed().as_millis() as u64, "response");
+    state
+        .metrics
+        .observe_request(route, response.status().as_u16(), started.elapsed());
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }

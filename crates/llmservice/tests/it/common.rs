@@ -112,6 +112,25 @@ impl TestApp {
     }
 }
 
+/// GET as text, for non-JSON endpoints.
+pub trait GetText {
+    async fn oneshot_get(self, path: &str) -> String;
+}
+
+impl GetText for Router {
+    async fn oneshot_get(self, path: &str) -> String {
+        let response = self
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+}
+
 /// Asserts OpenAI's error shape and returns the error object.
 pub fn error_of(body: &Value) -> &serde_json::Map<String, Value> {
     let error = body

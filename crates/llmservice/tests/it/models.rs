@@ -133,3 +133,45 @@ async fn tokenize_and_detokenize_agree_with_usage() {
     let (status, _, _) = app.post("/tokenize", json!({})).await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_latency() {
+    let app = TestApp::new(&[]);
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "max_tokens": 5, "temperature": 0, "ignore_eos": true,
+            "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, _, _) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "nope", "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    let response = app.router().oneshot_get("/metrics").await;
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    for line in [
+        "llmservice_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1"
+            .to_owned(),
+        "llmservice_http_requests_total{route=\"/v1/chat/completions\",status=\"404\"} 1"
+            .to_owned(),
+        format!("llmservice_completion_tokens_total{{model=\"{LIGHT_ID}\"}} 5"),
+        format!("llmservice_prompt_tokens_total{{model=\"{LIGHT_ID}\"}} {prompt}"),
+        format!("llmservice_time_to_first_token_seconds_count{{model=\"{LIGHT_ID}\"}} 1"),
+        format!("llmservice_model_loaded{{kind=\"chat\",model=\"{LIGHT_ID}\"}} 1"),
+        format!("llmservice_sequences{{model=\"{LIGHT_ID}\",state=\"active\"}} 0"),
+        "llmservice_response_cache{stat=\"hits\"} 0".to_owned(),
+    ] {
+        assert!(
+            response.lines().any(|l| l == line),
+            "missing {line:?} in\n{response}"
+        );
+    }
+    // Five tokens: one first token, then inter-token gaps between the text events.
+    assert!(response.contains(&format!(
+        "llmservice_inter_token_latency_seconds_count{{model=\"{LIGHT_ID}\"}}"
+    )));
+}
