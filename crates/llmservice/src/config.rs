@@ -3,6 +3,7 @@
 //! validated [`Settings`]; everything after start-up reads only `Settings`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use engine::EngineConfig;
@@ -123,6 +124,8 @@ pub struct TierSettings {
     pub model_path: PathBuf,
     pub engine: EngineConfig,
     pub defaults: GenerationDefaults,
+    /// Unload after this long unused; `None`: stay loaded.
+    pub keep_alive: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +140,10 @@ pub struct Settings {
     /// Engine settings for models found in `models_dir` that no tier names.
     pub dir_engine: EngineConfig,
     pub dir_defaults: GenerationDefaults,
+    /// Keep-alive of models found in `models_dir` (`KEEP_ALIVE`).
+    pub dir_keep_alive: Option<Duration>,
+    /// Exit after this long without requests (`SHUTDOWN_TIMEOUT`, 0 = never).
+    pub shutdown_timeout: Option<Duration>,
     pub cache: crate::cache::CacheSettings,
 }
 
@@ -274,10 +281,47 @@ impl Settings {
             },
             cache,
             tiers,
+            dir_keep_alive: keep_alive(env, "KEEP_ALIVE")?,
+            shutdown_timeout: match parse::<f64>(
+                env,
+                &["SHUTDOWN_TIMEOUT", "LLM_SERVICE_SHUTDOWN_TIMEOUT"],
+            )? {
+                None => None,
+                Some(s) if s <= 0.0 => None,
+                Some(s) => Some(
+                    Duration::try_from_secs_f64(s)
+                        .map_err(|e| ConfigError::new("SHUTDOWN_TIMEOUT", &s.to_string(), e))?,
+                ),
+            },
             dir_engine: EngineConfig::default(),
             dir_defaults: GenerationDefaults::default(),
         })
     }
+}
+
+/// Ollama-style keep-alive: seconds, or a number with `s`, `m` or `h`; negative
+/// (or unset) means forever.
+fn keep_alive(env: &dyn Env, name: &str) -> Result<Option<Duration>, ConfigError> {
+    let Some(raw) = env.get(name) else {
+        return Ok(None);
+    };
+    let text = raw.trim();
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, 's')) => (&text[..i], 1.0),
+        Some((i, 'm')) => (&text[..i], 60.0),
+        Some((i, 'h')) => (&text[..i], 3600.0),
+        _ => (text, 1.0),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|e| ConfigError::new(name, &raw, e))?;
+    if value < 0.0 {
+        return Ok(None);
+    }
+    Duration::try_from_secs_f64(value * unit)
+        .map(Some)
+        .map_err(|e| ConfigError::new(name, &raw, e))
 }
 
 /// A tier exists when `{TIER}_MODEL_PATH` is set; its other settings fall back to defaults.
@@ -357,6 +401,7 @@ fn tier_settings(tier: Tier, env: &dyn Env) -> Result<Option<TierSettings>, Conf
         model_path: PathBuf::from(model_path),
         engine,
         defaults,
+        keep_alive: keep_alive(env, &name("KEEP_ALIVE"))?,
     }))
 }
 
@@ -400,6 +445,28 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Settings::resolve(&args, &env).unwrap().port, 1234);
+    }
+
+    #[test]
+    fn keep_alive_and_shutdown_timeout() {
+        let env = [
+            ("LIGHT_MODEL_PATH", "/m.gguf"),
+            ("LIGHT_KEEP_ALIVE", "5m"),
+            ("KEEP_ALIVE", "-1"),
+            ("SHUTDOWN_TIMEOUT", "600"),
+        ];
+        let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        assert_eq!(s.tiers[0].keep_alive, Some(Duration::from_secs(300)));
+        assert_eq!(s.dir_keep_alive, None);
+        assert_eq!(s.shutdown_timeout, Some(Duration::from_secs(600)));
+        let s = Settings::resolve(&ServeArgs::default(), &[("SHUTDOWN_TIMEOUT", "0")]).unwrap();
+        assert_eq!(s.shutdown_timeout, None);
+        let err = Settings::resolve(
+            &ServeArgs::default(),
+            &[("LIGHT_MODEL_PATH", "/m"), ("LIGHT_KEEP_ALIVE", "soon")],
+        )
+        .unwrap_err();
+        assert_eq!(err.name, "LIGHT_KEEP_ALIVE");
     }
 
     #[test]

@@ -35,11 +35,24 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         tracing::info!(id = %entry.id, kind = entry.kind.as_str(), path = %entry.path.display(), "model available");
     }
     let cache = state.cache.clone();
+    let watched = state.clone();
+    let reaper = state.registry.clone();
+    // Keep-alive: unload models idle past their `{TIER}_KEEP_ALIVE`.
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            reaper.unload_idle().await;
+        }
+    });
     let app = router(state);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let idle_limit = settings.shutdown_timeout;
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
+        tokio::select! {
+            () = shutdown_signal() => {},
+            () = idle(watched, idle_limit) => {},
+        }
         let _ = stop_tx.send(true);
     });
     let mut stop_rx = stop_rx;
@@ -56,6 +69,25 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     drop(port_file);
     tracing::info!("llmservice stopped");
     Ok(())
+}
+
+/// Resolves once the server has had no requests (and generated nothing) for
+/// `SHUTDOWN_TIMEOUT`; never when it is unset.
+async fn idle(state: AppState, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let tick = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        if state.idle_for() >= limit {
+            tracing::info!(
+                idle_secs = limit.as_secs_f64(),
+                "no requests for SHUTDOWN_TIMEOUT: shutting down"
+            );
+            return;
+        }
+    }
 }
 
 async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {

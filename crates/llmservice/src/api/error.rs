@@ -151,6 +151,14 @@ impl From<ModelError> for ApiError {
                     format!("model '{id}' is loading; retry shortly"),
                 )
             },
+            ModelError::InUse(id) => Self {
+                code: Some("model_in_use"),
+                ..Self::new(
+                    StatusCode::CONFLICT,
+                    "invalid_request_error",
+                    format!("model '{id}' is serving requests; unload it when they finish"),
+                )
+            },
             ModelError::Load(e) => e.into(),
         }
     }

@@ -33,6 +33,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub cache: Arc<crate::cache::ResponseCache>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Milliseconds since the Unix epoch of the last request's start or end.
+    last_activity: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AppState {
@@ -43,9 +45,32 @@ impl AppState {
             registry: Arc::new(Registry::new(settings.clone())),
             cache: Arc::new(crate::cache::ResponseCache::new(settings.cache.clone())),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            last_activity: Arc::new(std::sync::atomic::AtomicU64::new(now_millis())),
             settings,
         }
     }
+
+    fn touch(&self) {
+        self.last_activity
+            .store(now_millis(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the server has been without requests and without generating.
+    pub fn idle_for(&self) -> std::time::Duration {
+        if self.registry.any_busy() {
+            self.touch();
+        }
+        let last = self
+            .last_activity
+            .load(std::sync::atomic::Ordering::Relaxed);
+        std::time::Duration::from_millis(now_millis().saturating_sub(last))
+    }
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn router(state: AppState) -> Router {
@@ -55,7 +80,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/chat", get(models::chat_models))
         .route("/v1/models/embeddings", get(models::embedding_models))
-        .route("/v1/models/{*id}", get(models::get_model))
+        .route(
+            "/v1/models/{*id}",
+            get(models::get_model).post(models::model_action),
+        )
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/internal/cache/stats", get(cache_stats))
@@ -144,6 +172,7 @@ async fn trace_request(
     next: Next,
 ) -> Response {
     let route = route_label(request.uri().path());
+    state.touch();
     let id = request
         .headers()
         .get("x-request-id")
@@ -158,6 +187,7 @@ async fn trace_request(
     state
         .metrics
         .observe_request(route, response.status().as_u16(), started.elapsed());
+    state.touch();
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }

@@ -106,3 +106,29 @@ pub async fn chat_models(State(state): State<AppState>) -> Json<Vec<Value>> {
 pub async fn embedding_models(State(state): State<AppState>) -> Json<Vec<Value>> {
     by_kind(state, ModelKind::Embedding).await
 }
+
+/// `POST /v1/models/{id}/load` and `/unload`, for operators (ids contain `/`,
+/// so the action is the path's last segment).
+pub async fn model_action(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    let (id, action) = path
+        .rsplit_once('/')
+        .filter(|(_, a)| matches!(*a, "load" | "unload"))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unknown model action in {path:?}; use /load or /unload"
+            ))
+        })?;
+    let entry = state.registry.resolve(id)?;
+    match action {
+        "load" => {
+            entry.engine(true).await?;
+        }
+        _ => {
+            entry.unload().await?;
+        }
+    }
+    Ok(Json(model_object(&entry)))
+}

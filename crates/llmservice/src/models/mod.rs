@@ -59,6 +59,8 @@ pub enum ModelError {
     },
     #[error("model '{0}' is loading")]
     Loading(String),
+    #[error("model '{0}' is serving requests and cannot be unloaded now")]
+    InUse(String),
     #[error(transparent)]
     Load(#[from] EngineError),
 }
@@ -77,6 +79,10 @@ pub struct ModelEntry {
     engine: Arc<tokio::sync::Mutex<Option<Arc<Engine>>>>,
     state: AtomicU8,
     last_error: Mutex<Option<String>>,
+    /// Unload after this long unused (`{TIER}_KEEP_ALIVE`); `None` keeps it loaded.
+    pub keep_alive: Option<std::time::Duration>,
+    /// Milliseconds since the Unix epoch of the last use.
+    last_used: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ModelEntry {
@@ -110,7 +116,57 @@ impl ModelEntry {
             engine: Default::default(),
             state: AtomicU8::new(0),
             last_error: Mutex::new(None),
+            keep_alive: None,
+            last_used: std::sync::atomic::AtomicU64::new(now_millis()),
         }
+    }
+
+    fn touch(&self) {
+        self.last_used.store(now_millis(), Ordering::Relaxed);
+    }
+
+    /// How long since the model last served or was asked for.
+    pub fn idle_for(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            now_millis().saturating_sub(self.last_used.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Whether a loaded engine has work or is held by a request in flight.
+    pub fn is_busy(&self) -> bool {
+        self.loaded_engine().is_some_and(|e| {
+            let stats = e.stats();
+            // Our clone plus the slot's: anything more is a request holding it.
+            Arc::strong_count(&e) > 2
+                || stats.active.load(Ordering::Relaxed) > 0
+                || stats.waiting.load(Ordering::Relaxed) > 0
+        })
+    }
+
+    /// Unloads the model if nothing is using it: its memory is returned when the
+    /// engine thread has finished (joined off the async threads). `Ok(false)` when
+    /// it was not loaded.
+    pub async fn unload(&self) -> Result<bool, ModelError> {
+        let engine = {
+            let Ok(mut slot) = self.engine.try_lock() else {
+                return Err(ModelError::Loading(self.id.clone()));
+            };
+            let Some(engine) = slot.as_ref() else {
+                return Ok(false);
+            };
+            let stats = engine.stats();
+            let busy = Arc::strong_count(engine) > 1
+                || stats.active.load(Ordering::Relaxed) > 0
+                || stats.waiting.load(Ordering::Relaxed) > 0;
+            if busy {
+                return Err(ModelError::InUse(self.id.clone()));
+            }
+            self.set_state(ModelState::Available);
+            slot.take().expect("checked above")
+        };
+        let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+        tracing::info!(model = %self.id, "model unloaded");
+        Ok(true)
     }
 
     pub fn owned_by(&self) -> String {
@@ -140,6 +196,7 @@ impl ModelEntry {
     /// The engine, loading it first if needed. With `wait == false`, a model that
     /// is not loaded yet starts loading and the call answers [`ModelError::Loading`].
     pub async fn engine(self: &Arc<Self>, wait: bool) -> Result<Arc<Engine>, ModelError> {
+        self.touch();
         if let Some(engine) = self.loaded_engine() {
             return Ok(engine);
         }
@@ -201,6 +258,12 @@ impl ModelEntry {
     }
 }
 
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The natural kind of a tier, used when its file cannot be inspected.
 fn tier_kind(tier: Tier) -> ModelKind {
     match tier {
@@ -238,14 +301,16 @@ impl Registry {
                     },
                     |s| s.kind,
                 );
-                Arc::new(ModelEntry::new(
+                let mut entry = ModelEntry::new(
                     format!("{}/{}", t.tier.as_str(), file_stem(&t.model_path)),
                     Some(t.tier),
                     t.model_path.clone(),
                     kind,
                     t.engine.clone(),
                     t.defaults.clone(),
-                ))
+                );
+                entry.keep_alive = t.keep_alive;
+                Arc::new(entry)
             })
             .collect();
         Self {
@@ -285,6 +350,24 @@ impl Registry {
             );
         }
         loaded
+    }
+
+    /// Unloads every model idle past its keep-alive (never one in use).
+    pub async fn unload_idle(&self) {
+        for entry in self.loaded() {
+            if entry.is_busy() {
+                entry.touch();
+                continue;
+            }
+            if entry.keep_alive.is_some_and(|k| entry.idle_for() >= k) {
+                let _ = entry.unload().await;
+            }
+        }
+    }
+
+    /// Whether any loaded model is generating or has requests waiting.
+    pub fn any_busy(&self) -> bool {
+        self.loaded().iter().any(|e| e.is_busy())
     }
 
     /// A request's `model` name to a model: exact id, tier name, file stem, then
@@ -351,14 +434,16 @@ impl Registry {
                     }
                 }
                 let summary = engine::inspect(&path)?;
-                let entry = Arc::new(ModelEntry::new(
+                let mut entry = ModelEntry::new(
                     file_stem(&path),
                     None,
                     path.clone(),
                     summary.kind,
                     self.settings.dir_engine.clone(),
                     self.settings.dir_defaults.clone(),
-                ));
+                );
+                entry.keep_alive = self.settings.dir_keep_alive;
+                let entry = Arc::new(entry);
                 cache.insert(path, (mtime, len, entry.clone()));
                 Some(entry)
             })

@@ -151,9 +151,8 @@ async fn metrics_count_requests_tokens_and_latency() {
             json!({"model": "nope", "messages": [{"role": "user", "content": "Hi"}]}),
         )
         .await;
-    let response = app.router().oneshot_get("/metrics").await;
     let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
-    for line in [
+    let expected = [
         "llmservice_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1"
             .to_owned(),
         "llmservice_http_requests_total{route=\"/v1/chat/completions\",status=\"404\"} 1"
@@ -164,7 +163,21 @@ async fn metrics_count_requests_tokens_and_latency() {
         format!("llmservice_model_loaded{{kind=\"chat\",model=\"{LIGHT_ID}\"}} 1"),
         format!("llmservice_sequences{{model=\"{LIGHT_ID}\",state=\"active\"}} 0"),
         "llmservice_response_cache{stat=\"hits\"} 0".to_owned(),
-    ] {
+    ];
+    // The scheduler publishes its counters at the end of the step that answered, so
+    // the sequence gauge may trail the response by a moment.
+    let mut response = String::new();
+    for _ in 0..100 {
+        response = app.router().oneshot_get("/metrics").await;
+        if expected
+            .iter()
+            .all(|line| response.lines().any(|l| l == line))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for line in &expected {
         assert!(
             response.lines().any(|l| l == line),
             "missing {line:?} in\n{response}"
@@ -174,4 +187,48 @@ async fn metrics_count_requests_tokens_and_latency() {
     assert!(response.contains(&format!(
         "llmservice_inter_token_latency_seconds_count{{model=\"{LIGHT_ID}\"}}"
     )));
+}
+
+#[tokio::test]
+async fn operators_load_and_unload_and_idle_models_unload_but_busy_ones_stay() {
+    let app = TestApp::new(&[("LIGHT_KEEP_ALIVE", "0.3")]);
+    let (status, _, body) = app
+        .post(&format!("/v1/models/{LIGHT_ID}/load"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "loaded");
+    let (status, _, body) = app.post("/v1/models/light/unload", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "available");
+    let (status, _, body) = app.post("/v1/models/light/reboot", json!({})).await;
+    assert_eq!(status, 400, "{body}");
+
+    // A model serving a stream is neither unloaded on request nor by keep-alive.
+    let base = app.spawn().await;
+    let client = reqwest::Client::new();
+    let stream = client
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "light", "prompt": "Count:", "max_tokens": 1500, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let (status, _, body) = app.post("/v1/models/light/unload", json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(error_of(&body)["code"], "model_in_use");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    app.state.registry.unload_idle().await;
+    let entry = app.state.registry.resolve("light").unwrap();
+    assert_eq!(entry.state().as_str(), "loaded");
+    drop(stream);
+
+    // Once idle past its keep-alive, it goes.
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        app.state.registry.unload_idle().await;
+        if entry.state().as_str() == "available" {
+            return;
+        }
+    }
+    panic!("the idle model stayed loaded");
 }
