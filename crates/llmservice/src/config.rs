@@ -142,6 +142,9 @@ pub struct Settings {
     pub dir_defaults: GenerationDefaults,
     /// Keep-alive of models found in `models_dir` (`KEEP_ALIVE`).
     pub dir_keep_alive: Option<Duration>,
+    /// Most models loaded at once (`MAX_LOADED_MODELS`); loading one more unloads
+    /// the least recently used idle model.
+    pub max_loaded_models: Option<usize>,
     /// Exit after this long without requests (`SHUTDOWN_TIMEOUT`, 0 = never).
     pub shutdown_timeout: Option<Duration>,
     pub cache: crate::cache::CacheSettings,
@@ -282,6 +285,11 @@ impl Settings {
             cache,
             tiers,
             dir_keep_alive: keep_alive(env, "KEEP_ALIVE")?,
+            max_loaded_models: parse::<usize>(
+                env,
+                &["MAX_LOADED_MODELS", "LLM_SERVICE_MAX_LOADED_MODELS"],
+            )?
+            .filter(|&n| n > 0),
             shutdown_timeout: match parse::<f64>(
                 env,
                 &["SHUTDOWN_TIMEOUT", "LLM_SERVICE_SHUTDOWN_TIMEOUT"],

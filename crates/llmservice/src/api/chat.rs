@@ -68,7 +68,10 @@ pub async fn chat_completions(
             return Ok(cached::replay(body, true, stream, include_usage));
         }
     }
-    let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
+    let engine = state
+        .registry
+        .engine(&entry, generate::wants_to_wait(&headers))
+        .await?;
     let info = engine.info();
     let template = info.chat_template.as_ref().ok_or_else(|| {
         ApiError::invalid(

@@ -69,7 +69,10 @@ pub async fn completions(
             return Ok(cached::replay(body, false, stream, include_usage));
         }
     }
-    let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
+    let engine = state
+        .registry
+        .engine(&entry, generate::wants_to_wait(&headers))
+        .await?;
 
     // Each prompt becomes one choice; the text form keeps what `echo` repeats.
     let prompts: Vec<(Vec<TokenId>, String)> = match &req.prompt {

@@ -124,7 +124,7 @@ pub async fn model_action(
     let entry = state.registry.resolve(id)?;
     match action {
         "load" => {
-            entry.engine(true).await?;
+            state.registry.engine(&entry, true).await?;
         }
         _ => {
             entry.unload().await?;

@@ -54,7 +54,10 @@ pub async fn tokenize(
     let entry = state
         .registry
         .resolve(&model_name(&state, req.model.as_deref())?)?;
-    let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
+    let engine = state
+        .registry
+        .engine(&entry, generate::wants_to_wait(&headers))
+        .await?;
     let tokens = match (&req.messages, req.content.as_ref().or(req.prompt.as_ref())) {
         (Some(messages), None) => {
             let template = engine.info().chat_template.as_ref().ok_or_else(|| {
@@ -109,7 +112,10 @@ pub async fn detokenize(
     let entry = state
         .registry
         .resolve(&model_name(&state, req.model.as_deref())?)?;
-    let engine = entry.engine(generate::wants_to_wait(&headers)).await?;
+    let engine = state
+        .registry
+        .engine(&entry, generate::wants_to_wait(&headers))
+        .await?;
     let n_vocab = i64::from(engine.info().n_vocab);
     if let Some(bad) = req.tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
         return Err(ApiError::invalid(

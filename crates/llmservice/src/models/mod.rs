@@ -352,6 +352,48 @@ impl Registry {
         loaded
     }
 
+    /// The model's engine, loading it if needed; when that would exceed
+    /// `MAX_LOADED_MODELS`, the least recently used idle model is unloaded first.
+    pub async fn engine(
+        &self,
+        entry: &Arc<ModelEntry>,
+        wait: bool,
+    ) -> Result<Arc<Engine>, ModelError> {
+        if entry.loaded_engine().is_none() {
+            self.make_room_for(entry).await;
+        }
+        entry.engine(wait).await
+    }
+
+    async fn make_room_for(&self, target: &ModelEntry) {
+        let Some(max) = self.settings.max_loaded_models else {
+            return;
+        };
+        loop {
+            let others: Vec<_> = self
+                .loaded()
+                .into_iter()
+                .filter(|e| e.id != target.id)
+                .collect();
+            if others.len() < max {
+                return;
+            }
+            let victim = others
+                .iter()
+                .filter(|e| !e.is_busy())
+                .max_by_key(|e| e.idle_for());
+            let Some(victim) = victim else {
+                // Models in use are never evicted: go over the limit rather than fail.
+                tracing::warn!(loaded = others.len(), max, model = %target.id, "MAX_LOADED_MODELS reached and every loaded model is in use");
+                return;
+            };
+            tracing::info!(evicted = %victim.id, model = %target.id, "MAX_LOADED_MODELS reached: unloading the least recently used model");
+            if victim.unload().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Unloads every model idle past its keep-alive (never one in use).
     pub async fn unload_idle(&self) {
         for entry in self.loaded() {

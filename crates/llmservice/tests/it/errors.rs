@@ -206,3 +206,25 @@ async fn unknown_routes_and_methods_use_the_error_shape() {
     assert_eq!(status, 405);
     error_of(&body);
 }
+
+#[tokio::test]
+async fn a_taken_port_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let args = llmservice::config::ServeArgs {
+        host: Some("127.0.0.1".into()),
+        port: Some(port),
+        ..Default::default()
+    };
+    let settings =
+        llmservice::config::Settings::resolve(&args, &[("HOME", "/nonexistent")]).unwrap();
+    let error = llmservice::server::serve(settings).await.unwrap_err();
+    assert!(
+        error.contains(&format!("port {port}")) && error.contains("already in use"),
+        "{error}"
+    );
+    assert!(
+        error.contains("--port 0"),
+        "the message says how to get a free port: {error}"
+    );
+}

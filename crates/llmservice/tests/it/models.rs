@@ -232,3 +232,27 @@ async fn operators_load_and_unload_and_idle_models_unload_but_busy_ones_stay() {
     }
     panic!("the idle model stayed loaded");
 }
+
+#[tokio::test]
+async fn max_loaded_models_evicts_the_least_recently_used_idle_model() {
+    let app = TestApp::new(&[("MAX_LOADED_MODELS", "1")]);
+    std::fs::copy(
+        shared_models().join("SmolLM2-135M-Instruct-Q4_1.gguf"),
+        app.models_dir().join("second.gguf"),
+    )
+    .unwrap();
+    let ask = |model: &str| json!({"model": model, "prompt": "Hi", "max_tokens": 1});
+    let (status, _, _) = app.post("/v1/completions", ask("light")).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = app.post("/v1/completions", ask("second")).await;
+    assert_eq!(status, 200);
+    let state = |id: &str| app.state.registry.resolve(id).unwrap().state().as_str();
+    assert_eq!(state("second"), "loaded");
+    assert_eq!(
+        state("light"),
+        "available",
+        "the least recently used model made room"
+    );
+    let (_, health) = app.get("/health").await;
+    assert_eq!(health["models"].as_array().unwrap().len(), 1);
+}
