@@ -179,7 +179,17 @@ impl Engine {
                 if ready_tx.send(Ok((model.clone(), info))).is_err() {
                     return;
                 }
-                Scheduler::new(&model, ctx, parallel as usize, thread_stats).run(request_rx);
+                let stats = thread_stats.clone();
+                let run = std::panic::AssertUnwindSafe(|| {
+                    Scheduler::new(&model, ctx, parallel as usize, thread_stats).run(request_rx)
+                });
+                if std::panic::catch_unwind(run).is_err() {
+                    // The receiver is gone with the scheduler, so the handle sees the
+                    // engine as dead and the registry replaces it on the next request.
+                    tracing::error!("the engine's scheduler panicked; the model will be reloaded");
+                    stats.active.store(0, std::sync::atomic::Ordering::Relaxed);
+                    stats.waiting.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
             })
             .map_err(|e| EngineError::Inference(format!("cannot spawn engine thread: {e}")))?;
         let (model, info) = match ready_rx.recv() {
@@ -223,6 +233,17 @@ impl Engine {
 
     pub fn stats(&self) -> &SchedulerStats {
         &self.stats
+    }
+
+    /// False once the scheduler thread has stopped (it panicked): the engine can
+    /// take no more requests and should be replaced.
+    pub fn is_alive(&self) -> bool {
+        self.requests.as_ref().is_some_and(|r| !r.is_closed())
+    }
+
+    /// Sequences that may be running or waiting at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity_total
     }
 
     /// Text to tokens. `add_special` adds BOS when the model wants one;
@@ -359,7 +380,12 @@ impl Engine {
             });
         }
         // One message, so the scheduler sees the choices together and admits them at once.
-        sender.try_send(group).map_err(|_| EngineError::ShutDown)?;
+        sender.try_send(group).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull {
+                capacity: self.capacity_total,
+            },
+            mpsc::error::TrySendError::Closed(_) => EngineError::ShutDown,
+        })?;
         Ok(streams)
     }
 }

@@ -205,7 +205,12 @@ impl<'m> Scheduler<'m> {
             .expect("the caller checked for a free slot");
         let slot = &mut self.slots[slot_idx];
         if follower {
-            // Its prompt KV is copied from the leader once the leader has computed it.
+            // Its prompt KV is copied from the leader once the leader has computed it;
+            // until then the slot must hold nothing, in case it computes the prompt
+            // itself (its leader left early) from position 0.
+            let _ = self
+                .ctx
+                .clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
             seq.awaiting_fork = true;
             seq.n_past = 0;
         } else {
@@ -427,7 +432,26 @@ impl<'m> Scheduler<'m> {
             .copied()
             .filter(|&i| self.slots[i].active.as_ref().is_some_and(|s| s.n_past > 0))
             .max_by_key(|&i| self.slots[i].active.as_ref().map(|s| s.arrival));
-        let Some(newest) = newest else { return };
+        let Some(newest) = newest else {
+            // Nothing holds KV that we know of: drop whatever idle slots may still
+            // hold, and if that was nothing, fail the batch rather than retry forever.
+            let idle: Vec<i32> = self
+                .slots
+                .iter()
+                .filter(|s| s.active.is_none())
+                .map(|s| s.seq_id)
+                .collect();
+            for seq_id in &idle {
+                let _ = self
+                    .ctx
+                    .clear_kv_cache_seq(Some(*seq_id as u32), None, None);
+            }
+            if idle.is_empty() || self.kv_pressure {
+                self.fail_batch("the KV cache has no room for this batch");
+            }
+            self.kv_pressure = true;
+            return;
+        };
         let mut seq = self.slots[newest].active.take().expect("active");
         let seq_id = self.slots[newest].seq_id as u32;
         let _ = self.ctx.clear_kv_cache_seq(Some(seq_id), None, None);

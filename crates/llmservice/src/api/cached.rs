@@ -48,6 +48,7 @@ pub fn key_for(
         "endpoint": endpoint,
         "model": file,
         "context": entry.engine_config.n_ctx,
+        "chat_template": entry.engine_config.chat_template,
         "payload": payload,
         "temperature": temperature,
         "top_p": f.top_p.unwrap_or(defaults.top_p),

@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 
 use super::cached;
 use super::error::ApiError;
-use super::generate::{self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error};
+use super::generate::{
+    self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error, wire_json,
+};
 use super::json::Json;
 use super::types::*;
 use super::AppState;
@@ -26,6 +28,7 @@ const ROLES: &[&str] = &[
     "function",
 ];
 
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest, responses((status = 200, description = "A completion, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending with `data: [DONE]`", body = ChatCompletion), (status = 400, description = "Bad parameters or context overflow", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, queue timeout, or model loading (with Retry-After)", body = ErrorResponse)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -166,7 +169,7 @@ pub async fn chat_completions(
     let payloads = async_stream::stream! {
         for index in 0..n {
             let first = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
-            yield json(&chunk(index, first, None, None));
+            yield wire_json(&chunk(index, first, None, None));
         }
         let mut usages = vec![engine::Usage::default(); n as usize];
         let mut texts = vec![String::new(); n as usize];
@@ -180,11 +183,11 @@ pub async fn chat_completions(
                     texts[i].push_str(&text);
                     let wire = with_logprobs.then(|| generate::chat_logprobs(&logprobs));
                     all_logprobs[i].extend(logprobs);
-                    yield json(&chunk(index, ChatDelta { role: None, content: Some(text) }, wire, None));
+                    yield wire_json(&chunk(index, ChatDelta { role: None, content: Some(text) }, wire, None));
                 }
                 Event::Done { finish_reason, usage } => {
                     finishes[i] = finish_reason_str(finish_reason);
-                    yield json(&chunk(index, ChatDelta::default(), None, Some(finishes[i])));
+                    yield wire_json(&chunk(index, ChatDelta::default(), None, Some(finishes[i])));
                     usages[i] = usage;
                     remaining -= 1;
                     if remaining == 0 {
@@ -211,7 +214,7 @@ pub async fn chat_completions(
                             let mut last = chunk(0, ChatDelta::default(), None, None);
                             last.choices.clear();
                             last.usage = Some(Some(usage.into()));
-                            yield json(&last);
+                            yield wire_json(&last);
                         }
                         generate::log_done(&metrics, &entry_id, "chat", &usage, started);
                         break;
@@ -219,9 +222,14 @@ pub async fn chat_completions(
                 }
                 Event::Error(error) => {
                     yield sse_error(error);
+                    remaining = 0;
                     break;
                 }
             }
+        }
+        if remaining > 0 {
+            // The engine went away without finishing every choice.
+            yield sse_error(engine::EngineError::ShutDown);
         }
     };
     Ok(cached::mark(sse(payloads), false))
@@ -245,10 +253,6 @@ fn chat_logprobs_request(f: &SamplingFields) -> Result<Option<u32>, ApiError> {
             "logprobs must be true or false",
         )),
     }
-}
-
-fn json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("wire types always serialize")
 }
 
 fn reject_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
@@ -284,7 +288,7 @@ fn reject_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
 
 /// Checks the history's shape and turns it into what chat templates expect:
 /// text-only content, `developer` as `system`, tool-call arguments as objects.
-fn prepare_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+pub(super) fn prepare_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",

@@ -10,7 +10,9 @@ use futures_util::StreamExt;
 
 use super::cached;
 use super::error::ApiError;
-use super::generate::{self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error};
+use super::generate::{
+    self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error, wire_json,
+};
 use super::json::Json;
 use super::types::*;
 use super::AppState;
@@ -18,6 +20,7 @@ use super::AppState;
 /// Most prompts one request may batch.
 const MAX_PROMPTS: usize = 64;
 
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest, responses((status = 200, description = "A legacy completion, or an SSE stream of them", body = Completion), (status = 400, description = "Bad parameters or context overflow", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, queue timeout, or model loading (with Retry-After)", body = ErrorResponse)))]
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -102,9 +105,24 @@ pub async fn completions(
     // Choices are prompt-major: prompt p, choice c has index p * n + c.
     let mut streams = Vec::with_capacity(prompts.len() * n as usize);
     let mut echoes = Vec::with_capacity(prompts.len() * n as usize);
+    if prompts.len() * n as usize > engine.capacity() {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "{} prompts x {n} choices exceed what this model can queue at once ({}); split the request",
+                prompts.len(),
+                engine.capacity()
+            ),
+        ));
+    }
     for (tokens, text) in prompts {
-        let request = build_request(&req.sampling, &entry.defaults, &engine, tokens, logprobs)?;
-        streams.extend(engine.submit_n(request, n)?);
+        let request = build_request(&req.sampling, &entry.defaults, &engine, tokens, logprobs)
+            .map_err(|e| e.for_prompt_param("prompt"))?;
+        streams.extend(
+            engine
+                .submit_n(request, n)
+                .map_err(|e| ApiError::from(e).for_prompt_param("prompt"))?,
+        );
         echoes.extend(std::iter::repeat_n(
             if echo { text } else { String::new() },
             n as usize,
@@ -170,7 +188,7 @@ pub async fn completions(
         let mut finishes = vec!["stop"; total_choices];
         for (index, prefix) in echoes.iter().enumerate() {
             if !prefix.is_empty() {
-                yield json(&chunk(vec![CompletionChoice { text: prefix.clone(), index: index as u32, logprobs: None, finish_reason: None }]));
+                yield wire_json(&chunk(vec![CompletionChoice { text: prefix.clone(), index: index as u32, logprobs: None, finish_reason: None }]));
             }
         }
         let mut usages = vec![engine::Usage::default(); total_choices];
@@ -183,7 +201,7 @@ pub async fn completions(
                     offsets[i] += text.len();
                     texts[i].push_str(&text);
                     all_logprobs[i].extend(lp);
-                    yield json(&chunk(vec![CompletionChoice { text, index, logprobs, finish_reason: None }]));
+                    yield wire_json(&chunk(vec![CompletionChoice { text, index, logprobs, finish_reason: None }]));
                 }
                 Event::Done { finish_reason, usage } => {
                     usages[index as usize] = usage;
@@ -192,7 +210,7 @@ pub async fn completions(
                         text: String::new(), index, logprobs: None,
                         finish_reason: Some(finish_reason_str(finish_reason)),
                     };
-                    yield json(&chunk(vec![done]));
+                    yield wire_json(&chunk(vec![done]));
                     remaining -= 1;
                     if remaining == 0 {
                         let total = generate::total_usage(&usages, n as usize);
@@ -217,7 +235,7 @@ pub async fn completions(
                         if include_usage {
                             let mut last = chunk(Vec::new());
                             last.usage = Some(Some(total.into()));
-                            yield json(&last);
+                            yield wire_json(&last);
                         }
                         generate::log_done(&metrics, &entry_id, "completions", &total, started);
                         break;
@@ -225,9 +243,14 @@ pub async fn completions(
                 }
                 Event::Error(error) => {
                     yield sse_error(error);
+                    remaining = 0;
                     break;
                 }
             }
+        }
+        if remaining > 0 {
+            // The engine went away without finishing every choice.
+            yield sse_error(engine::EngineError::ShutDown);
         }
     };
     Ok(cached::mark(sse(payloads), false))
@@ -238,7 +261,7 @@ fn completion_logprobs_request(f: &SamplingFields) -> Result<Option<u32>, ApiErr
     match &f.logprobs {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::Number(k)) => match k.as_u64() {
-            Some(k) if k <= 20 => Ok(Some(k as u32)),
+            Some(k) if k <= u64::from(generate::MAX_TOP_LOGPROBS) => Ok(Some(k as u32)),
             _ => Err(ApiError::invalid(
                 "logprobs",
                 "logprobs must be an integer between 0 and 20",
@@ -265,8 +288,4 @@ fn token_prompt(
     let tokens: Vec<TokenId> = tokens.iter().map(|&t| t as TokenId).collect();
     let text = engine.detokenize(&tokens, true)?;
     Ok((tokens, text))
-}
-
-fn json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("wire types always serialize")
 }

@@ -56,6 +56,15 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
+    /// Names `param` as the field at fault for prompt-shaped errors (the engine
+    /// says `messages`; legacy completions call it `prompt`).
+    pub fn for_prompt_param(mut self, param: &str) -> Self {
+        if self.param.as_deref() == Some("messages") {
+            self.param = Some(param.to_owned());
+        }
+        self
+    }
+
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self

@@ -21,7 +21,9 @@ use crate::config::GenerationDefaults;
 /// Most stop strings a request may give.
 const MAX_STOPS: usize = 16;
 /// Most alternatives per token (OpenAI's limit).
-const MAX_TOP_LOGPROBS: u32 = 20;
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most choices per prompt, before the model's own parallel limit applies.
+const MAX_CHOICES: u32 = 64;
 
 pub fn finish_reason_str(reason: FinishReason) -> &'static str {
     match reason {
@@ -82,8 +84,19 @@ pub fn validate(f: &SamplingFields) -> Result<(), ApiError> {
             ));
         }
     }
-    if f.n == Some(0) {
-        return Err(ApiError::invalid("n", "n must be at least 1"));
+    if let Some(n) = f.n {
+        if n == 0 || n > MAX_CHOICES {
+            return Err(ApiError::invalid(
+                "n",
+                format!("n must be between 1 and {MAX_CHOICES} (and at most the model's parallel sequences)"),
+            ));
+        }
+    }
+    if f.repeat_penalty.is_some_and(|p| p <= 0.0) {
+        return Err(ApiError::invalid(
+            "repeat_penalty",
+            "repeat_penalty must be greater than 0 (1 disables it)",
+        ));
     }
     if f.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
         return Err(ApiError::invalid(
@@ -131,6 +144,18 @@ pub fn build_request(
     logprobs: Option<u32>,
 ) -> Result<GenerateRequest, ApiError> {
     let n_ctx = engine.info().n_ctx;
+    let n_vocab = engine.info().n_vocab;
+    if let Some(bad) = f.logit_bias.iter().flatten().map(|(k, _)| k).find(|k| {
+        k.parse::<TokenId>()
+            .map_or(true, |t| t < 0 || t as u32 >= n_vocab)
+    }) {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "logit_bias key {bad} is not a token id of this model (vocabulary size {n_vocab})"
+            ),
+        ));
+    }
     let prompt_len = prompt.len() as u32;
     let explicit = f.max_completion_tokens.or(f.max_tokens);
     if let Some(max) = explicit {
@@ -292,6 +317,11 @@ pub fn total_usage(usages: &[Usage], choices_per_prompt: usize) -> Usage {
         total.completion_tokens += u.completion_tokens;
     }
     total
+}
+
+/// Serializes a wire value (they always serialize).
+pub fn wire_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("wire types always serialize")
 }
 
 /// OpenAI's chat logprobs: `{"content": [{token, logprob, bytes, top_logprobs}]}`.

@@ -8,6 +8,7 @@ pub mod error;
 mod generate;
 mod json;
 mod models;
+mod openapi;
 mod tokens;
 pub mod types;
 
@@ -76,6 +77,10 @@ fn now_millis() -> u64 {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
     Router::new()
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url(
+            "/openapi.json",
+            <openapi::ApiDoc as utoipa::OpenApi>::openapi(),
+        ))
         .route("/health", get(models::health))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/chat", get(models::chat_models))
@@ -98,8 +103,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
-    let body = state.metrics.render(&state);
+    // Rendering reads the cache's stats, which may touch its disk tier.
+    let body = tokio::task::spawn_blocking(move || state.metrics.render(&state))
+        .await
+        .unwrap_or_default();
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -110,6 +119,7 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
         .into_response()
 }
 
+#[utoipa::path(get, path = "/internal/cache/stats", responses((status = 200, description = "Hits, misses, entries, evictions, bytes, disk tier state")))]
 async fn cache_stats(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> axum::Json<crate::cache::CacheStats> {

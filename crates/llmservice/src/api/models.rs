@@ -8,11 +8,12 @@ use engine::ModelKind;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::types::{ModelList, ModelObject};
+use super::types::{ErrorResponse, ModelList, ModelObject};
 use super::AppState;
 use crate::models::{ModelEntry, ModelError};
 
 /// Answers from atomics and `try_lock` only: it never waits on a loading model.
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "`{status: healthy, timestamp, models: [loaded]}`")))]
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let loaded: Vec<Value> = state
         .registry
@@ -42,6 +43,7 @@ fn model_object(entry: &ModelEntry) -> ModelObject {
     }
 }
 
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, description = "Success", body = ModelList)))]
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     let registry = state.registry.clone();
     let entries = tokio::task::spawn_blocking(move || registry.list())
@@ -53,6 +55,7 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     })
 }
 
+#[utoipa::path(get, path = "/v1/models/{id}", params(("id" = String, Path, description = "Model id, e.g. light/qwen-0.5b")), responses((status = 200, description = "Success", body = ModelObject), (status = 404, description = "Unknown model", body = ErrorResponse)))]
 pub async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -99,16 +102,19 @@ async fn by_kind(state: AppState, kind: ModelKind) -> Json<Vec<Value>> {
     )
 }
 
+#[utoipa::path(get, path = "/v1/models/chat", responses((status = 200, description = "Seed 002's bare array of `{name, id, path, size_bytes, state, tier}` for chat models")))]
 pub async fn chat_models(State(state): State<AppState>) -> Json<Vec<Value>> {
     by_kind(state, ModelKind::Chat).await
 }
 
+#[utoipa::path(get, path = "/v1/models/embeddings", responses((status = 200, description = "The same for embedding models")))]
 pub async fn embedding_models(State(state): State<AppState>) -> Json<Vec<Value>> {
     by_kind(state, ModelKind::Embedding).await
 }
 
 /// `POST /v1/models/{id}/load` and `/unload`, for operators (ids contain `/`,
 /// so the action is the path's last segment).
+#[utoipa::path(post, path = "/v1/models/{id}/{action}", params(("id" = String, Path, description = "Model id"), ("action" = String, Path, description = "`load` or `unload`")), responses((status = 200, description = "Success", body = ModelObject), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 409, description = "The model is serving requests", body = ErrorResponse)))]
 pub async fn model_action(
     State(state): State<AppState>,
     Path(path): Path<String>,

@@ -4,30 +4,35 @@
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json as JsonResponse;
-use engine::chat::{normalize_messages, RenderInput};
+use engine::chat::RenderInput;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generate;
 use super::json::Json;
+use super::types::ErrorResponse;
 use super::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct TokenizeRequest {
     /// Optional: defaults to the first configured chat tier.
     pub model: Option<String>,
     pub content: Option<String>,
     pub prompt: Option<String>,
     /// Chat messages, rendered with the model's chat template first.
+    #[schema(value_type = Option<Vec<Object>>)]
     pub messages: Option<Vec<Value>>,
+    /// Extra chat template variables, as chat completions take them.
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// Add BOS (when the model uses one); llama-server's default is false, vLLM's true.
     pub add_special: Option<bool>,
     /// Also return each token's text.
     pub with_pieces: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
     pub tokens: Vec<i64>,
@@ -46,6 +51,7 @@ fn model_name(state: &AppState, model: Option<&str>) -> Result<String, ApiError>
         .ok_or_else(|| ApiError::invalid("model", "model is required: no chat tier is configured"))
 }
 
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, description = "`{tokens, count, max_model_len}`"), (status = 400, description = "Bad request", body = ErrorResponse)))]
 pub async fn tokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -66,14 +72,14 @@ pub async fn tokenize(
                     "the model has no chat template to render messages with",
                 )
             })?;
-            let mut messages = messages.clone();
-            normalize_messages(&mut messages);
+            // Exactly what chat renders, so the count matches its usage.
+            let messages = super::chat::prepare_messages(messages)?;
             let prompt = template
                 .render(&RenderInput {
                     messages: &messages,
                     tools: None,
                     add_generation_prompt: true,
-                    extra: None,
+                    extra: req.chat_template_kwargs.as_ref(),
                 })
                 .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
             engine.tokenize_chat_prompt(&prompt)
@@ -104,6 +110,7 @@ pub async fn tokenize(
     Ok(JsonResponse(body))
 }
 
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, description = "`{content}`"), (status = 400, description = "Bad request", body = ErrorResponse)))]
 pub async fn detokenize(
     State(state): State<AppState>,
     headers: HeaderMap,

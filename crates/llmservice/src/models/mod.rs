@@ -77,6 +77,9 @@ pub struct ModelEntry {
     pub defaults: GenerationDefaults,
     /// Held for the whole load, so concurrent first requests load once.
     engine: Arc<tokio::sync::Mutex<Option<Arc<Engine>>>>,
+    /// The loaded engine for readers that must never wait or miss it because a
+    /// load or unload holds `engine` (health, metrics, busy checks).
+    loaded: std::sync::RwLock<Option<Arc<Engine>>>,
     state: AtomicU8,
     last_error: Mutex<Option<String>>,
     /// Unload after this long unused (`{TIER}_KEEP_ALIVE`); `None` keeps it loaded.
@@ -114,6 +117,7 @@ impl ModelEntry {
             engine_config,
             defaults,
             engine: Default::default(),
+            loaded: std::sync::RwLock::new(None),
             state: AtomicU8::new(0),
             last_error: Mutex::new(None),
             keep_alive: None,
@@ -134,13 +138,8 @@ impl ModelEntry {
 
     /// Whether a loaded engine has work or is held by a request in flight.
     pub fn is_busy(&self) -> bool {
-        self.loaded_engine().is_some_and(|e| {
-            let stats = e.stats();
-            // Our clone plus the slot's: anything more is a request holding it.
-            Arc::strong_count(&e) > 2
-                || stats.active.load(Ordering::Relaxed) > 0
-                || stats.waiting.load(Ordering::Relaxed) > 0
-        })
+        // Our clone, the load slot's and the published one: anything more is a request.
+        self.loaded_engine().is_some_and(|e| in_use(&e, 3))
     }
 
     /// Unloads the model if nothing is using it: its memory is returned when the
@@ -154,14 +153,12 @@ impl ModelEntry {
             let Some(engine) = slot.as_ref() else {
                 return Ok(false);
             };
-            let stats = engine.stats();
-            let busy = Arc::strong_count(engine) > 1
-                || stats.active.load(Ordering::Relaxed) > 0
-                || stats.waiting.load(Ordering::Relaxed) > 0;
-            if busy {
+            // The load slot's reference and the published one are the registry's own.
+            if in_use(engine, 2) {
                 return Err(ModelError::InUse(self.id.clone()));
             }
             self.set_state(ModelState::Available);
+            self.publish(None);
             slot.take().expect("checked above")
         };
         let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
@@ -188,9 +185,19 @@ impl ModelEntry {
         self.state.store(state as u8, Ordering::Release);
     }
 
-    /// The loaded engine, if it is loaded; never waits.
+    /// The loaded engine, if it is loaded and alive; never waits on a load.
     pub fn loaded_engine(&self) -> Option<Arc<Engine>> {
-        self.engine.try_lock().ok().and_then(|g| g.clone())
+        self.loaded
+            .read()
+            .ok()
+            .and_then(|g| g.clone())
+            .filter(|e| e.is_alive())
+    }
+
+    fn publish(&self, engine: Option<Arc<Engine>>) {
+        if let Ok(mut slot) = self.loaded.write() {
+            *slot = engine;
+        }
     }
 
     /// The engine, loading it first if needed. With `wait == false`, a model that
@@ -215,7 +222,13 @@ impl ModelEntry {
         let task = tokio::spawn(async move {
             let mut slot = self.engine.clone().lock_owned().await;
             if let Some(engine) = slot.as_ref() {
-                return Ok(engine.clone());
+                if engine.is_alive() {
+                    return Ok(engine.clone());
+                }
+                tracing::warn!(model = %self.id, "the model's engine stopped; loading it again");
+                let dead = slot.take();
+                self.publish(None);
+                let _ = tokio::task::spawn_blocking(move || drop(dead)).await;
             }
             self.set_state(ModelState::Loading);
             let entry = self.clone();
@@ -232,6 +245,7 @@ impl ModelEntry {
             match loaded {
                 Ok(engine) => {
                     *slot = Some(engine.clone());
+                    self.publish(Some(engine.clone()));
                     self.set_state(ModelState::Loaded);
                     if let Ok(mut e) = self.last_error.lock() {
                         *e = None;
@@ -256,6 +270,15 @@ impl ModelEntry {
             })
         }
     }
+}
+
+/// Whether requests hold or keep `engine` busy, given how many references the
+/// caller itself accounts for.
+fn in_use(engine: &Arc<Engine>, own_references: usize) -> bool {
+    let stats = engine.stats();
+    Arc::strong_count(engine) > own_references
+        || stats.active.load(Ordering::Relaxed) > 0
+        || stats.waiting.load(Ordering::Relaxed) > 0
 }
 
 fn now_millis() -> u64 {

@@ -24,6 +24,9 @@ async fn bad_parameters_are_400_naming_the_field() {
         (json!({"top_p": 1.5}), "top_p"),
         (json!({"max_tokens": 0}), "max_tokens"),
         (json!({"n": 0}), "n"),
+        (json!({"n": 4294967295u64}), "n"),
+        (json!({"repeat_penalty": 0}), "repeat_penalty"),
+        (json!({"logit_bias": {"99999999": 5}}), "logit_bias"),
         (json!({"messages": []}), "messages"),
         (
             json!({"messages": [{"role": "wizard", "content": "x"}]}),
@@ -227,4 +230,39 @@ async fn a_taken_port_is_a_clear_error() {
         error.contains("--port 0"),
         "the message says how to get a free port: {error}"
     );
+}
+
+#[tokio::test]
+async fn regression_completions_errors_name_the_prompt_and_huge_batches_are_400() {
+    let app = TestApp::new(&[
+        ("LIGHT_N_CTX", "256"),
+        ("LIGHT_PARALLEL", "2"),
+        ("LIGHT_MAX_QUEUE", "2"),
+    ]);
+    let (status, _, body) = app
+        .post(
+            "/v1/completions",
+            json!({"model": "light", "prompt": "word ".repeat(400)}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(error_of(&body)["param"], "prompt");
+    // More sequences than the model can ever queue: a client mistake, not "retry later".
+    let prompts: Vec<String> = (0..5).map(|i| format!("Prompt {i}")).collect();
+    let (status, _, body) = app
+        .post(
+            "/v1/completions",
+            json!({"model": "light", "prompt": prompts, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_of(&body)["param"], "prompt");
+    // n far beyond anything is refused before anything is allocated for it.
+    let (status, _, body) = app
+        .post(
+            "/v1/completions",
+            json!({"model": "light", "prompt": "x", "n": 4294967295u64}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
 }

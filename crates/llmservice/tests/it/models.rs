@@ -256,3 +256,22 @@ async fn max_loaded_models_evicts_the_least_recently_used_idle_model() {
     let (_, health) = app.get("/health").await;
     assert_eq!(health["models"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn openapi_document_and_docs_page() {
+    let app = TestApp::new(&[]);
+    let (status, spec) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models/{id}",
+        "/tokenize",
+        "/metrics",
+    ] {
+        assert!(spec["paths"].get(path).is_some(), "{path} missing");
+    }
+    let page = app.router().oneshot_get("/docs/").await;
+    assert!(page.contains("Swagger UI"));
+}
