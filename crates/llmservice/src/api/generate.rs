@@ -375,9 +375,11 @@ pub fn sse_error(error: EngineError) -> String {
 
 pub fn log_done(metrics: &Metrics, model: &str, endpoint: &str, usage: &Usage, started: Instant) {
     metrics.observe_usage(model, usage);
+    // The one line per generation: request id (from the span), model, tokens, latency.
     tracing::info!(
         model,
         endpoint,
+        status = 200,
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
         cached_tokens = usage.cached_tokens,

@@ -163,3 +163,44 @@ async fn full_queue_answers_503_with_retry_after() {
     assert_eq!(error_of(&body)["code"], "queue_full");
     drop(long);
 }
+
+#[tokio::test]
+async fn a_configured_chat_template_replaces_the_models_own() {
+    // A plain-text template, as one would configure for a base model without one.
+    let template = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}";
+    let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", template)]);
+    let messages = json!([{"role": "user", "content": "Hello there"}]);
+    let (status, _, counted) = app
+        .post("/tokenize", json!({"model": "light", "messages": messages}))
+        .await;
+    assert_eq!(status, 200, "{counted}");
+    let (_, _, expected) = app
+        .post(
+            "/tokenize",
+            json!({"model": "light", "content": "USER: Hello there\nASSISTANT:"}),
+        )
+        .await;
+    assert_eq!(
+        counted["tokens"], expected["tokens"],
+        "the configured template rendered the prompt"
+    );
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "max_tokens": 3, "messages": messages}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], expected["count"]);
+
+    // A template that does not compile is reported when chatting, not a crash.
+    let broken = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", "{% for %}")]);
+    let (status, _, body) = broken
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "messages": messages}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_of(&body)["code"], "chat_template_missing");
+}
