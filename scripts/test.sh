@@ -9,8 +9,10 @@ cargo fmt --all --check
 cargo build --release --locked
 cargo test --release --locked
 
-if [ ! -x .venv/bin/pytest ]; then
+# (Re)install the suite's tools when the venv is new or the pins changed.
+if ! cmp -s tests/compat/requirements.txt .venv/requirements.installed; then
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check -r tests/compat/requirements.txt
+    cp tests/compat/requirements.txt .venv/requirements.installed
 fi
 .venv/bin/pytest -q tests/compat

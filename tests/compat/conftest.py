@@ -7,6 +7,8 @@ starts it.
 Environment:
   LLMSERVICE_BIN          server binary (default <repo>/target/release/llmservice)
   LLMSERVICE_TEST_MODEL   GGUF model (default <repo>/../shared/models/SmolLM2-135M-Instruct-Q4_1.gguf)
+  The embedding and reranker tiers use the MiniLM encoder and the synthetic reranker
+  found beside that model, when they are there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import pytest
 COMPAT_DIR = Path(__file__).resolve().parent
 REPO_ROOT = COMPAT_DIR.parent.parent
 MODEL_FILE_NAME = "SmolLM2-135M-Instruct-Q4_1.gguf"
+EMBEDDING_FILE_NAME = "all-MiniLM-L6-v2-f16.gguf"
+RERANKER_FILE_NAME = "SYNTHETIC-minilm-l6-reranker-f16.gguf"
 DEFAULT_BIN = REPO_ROOT / "target" / "release" / "llmservice"
 DEFAULT_MODEL = REPO_ROOT.parent / "shared" / "models" / MODEL_FILE_NAME
 
@@ -157,6 +161,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         LIGHT_N_THREADS="2",
         RUST_BACKTRACE="1",
     )
+    for tier, name in (("EMBEDDING", EMBEDDING_FILE_NAME), ("RERANKER", RERANKER_FILE_NAME)):
+        if (model.parent / name).is_file():
+            env[f"{tier}_MODEL_PATH"] = str(model.parent / name)
+            env[f"{tier}_N_THREADS"] = "2"
 
     # Requests to the local server must never go through an HTTP proxy.
     mp = pytest.MonkeyPatch()

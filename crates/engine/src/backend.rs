@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
@@ -14,6 +14,8 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::chat::ChatTemplate;
+use crate::embed::{EmbedJob, EmbedModel, EmbedOutputs, PendingEmbeddings, Pooling};
+use crate::heads::M3Heads;
 use crate::scheduler::{Scheduler, SchedulerStats};
 use crate::sequence::Sequence;
 use crate::{sampling, EngineError, EventStream, GenerateRequest, ModelKind, TokenId};
@@ -78,7 +80,21 @@ pub struct ModelInfo {
     pub chat_template_error: Option<String>,
     pub bos_token: String,
     pub eos_token: String,
+    /// Hidden size (the width of an embedding).
+    pub n_embd: u32,
+    /// How embeddings are pooled (embedding and reranker models only).
+    pub pooling: Option<Pooling>,
+    /// Most tokens one embedding or rerank input may have.
+    pub max_input_tokens: u32,
+    /// BGE-M3 heads found beside the model.
+    pub has_sparse_head: bool,
+    pub has_colbert_head: bool,
     add_bos: bool,
+    add_eos: bool,
+    add_sep: bool,
+    bos: TokenId,
+    eos: TokenId,
+    sep: TokenId,
 }
 
 pub(crate) fn shared_backend() -> Result<&'static LlamaBackend, EngineError> {
@@ -98,6 +114,8 @@ pub struct Engine {
     info: Arc<ModelInfo>,
     model: Arc<LlamaModel>,
     requests: Option<mpsc::Sender<Vec<Sequence>>>,
+    /// Embedding and reranker models take work here instead of `requests`.
+    embed_requests: Option<mpsc::Sender<EmbedJob>>,
     queue_timeout: std::time::Duration,
     capacity: Arc<Semaphore>,
     capacity_total: usize,
@@ -136,7 +154,9 @@ impl Engine {
         let parallel = config.parallel.max(1);
         let queue_timeout = config.queue_timeout;
         let capacity_total = parallel as usize + config.max_queue;
+        let encoder = summary.kind != ModelKind::Chat;
         let (requests, request_rx) = mpsc::channel(capacity_total);
+        let (embed_requests, embed_rx) = mpsc::channel::<EmbedJob>(capacity_total);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Ready>(1);
         let stats = Arc::new(SchedulerStats::default());
         let thread_stats = stats.clone();
@@ -155,6 +175,68 @@ impl Engine {
                         return;
                     }
                 };
+                let fail = |reason: String| EngineError::LoadFailed {
+                    path: thread_path.clone(),
+                    reason,
+                };
+                if encoder {
+                    let embed = match embed_model(&model, &thread_path, &config, &summary) {
+                        Ok(embed) => embed,
+                        Err(reason) => {
+                            let _ = ready_tx.send(Err(fail(reason)));
+                            return;
+                        }
+                    };
+                    let n_batch = embed.n_batch as u32;
+                    let pooling = if embed.pooling == Pooling::Rank {
+                        LlamaPoolingType::Rank
+                    } else {
+                        // Per-token rows: pooled here, and BGE-M3's heads need them.
+                        LlamaPoolingType::None
+                    };
+                    let ctx_params = LlamaContextParams::default()
+                        .with_n_ctx(NonZeroU32::new(n_batch))
+                        .with_n_batch(n_batch)
+                        // Non-causal models must see a whole batch in one ubatch
+                        // (llama.cpp aborts otherwise): the worker never exceeds it.
+                        .with_n_ubatch(n_batch)
+                        .with_n_seq_max(embed.n_seq_max as u32)
+                        .with_kv_unified(true)
+                        .with_embeddings(true)
+                        .with_pooling_type(pooling)
+                        .with_n_threads(config.n_threads)
+                        .with_n_threads_batch(config.n_threads_batch);
+                    let ctx = match model.new_context(backend, ctx_params) {
+                        Ok(ctx) => ctx,
+                        Err(e) => {
+                            let _ =
+                                ready_tx.send(Err(fail(format!("cannot create a context: {e}"))));
+                            return;
+                        }
+                    };
+                    let mut info = model_info(&model, &thread_path, &config, ctx.n_ctx(), summary);
+                    info.pooling = Some(embed.pooling);
+                    info.max_input_tokens = embed.n_batch as u32;
+                    info.n_ctx = embed.n_batch as u32;
+                    info.has_sparse_head = embed.heads.as_ref().is_some_and(|h| h.sparse.is_some());
+                    info.has_colbert_head =
+                        embed.heads.as_ref().is_some_and(|h| h.colbert.is_some());
+                    if ready_tx.send(Ok((model.clone(), info))).is_err() {
+                        return;
+                    }
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        crate::embed::run(ctx, &embed, embed_rx, &thread_stats)
+                    });
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!(
+                            "the embedding worker panicked; the model will be reloaded"
+                        );
+                        thread_stats
+                            .active
+                            .store(0, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return;
+                }
                 let ctx_params = LlamaContextParams::default()
                     .with_n_ctx(NonZeroU32::new(config.n_ctx.max(16)))
                     .with_n_batch(config.n_batch)
@@ -168,10 +250,7 @@ impl Engine {
                 let ctx = match model.new_context(backend, ctx_params) {
                     Ok(ctx) => ctx,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(EngineError::LoadFailed {
-                            path: thread_path,
-                            reason: format!("cannot create a context: {e}"),
-                        }));
+                        let _ = ready_tx.send(Err(fail(format!("cannot create a context: {e}"))));
                         return;
                     }
                 };
@@ -217,7 +296,8 @@ impl Engine {
         Ok(Self {
             info: Arc::new(info),
             model,
-            requests: Some(requests),
+            requests: (!encoder).then_some(requests),
+            embed_requests: encoder.then_some(embed_requests),
             queue_timeout,
             capacity: Arc::new(Semaphore::new(capacity_total)),
             capacity_total,
@@ -238,7 +318,11 @@ impl Engine {
     /// False once the scheduler thread has stopped (it panicked): the engine can
     /// take no more requests and should be replaced.
     pub fn is_alive(&self) -> bool {
-        self.requests.as_ref().is_some_and(|r| !r.is_closed())
+        match (&self.requests, &self.embed_requests) {
+            (Some(r), _) => !r.is_closed(),
+            (None, Some(e)) => !e.is_closed(),
+            (None, None) => false,
+        }
     }
 
     /// Sequences that may be running or waiting at once.
@@ -298,6 +382,12 @@ impl Engine {
         request: GenerateRequest,
         n: u32,
     ) -> Result<Vec<EventStream>, EngineError> {
+        if self.requests.is_none() {
+            return Err(EngineError::Unsupported(format!(
+                "this is a {} model: it cannot generate text",
+                self.info.kind.as_str()
+            )));
+        }
         if request.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -390,10 +480,195 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Queues inputs (token ids, specials included) of an embedding or reranker
+    /// model. Inputs from concurrent requests share decodes. Fails at once when
+    /// an input is too long, an output needs a head the model lacks, or the queue
+    /// is full.
+    pub fn embed(
+        &self,
+        inputs: Vec<Vec<TokenId>>,
+        outputs: EmbedOutputs,
+    ) -> Result<PendingEmbeddings, EngineError> {
+        let sender = self.embed_requests.as_ref().ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "this is a {} model: it does not compute embeddings",
+                self.info.kind.as_str()
+            ))
+        })?;
+        let reranker = self.info.pooling == Some(Pooling::Rank);
+        if (outputs.sparse || outputs.colbert) && reranker {
+            return Err(EngineError::Unsupported(
+                "a reranker computes scores, not sparse or ColBERT embeddings".to_owned(),
+            ));
+        }
+        if outputs.sparse && !self.info.has_sparse_head {
+            return Err(EngineError::Unsupported(
+                "sparse embeddings need BGE-M3's sparse_linear head (sparse_linear.pt or \
+                 .safetensors) beside the model file, and this model has none"
+                    .to_owned(),
+            ));
+        }
+        if outputs.colbert && !self.info.has_colbert_head {
+            return Err(EngineError::Unsupported(
+                "ColBERT embeddings need BGE-M3's colbert_linear head (colbert_linear.pt or \
+                 .safetensors) beside the model file, and this model has none"
+                    .to_owned(),
+            ));
+        }
+        if inputs.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let limit = self.info.max_input_tokens;
+        for (index, input) in inputs.iter().enumerate() {
+            if input.is_empty() {
+                return Err(EngineError::EmptyInput { index });
+            }
+            if input.len() > limit as usize {
+                return Err(EngineError::InputTooLong {
+                    index,
+                    tokens: input.len(),
+                    limit,
+                });
+            }
+            self.check_tokens(input)?;
+        }
+        let permit =
+            self.capacity
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| EngineError::QueueFull {
+                    capacity: self.capacity_total,
+                })?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = EmbedJob {
+            inputs: inputs
+                .into_iter()
+                .map(|i| i.into_iter().map(LlamaToken).collect())
+                .collect(),
+            outputs,
+            reply,
+            span: tracing::Span::current(),
+        };
+        sender.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull {
+                capacity: self.capacity_total,
+            },
+            mpsc::error::TrySendError::Closed(_) => EngineError::ShutDown,
+        })?;
+        Ok(PendingEmbeddings {
+            rx,
+            _permit: permit,
+        })
+    }
+
+    /// Tokenizes text for embedding: with the model's special tokens (`[CLS] … [SEP]`).
+    pub fn tokenize_input(&self, text: &str) -> Vec<TokenId> {
+        let mut tokens = self.tokenize(text, false, false);
+        if self.info.add_bos && self.info.bos >= 0 {
+            tokens.insert(0, self.info.bos);
+        }
+        if self.info.add_eos && self.info.eos >= 0 {
+            tokens.push(self.info.eos);
+        }
+        tokens
+    }
+
+    /// Cuts an input to the model's limit, keeping the closing special token.
+    pub fn truncate_input(&self, tokens: &mut Vec<TokenId>) {
+        let limit = self.info.max_input_tokens as usize;
+        if tokens.len() <= limit {
+            return;
+        }
+        let closing =
+            (self.info.add_eos && tokens.last() == Some(&self.info.eos)).then_some(self.info.eos);
+        tokens.truncate(limit - usize::from(closing.is_some()));
+        tokens.extend(closing);
+    }
+
+    /// A reranker's input for one (query, document) pair, laid out as llama.cpp's
+    /// server does: `[BOS] query [EOS] [SEP] document [EOS]`, each special where
+    /// the vocabulary asks for it (BERT: `[CLS] q [SEP] d [SEP]`).
+    pub fn rerank_pair(&self, query: &[TokenId], document: &[TokenId]) -> Vec<TokenId> {
+        let info = &self.info;
+        let eos = if info.eos >= 0 { info.eos } else { info.sep };
+        let mut pair = Vec::with_capacity(query.len() + document.len() + 4);
+        if info.add_bos && info.bos >= 0 {
+            pair.push(info.bos);
+        }
+        pair.extend_from_slice(query);
+        if info.add_eos && eos >= 0 {
+            pair.push(eos);
+        }
+        if info.add_sep && info.sep >= 0 {
+            pair.push(info.sep);
+        }
+        pair.extend_from_slice(document);
+        if info.add_eos && eos >= 0 {
+            pair.push(eos);
+        }
+        pair
+    }
+}
+
+/// How an encoder model is run: its pooling, heads and batch budget.
+fn embed_model(
+    model: &LlamaModel,
+    path: &Path,
+    config: &EngineConfig,
+    summary: &crate::GgufSummary,
+) -> Result<EmbedModel, String> {
+    let n_embd = model.n_embd().max(0) as usize;
+    let heads = if summary.kind == ModelKind::Embedding {
+        M3Heads::find(path, n_embd)?.map(Arc::new)
+    } else {
+        None
+    };
+    let pooling = match (summary.kind, summary.pooling_type) {
+        // Converted rerankers carry no pooling type: their head needs RANK.
+        (ModelKind::Reranker, _) => Pooling::Rank,
+        // BGE-M3 defines its dense vector as the normalized CLS row.
+        _ if heads.is_some() => Pooling::Cls,
+        (_, Some(2)) => Pooling::Cls,
+        (_, Some(3)) => Pooling::Last,
+        _ => Pooling::Mean,
+    };
+    let train = model.n_ctx_train().max(1);
+    let max_input = config.n_ctx.min(train).max(1);
+    // One input must fit one decode, whatever `n_batch` says.
+    let n_batch = config.n_batch.max(max_input) as usize;
+    let vocab = model.vocab();
+    let mut sparse_excluded: Vec<TokenId> = [vocab.bos(), vocab.eos(), vocab.sep(), vocab.pad()]
+        .iter()
+        .map(|t| t.0)
+        .chain(summary.unknown_token_id.map(|t| t as TokenId))
+        .filter(|&t| t >= 0)
+        .collect();
+    sparse_excluded.sort_unstable();
+    sparse_excluded.dedup();
+    tracing::info!(
+        path = %path.display(),
+        pooling = pooling.as_str(),
+        sparse_head = heads.as_ref().is_some_and(|h| h.sparse.is_some()),
+        colbert_head = heads.as_ref().is_some_and(|h| h.colbert.is_some()),
+        "encoder model"
+    );
+    Ok(EmbedModel {
+        pooling,
+        n_embd,
+        heads,
+        sparse_excluded,
+        n_batch,
+        // llama.cpp allows at most 256 sequences in one context.
+        n_seq_max: n_batch.min(128),
+    })
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         // Closing the channel tells the scheduler to finish accepted work and exit.
         self.requests.take();
+        self.embed_requests.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -470,6 +745,16 @@ fn model_info(
         chat_template_error,
         bos_token,
         eos_token,
+        n_embd: model.n_embd().max(0) as u32,
+        pooling: None,
+        max_input_tokens: n_ctx,
+        has_sparse_head: false,
+        has_colbert_head: false,
         add_bos: vocab.should_add_bos(),
+        add_eos: vocab.should_add_eos(),
+        add_sep: vocab.should_add_sep(),
+        bos: vocab.bos().0,
+        eos: vocab.eos().0,
+        sep: vocab.sep().0,
     }
 }

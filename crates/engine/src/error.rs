@@ -28,6 +28,16 @@ pub enum EngineError {
     QueueTimeout { waited_secs: u64 },
     #[error("{requested} choices requested but this model decodes at most {parallel} sequences together")]
     TooManyChoices { requested: u32, parallel: u32 },
+    #[error("input {index} has {tokens} tokens, more than this model's limit of {limit}")]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        limit: u32,
+    },
+    #[error("input {index} is empty")]
+    EmptyInput { index: usize },
+    #[error("{0}")]
+    Unsupported(String),
     #[error("the engine has shut down")]
     ShutDown,
     #[error("inference failed: {0}")]

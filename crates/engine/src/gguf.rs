@@ -34,6 +34,8 @@ pub struct GgufSummary {
     pub pooling_type: Option<u32>,
     pub context_length: Option<u64>,
     pub has_chat_template: bool,
+    /// `tokenizer.ggml.unknown_token_id` (llama.cpp's vocabulary API does not expose it).
+    pub unknown_token_id: Option<u32>,
 }
 
 /// Encoder-only architectures: always embedding (or, with a classifier, reranking) models.
@@ -72,6 +74,7 @@ pub fn inspect(path: &Path) -> Option<GgufSummary> {
         pooling_type,
         context_length: unsigned(&ctx, &format!("{architecture}.context_length")).map(u64::from),
         has_chat_template: ctx.find_key("tokenizer.chat_template") >= 0,
+        unknown_token_id: unsigned(&ctx, "tokenizer.ggml.unknown_token_id"),
         architecture,
     })
 }

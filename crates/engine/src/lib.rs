@@ -7,15 +7,18 @@ mod backend;
 pub mod bench;
 pub mod chat;
 pub mod detok;
+mod embed;
 mod error;
 mod event;
 mod gguf;
+pub mod heads;
 mod request;
 mod sampling;
 mod scheduler;
 mod sequence;
 
 pub use backend::{Engine, EngineConfig, ModelInfo};
+pub use embed::{normalize, EmbedOutputs, Embedding, PendingEmbeddings, Pooling};
 pub use error::EngineError;
 pub use event::{Event, EventStream, FinishReason, TokenLogprob, Usage};
 pub use gguf::{inspect, GgufSummary, ModelKind};

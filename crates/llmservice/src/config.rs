@@ -126,6 +126,8 @@ pub struct TierSettings {
     pub defaults: GenerationDefaults,
     /// Unload after this long unused; `None`: stay loaded.
     pub keep_alive: Option<Duration>,
+    /// Default `dimensions` of the tier's embeddings (`{TIER}_EMBEDDING_DIMENSION`).
+    pub embedding_dimension: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -410,6 +412,7 @@ fn tier_settings(tier: Tier, env: &dyn Env) -> Result<Option<TierSettings>, Conf
         engine,
         defaults,
         keep_alive: keep_alive(env, &name("KEEP_ALIVE"))?,
+        embedding_dimension: parse::<u32>(env, &[&name("EMBEDDING_DIMENSION")])?.filter(|&d| d > 0),
     }))
 }
 

@@ -32,18 +32,7 @@ pub fn key_for(
     if !cache.is_enabled() || !is_cacheable(temperature, f.seed, cache.settings().cache_all) {
         return None;
     }
-    // The file's identity, not just its name: a replaced model must not answer from
-    // the old one's cache.
-    let file = std::fs::metadata(&entry.path)
-        .map(|m| {
-            let modified = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            json!({"path": entry.path.display().to_string(), "len": m.len(), "modified": modified.to_string()})
-        })
-        .ok()?;
+    let file = file_identity(entry)?;
     Some(CacheKey::new(&json!({
         "endpoint": endpoint,
         "model": file,
@@ -68,6 +57,40 @@ pub fn key_for(
         "logprobs": f.logprobs,
         "top_logprobs": f.top_logprobs,
         "ignore_eos": f.ignore_eos,
+    })))
+}
+
+/// The model file's identity, not just its name: a replaced model must not
+/// answer from the old one's cache.
+fn file_identity(entry: &ModelEntry) -> Option<Value> {
+    let m = std::fs::metadata(&entry.path).ok()?;
+    let modified = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Some(
+        json!({"path": entry.path.display().to_string(), "len": m.len(), "modified": modified.to_string()}),
+    )
+}
+
+/// The key for a deterministic request (embeddings, rerank): the model file and
+/// everything in `payload`. `None` when caching is off.
+pub fn key_for_deterministic(
+    cache: &ResponseCache,
+    endpoint: &str,
+    entry: &ModelEntry,
+    payload: Value,
+) -> Option<CacheKey> {
+    if !cache.is_enabled() {
+        return None;
+    }
+    Some(CacheKey::new(&json!({
+        "endpoint": endpoint,
+        "model": file_identity(entry)?,
+        "context": entry.engine_config.n_ctx,
+        "batch": entry.engine_config.n_batch,
+        "payload": payload,
     })))
 }
 

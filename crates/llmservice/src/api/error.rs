@@ -65,6 +65,11 @@ impl ApiError {
         self
     }
 
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
@@ -121,6 +126,16 @@ impl From<EngineError> for ApiError {
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
             },
             EngineError::TooManyChoices { .. } => Self::invalid("n", message),
+            EngineError::InputTooLong { .. } => Self {
+                param: Some("input".to_owned()),
+                code: Some("context_length_exceeded"),
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            },
+            EngineError::EmptyInput { .. } => Self::invalid("input", message),
+            EngineError::Unsupported(_) => Self {
+                code: Some("unsupported_parameter"),
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            },
             EngineError::ShutDown => Self {
                 code: Some("shutting_down"),
                 retry_after_secs: Some(5),

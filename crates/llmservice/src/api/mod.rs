@@ -4,6 +4,7 @@
 mod cached;
 mod chat;
 mod completions;
+mod embeddings;
 pub mod error;
 mod generate;
 mod json;
@@ -91,6 +92,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/embeddings", post(embeddings::embeddings))
+        .route("/v1/rerank", post(embeddings::rerank))
+        .route("/rerank", post(embeddings::rerank))
         .route("/internal/cache/stats", get(cache_stats))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokens::tokenize))
@@ -162,6 +167,10 @@ fn route_label(path: &str) -> &'static str {
         "/v1/models/embeddings",
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
+        "/embeddings",
+        "/v1/rerank",
+        "/rerank",
         "/tokenize",
         "/detokenize",
         "/internal/cache/stats",

@@ -15,6 +15,8 @@ use super::types::*;
     paths(
         super::chat::chat_completions,
         super::completions::completions,
+        super::embeddings::embeddings,
+        super::embeddings::rerank,
         super::models::health,
         super::models::list_models,
         super::models::get_model,

@@ -84,6 +84,8 @@ pub struct ModelEntry {
     last_error: Mutex<Option<String>>,
     /// Unload after this long unused (`{TIER}_KEEP_ALIVE`); `None` keeps it loaded.
     pub keep_alive: Option<std::time::Duration>,
+    /// Default `dimensions` for embeddings (`{TIER}_EMBEDDING_DIMENSION`).
+    pub embedding_dimension: Option<u32>,
     /// Milliseconds since the Unix epoch of the last use.
     last_used: std::sync::atomic::AtomicU64,
 }
@@ -121,6 +123,7 @@ impl ModelEntry {
             state: AtomicU8::new(0),
             last_error: Mutex::new(None),
             keep_alive: None,
+            embedding_dimension: None,
             last_used: std::sync::atomic::AtomicU64::new(now_millis()),
         }
     }
@@ -333,6 +336,7 @@ impl Registry {
                     t.defaults.clone(),
                 );
                 entry.keep_alive = t.keep_alive;
+                entry.embedding_dimension = t.embedding_dimension;
                 Arc::new(entry)
             })
             .collect();
