@@ -330,6 +330,12 @@ impl Engine {
         self.capacity_total
     }
 
+    /// Requests accepted and not yet finished (queued, running, or streaming to a
+    /// client that still holds its stream).
+    pub fn in_flight(&self) -> usize {
+        self.capacity_total - self.capacity.available_permits()
+    }
+
     /// Text to tokens. `add_special` adds BOS when the model wants one;
     /// `parse_special` turns special-token text (`<|im_start|>`) into its token.
     pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<TokenId> {

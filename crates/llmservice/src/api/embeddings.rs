@@ -385,6 +385,9 @@ pub async fn rerank(
     if let Some(key) = &cache_key {
         if let Some(mut body) = cached::lookup(&state.cache, key).await {
             body["model"] = model.into();
+            if body.get("id").is_some() {
+                body["id"] = new_id("rerank").into();
+            }
             return Ok(cached::mark(axum::Json(body).into_response(), true));
         }
     }

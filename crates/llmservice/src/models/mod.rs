@@ -280,6 +280,7 @@ impl ModelEntry {
 fn in_use(engine: &Arc<Engine>, own_references: usize) -> bool {
     let stats = engine.stats();
     Arc::strong_count(engine) > own_references
+        || engine.in_flight() > 0
         || stats.active.load(Ordering::Relaxed) > 0
         || stats.waiting.load(Ordering::Relaxed) > 0
 }
