@@ -148,21 +148,26 @@ pub async fn embeddings(
             format!("input {index} is an empty string"),
         ));
     }
-    let mut inputs: Vec<Vec<TokenId>> = match &req.input {
-        PromptField::Text(text) => vec![engine.tokenize_input(text)],
-        PromptField::Texts(texts) => {
-            check_count("input", texts.len(), MAX_INPUTS)?;
-            texts.iter().map(|t| engine.tokenize_input(t)).collect()
-        }
-        PromptField::Tokens(tokens) => vec![token_input(&engine, tokens)?],
-        PromptField::TokenLists(lists) => {
-            check_count("input", lists.len(), MAX_INPUTS)?;
-            lists
-                .iter()
-                .map(|t| token_input(&engine, t))
-                .collect::<Result<_, _>>()?
-        }
-    };
+    // Tokenizing up to 2048 long texts is real CPU work: keep it off the async threads.
+    let (input, tokenizer) = (req.input.clone(), engine.clone());
+    let mut inputs = off_async(move || -> Result<Vec<Vec<TokenId>>, ApiError> {
+        Ok(match &input {
+            PromptField::Text(text) => vec![tokenizer.tokenize_input(text)],
+            PromptField::Texts(texts) => {
+                check_count("input", texts.len(), MAX_INPUTS)?;
+                texts.iter().map(|t| tokenizer.tokenize_input(t)).collect()
+            }
+            PromptField::Tokens(tokens) => vec![token_input(&tokenizer, tokens)?],
+            PromptField::TokenLists(lists) => {
+                check_count("input", lists.len(), MAX_INPUTS)?;
+                lists
+                    .iter()
+                    .map(|t| token_input(&tokenizer, t))
+                    .collect::<Result<_, _>>()?
+            }
+        })
+    })
+    .await?;
     if let Some(index) = inputs.iter().position(Vec::is_empty) {
         return Err(ApiError::invalid(
             "input",
@@ -395,12 +400,15 @@ pub async fn rerank(
         .registry
         .engine(&entry, generate::wants_to_wait(&headers))
         .await?;
-    let query = engine.tokenize(&req.query, false, false);
-    let mut pairs: Vec<Vec<TokenId>> = req
-        .documents
-        .iter()
-        .map(|d| engine.rerank_pair(&query, &engine.tokenize(d.text(), false, false)))
-        .collect();
+    let (query, documents, tokenizer) = (req.query.clone(), req.documents.clone(), engine.clone());
+    let mut pairs = off_async(move || -> Result<Vec<Vec<TokenId>>, ApiError> {
+        let query = tokenizer.tokenize(&query, false, false);
+        Ok(documents
+            .iter()
+            .map(|d| tokenizer.rerank_pair(&query, &tokenizer.tokenize(d.text(), false, false)))
+            .collect())
+    })
+    .await?;
     if req.truncate == Some(true) {
         pairs.iter_mut().for_each(|p| engine.truncate_input(p));
     }
@@ -468,6 +476,15 @@ pub async fn rerank(
         cached::store(&state.cache, key, body.clone());
     }
     Ok(cached::mark(axum::Json(body).into_response(), false))
+}
+
+/// Runs CPU-bound request preparation on the blocking pool.
+async fn off_async<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("tokenization failed: {e}"))))
 }
 
 fn sigmoid(x: f32) -> f32 {

@@ -12,7 +12,7 @@ fn greedy() -> Value {
            "messages": [{"role": "user", "content": "Name three colors."}]})
 }
 
-async fn wait_for_entries(app: &TestApp, n: u64) {
+pub async fn wait_for_entries(app: &TestApp, n: u64) {
     for _ in 0..200 {
         if app.state.cache.stats().entries >= n {
             return;
