@@ -108,14 +108,20 @@ pub(crate) fn shared_backend() -> Result<&'static LlamaBackend, EngineError> {
         .map_err(|e| EngineError::Inference(format!("llama.cpp backend: {e}")))
 }
 
+/// The engine thread's inbox: generation models take sequences, embedding and
+/// reranker models take embedding jobs.
+enum Queue {
+    Generate(mpsc::Sender<Vec<Sequence>>),
+    Embed(mpsc::Sender<EmbedJob>),
+}
+
 /// A loaded model with its scheduler thread. Dropping it stops accepting work,
 /// lets accepted requests finish, and joins the thread.
 pub struct Engine {
     info: Arc<ModelInfo>,
     model: Arc<LlamaModel>,
-    requests: Option<mpsc::Sender<Vec<Sequence>>>,
-    /// Embedding and reranker models take work here instead of `requests`.
-    embed_requests: Option<mpsc::Sender<EmbedJob>>,
+    /// Where requests go; `None` once the engine is shutting down.
+    queue: Option<Queue>,
     queue_timeout: std::time::Duration,
     capacity: Arc<Semaphore>,
     capacity_total: usize,
@@ -216,8 +222,8 @@ impl Engine {
                     };
                     let mut info = model_info(&model, &thread_path, &config, ctx.n_ctx(), summary);
                     info.pooling = Some(embed.pooling);
-                    info.max_input_tokens = embed.n_batch as u32;
-                    info.n_ctx = embed.n_batch as u32;
+                    info.max_input_tokens = embed.max_input as u32;
+                    info.n_ctx = embed.max_input as u32;
                     info.has_sparse_head = embed.heads.as_ref().is_some_and(|h| h.sparse.is_some());
                     info.has_colbert_head =
                         embed.heads.as_ref().is_some_and(|h| h.colbert.is_some());
@@ -296,8 +302,11 @@ impl Engine {
         Ok(Self {
             info: Arc::new(info),
             model,
-            requests: (!encoder).then_some(requests),
-            embed_requests: encoder.then_some(embed_requests),
+            queue: Some(if encoder {
+                Queue::Embed(embed_requests)
+            } else {
+                Queue::Generate(requests)
+            }),
             queue_timeout,
             capacity: Arc::new(Semaphore::new(capacity_total)),
             capacity_total,
@@ -318,10 +327,10 @@ impl Engine {
     /// False once the scheduler thread has stopped (it panicked): the engine can
     /// take no more requests and should be replaced.
     pub fn is_alive(&self) -> bool {
-        match (&self.requests, &self.embed_requests) {
-            (Some(r), _) => !r.is_closed(),
-            (None, Some(e)) => !e.is_closed(),
-            (None, None) => false,
+        match &self.queue {
+            Some(Queue::Generate(q)) => !q.is_closed(),
+            Some(Queue::Embed(q)) => !q.is_closed(),
+            None => false,
         }
     }
 
@@ -388,12 +397,16 @@ impl Engine {
         request: GenerateRequest,
         n: u32,
     ) -> Result<Vec<EventStream>, EngineError> {
-        if self.requests.is_none() {
-            return Err(EngineError::Unsupported(format!(
-                "this is a {} model: it cannot generate text",
-                self.info.kind.as_str()
-            )));
-        }
+        let sender = match &self.queue {
+            Some(Queue::Generate(sender)) => sender,
+            Some(Queue::Embed(_)) => {
+                return Err(EngineError::Unsupported(format!(
+                    "this is a {} model: it cannot generate text",
+                    self.info.kind.as_str()
+                )))
+            }
+            None => return Err(EngineError::ShutDown),
+        };
         if request.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -431,7 +444,6 @@ impl Engine {
                     capacity: self.capacity_total,
                 })?,
         );
-        let sender = self.requests.as_ref().ok_or(EngineError::ShutDown)?;
         let max_tokens = request.max_tokens.clamp(1, n_ctx - prompt);
         let tokens: Vec<LlamaToken> = request.prompt.iter().map(|&t| LlamaToken(t)).collect();
         let first_arrival = self
@@ -496,12 +508,16 @@ impl Engine {
         inputs: Vec<Vec<TokenId>>,
         outputs: EmbedOutputs,
     ) -> Result<PendingEmbeddings, EngineError> {
-        let sender = self.embed_requests.as_ref().ok_or_else(|| {
-            EngineError::Unsupported(format!(
-                "this is a {} model: it does not compute embeddings",
-                self.info.kind.as_str()
-            ))
-        })?;
+        let sender = match &self.queue {
+            Some(Queue::Embed(sender)) => sender,
+            Some(Queue::Generate(_)) => {
+                return Err(EngineError::Unsupported(format!(
+                    "this is a {} model: it does not compute embeddings",
+                    self.info.kind.as_str()
+                )))
+            }
+            None => return Err(EngineError::ShutDown),
+        };
         let reranker = self.info.pooling == Some(Pooling::Rank);
         if (outputs.sparse || outputs.colbert) && reranker {
             return Err(EngineError::Unsupported(
@@ -640,9 +656,11 @@ fn embed_model(
         _ => Pooling::Mean,
     };
     let train = model.n_ctx_train().max(1);
+    // Past its training context an encoder has no position embeddings.
     let max_input = config.n_ctx.min(train).max(1);
     // One input must fit one decode, whatever `n_batch` says.
     let n_batch = config.n_batch.max(max_input) as usize;
+    let max_input = max_input as usize;
     let vocab = model.vocab();
     let mut sparse_excluded: Vec<TokenId> = [vocab.bos(), vocab.eos(), vocab.sep(), vocab.pad()]
         .iter()
@@ -665,6 +683,7 @@ fn embed_model(
         heads,
         sparse_excluded,
         n_batch,
+        max_input,
         // llama.cpp allows at most 256 sequences in one context.
         n_seq_max: n_batch.min(128),
     })
@@ -673,8 +692,7 @@ fn embed_model(
 impl Drop for Engine {
     fn drop(&mut self) {
         // Closing the channel tells the scheduler to finish accepted work and exit.
-        self.requests.take();
-        self.embed_requests.take();
+        self.queue.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

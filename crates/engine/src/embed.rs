@@ -91,8 +91,10 @@ pub(crate) struct EmbedModel {
     pub heads: Option<Arc<M3Heads>>,
     /// Token ids that never carry lexical weight (BOS/CLS, EOS, SEP, PAD, UNK).
     pub sparse_excluded: Vec<TokenId>,
-    /// Most tokens in one decode; also the most one input may have.
+    /// Most tokens in one decode (at least `max_input`).
     pub n_batch: usize,
+    /// Most tokens one input may have: the context, capped by the model's training context.
+    pub max_input: usize,
     /// Most sequences in one decode.
     pub n_seq_max: usize,
 }

@@ -241,6 +241,29 @@ async fn embedding_mistakes_are_clear_400s() {
 }
 
 #[tokio::test]
+async fn a_large_batch_budget_does_not_raise_the_input_limit() {
+    // 2048-token decodes, but MiniLM has 512 positions: inputs stay limited to 512.
+    let app = embedding_app(&[("EMBEDDING_N_BATCH", "2048")]);
+    let long = "word ".repeat(600);
+    let (status, _, body) = app
+        .post(
+            "/v1/embeddings",
+            json!({"model": "embedding", "input": long}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(error_of(&body)["message"].as_str().unwrap().contains("512"));
+    let (status, _, body) = app
+        .post(
+            "/v1/embeddings",
+            json!({"model": "embedding", "input": [long.clone(), long, "short"], "truncate": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], 512 + 512 + 3);
+}
+
+#[tokio::test]
 async fn concurrent_requests_share_decodes() {
     let app = embedding_app(&[]);
     let base = app.spawn().await;
