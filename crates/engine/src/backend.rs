@@ -14,6 +14,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::chat::ChatTemplate;
+use crate::constraint::{CompiledConstraint, Constraint, ConstraintState};
 use crate::embed::{EmbedJob, EmbedModel, EmbedOutputs, PendingEmbeddings, Pooling};
 use crate::heads::M3Heads;
 use crate::scheduler::{Scheduler, SchedulerStats};
@@ -120,6 +121,7 @@ enum Queue {
 pub struct Engine {
     info: Arc<ModelInfo>,
     model: Arc<LlamaModel>,
+    grammars: crate::constraint::Grammars,
     /// Where requests go; `None` once the engine is shutting down.
     queue: Option<Queue>,
     queue_timeout: std::time::Duration,
@@ -301,6 +303,7 @@ impl Engine {
         );
         Ok(Self {
             info: Arc::new(info),
+            grammars: crate::constraint::Grammars::new(model.clone()),
             model,
             queue: Some(if encoder {
                 Queue::Embed(embed_requests)
@@ -384,6 +387,37 @@ impl Engine {
         }
     }
 
+    /// The id of `text` when it is one control token of the vocabulary (such
+    /// as `[TOOL_CALLS]`): a grammar must name such tokens by id, since their
+    /// text is not what ordinary tokens spell.
+    pub fn control_token(&self, text: &str) -> Option<TokenId> {
+        let tokens = self.tokenize(text, false, true);
+        let [token] = tokens[..] else {
+            return None;
+        };
+        let plain = self
+            .model
+            .vocab()
+            .token_to_piece(LlamaToken(token), false, None);
+        plain.is_empty().then_some(token)
+    }
+
+    /// Compiles a JSON schema or grammar for [`GenerateRequest::constraint`].
+    /// A constraint this model cannot follow is [`EngineError::InvalidGrammar`].
+    /// Blocking: the first call builds the vocabulary trie (a few hundred ms).
+    pub fn compile_constraint(
+        &self,
+        constraint: &Constraint,
+    ) -> Result<CompiledConstraint, EngineError> {
+        if self.info.kind != ModelKind::Chat {
+            return Err(EngineError::Unsupported(format!(
+                "this is a {} model: it cannot generate text",
+                self.info.kind.as_str()
+            )));
+        }
+        self.grammars.compile(constraint)
+    }
+
     /// Queues a request. Fails at once when the prompt cannot fit or the queue is full.
     pub fn submit(&self, request: GenerateRequest) -> Result<EventStream, EngineError> {
         Ok(self.submit_n(request, 1)?.remove(0))
@@ -436,6 +470,13 @@ impl Engine {
                 completion: 1,
             });
         }
+        let mut constraints = Vec::with_capacity(n as usize);
+        if let Some(compiled) = &request.constraint {
+            for _ in 0..n {
+                constraints.push(ConstraintState::start(&self.model, compiled)?);
+            }
+        }
+        let mut constraints = constraints.into_iter();
         let mut permits = Some(
             self.capacity
                 .clone()
@@ -466,7 +507,9 @@ impl Engine {
                 request.span.clone(),
                 first_arrival + u64::from(choice),
             );
+            seq.constraint = constraints.next();
             seq.ignore_eos = request.ignore_eos;
+            seq.special_text = request.special_text;
             seq.logprobs = request.logprobs;
             seq.reuse_prefix = request.sampling.seed.is_none();
             seq.deadline = Some(deadline);

@@ -38,6 +38,9 @@ pub enum EngineError {
     EmptyInput { index: usize },
     #[error("{0}")]
     Unsupported(String),
+    /// A schema or grammar that cannot constrain this model's output.
+    #[error("{0}")]
+    InvalidGrammar(String),
     #[error("the engine has shut down")]
     ShutDown,
     #[error("inference failed: {0}")]

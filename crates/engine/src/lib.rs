@@ -6,6 +6,7 @@
 mod backend;
 pub mod bench;
 pub mod chat;
+mod constraint;
 pub mod detok;
 mod embed;
 mod error;
@@ -18,6 +19,7 @@ mod scheduler;
 mod sequence;
 
 pub use backend::{Engine, EngineConfig, ModelInfo};
+pub use constraint::{with_json_options, CompiledConstraint, Constraint};
 pub use embed::{normalize, EmbedOutputs, Embedding, PendingEmbeddings, Pooling};
 pub use error::EngineError;
 pub use event::{Event, EventStream, FinishReason, TokenLogprob, Usage};

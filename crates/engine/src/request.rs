@@ -53,6 +53,11 @@ pub struct GenerateRequest {
     pub logprobs: Option<u32>,
     /// Keep generating through end-of-generation tokens (benchmarks compare equal work).
     pub ignore_eos: bool,
+    /// Emit the text of special tokens too (tool-call markers such as Mistral's
+    /// `[TOOL_CALLS]` are control tokens the tool-call parser must see).
+    pub special_text: bool,
+    /// What the output must match, compiled with [`crate::Engine::compile_constraint`].
+    pub constraint: Option<crate::CompiledConstraint>,
     /// The request's tracing span: engine-side logs for it are recorded inside it.
     pub span: tracing::Span,
 }

@@ -15,6 +15,7 @@ use llama_cpp_2::DecodeError;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
+use crate::constraint::Step;
 use crate::sequence::Sequence;
 use crate::{EngineError, FinishReason, TokenLogprob};
 
@@ -376,13 +377,42 @@ impl<'m> Scheduler<'m> {
         let Some(seq) = self.slots[slot_idx].active.as_mut() else {
             return;
         };
-        let token = seq.sampler.sample(&self.ctx, index);
         let vocab = self.model.vocab();
+        let (token, complete) = match seq.constraint.as_mut() {
+            None => (seq.sampler.sample(&self.ctx, index), false),
+            Some(constraint) => {
+                let step =
+                    constraint.sample(&mut seq.sampler, self.ctx.get_logits_ith(index), |t| {
+                        vocab.is_eog(t)
+                    });
+                match step {
+                    Ok(Step {
+                        token: Some(token),
+                        complete,
+                    }) => (token, complete),
+                    Ok(Step { token: None, .. }) => {
+                        let mut seq = self.slots[slot_idx].active.take().expect("active");
+                        seq.finish(FinishReason::Stop);
+                        self.release(slot_idx, seq);
+                        return;
+                    }
+                    Err(message) => {
+                        let mut seq = self.slots[slot_idx].active.take().expect("active");
+                        tracing::error!(parent: &seq.span, %message, "constrained sampling failed");
+                        seq.fail(EngineError::Inference(format!(
+                            "constrained sampling failed: {message}"
+                        )));
+                        self.release(slot_idx, seq);
+                        return;
+                    }
+                }
+            }
+        };
         let is_eog = vocab.is_eog(token);
         let piece = if is_eog {
             Vec::new()
         } else {
-            vocab.token_to_piece(token, false, None)
+            vocab.token_to_piece(token, seq.special_text, None)
         };
         let logprob = seq
             .logprobs
@@ -397,6 +427,9 @@ impl<'m> Scheduler<'m> {
                 )
             });
         let mut finish = seq.accept(token, &piece, is_eog, logprob);
+        if finish.is_none() && complete {
+            finish = Some(FinishReason::Stop);
+        }
         if finish.is_none() && seq.tokens.len() >= self.n_ctx {
             finish = Some(FinishReason::Length);
         }

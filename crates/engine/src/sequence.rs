@@ -32,6 +32,8 @@ pub(crate) struct Sequence {
     /// preemption must not recount cached prompt tokens or time out).
     pub started: bool,
     pub ignore_eos: bool,
+    /// Special tokens produce their text instead of nothing.
+    pub special_text: bool,
     /// `Some(k)`: report logprobs with `k` alternatives.
     pub logprobs: Option<u32>,
     pub group: Option<Group>,
@@ -48,6 +50,8 @@ pub(crate) struct Sequence {
     /// A stop string ended generation: nothing held back may be emitted.
     stopped_by_string: bool,
     pub sampler: LlamaSampler,
+    /// The grammar the output must follow, if any.
+    pub constraint: Option<crate::constraint::ConstraintState>,
     utf8: Utf8Assembler,
     stops: StopMatcher,
     /// Logprobs of tokens whose text is still held back.
@@ -81,6 +85,7 @@ impl Sequence {
             cached_tokens: 0,
             started: false,
             ignore_eos: false,
+            special_text: false,
             logprobs: None,
             group: None,
             reuse_prefix: true,
@@ -89,6 +94,7 @@ impl Sequence {
             queued_at: Instant::now(),
             stopped_by_string: false,
             sampler,
+            constraint: None,
             utf8: Utf8Assembler::new(),
             stops: StopMatcher::new(stops),
             pending_logprobs: Vec::new(),

@@ -45,6 +45,7 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     supports_tools: bool,
+    tool_call_format: super::ToolCallFormat,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -100,11 +101,19 @@ impl ChatTemplate {
             .map_err(|e| TemplateError::Compile(describe(&e)))?
             .undeclared_variables(false)
             .contains("tools");
+        // A template that cannot show tools to the model cannot teach it a
+        // syntax either: such models are asked for the generic JSON form.
+        let tool_call_format = if supports_tools {
+            super::ToolCallFormat::detect(source)
+        } else {
+            super::ToolCallFormat::GenericJson
+        };
         Ok(Self {
             env,
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
             supports_tools,
+            tool_call_format,
         })
     }
 
@@ -112,6 +121,11 @@ impl ChatTemplate {
     /// definitions to the model itself.
     pub fn supports_tools(&self) -> bool {
         self.supports_tools
+    }
+
+    /// How this model writes tool calls.
+    pub fn tool_call_format(&self) -> super::ToolCallFormat {
+        self.tool_call_format
     }
 
     pub fn render(&self, input: &RenderInput<'_>) -> Result<String, TemplateError> {

@@ -103,7 +103,7 @@ pub struct ParsedOutput {
 /// `content`; a block whose JSON is malformed stays there verbatim, markers
 /// included, so nothing the model wrote is lost.
 pub fn parse(format: ToolCallFormat, text: &str) -> ParsedOutput {
-    parse_with_ids(format, text, random_id)
+    parse_with_ids(format, text, move || new_call_id(format))
 }
 
 /// [`parse`] with call ids taken from `ids` (deterministic ids for tests).
@@ -186,7 +186,7 @@ enum Mode {
 
 impl ToolCallStream {
     pub fn new(format: ToolCallFormat) -> Self {
-        Self::with_id_source(format, random_id)
+        Self::with_id_source(format, move || new_call_id(format))
     }
 
     /// A stream whose call ids come from `ids` instead of random ones.
@@ -435,6 +435,16 @@ fn collect(deltas: Vec<StreamDelta>) -> ParsedOutput {
         }
     }
     parsed
+}
+
+/// A fresh id for a call in `format`: Mistral's templates reject anything but
+/// 9 alphanumerics; everyone else gets OpenAI's shape.
+pub fn new_call_id(format: ToolCallFormat) -> String {
+    let id = random_id();
+    match format {
+        ToolCallFormat::MistralNemo | ToolCallFormat::MistralV11 => id[id.len() - 9..].to_owned(),
+        _ => id,
+    }
 }
 
 /// `call_` and 24 alphanumerics, like OpenAI's ids.

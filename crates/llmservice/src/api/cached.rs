@@ -135,6 +135,13 @@ pub fn replay(mut body: Value, chat: bool, stream: bool, include_usage: bool) ->
     if !stream {
         return mark(axum::Json(body).into_response(), true);
     }
+    mark(stream_body(body, chat, include_usage), true)
+}
+
+/// A finished answer as the SSE stream a generation would have sent: the role
+/// (chat), the text with its logprobs, each tool call (its header, then its
+/// arguments), the finish reason, then usage when asked.
+pub fn stream_body(body: Value, chat: bool, include_usage: bool) -> Response {
     let object = if chat {
         "chat.completion.chunk"
     } else {
@@ -156,7 +163,23 @@ pub fn replay(mut body: Value, chat: bool, stream: bool, include_usage: bool) ->
         let index = &choice["index"];
         if chat {
             payloads.push(base(json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])));
-            payloads.push(base(json!([{"index": index, "delta": {"content": choice["message"]["content"]}, "logprobs": choice["logprobs"], "finish_reason": null}])));
+            let message = &choice["message"];
+            if message["content"].is_string() || !choice["logprobs"].is_null() {
+                payloads.push(base(json!([{"index": index, "delta": {"content": message["content"]}, "logprobs": choice["logprobs"], "finish_reason": null}])));
+            }
+            for (i, call) in message["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                payloads.push(base(json!([{"index": index, "delta": {"tool_calls": [{"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}]}, "logprobs": null, "finish_reason": null}])));
+                payloads.push(base(json!([{"index": index, "delta": {"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}, "logprobs": null, "finish_reason": null}])));
+            }
+            if let Some(call) = message.get("function_call").filter(|c| c.is_object()) {
+                payloads.push(base(json!([{"index": index, "delta": {"function_call": {"name": call["name"], "arguments": ""}}, "logprobs": null, "finish_reason": null}])));
+                payloads.push(base(json!([{"index": index, "delta": {"function_call": {"arguments": call["arguments"]}}, "logprobs": null, "finish_reason": null}])));
+            }
             payloads.push(base(json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": choice["finish_reason"]}])));
         } else {
             payloads.push(base(json!([{"text": choice["text"], "index": index, "logprobs": choice["logprobs"], "finish_reason": null}])));
@@ -168,5 +191,5 @@ pub fn replay(mut body: Value, chat: bool, stream: bool, include_usage: bool) ->
         last["usage"] = body["usage"].clone();
         payloads.push(last.to_string());
     }
-    mark(sse(futures_util::stream::iter(payloads)), true)
+    sse(futures_util::stream::iter(payloads))
 }

@@ -5,17 +5,22 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use engine::chat::{normalize_messages, RenderInput};
+use engine::chat::{
+    normalize_messages, ChatTemplate, ParsedOutput, RenderInput, StreamDelta, ToolCallFormat,
+    ToolCallStream,
+};
 use engine::{Event, ModelKind};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::cached;
 use super::error::ApiError;
+use super::functions;
 use super::generate::{
     self, build_request, finish_reason_str, new_id, now_unix, sse, sse_error, wire_json,
 };
 use super::json::Json;
+use super::tools::{self, ToolChoice, ToolPlan};
 use super::types::*;
 use super::AppState;
 
@@ -28,7 +33,7 @@ const ROLES: &[&str] = &[
     "function",
 ];
 
-#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest, responses((status = 200, description = "A completion, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending with `data: [DONE]`", body = ChatCompletion), (status = 400, description = "Bad parameters or context overflow", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, queue timeout, or model loading (with Retry-After)", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest, responses((status = 200, description = "A completion, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending with `data: [DONE]`", body = ChatCompletion), (status = 400, description = "Bad parameters, a schema or grammar that cannot be compiled, or context overflow", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, queue timeout, or model loading (with Retry-After)", body = ErrorResponse)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -36,8 +41,31 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     generate::validate(&req.sampling)?;
-    reject_unsupported(&req)?;
     let messages = prepare_messages(&req.messages)?;
+    let plan = tools::plan(&req)?;
+    let output = tools::output_constraint(&req)?;
+    let tools_active = plan.as_ref().is_some_and(ToolPlan::active);
+    if output.is_some() && tools_active {
+        return Err(ApiError::unsupported(
+            if req.grammar.is_some() {
+                "grammar"
+            } else {
+                "response_format"
+            },
+            "a response_format or grammar cannot be combined with tools the model may call; \
+             send tool_choice \"none\" or leave the tools out",
+        ));
+    }
+    let builtins = plan
+        .as_ref()
+        .is_some_and(|p| p.execute_builtins && p.active());
+    let n = req.sampling.n.unwrap_or(1);
+    if builtins && n > 1 {
+        return Err(ApiError::invalid(
+            "n",
+            "execute_builtin_functions runs one conversation: n must be 1",
+        ));
+    }
 
     let entry = state.registry.resolve(&req.model)?;
     if entry.kind != ModelKind::Chat {
@@ -57,14 +85,25 @@ pub async fn chat_completions(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let cache_key = cached::key_for(
-        &state.cache,
-        "chat",
-        &entry,
-        &req.sampling,
-        &entry.defaults,
-        json!({"messages": messages, "chat_template_kwargs": req.chat_template_kwargs}),
-    );
+    // Built-in functions read the clock: their answers are never reused.
+    let cache_key = (!builtins)
+        .then(|| {
+            cached::key_for(
+                &state.cache,
+                "chat",
+                &entry,
+                &req.sampling,
+                &entry.defaults,
+                json!({
+                    "messages": messages,
+                    "chat_template_kwargs": req.chat_template_kwargs,
+                    "tools": plan.as_ref().map(|p| (p.template_tools(), format!("{:?}", p.choice), p.parallel, p.legacy)),
+                    "response_format": req.response_format,
+                    "grammar": req.grammar,
+                }),
+            )
+        })
+        .flatten();
     if let Some(key) = &cache_key {
         if let Some(mut body) = cached::lookup(&state.cache, key).await {
             body["model"] = req.model.clone().into();
@@ -85,18 +124,91 @@ pub async fn chat_completions(
         )
         .with_code("chat_template_missing")
     })?;
-    let prompt = template
-        .render(&RenderInput {
-            messages: &messages,
-            tools: None,
-            add_generation_prompt: true,
-            extra: req.chat_template_kwargs.as_ref(),
-        })
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let tokens = engine.tokenize_chat_prompt(&prompt);
+    let format = template.tool_call_format();
+    let (constraint, constraint_param) = match (&output, &plan) {
+        (Some(c), _) => (
+            Some(c.clone()),
+            if req.grammar.is_some() {
+                "grammar"
+            } else {
+                "response_format"
+            },
+        ),
+        (None, Some(p)) if p.forced() => (
+            Some(tools::call_constraint(p, format, &|t| {
+                engine.control_token(t)
+            })),
+            if p.legacy { "functions" } else { "tools" },
+        ),
+        _ => (None, ""),
+    };
+    let compiled = match constraint {
+        Some(c) => {
+            let compiler = engine.clone();
+            let compiled = tokio::task::spawn_blocking(move || compiler.compile_constraint(&c))
+                .await
+                .map_err(|e| ApiError::internal(format!("grammar compiler failed: {e}")))?;
+            Some(compiled.map_err(|e| {
+                let mut error = ApiError::from(e);
+                if error.status.is_client_error() {
+                    error.param = Some(constraint_param.to_owned());
+                    error.message = format!("{constraint_param} cannot be used: {}", error.message);
+                }
+                error
+            })?)
+        }
+        None => None,
+    };
+    let job = Job {
+        template,
+        format,
+        plan: plan.clone(),
+        extra: req.chat_template_kwargs.as_ref(),
+    };
     let logprobs = chat_logprobs_request(&req.sampling)?;
-    let request = build_request(&req.sampling, &entry.defaults, &engine, tokens, logprobs)?;
-    let n = req.sampling.n.unwrap_or(1);
+    let id = new_id("chatcmpl");
+    let created = now_unix();
+    let model = req.model.clone();
+    let with_logprobs = logprobs.is_some();
+
+    if builtins {
+        let plan = plan.as_ref().expect("builtins come with a plan");
+        let (done, usage) = run_builtin_rounds(
+            &state,
+            &entry,
+            &engine,
+            &job,
+            &req.sampling,
+            messages,
+            compiled,
+            logprobs,
+            started,
+        )
+        .await?;
+        generate::log_done(&state.metrics, &entry.id, "chat", &usage, started);
+        let parsed = parse_output(Some(plan), format, &done.text);
+        let completion = ChatCompletion {
+            id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: vec![choice_of(0, parsed, Some(plan), &done, with_logprobs)],
+            usage: usage.into(),
+            system_fingerprint: None,
+        };
+        let body = serde_json::to_value(&completion).expect("wire types always serialize");
+        return Ok(if stream {
+            // The rounds ran to the end: the client gets the final answer as a stream.
+            cached::mark(cached::stream_body(body, true, include_usage), false)
+        } else {
+            cached::mark(axum::Json(body).into_response(), false)
+        });
+    }
+
+    let tokens = job.prompt(&engine, &messages, plan.as_ref())?;
+    let mut request = build_request(&req.sampling, &entry.defaults, &engine, tokens, logprobs)?;
+    request.constraint = compiled;
+    request.special_text = tools_active;
     let choices = generate::start(
         engine.submit_n(request, n)?,
         &state.metrics,
@@ -105,10 +217,7 @@ pub async fn chat_completions(
     )
     .await?;
 
-    let id = new_id("chatcmpl");
-    let created = now_unix();
-    let model = req.model.clone();
-    let with_logprobs = logprobs.is_some();
+    let plan = plan.filter(ToolPlan::active);
     if !stream {
         let done = generate::collect_all(choices).await?;
         let usages: Vec<_> = done.iter().map(|d| d.usage).collect();
@@ -120,16 +229,11 @@ pub async fn chat_completions(
             created,
             model,
             choices: done
-                .into_iter()
+                .iter()
                 .enumerate()
-                .map(|(index, d)| ChatChoice {
-                    index: index as u32,
-                    logprobs: with_logprobs.then(|| generate::chat_logprobs(&d.logprobs)),
-                    message: ChatMessage {
-                        role: "assistant",
-                        content: d.text,
-                    },
-                    finish_reason: finish_reason_str(d.finish_reason),
+                .map(|(index, d)| {
+                    let parsed = parse_output(plan.as_ref(), format, &d.text);
+                    choice_of(index as u32, parsed, plan.as_ref(), d, with_logprobs)
                 })
                 .collect(),
             usage: usage.into(),
@@ -166,27 +270,43 @@ pub async fn chat_completions(
     let entry_id = entry.id.clone();
     let metrics = state.metrics.clone();
     let mut events = Box::pin(generate::merge(choices));
+    let legacy = plan.as_ref().is_some_and(|p| p.legacy);
     let payloads = async_stream::stream! {
         for index in 0..n {
-            let first = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+            let first = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
             yield wire_json(&chunk(index, first, None, None));
         }
         let mut usages = vec![engine::Usage::default(); n as usize];
-        let mut texts = vec![String::new(); n as usize];
+        let mut parsers: Vec<Option<ToolCallStream>> =
+            (0..n).map(|_| plan.as_ref().map(|_| ToolCallStream::new(format))).collect();
+        let mut outputs = vec![ParsedOutput::default(); n as usize];
         let mut all_logprobs = vec![Vec::new(); n as usize];
+        let mut pending_logprobs = vec![Vec::new(); n as usize];
         let mut finishes = vec!["stop"; n as usize];
         let mut remaining = n;
         while let Some((index, event)) = events.next().await {
             let i = index as usize;
             match event {
                 Event::Text { text, logprobs } => {
-                    texts[i].push_str(&text);
-                    let wire = with_logprobs.then(|| generate::chat_logprobs(&logprobs));
-                    all_logprobs[i].extend(logprobs);
-                    yield wire_json(&chunk(index, ChatDelta { role: None, content: Some(text) }, wire, None));
+                    all_logprobs[i].extend(logprobs.iter().cloned());
+                    pending_logprobs[i].extend(logprobs);
+                    let deltas = match &mut parsers[i] {
+                        Some(parser) => parser.push(&text),
+                        None => vec![StreamDelta::Content(text)],
+                    };
+                    for delta in deltas {
+                        let wire = with_logprobs.then(|| generate::chat_logprobs(&std::mem::take(&mut pending_logprobs[i])));
+                        yield wire_json(&chunk(index, stream_delta(&mut outputs[i], delta, legacy), wire, None));
+                    }
                 }
                 Event::Done { finish_reason, usage } => {
-                    finishes[i] = finish_reason_str(finish_reason);
+                    if let Some(parser) = &mut parsers[i] {
+                        for delta in parser.finish() {
+                            let wire = with_logprobs.then(|| generate::chat_logprobs(&std::mem::take(&mut pending_logprobs[i])));
+                            yield wire_json(&chunk(index, stream_delta(&mut outputs[i], delta, legacy), wire, None));
+                        }
+                    }
+                    finishes[i] = finish_str(finish_reason, &outputs[i], legacy);
                     yield wire_json(&chunk(index, ChatDelta::default(), None, Some(finishes[i])));
                     usages[i] = usage;
                     remaining -= 1;
@@ -198,11 +318,10 @@ pub async fn chat_completions(
                                 object: "chat.completion",
                                 created,
                                 model: model.clone(),
-                                choices: (0..n as usize).map(|c| ChatChoice {
-                                    index: c as u32,
-                                    message: ChatMessage { role: "assistant", content: std::mem::take(&mut texts[c]) },
-                                    logprobs: with_logprobs.then(|| generate::chat_logprobs(&all_logprobs[c])),
-                                    finish_reason: finishes[c],
+                                choices: (0..n as usize).map(|c| {
+                                    let mut choice = message_choice(c as u32, std::mem::take(&mut outputs[c]), legacy, finishes[c]);
+                                    choice.logprobs = with_logprobs.then(|| generate::chat_logprobs(&all_logprobs[c]));
+                                    choice
                                 }).collect(),
                                 usage: usage.into(),
                                 system_fingerprint: None,
@@ -235,6 +354,240 @@ pub async fn chat_completions(
     Ok(cached::mark(sse(payloads), false))
 }
 
+/// Most rounds a request with built-in functions runs before answering with
+/// whatever the model said last.
+const MAX_BUILTIN_ROUNDS: usize = 5;
+
+/// What rendering a conversation needs besides its messages.
+struct Job<'a> {
+    template: &'a ChatTemplate,
+    format: ToolCallFormat,
+    plan: Option<ToolPlan>,
+    extra: Option<&'a serde_json::Map<String, Value>>,
+}
+
+impl Job<'_> {
+    /// The prompt tokens for `messages`, tools shown the way the template can.
+    fn prompt(
+        &self,
+        engine: &engine::Engine,
+        messages: &[Value],
+        plan: Option<&ToolPlan>,
+    ) -> Result<Vec<engine::TokenId>, ApiError> {
+        let plan = plan.filter(|p| p.active());
+        let tools = plan.map(ToolPlan::template_tools);
+        let mut messages = messages.to_vec();
+        let show_tools = self.template.supports_tools();
+        if !show_tools {
+            tools::adapt_for_generic(&mut messages, plan);
+        }
+        let prompt = self
+            .template
+            .render(&RenderInput {
+                messages: &messages,
+                tools: tools.as_deref().filter(|_| show_tools),
+                add_generation_prompt: true,
+                extra: self.extra,
+            })
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        Ok(engine.tokenize_chat_prompt(&prompt))
+    }
+}
+
+/// Generates, runs the built-in functions the model calls, appends their
+/// results and generates again, until the model answers (or calls something
+/// the client must run). Returns the last round with the usage of all rounds.
+#[allow(clippy::too_many_arguments)]
+async fn run_builtin_rounds(
+    state: &AppState,
+    entry: &crate::models::ModelEntry,
+    engine: &std::sync::Arc<engine::Engine>,
+    job: &Job<'_>,
+    sampling: &SamplingFields,
+    mut messages: Vec<Value>,
+    mut compiled: Option<engine::CompiledConstraint>,
+    logprobs: Option<u32>,
+    started: Instant,
+) -> Result<(generate::Collected, engine::Usage), ApiError> {
+    let mut plan = job.plan.clone().expect("builtins come with a plan");
+    let mut total = engine::Usage::default();
+    for round in 0..MAX_BUILTIN_ROUNDS {
+        let tokens = job.prompt(engine, &messages, Some(&plan))?;
+        let mut request = build_request(sampling, &entry.defaults, engine, tokens, logprobs)?;
+        request.constraint = compiled.take();
+        request.special_text = true;
+        let choices = generate::start(
+            engine.submit_n(request, 1)?,
+            &state.metrics,
+            &entry.id,
+            started,
+        )
+        .await?;
+        let done = generate::collect_all(choices).await?.remove(0);
+        total.prompt_tokens += done.usage.prompt_tokens;
+        total.completion_tokens += done.usage.completion_tokens;
+        total.cached_tokens += done.usage.cached_tokens;
+        let parsed = parse_output(Some(&plan), job.format, &done.text);
+        let runnable: Option<Vec<_>> = parsed
+            .tool_calls
+            .iter()
+            .map(|c| functions::find(&c.name).map(|b| (c, b)))
+            .collect();
+        let runnable = runnable.filter(|calls| !calls.is_empty());
+        let Some(calls) = runnable.filter(|_| round + 1 < MAX_BUILTIN_ROUNDS) else {
+            return Ok((done, total));
+        };
+        tracing::debug!(round, calls = calls.len(), "running built-in functions");
+        messages.push(json!({
+            "role": "assistant",
+            "content": parsed.content,
+            "tool_calls": parsed.tool_calls.iter().map(tools::wire_call).collect::<Vec<_>>(),
+        }));
+        for (call, builtin) in calls {
+            let result = functions::execute(builtin, &call.arguments);
+            messages.push(json!({
+                "role": "tool",
+                "tool_call_id": call.id,
+                "name": call.name,
+                "content": result.to_string(),
+            }));
+        }
+        normalize_messages(&mut messages);
+        // The call the client insisted on has been made: now the model answers.
+        if plan.forced() {
+            plan.choice = ToolChoice::Auto;
+        }
+    }
+    unreachable!("the last round always returns")
+}
+
+/// The output split into content and calls, when tools were offered.
+fn parse_output(plan: Option<&ToolPlan>, format: ToolCallFormat, text: &str) -> ParsedOutput {
+    match plan.filter(|p| p.active()) {
+        Some(_) => engine::chat::parse(format, text),
+        None => ParsedOutput {
+            content: text.to_owned(),
+            tool_calls: Vec::new(),
+        },
+    }
+}
+
+fn finish_str(reason: engine::FinishReason, output: &ParsedOutput, legacy: bool) -> &'static str {
+    match (output.tool_calls.is_empty(), legacy) {
+        (true, _) => finish_reason_str(reason),
+        (false, false) => "tool_calls",
+        (false, true) => "function_call",
+    }
+}
+
+/// The assistant message for a parsed output: calls as `tool_calls`, or as
+/// the legacy `function_call` (the first call) for `functions` requests.
+fn message_choice(
+    index: u32,
+    output: ParsedOutput,
+    legacy: bool,
+    finish_reason: &'static str,
+) -> ChatChoice {
+    let has_calls = !output.tool_calls.is_empty();
+    let content = if has_calls && output.content.trim().is_empty() {
+        None
+    } else {
+        Some(output.content)
+    };
+    let (tool_calls, function_call) = match (has_calls, legacy) {
+        (false, _) => (None, None),
+        (true, false) => (
+            Some(output.tool_calls.iter().map(tools::wire_call).collect()),
+            None,
+        ),
+        (true, true) => {
+            let first = &output.tool_calls[0];
+            (
+                None,
+                Some(json!({"name": first.name, "arguments": first.arguments})),
+            )
+        }
+    };
+    ChatChoice {
+        index,
+        message: ChatMessage {
+            role: "assistant",
+            content,
+            tool_calls,
+            function_call,
+        },
+        logprobs: None,
+        finish_reason,
+    }
+}
+
+fn choice_of(
+    index: u32,
+    parsed: ParsedOutput,
+    plan: Option<&ToolPlan>,
+    done: &generate::Collected,
+    with_logprobs: bool,
+) -> ChatChoice {
+    let legacy = plan.is_some_and(|p| p.legacy);
+    let finish = finish_str(done.finish_reason, &parsed, legacy);
+    let mut choice = message_choice(index, parsed, legacy, finish);
+    choice.logprobs = with_logprobs.then(|| generate::chat_logprobs(&done.logprobs));
+    choice
+}
+
+/// One parser delta as a chunk's delta, recorded into `output` too.
+fn stream_delta(output: &mut ParsedOutput, delta: StreamDelta, legacy: bool) -> ChatDelta {
+    match delta {
+        StreamDelta::Content(text) => {
+            output.content.push_str(&text);
+            ChatDelta {
+                content: Some(text),
+                ..Default::default()
+            }
+        }
+        StreamDelta::ToolCallStart { index, id, name } => {
+            output.tool_calls.push(engine::chat::ToolCall {
+                id: id.clone(),
+                name: name.clone(),
+                arguments: String::new(),
+            });
+            if legacy {
+                return ChatDelta {
+                    function_call: (index == 0).then(|| json!({"name": name, "arguments": ""})),
+                    ..Default::default()
+                };
+            }
+            ChatDelta {
+                tool_calls: Some(vec![json!({
+                    "index": index,
+                    "id": id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                })]),
+                ..Default::default()
+            }
+        }
+        StreamDelta::ToolCallArguments { index, fragment } => {
+            if let Some(call) = output.tool_calls.get_mut(index) {
+                call.arguments.push_str(&fragment);
+            }
+            if legacy {
+                return ChatDelta {
+                    function_call: (index == 0).then(|| json!({"arguments": fragment})),
+                    ..Default::default()
+                };
+            }
+            ChatDelta {
+                tool_calls: Some(vec![json!({
+                    "index": index,
+                    "function": {"arguments": fragment},
+                })]),
+                ..Default::default()
+            }
+        }
+    }
+}
+
 /// Chat asks with `logprobs: true` and `top_logprobs: k`.
 fn chat_logprobs_request(f: &SamplingFields) -> Result<Option<u32>, ApiError> {
     match &f.logprobs {
@@ -253,37 +606,6 @@ fn chat_logprobs_request(f: &SamplingFields) -> Result<Option<u32>, ApiError> {
             "logprobs must be true or false",
         )),
     }
-}
-
-fn reject_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported(
-            "tools",
-            "tool calling is not supported yet",
-        ));
-    }
-    if req.functions.as_ref().is_some_and(|f| !f.is_empty()) {
-        return Err(ApiError::unsupported(
-            "functions",
-            "function calling is not supported yet",
-        ));
-    }
-    if let Some(format) = &req.response_format {
-        let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
-        if kind != "text" {
-            return Err(ApiError::unsupported(
-                "response_format",
-                format!("response_format type {kind:?} is not supported yet"),
-            ));
-        }
-    }
-    if req.grammar.is_some() {
-        return Err(ApiError::unsupported(
-            "grammar",
-            "grammar-constrained output is not supported yet",
-        ));
-    }
-    Ok(())
 }
 
 /// Checks the history's shape and turns it into what chat templates expect:
@@ -348,6 +670,7 @@ pub(super) fn prepare_messages(messages: &[Value]) -> Result<Vec<Value>, ApiErro
         object.insert("content".into(), content);
         out.push(Value::Object(object));
     }
+    tools::check_history(&out)?;
     normalize_messages(&mut out);
     Ok(out)
 }

@@ -136,6 +136,11 @@ impl From<EngineError> for ApiError {
                 code: Some("unsupported_parameter"),
                 ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
             },
+            // The caller names the field (response_format, grammar or tool_choice).
+            EngineError::InvalidGrammar(_) => Self {
+                code: Some("invalid_grammar"),
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            },
             EngineError::ShutDown => Self {
                 code: Some("shutting_down"),
                 retry_after_secs: Some(5),

@@ -196,6 +196,8 @@ pub fn build_request(
         sampling,
         ignore_eos: f.ignore_eos.unwrap_or(false),
         logprobs,
+        constraint: None,
+        special_text: false,
         span: tracing::Span::current(),
     })
 }

@@ -6,11 +6,13 @@ mod chat;
 mod completions;
 mod embeddings;
 pub mod error;
+mod functions;
 mod generate;
 mod json;
 mod models;
 mod openapi;
 mod tokens;
+mod tools;
 pub mod types;
 
 use std::sync::Arc;
@@ -92,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/functions", get(functions::list_functions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/embeddings", post(embeddings::embeddings))
         .route("/v1/rerank", post(embeddings::rerank))

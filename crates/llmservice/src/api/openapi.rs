@@ -17,6 +17,7 @@ use super::types::*;
         super::completions::completions,
         super::embeddings::embeddings,
         super::embeddings::rerank,
+        super::functions::list_functions,
         super::models::health,
         super::models::list_models,
         super::models::get_model,

@@ -59,9 +59,17 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Vec<Value>>,
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Legacy function calling: `functions` and `function_call` map onto tools.
     #[schema(value_type = Option<Vec<Object>>)]
     pub functions: Option<Vec<Value>>,
+    #[schema(value_type = Option<Object>)]
+    pub function_call: Option<Value>,
+    /// llama.cpp GBNF grammar the output must follow (root rule `root`).
     pub grammar: Option<String>,
+    /// Run calls of the server's built-in functions (`GET /v1/functions`) and
+    /// continue the conversation until the model answers.
+    pub execute_builtin_functions: Option<bool>,
     /// Extra variables for the chat template (e.g. `enable_thinking`), as llama-server accepts.
     #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
@@ -117,7 +125,15 @@ impl From<engine::Usage> for Usage {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the message is only tool calls, as OpenAI sends it.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// Legacy `functions` requests get their call here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub function_call: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -146,6 +162,14 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// `[{index, id, type, function: {name, arguments}}]` first, then
+    /// `[{index, function: {arguments}}]` pieces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tool_calls: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub function_call: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -1,0 +1,273 @@
+//! Constrained decoding: grammars that decide, token by token, what a sequence
+//! may sample.
+//!
+//! JSON schemas, Lark grammars and regexes compile with llguidance into a
+//! matcher that yields an allowed-token mask per step (tens of µs). Raw GBNF
+//! (llama.cpp's grammar language, which existing clients send) goes through
+//! llama.cpp's own grammar sampler, checked the way llama.cpp's `common_sampler`
+//! does it: the token sampled without the grammar is kept when the grammar
+//! accepts it, and only otherwise is the whole vocabulary filtered (that filter
+//! costs several times a decode step on a large vocabulary).
+//!
+//! Either way the constrained token is drawn by the request's own sampler chain
+//! from the allowed tokens only, so output never leaves the grammar: there is no
+//! repair afterwards, and a grammar that cannot be compiled is refused before
+//! anything is generated.
+
+use std::sync::{Arc, OnceLock};
+
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::token::LlamaToken;
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use serde_json::Value;
+
+use crate::EngineError;
+
+/// What a request's output must match.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Constraint {
+    /// A JSON schema (draft 2020-12 subset llguidance supports). Output is one
+    /// JSON value, compact (no free whitespace), that validates.
+    JsonSchema(Value),
+    /// llguidance's Lark dialect, with `%json {schema}` for embedded JSON.
+    Lark(String),
+    /// llama.cpp GBNF with a `root` rule.
+    Gbnf(String),
+}
+
+/// A constraint checked against the model's vocabulary, ready to start a sequence.
+#[derive(Clone)]
+pub struct CompiledConstraint(Compiled);
+
+#[derive(Clone)]
+enum Compiled {
+    Llg(Box<Matcher>),
+    Gbnf(String),
+}
+
+impl std::fmt::Debug for CompiledConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Compiled::Llg(_) => f.write_str("CompiledConstraint(llguidance)"),
+            Compiled::Gbnf(_) => f.write_str("CompiledConstraint(gbnf)"),
+        }
+    }
+}
+
+/// Separators llguidance uses for JSON: compact like `json.dumps(separators=...)`
+/// with a space, and no free whitespace. Free whitespace would let a model pad
+/// forever inside an object and never close it.
+fn json_options() -> Value {
+    serde_json::json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+        // oneOf is taken as anyOf: generated values are disjoint in practice,
+        // and refusing every schema with oneOf (pydantic writes them for
+        // discriminated unions) would be worse.
+        "coerce_one_of": true,
+    })
+}
+
+/// Adds our JSON options to a schema (its own `x-guidance` settings win).
+pub fn with_json_options(schema: &Value) -> Value {
+    let mut schema = schema.clone();
+    if let Value::Object(map) = &mut schema {
+        let mut options = json_options();
+        if let (Some(Value::Object(own)), Value::Object(opts)) =
+            (map.get("x-guidance"), &mut options)
+        {
+            for (k, v) in own {
+                opts.insert(k.clone(), v.clone());
+            }
+        }
+        map.insert("x-guidance".into(), options);
+    }
+    schema
+}
+
+/// The per-model grammar compiler: the vocabulary trie is built on first use
+/// (a few hundred ms for a large vocabulary) and shared by every request.
+pub(crate) struct Grammars {
+    model: Arc<LlamaModel>,
+    factory: OnceLock<Result<Arc<ParserFactory>, String>>,
+}
+
+impl Grammars {
+    pub fn new(model: Arc<LlamaModel>) -> Self {
+        Self {
+            model,
+            factory: OnceLock::new(),
+        }
+    }
+
+    fn factory(&self) -> Result<Arc<ParserFactory>, EngineError> {
+        self.factory
+            .get_or_init(|| {
+                let env = LlamaSampler::llguidance_tok_env(&self.model);
+                let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+                factory.quiet();
+                Ok(Arc::new(factory))
+            })
+            .clone()
+            .map_err(|e| EngineError::Inference(format!("grammar engine: {e}")))
+    }
+
+    /// Compiles a constraint against this model's vocabulary. Blocking (a large
+    /// schema takes milliseconds): call it off the async threads.
+    pub fn compile(&self, constraint: &Constraint) -> Result<CompiledConstraint, EngineError> {
+        let grammar = match constraint {
+            Constraint::Gbnf(source) => {
+                // Compiled here only to report errors now; each sequence builds its own.
+                gbnf_sampler(&self.model, source)?;
+                return Ok(CompiledConstraint(Compiled::Gbnf(source.clone())));
+            }
+            Constraint::JsonSchema(schema) => {
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(EngineError::InvalidGrammar(
+                        "a JSON schema must be an object".to_owned(),
+                    ));
+                }
+                TopLevelGrammar::from_json_schema(with_json_options(schema))
+            }
+            Constraint::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
+        };
+        let factory = self.factory()?;
+        let parser = factory
+            .create_parser(grammar)
+            .map_err(|e| EngineError::InvalidGrammar(e.to_string()))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(error) = matcher.get_error() {
+            return Err(EngineError::InvalidGrammar(error));
+        }
+        Ok(CompiledConstraint(Compiled::Llg(Box::new(matcher))))
+    }
+}
+
+fn gbnf_sampler(model: &LlamaModel, source: &str) -> Result<LlamaSampler, EngineError> {
+    LlamaSampler::grammar(model, source, "root").map_err(|e| {
+        EngineError::InvalidGrammar(format!(
+            "the GBNF grammar does not compile ({e}); it needs a `root` rule, \
+             and llama.cpp's log names the failing rule"
+        ))
+    })
+}
+
+/// One sequence's live constraint.
+pub(crate) enum ConstraintState {
+    Llg(Box<Matcher>),
+    Gbnf(LlamaSampler),
+}
+
+/// What constrained sampling decided.
+pub(crate) struct Step {
+    /// `None` when the grammar was already complete.
+    pub token: Option<LlamaToken>,
+    /// The grammar is complete and allows nothing more: the output ends here.
+    pub complete: bool,
+}
+
+impl ConstraintState {
+    /// A fresh state for one sequence (each choice of `n` gets its own).
+    pub fn start(model: &LlamaModel, compiled: &CompiledConstraint) -> Result<Self, EngineError> {
+        Ok(match &compiled.0 {
+            Compiled::Llg(matcher) => Self::Llg(Box::new(matcher.deep_clone())),
+            Compiled::Gbnf(source) => Self::Gbnf(gbnf_sampler(model, source)?),
+        })
+    }
+
+    /// Draws the next token with `chain` from the tokens the grammar allows.
+    /// `logits` are the raw logits of this position. The chain and the grammar
+    /// both record the token.
+    pub fn sample(
+        &mut self,
+        chain: &mut LlamaSampler,
+        logits: &[f32],
+        is_eog: impl Fn(LlamaToken) -> bool,
+    ) -> Result<Step, String> {
+        let token = match self {
+            Self::Llg(matcher) => {
+                if matcher.is_stopped() {
+                    return Ok(Step {
+                        token: None,
+                        complete: true,
+                    });
+                }
+                let mask = matcher.compute_mask().map_err(|e| e.to_string())?;
+                let mut allowed = Vec::new();
+                mask.iter_set_entries(|id| {
+                    if let Some(&logit) = logits.get(id) {
+                        allowed.push(LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0));
+                    }
+                });
+                draw(chain, allowed)?
+            }
+            Self::Gbnf(grammar) => {
+                let all = || {
+                    logits
+                        .iter()
+                        .enumerate()
+                        .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0))
+                };
+                // Fast path: most tokens a model picks are ones the grammar allows.
+                let mut free = LlamaTokenDataArray::from_iter(all(), false);
+                free.apply_sampler(chain);
+                let candidate = free.selected_token();
+                let accepted = candidate.filter(|&t| {
+                    let mut one =
+                        LlamaTokenDataArray::new(vec![LlamaTokenData::new(t, 0.0, 0.0)], false);
+                    one.apply_sampler(grammar);
+                    one.data.first().is_some_and(|d| d.logit().is_finite())
+                });
+                match accepted {
+                    Some(token) => token,
+                    None => {
+                        let mut filtered = LlamaTokenDataArray::from_iter(all(), false);
+                        filtered.apply_sampler(grammar);
+                        let allowed: Vec<_> = filtered
+                            .data
+                            .into_iter()
+                            .filter(|d| d.logit().is_finite())
+                            .collect();
+                        draw(chain, allowed)?
+                    }
+                }
+            }
+        };
+        chain.accept(token);
+        let mut complete = false;
+        if !is_eog(token) {
+            match self {
+                Self::Llg(matcher) => {
+                    matcher
+                        .consume_token(token.0 as u32)
+                        .map_err(|e| e.to_string())?;
+                    // Stopping now saves decoding a token only to learn that
+                    // the grammar allows nothing after it.
+                    complete = matcher.is_stopped();
+                }
+                Self::Gbnf(grammar) => grammar.accept(token),
+            }
+        }
+        Ok(Step {
+            token: Some(token),
+            complete,
+        })
+    }
+}
+
+/// Runs the sampler chain over `allowed` only and returns what it selected.
+fn draw(chain: &mut LlamaSampler, allowed: Vec<LlamaTokenData>) -> Result<LlamaToken, String> {
+    if allowed.is_empty() {
+        return Err("the grammar allows no token of this model's vocabulary here".to_owned());
+    }
+    let mut array = LlamaTokenDataArray::new(allowed, false);
+    array.apply_sampler(chain);
+    array
+        .selected_token()
+        .ok_or_else(|| "the sampler selected no token".to_owned())
+}
