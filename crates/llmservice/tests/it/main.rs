@@ -10,3 +10,4 @@ mod errors;
 mod generation;
 mod models;
 mod streaming;
+mod structured;

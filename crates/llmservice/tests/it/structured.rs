@@ -1,0 +1,225 @@
+//! Constrained output and tool calls on the real SmolLM2: GBNF, the Hermes
+//! tool syntax through a configured Qwen 2.5 template (streamed and not),
+//! built-in functions, and the 400s for what cannot be honoured.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn qwen_template() -> String {
+    shared_models()
+        .join("../templates/qwen25.jinja")
+        .display()
+        .to_string()
+}
+
+fn weather_tools() -> Value {
+    json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+            "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}}])
+}
+
+fn chunks_of(body: &Value) -> Vec<Value> {
+    let payloads = sse_payloads(body.as_str().expect("an SSE body"));
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn gbnf_grammar_constrains_every_sample() {
+    let app = TestApp::new(&[]);
+    let grammar = r#"root ::= answer " because " reason
+answer ::= "yes" | "no"
+reason ::= [a-z]+ (" " [a-z]+){0,4} "."
+"#;
+    for seed in 0..4 {
+        let (status, _, body) = app
+            .post(
+                "/v1/chat/completions",
+                json!({"model": "light", "temperature": 1.0, "seed": seed, "max_tokens": 60, "grammar": grammar,
+                    "messages": [{"role": "user", "content": "Is the sky blue?"}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+        let (answer, reason) = text.split_once(" because ").expect(text);
+        assert!(answer == "yes" || answer == "no", "{text}");
+        assert!(reason.ends_with('.'), "{text}");
+        let words: Vec<&str> = reason.trim_end_matches('.').split(' ').collect();
+        assert!((1..=5).contains(&words.len()), "{text}");
+        assert!(words
+            .iter()
+            .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase())));
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    }
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "grammar": "root ::= missing-rule", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_of(&body)["param"], "grammar");
+    assert_eq!(error_of(&body)["code"], "invalid_grammar");
+}
+
+#[tokio::test]
+async fn hermes_tool_calls_stream_exactly_like_the_whole_answer() {
+    let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen_template())]);
+    let request = |stream: bool| {
+        json!({"model": "light", "temperature": 0, "max_tokens": 200, "stream": stream,
+            "tools": weather_tools(), "tool_choice": "required", "parallel_tool_calls": false,
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}]})
+    };
+    let (status, _, whole) = app.post("/v1/chat/completions", request(false)).await;
+    assert_eq!(status, 200, "{whole}");
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let calls = choice["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["type"], "function");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let arguments: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string());
+    assert!(["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()));
+
+    let (status, _, body) = app.post("/v1/chat/completions", request(true)).await;
+    assert_eq!(status, 200);
+    let chunks = chunks_of(&body);
+    let mut streamed_arguments = String::new();
+    let mut starts = 0;
+    for chunk in &chunks {
+        let delta = &chunk["choices"][0]["delta"];
+        if let Some(content) = delta["content"].as_str() {
+            assert!(
+                !content.contains("<tool_call>"),
+                "raw tag leaked: {content}"
+            );
+        }
+        let Some(calls) = delta["tool_calls"].as_array() else {
+            continue;
+        };
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0]["index"], 0);
+        if calls[0].get("id").is_some() {
+            starts += 1;
+            assert_eq!(calls[0]["type"], "function");
+            assert_eq!(calls[0]["function"]["name"], "get_weather");
+        } else {
+            // Later fragments carry only the index and argument text.
+            assert_eq!(calls[0].as_object().unwrap().len(), 2, "{chunk}");
+            assert!(calls[0]["function"].get("name").is_none());
+        }
+        streamed_arguments.push_str(calls[0]["function"]["arguments"].as_str().unwrap());
+    }
+    assert_eq!(starts, 1);
+    assert_eq!(streamed_arguments, calls[0]["function"]["arguments"]);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // The call and its result go back into the history and render.
+    let call_id = calls[0]["id"].clone();
+    let (status, _, next) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "temperature": 0, "max_tokens": 20, "tools": weather_tools(),
+                "messages": [
+                    {"role": "user", "content": "What is the weather in Paris?"},
+                    {"role": "assistant", "content": null, "tool_calls": calls},
+                    {"role": "tool", "tool_call_id": call_id, "content": "{\"temperature\": 21}"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{next}");
+    assert!(next["usage"]["prompt_tokens"].as_u64().unwrap() > 150);
+}
+
+#[tokio::test]
+async fn builtin_functions_run_and_the_conversation_continues() {
+    let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen_template())]);
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "temperature": 0, "max_tokens": 80, "execute_builtin_functions": true,
+                "tool_choice": {"type": "function", "function": {"name": "get_current_time"}},
+                "messages": [{"role": "user", "content": "What time is it in Tokyo?"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // One round alone is the prompt and one forced call; a second round
+    // re-reads the prompt with the call and the function's result appended.
+    let (_, _, single) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "temperature": 0, "max_tokens": 80,
+                "tools": crate::structured::builtin_tools(&app).await,
+                "tool_choice": {"type": "function", "function": {"name": "get_current_time"}},
+                "messages": [{"role": "user", "content": "What time is it in Tokyo?"}]}),
+        )
+        .await;
+    assert_eq!(single["choices"][0]["finish_reason"], "tool_calls");
+    let one_round = single["usage"]["prompt_tokens"].as_u64().unwrap();
+    let rounds = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(rounds > 2 * one_round, "{rounds} vs {one_round}");
+
+    let (status, list) = app.get("/v1/functions").await;
+    assert_eq!(status, 200);
+    assert!(list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["name"] == "convert_timezone"));
+}
+
+/// The built-ins as ordinary tools, in registry order.
+pub async fn builtin_tools(app: &TestApp) -> Value {
+    let (_, list) = app.get("/v1/functions").await;
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| json!({"type": "function", "function": f}))
+        .collect()
+}
+
+#[tokio::test]
+async fn what_cannot_be_honoured_is_a_400() {
+    let app = TestApp::new(&[]);
+    let user = json!([{"role": "user", "content": "hi"}]);
+    for (body, param) in [
+        (
+            json!({"tools": weather_tools(), "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}),
+            "response_format",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}}}}], "tool_choice": "required"}),
+            "tools",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}),
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        (
+            json!({"messages": [{"role": "tool", "content": "result"}]}),
+            "messages[0].tool_call_id",
+        ),
+    ] {
+        let mut request = json!({"model": "light", "messages": user, "max_tokens": 5});
+        for (k, v) in body.as_object().unwrap() {
+            request[k] = v.clone();
+        }
+        let (status, _, answer) = app.post("/v1/chat/completions", request).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(error_of(&answer)["param"], param, "{answer}");
+    }
+}
