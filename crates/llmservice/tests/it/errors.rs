@@ -38,8 +38,8 @@ async fn bad_parameters_are_400_naming_the_field() {
         ),
         (json!({"temperature": "hot"}), "temperature"),
         (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
+            json!({"tools": [{"type": "function", "function": {"name": "no spaces allowed"}}]}),
+            "tools[0].function.name",
         ),
     ];
     for (extra, param) in cases {
