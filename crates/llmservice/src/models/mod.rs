@@ -149,22 +149,23 @@ impl ModelEntry {
     /// engine thread has finished (joined off the async threads). `Ok(false)` when
     /// it was not loaded.
     pub async fn unload(&self) -> Result<bool, ModelError> {
-        let engine = {
-            let Ok(mut slot) = self.engine.try_lock() else {
-                return Err(ModelError::Loading(self.id.clone()));
-            };
-            let Some(engine) = slot.as_ref() else {
-                return Ok(false);
-            };
-            // The load slot's reference and the published one are the registry's own.
-            if in_use(engine, 2) {
-                return Err(ModelError::InUse(self.id.clone()));
-            }
-            self.set_state(ModelState::Available);
-            self.publish(None);
-            slot.take().expect("checked above")
+        let Ok(mut slot) = self.engine.try_lock() else {
+            return Err(ModelError::Loading(self.id.clone()));
         };
+        let Some(engine) = slot.as_ref() else {
+            return Ok(false);
+        };
+        // The load slot's reference and the published one are the registry's own.
+        if in_use(engine, 2) {
+            return Err(ModelError::InUse(self.id.clone()));
+        }
+        self.publish(None);
+        let engine = slot.take().expect("checked above");
+        // The slot stays locked and the state stays "loaded" until the memory is
+        // back: a reload waits for it, and "available" means the memory is free.
         let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+        self.set_state(ModelState::Available);
+        drop(slot);
         tracing::info!(model = %self.id, "model unloaded");
         Ok(true)
     }
