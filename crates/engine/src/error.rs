@@ -4,9 +4,11 @@ use std::path::PathBuf;
 /// protocol (the HTTP layer maps every variant explicitly).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    #[error("model file not found: {0}")]
+    // The messages leave the paths out: they reach clients, and the server's
+    // file layout is the operator's business (the load failure is logged with it).
+    #[error("the model's file does not exist on the server")]
     ModelNotFound(PathBuf),
-    #[error("failed to load model {path}: {reason}")]
+    #[error("the model failed to load: {reason}")]
     LoadFailed { path: PathBuf, reason: String },
     #[error("prompt is empty")]
     EmptyPrompt,

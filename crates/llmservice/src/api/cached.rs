@@ -103,6 +103,21 @@ pub async fn lookup(cache: &Arc<ResponseCache>, key: &CacheKey) -> Option<Value>
         .flatten()
 }
 
+/// The cached answer to a request under `key`, replayed as this request asked
+/// (`model` is the name the client used).
+pub async fn answer(
+    cache: &Arc<ResponseCache>,
+    key: Option<&CacheKey>,
+    model: &str,
+    chat: bool,
+    stream: bool,
+    include_usage: bool,
+) -> Option<Response> {
+    let mut body = lookup(cache, key?).await?;
+    body["model"] = model.into();
+    Some(replay(body, chat, stream, include_usage))
+}
+
 /// Stores a finished answer without making the client wait for the disk.
 pub fn store(cache: &Arc<ResponseCache>, key: CacheKey, body: Value) {
     let cache = cache.clone();

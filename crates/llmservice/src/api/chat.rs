@@ -9,7 +9,7 @@ use engine::chat::{
     normalize_messages, ChatTemplate, ParsedOutput, RenderInput, StreamDelta, ToolCallFormat,
     ToolCallStream,
 };
-use engine::{Event, ModelKind};
+use engine::Event;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -67,24 +67,9 @@ pub async fn chat_completions(
         ));
     }
 
-    let entry = state.registry.resolve(&req.model)?;
-    if entry.kind != ModelKind::Chat {
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "'{}' is a {} model and cannot chat",
-                entry.id,
-                entry.kind.as_str()
-            ),
-        ));
-    }
+    let entry = generate::text_model(&state, &req.model)?;
     let stream = req.sampling.stream.unwrap_or(false);
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let include_usage = generate::include_usage(&req.sampling);
     // Built-in functions read the clock: their answers are never reused.
     let cache_key = (!builtins)
         .then(|| {
@@ -104,11 +89,16 @@ pub async fn chat_completions(
             )
         })
         .flatten();
-    if let Some(key) = &cache_key {
-        if let Some(mut body) = cached::lookup(&state.cache, key).await {
-            body["model"] = req.model.clone().into();
-            return Ok(cached::replay(body, true, stream, include_usage));
-        }
+    let hit = cached::answer(
+        &state.cache,
+        cache_key.as_ref(),
+        &req.model,
+        true,
+        stream,
+        include_usage,
+    );
+    if let Some(response) = hit.await {
+        return Ok(response);
     }
     let engine = state
         .registry

@@ -5,7 +5,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use engine::{Event, ModelKind, TokenId};
+use engine::{Event, TokenId};
 use futures_util::StreamExt;
 
 use super::cached;
@@ -40,24 +40,9 @@ pub async fn completions(
             "best_of > 1 is not supported yet",
         ));
     }
-    let entry = state.registry.resolve(&req.model)?;
-    if entry.kind != ModelKind::Chat {
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "'{}' is a {} model and cannot generate text",
-                entry.id,
-                entry.kind.as_str()
-            ),
-        ));
-    }
+    let entry = generate::text_model(&state, &req.model)?;
     let stream = req.sampling.stream.unwrap_or(false);
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let include_usage = generate::include_usage(&req.sampling);
     let cache_key = cached::key_for(
         &state.cache,
         "completions",
@@ -66,11 +51,16 @@ pub async fn completions(
         &entry.defaults,
         serde_json::json!({"prompt": serde_json::to_value(&req.prompt).unwrap_or_default(), "echo": req.echo}),
     );
-    if let Some(key) = &cache_key {
-        if let Some(mut body) = cached::lookup(&state.cache, key).await {
-            body["model"] = req.model.clone().into();
-            return Ok(cached::replay(body, false, stream, include_usage));
-        }
+    let hit = cached::answer(
+        &state.cache,
+        cache_key.as_ref(),
+        &req.model,
+        false,
+        stream,
+        include_usage,
+    );
+    if let Some(response) = hit.await {
+        return Ok(response);
     }
     let engine = state
         .registry

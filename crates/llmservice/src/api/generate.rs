@@ -12,10 +12,14 @@ use engine::{
 use futures_util::Stream;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use crate::metrics::{Metrics, TokenTimer};
+use crate::models::ModelEntry;
 
 use super::error::ApiError;
 use super::types::{SamplingFields, StopField};
+use super::AppState;
 use crate::config::GenerationDefaults;
 
 /// Most stop strings a request may give.
@@ -24,6 +28,31 @@ const MAX_STOPS: usize = 16;
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// Most choices per prompt, before the model's own parallel limit applies.
 const MAX_CHOICES: u32 = 64;
+
+/// The text-generating model a request names; embedding and reranker models
+/// are the client's mistake.
+pub fn text_model(state: &AppState, name: &str) -> Result<Arc<ModelEntry>, ApiError> {
+    let entry = state.registry.resolve(name)?;
+    if entry.kind != engine::ModelKind::Chat {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "'{}' is a {} model and cannot generate text",
+                entry.id,
+                entry.kind.as_str()
+            ),
+        ));
+    }
+    Ok(entry)
+}
+
+/// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
+pub fn include_usage(f: &SamplingFields) -> bool {
+    f.stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false)
+}
 
 pub fn finish_reason_str(reason: FinishReason) -> &'static str {
     match reason {

@@ -2,8 +2,10 @@
 //! directory, how a request's `model` name resolves to one of them, and lazy,
 //! single-flight loading.
 //!
-//! Lock order: `Registry::dir_cache` is never held while a model's `engine` lock
-//! is taken, and loading never touches the registry.
+//! Lock order: `Registry::load_turn`, then the loading model's `engine` lock;
+//! other models' `engine` locks and `Registry::dir_cache` are only ever
+//! tried (never waited on) while those are held, and `dir_cache` is never held
+//! while an `engine` lock is taken.
 
 mod routing;
 
@@ -11,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use engine::{Engine, EngineConfig, EngineError, ModelKind};
 
@@ -207,11 +209,21 @@ impl ModelEntry {
     /// The engine, loading it first if needed. With `wait == false`, a model that
     /// is not loaded yet starts loading and the call answers [`ModelError::Loading`].
     pub async fn engine(self: &Arc<Self>, wait: bool) -> Result<Arc<Engine>, ModelError> {
+        self.engine_within(wait, None).await
+    }
+
+    /// [`ModelEntry::engine`], where a load first makes room under `registry`'s
+    /// `MAX_LOADED_MODELS`.
+    async fn engine_within(
+        self: &Arc<Self>,
+        wait: bool,
+        registry: Option<Arc<Registry>>,
+    ) -> Result<Arc<Engine>, ModelError> {
         self.touch();
         if let Some(engine) = self.loaded_engine() {
             return Ok(engine);
         }
-        let load = self.clone().start_load();
+        let load = self.clone().start_load(registry);
         if !wait {
             return Err(ModelError::Loading(self.id.clone()));
         }
@@ -220,10 +232,20 @@ impl ModelEntry {
 
     /// Starts loading in a task of its own, so a client that gives up does not
     /// abandon a half-done load; the returned future yields its outcome.
+    ///
+    /// Under a registry with `MAX_LOADED_MODELS`, loads take turns: each makes
+    /// room and finishes before the next counts what is loaded, so two first
+    /// requests for different models cannot both see a free place.
     fn start_load(
         self: Arc<Self>,
+        registry: Option<Arc<Registry>>,
     ) -> impl std::future::Future<Output = Result<Arc<Engine>, ModelError>> {
         let task = tokio::spawn(async move {
+            let registry = registry.filter(|r| r.settings.max_loaded_models.is_some());
+            let _turn = match &registry {
+                Some(r) => Some(r.load_turn.clone().lock_owned().await),
+                None => None,
+            };
             let mut slot = self.engine.clone().lock_owned().await;
             if let Some(engine) = slot.as_ref() {
                 if engine.is_alive() {
@@ -233,6 +255,9 @@ impl ModelEntry {
                 let dead = slot.take();
                 self.publish(None);
                 let _ = tokio::task::spawn_blocking(move || drop(dead)).await;
+            }
+            if let Some(registry) = &registry {
+                registry.make_room_for(&self).await;
             }
             self.set_state(ModelState::Loading);
             let entry = self.clone();
@@ -257,7 +282,7 @@ impl ModelEntry {
                     Ok(engine)
                 }
                 Err(error) => {
-                    tracing::error!(model = %self.id, %error, "model failed to load");
+                    tracing::error!(model = %self.id, path = %self.path.display(), %error, "model failed to load");
                     self.set_state(ModelState::Failed);
                     if let Ok(mut e) = self.last_error.lock() {
                         *e = Some(error.to_string());
@@ -308,12 +333,29 @@ fn file_stem(path: &Path) -> String {
         .into_owned()
 }
 
-type DirCache = HashMap<PathBuf, (SystemTime, u64, Arc<ModelEntry>)>;
+/// How long a scan of the models directory answers name lookups before the
+/// next one reads the disk again. A name no model answers always rescans, so a
+/// file just dropped into the directory resolves on its first request.
+const DIR_SCAN_FRESH: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct DirCache {
+    /// Each GGUF file seen, by path, with the (mtime, size) it was inspected at.
+    files: HashMap<PathBuf, (SystemTime, u64, Arc<ModelEntry>)>,
+    /// The last scan's servable entries (files no tier serves), in path order.
+    entries: Vec<Arc<ModelEntry>>,
+    scanned_at: Option<Instant>,
+}
 
 pub struct Registry {
     settings: Arc<Settings>,
     tiers: Vec<Arc<ModelEntry>>,
+    /// The tiers' files, resolved once: a directory file that is one of them is
+    /// not listed twice.
+    tier_paths: Vec<PathBuf>,
     dir_cache: Mutex<DirCache>,
+    /// Held by the load in progress when `MAX_LOADED_MODELS` is set.
+    load_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Registry {
@@ -342,23 +384,30 @@ impl Registry {
                 Arc::new(entry)
             })
             .collect();
+        let tier_paths = settings
+            .tiers
+            .iter()
+            .map(|t| canonical(&t.model_path))
+            .collect();
         Self {
             settings,
             tiers,
-            dir_cache: Mutex::new(HashMap::new()),
+            tier_paths,
+            dir_cache: Mutex::new(DirCache::default()),
+            load_turn: Default::default(),
         }
     }
 
     /// Every servable model: the tiers, then the models directory's files that
-    /// no tier already serves.
+    /// no tier already serves, as the directory is now.
     pub fn list(&self) -> Vec<Arc<ModelEntry>> {
+        self.list_within(Duration::ZERO)
+    }
+
+    /// [`Registry::list`] from a directory scan at most `max_age` old.
+    fn list_within(&self, max_age: Duration) -> Vec<Arc<ModelEntry>> {
         let mut all = self.tiers.clone();
-        let tier_paths: Vec<PathBuf> = self.tiers.iter().map(|t| canonical(&t.path)).collect();
-        all.extend(
-            self.scan_dir()
-                .into_iter()
-                .filter(|e| !tier_paths.contains(&canonical(&e.path))),
-        );
+        all.extend(self.scan_dir(max_age));
         all
     }
 
@@ -373,6 +422,7 @@ impl Registry {
         if let Ok(cache) = self.dir_cache.try_lock() {
             loaded.extend(
                 cache
+                    .files
                     .values()
                     .filter(|(_, _, e)| e.state() == ModelState::Loaded)
                     .map(|(_, _, e)| e.clone()),
@@ -384,46 +434,54 @@ impl Registry {
     /// The model's engine, loading it if needed; when that would exceed
     /// `MAX_LOADED_MODELS`, the least recently used idle model is unloaded first.
     pub async fn engine(
-        &self,
+        self: &Arc<Self>,
         entry: &Arc<ModelEntry>,
         wait: bool,
     ) -> Result<Arc<Engine>, ModelError> {
-        if entry.loaded_engine().is_none() {
-            self.make_room_for(entry).await;
-        }
-        entry.engine(wait).await
+        entry.engine_within(wait, Some(self.clone())).await
     }
 
     async fn make_room_for(&self, target: &ModelEntry) {
         let Some(max) = self.settings.max_loaded_models else {
             return;
         };
+        let over = self.evict_lru(Some(&target.id), max - 1).await;
+        if over > 0 {
+            // Models in use are never evicted: go over the limit rather than
+            // fail; the keep-alive sweep evicts once they are idle.
+            tracing::warn!(over, max, model = %target.id, "MAX_LOADED_MODELS reached and every loaded model is in use");
+        }
+    }
+
+    /// Unloads the least recently used idle models (never `keep`) until at most
+    /// `room` others are loaded; answers by how many it is still over.
+    async fn evict_lru(&self, keep: Option<&str>, room: usize) -> usize {
         loop {
             let others: Vec<_> = self
                 .loaded()
                 .into_iter()
-                .filter(|e| e.id != target.id)
+                .filter(|e| Some(e.id.as_str()) != keep)
                 .collect();
-            if others.len() < max {
-                return;
+            if others.len() <= room {
+                return 0;
             }
             let victim = others
                 .iter()
                 .filter(|e| !e.is_busy())
                 .max_by_key(|e| e.idle_for());
             let Some(victim) = victim else {
-                // Models in use are never evicted: go over the limit rather than fail.
-                tracing::warn!(loaded = others.len(), max, model = %target.id, "MAX_LOADED_MODELS reached and every loaded model is in use");
-                return;
+                return others.len() - room;
             };
-            tracing::info!(evicted = %victim.id, model = %target.id, "MAX_LOADED_MODELS reached: unloading the least recently used model");
+            tracing::info!(evicted = %victim.id, max = self.settings.max_loaded_models, "MAX_LOADED_MODELS reached: unloading the least recently used model");
             if victim.unload().await.is_err() {
-                return;
+                return others.len() - room;
             }
         }
     }
 
-    /// Unloads every model idle past its keep-alive (never one in use).
+    /// Unloads every model idle past its keep-alive (never one in use), and
+    /// idle models beyond `MAX_LOADED_MODELS` that loads had to exceed while
+    /// every loaded model was busy.
     pub async fn unload_idle(&self) {
         for entry in self.loaded() {
             if entry.is_busy() {
@@ -434,6 +492,12 @@ impl Registry {
                 let _ = entry.unload().await;
             }
         }
+        if let Some(max) = self.settings.max_loaded_models {
+            // A load in progress makes its own room; this sweep waits its turn.
+            if let Ok(_turn) = self.load_turn.try_lock() {
+                self.evict_lru(None, max).await;
+            }
+        }
     }
 
     /// Whether any loaded model is generating or has requests waiting.
@@ -442,12 +506,23 @@ impl Registry {
     }
 
     /// A request's `model` name to a model: exact id, tier name, file stem, then
-    /// the seed's name patterns.
+    /// the seed's name patterns. Reads the models directory only when the last
+    /// scan is stale or answers nothing.
     pub fn resolve(&self, name: &str) -> Result<Arc<ModelEntry>, ModelError> {
-        let all = self.list();
         let name = name.trim();
-        let found = all
-            .iter()
+        let all = self.list_within(DIR_SCAN_FRESH);
+        if let Some(found) = self.find(&all, name) {
+            return Ok(found);
+        }
+        let all = self.list();
+        self.find(&all, name).ok_or_else(|| ModelError::NotFound {
+            name: name.to_owned(),
+            available: all.iter().map(|e| e.id.clone()).collect(),
+        })
+    }
+
+    fn find(&self, all: &[Arc<ModelEntry>], name: &str) -> Option<Arc<ModelEntry>> {
+        all.iter()
             .find(|e| e.id == name)
             .or_else(|| {
                 let tier = Tier::parse(name)?;
@@ -462,16 +537,25 @@ impl Registry {
             .or_else(|| {
                 let tier = tier_for_name(name)?;
                 self.tiers.iter().find(|e| e.tier == Some(tier))
-            });
-        found.cloned().ok_or_else(|| ModelError::NotFound {
-            name: name.to_owned(),
-            available: all.iter().map(|e| e.id.clone()).collect(),
-        })
+            })
+            .cloned()
     }
 
-    /// The models directory's GGUF files, inspected once per (mtime, size).
-    fn scan_dir(&self) -> Vec<Arc<ModelEntry>> {
+    /// The models directory's servable GGUF files, from a scan at most
+    /// `max_age` old; each file is inspected once per (mtime, size).
+    fn scan_dir(&self, max_age: Duration) -> Vec<Arc<ModelEntry>> {
+        let Ok(mut cache) = self.dir_cache.lock() else {
+            return Vec::new();
+        };
+        if cache
+            .scanned_at
+            .is_some_and(|at| max_age > Duration::ZERO && at.elapsed() < max_age)
+        {
+            return cache.entries.clone();
+        }
+        cache.scanned_at = Some(Instant::now());
         let Ok(read) = std::fs::read_dir(&self.settings.models_dir) else {
+            cache.entries.clear();
             return Vec::new();
         };
         let mut files: Vec<(PathBuf, SystemTime, u64)> = read
@@ -492,17 +576,19 @@ impl Registry {
             })
             .collect();
         files.sort();
-        let Ok(mut cache) = self.dir_cache.lock() else {
-            return Vec::new();
-        };
-        cache.retain(|path, _| files.iter().any(|(p, _, _)| p == path));
-        files
+        cache
+            .files
+            .retain(|path, _| files.iter().any(|(p, _, _)| p == path));
+        let entries: Vec<_> = files
             .into_iter()
             .filter_map(|(path, mtime, len)| {
-                if let Some((m, l, entry)) = cache.get(&path) {
+                if let Some((m, l, entry)) = cache.files.get(&path) {
                     if *m == mtime && *l == len {
                         return Some(entry.clone());
                     }
+                }
+                if self.tier_paths.contains(&canonical(&path)) {
+                    return None;
                 }
                 let summary = engine::inspect(&path)?;
                 let mut entry = ModelEntry::new(
@@ -515,10 +601,12 @@ impl Registry {
                 );
                 entry.keep_alive = self.settings.dir_keep_alive;
                 let entry = Arc::new(entry);
-                cache.insert(path, (mtime, len, entry.clone()));
+                cache.files.insert(path, (mtime, len, entry.clone()));
                 Some(entry)
             })
-            .collect()
+            .collect();
+        cache.entries = entries.clone();
+        entries
     }
 }
 

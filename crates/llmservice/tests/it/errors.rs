@@ -169,6 +169,8 @@ async fn a_model_that_fails_to_load_leaves_the_server_up() {
         .await;
     assert_eq!(status, 500);
     assert_eq!(error_of(&body)["code"], "model_load_failed");
+    // Clients learn that it failed, not where the server keeps its files.
+    assert!(!body.to_string().contains("/nonexistent"), "{body}");
     let (status, models) = app.get("/v1/models").await;
     assert_eq!(status, 200);
     let medium = models["data"]
@@ -179,6 +181,11 @@ async fn a_model_that_fails_to_load_leaves_the_server_up() {
         .unwrap()
         .clone();
     assert_eq!(medium["state"], "failed");
+    let error = medium["error"].as_str().unwrap();
+    assert!(
+        error.contains("does not exist") && !error.contains("/nonexistent"),
+        "{error}"
+    );
     let (status, _, body) = app.post("/v1/chat/completions", chat(json!({}))).await;
     assert_eq!(status, 200, "{body}");
 }

@@ -255,6 +255,50 @@ async fn max_loaded_models_evicts_the_least_recently_used_idle_model() {
     );
     let (_, health) = app.get("/health").await;
     assert_eq!(health["models"].as_array().unwrap().len(), 1);
+
+    // Two first loads at once take turns, so they cannot both find a free place.
+    std::fs::copy(
+        shared_models().join("SmolLM2-135M-Instruct-Q4_1.gguf"),
+        app.models_dir().join("third.gguf"),
+    )
+    .unwrap();
+    let registry = &app.state.registry;
+    let (light, third) = (
+        registry.resolve("light").unwrap(),
+        registry.resolve("third").unwrap(),
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let loads = async {
+        let both = tokio::join!(
+            app.post("/v1/models/light/load", json!({})),
+            app.post("/v1/models/third/load", json!({})),
+        );
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        both
+    };
+    let watch = async {
+        let mut overlap = false;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            overlap |= light.state().as_str() == "loading" && third.state().as_str() == "loading";
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        overlap
+    };
+    let ((a, b), overlap) = tokio::join!(loads, watch);
+    assert_eq!((a.0.as_u16(), b.0.as_u16()), (200, 200), "{} {}", a.2, b.2);
+    assert!(
+        !overlap,
+        "two loads ran at once, each counting the other's place as free"
+    );
+    // The second may have found the first still held by its own request, and
+    // gone over the limit; the idle sweep then brings the count back.
+    registry.unload_idle().await;
+    let loaded: Vec<_> = registry.loaded().iter().map(|e| e.id.clone()).collect();
+    assert_eq!(
+        loaded.len(),
+        1,
+        "MAX_LOADED_MODELS=1 but {loaded:?} are loaded"
+    );
 }
 
 #[tokio::test]
