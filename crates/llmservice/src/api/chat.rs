@@ -151,8 +151,6 @@ pub async fn chat_completions(
     };
     let job = Job {
         template,
-        format,
-        plan: plan.clone(),
         extra: req.chat_template_kwargs.as_ref(),
     };
     let logprobs = chat_logprobs_request(&req.sampling)?;
@@ -160,39 +158,122 @@ pub async fn chat_completions(
     let created = now_unix();
     let model = req.model.clone();
     let with_logprobs = logprobs.is_some();
+    // One choice's chunk of a stream.
+    let chunk = {
+        let (id, model) = (id.clone(), model.clone());
+        move |index: u32,
+              delta: ChatDelta,
+              logprobs: Option<Value>,
+              finish: Option<&'static str>| {
+            ChatCompletionChunk {
+                id: id.clone(),
+                object: "chat.completion.chunk",
+                created,
+                model: model.clone(),
+                choices: vec![ChatChunkChoice {
+                    index,
+                    delta,
+                    logprobs,
+                    finish_reason: finish,
+                }],
+                system_fingerprint: None,
+                usage: include_usage.then_some(None),
+            }
+        }
+    };
 
     if builtins {
-        let plan = plan.as_ref().expect("builtins come with a plan");
-        let (done, usage) = run_builtin_rounds(
-            &state,
-            &entry,
-            &engine,
-            &job,
-            &req.sampling,
+        let plan = plan.expect("builtins come with a plan");
+        let legacy = plan.legacy;
+        let mut rounds = Box::pin(builtin_rounds(
+            Rounds {
+                metrics: state.metrics.clone(),
+                entry_id: entry.id.clone(),
+                defaults: entry.defaults.clone(),
+                engine: engine.clone(),
+                format,
+                plan,
+                extra: req.chat_template_kwargs.clone(),
+                sampling: req.sampling.clone(),
+                logprobs,
+                started,
+            },
             messages,
             compiled,
-            logprobs,
-            started,
-        )
-        .await?;
-        generate::log_done(&state.metrics, &entry.id, "chat", &usage, started);
-        let parsed = parse_output(Some(plan), format, &done.text);
-        let completion = ChatCompletion {
-            id,
-            object: "chat.completion",
-            created,
-            model,
-            choices: vec![choice_of(0, parsed, Some(plan), &done, with_logprobs)],
-            usage: usage.into(),
-            system_fingerprint: None,
+        ));
+        // An error before anything was said is still an HTTP status.
+        let first = match rounds.next().await {
+            Some(Err(error)) => return Err(error),
+            first => first,
         };
-        let body = serde_json::to_value(&completion).expect("wire types always serialize");
-        return Ok(if stream {
-            // The rounds ran to the end: the client gets the final answer as a stream.
-            cached::mark(cached::stream_body(body, true, include_usage), false)
-        } else {
-            cached::mark(axum::Json(body).into_response(), false)
-        });
+        if !stream {
+            let mut output = ParsedOutput::default();
+            let mut all_logprobs = Vec::new();
+            let mut next = first;
+            let (finish, usage) = loop {
+                match next {
+                    Some(Ok(RoundEvent::Delta(delta, logprobs))) => {
+                        all_logprobs.extend(logprobs);
+                        stream_delta(&mut output, delta, legacy);
+                    }
+                    Some(Ok(RoundEvent::Done(finish, usage))) => break (finish, usage),
+                    Some(Err(error)) => return Err(error),
+                    None => return Err(engine::EngineError::ShutDown.into()),
+                }
+                next = rounds.next().await;
+            };
+            generate::log_done(&state.metrics, &entry.id, "chat", &usage, started);
+            let finish = finish_str(finish, &output, legacy);
+            let mut choice = message_choice(0, output, legacy, finish);
+            choice.logprobs = with_logprobs.then(|| generate::chat_logprobs(&all_logprobs));
+            let completion = ChatCompletion {
+                id,
+                object: "chat.completion",
+                created,
+                model,
+                choices: vec![choice],
+                usage: usage.into(),
+                system_fingerprint: None,
+            };
+            return Ok(cached::mark(axum::Json(completion).into_response(), false));
+        }
+        let (metrics, entry_id) = (state.metrics.clone(), entry.id.clone());
+        let payloads = async_stream::stream! {
+            let first_delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
+            yield wire_json(&chunk(0, first_delta, None, None));
+            let mut output = ParsedOutput::default();
+            let mut next = first;
+            loop {
+                match next {
+                    Some(Ok(RoundEvent::Delta(delta, logprobs))) => {
+                        let wire = with_logprobs.then(|| generate::chat_logprobs(&logprobs));
+                        yield wire_json(&chunk(0, stream_delta(&mut output, delta, legacy), wire, None));
+                    }
+                    Some(Ok(RoundEvent::Done(finish, usage))) => {
+                        let finish = finish_str(finish, &output, legacy);
+                        yield wire_json(&chunk(0, ChatDelta::default(), None, Some(finish)));
+                        if include_usage {
+                            let mut last = chunk(0, ChatDelta::default(), None, None);
+                            last.choices.clear();
+                            last.usage = Some(Some(usage.into()));
+                            yield wire_json(&last);
+                        }
+                        generate::log_done(&metrics, &entry_id, "chat", &usage, started);
+                        break;
+                    }
+                    Some(Err(error)) => {
+                        yield error.body().to_string();
+                        break;
+                    }
+                    None => {
+                        yield sse_error(engine::EngineError::ShutDown);
+                        break;
+                    }
+                }
+                next = rounds.next().await;
+            }
+        };
+        return Ok(cached::mark(sse(payloads), false));
     }
 
     let tokens = job.prompt(&engine, &messages, plan.as_ref())?;
@@ -238,25 +319,6 @@ pub async fn chat_completions(
 
     // What a cache entry for this stream will hold once it ends.
     let record = cache_key.map(|key| (key, state.cache.clone(), id.clone(), model.clone()));
-    let chunk = move |index: u32,
-                      delta: ChatDelta,
-                      logprobs: Option<Value>,
-                      finish: Option<&'static str>| {
-        ChatCompletionChunk {
-            id: id.clone(),
-            object: "chat.completion.chunk",
-            created,
-            model: model.clone(),
-            choices: vec![ChatChunkChoice {
-                index,
-                delta,
-                logprobs,
-                finish_reason: finish,
-            }],
-            system_fingerprint: None,
-            usage: include_usage.then_some(None),
-        }
-    };
     let entry_id = entry.id.clone();
     let metrics = state.metrics.clone();
     let mut events = Box::pin(generate::merge(choices));
@@ -351,8 +413,6 @@ const MAX_BUILTIN_ROUNDS: usize = 5;
 /// What rendering a conversation needs besides its messages.
 struct Job<'a> {
     template: &'a ChatTemplate,
-    format: ToolCallFormat,
-    plan: Option<ToolPlan>,
     extra: Option<&'a serde_json::Map<String, Value>>,
 }
 
@@ -384,71 +444,156 @@ impl Job<'_> {
     }
 }
 
-/// Generates, runs the built-in functions the model calls, appends their
-/// results and generates again, until the model answers (or calls something
-/// the client must run). Returns the last round with the usage of all rounds.
-#[allow(clippy::too_many_arguments)]
-async fn run_builtin_rounds(
-    state: &AppState,
-    entry: &crate::models::ModelEntry,
-    engine: &std::sync::Arc<engine::Engine>,
-    job: &Job<'_>,
-    sampling: &SamplingFields,
-    mut messages: Vec<Value>,
-    mut compiled: Option<engine::CompiledConstraint>,
+/// What the built-in rounds need that outlives the handler.
+struct Rounds {
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    entry_id: String,
+    defaults: crate::config::GenerationDefaults,
+    engine: std::sync::Arc<engine::Engine>,
+    format: ToolCallFormat,
+    plan: ToolPlan,
+    extra: Option<serde_json::Map<String, Value>>,
+    sampling: SamplingFields,
     logprobs: Option<u32>,
     started: Instant,
-) -> Result<(generate::Collected, engine::Usage), ApiError> {
-    let mut plan = job.plan.clone().expect("builtins come with a plan");
-    let mut total = engine::Usage::default();
-    for round in 0..MAX_BUILTIN_ROUNDS {
-        let tokens = job.prompt(engine, &messages, Some(&plan))?;
-        let mut request = build_request(sampling, &entry.defaults, engine, tokens, logprobs)?;
-        request.constraint = compiled.take();
-        request.special_text = true;
-        let choices = generate::start(
-            engine.submit_n(request, 1)?,
-            &state.metrics,
-            &entry.id,
-            started,
-        )
-        .await?;
-        let done = generate::collect_all(choices).await?.remove(0);
-        total.prompt_tokens += done.usage.prompt_tokens;
-        total.completion_tokens += done.usage.completion_tokens;
-        total.cached_tokens += done.usage.cached_tokens;
-        let parsed = parse_output(Some(&plan), job.format, &done.text);
-        let runnable: Option<Vec<_>> = parsed
-            .tool_calls
-            .iter()
-            .map(|c| functions::find(&c.name).map(|b| (c, b)))
-            .collect();
-        let runnable = runnable.filter(|calls| !calls.is_empty());
-        let Some(calls) = runnable.filter(|_| round + 1 < MAX_BUILTIN_ROUNDS) else {
-            return Ok((done, total));
+}
+
+/// What the built-in rounds show the client, in order.
+enum RoundEvent {
+    /// Content as it is generated, or a call of the last round, with the
+    /// logprobs of the tokens generated since the previous event.
+    Delta(StreamDelta, Vec<engine::TokenLogprob>),
+    /// The last round's finish reason and the usage of every round.
+    Done(engine::FinishReason, engine::Usage),
+}
+
+/// Generates, runs the built-in functions the model calls, appends their
+/// results and generates again, until the model answers (or calls something
+/// the client must run). Content streams out as it is generated in every
+/// round (rounds after the first are set off by a blank line); calls are held
+/// to the end of their round, and only the last round's reach the client.
+fn builtin_rounds(
+    r: Rounds,
+    mut messages: Vec<Value>,
+    mut compiled: Option<engine::CompiledConstraint>,
+) -> impl futures_util::Stream<Item = Result<RoundEvent, ApiError>> + Send {
+    async_stream::stream! {
+        let Rounds { metrics, entry_id, defaults, engine, format, mut plan, extra, sampling, logprobs, started } = r;
+        let info = engine.info();
+        let Some(template) = info.chat_template.as_ref() else {
+            yield Err(ApiError::invalid("model", "the model has no chat template"));
+            return;
         };
-        tracing::debug!(round, calls = calls.len(), "running built-in functions");
-        messages.push(json!({
-            "role": "assistant",
-            "content": parsed.content,
-            "tool_calls": parsed.tool_calls.iter().map(tools::wire_call).collect::<Vec<_>>(),
-        }));
-        for (call, builtin) in calls {
-            let result = functions::execute(builtin, &call.arguments);
+        let mut total = engine::Usage::default();
+        let mut pending_logprobs = Vec::new();
+        let mut said = false;
+        for round in 0..MAX_BUILTIN_ROUNDS {
+            let job = Job { template, extra: extra.as_ref() };
+            let submitted = job
+                .prompt(&engine, &messages, Some(&plan))
+                .and_then(|tokens| build_request(&sampling, &defaults, &engine, tokens, logprobs))
+                .and_then(|mut request| {
+                    request.constraint = compiled.take();
+                    request.special_text = true;
+                    Ok(engine.submit_n(request, 1)?)
+                });
+            let started_round = match submitted {
+                Ok(streams) => generate::start(streams, &metrics, &entry_id, started).await,
+                Err(error) => Err(error),
+            };
+            let mut choice = match started_round {
+                Ok(mut choices) => choices.remove(0),
+                Err(error) => {
+                    yield Err(error);
+                    return;
+                }
+            };
+            let mut parser = ToolCallStream::new(format);
+            let mut content = String::new();
+            let mut held = Vec::new();
+            let mut set_off = said;
+            let finish = loop {
+                let (deltas, finish) = match choice.next().await {
+                    Some(Event::Text { text, logprobs }) => {
+                        pending_logprobs.extend(logprobs);
+                        (parser.push(&text), None)
+                    }
+                    Some(Event::Done { finish_reason, usage }) => {
+                        total.prompt_tokens += usage.prompt_tokens;
+                        total.completion_tokens += usage.completion_tokens;
+                        total.cached_tokens += usage.cached_tokens;
+                        (parser.finish(), Some(finish_reason))
+                    }
+                    Some(Event::Error(error)) => {
+                        yield Err(error.into());
+                        return;
+                    }
+                    None => {
+                        yield Err(engine::EngineError::ShutDown.into());
+                        return;
+                    }
+                };
+                for delta in deltas {
+                    match delta {
+                        StreamDelta::Content(text) => {
+                            content.push_str(&text);
+                            let text = if std::mem::take(&mut set_off) { format!("\n\n{text}") } else { text };
+                            said = true;
+                            yield Ok(RoundEvent::Delta(StreamDelta::Content(text), std::mem::take(&mut pending_logprobs)));
+                        }
+                        call => held.push(call),
+                    }
+                }
+                if let Some(finish) = finish {
+                    break finish;
+                }
+            };
+            let calls = calls_of(&held);
+            let runnable = !calls.is_empty()
+                && round + 1 < MAX_BUILTIN_ROUNDS
+                && calls.iter().all(|c| functions::find(&c.name).is_some());
+            if !runnable {
+                for delta in held {
+                    yield Ok(RoundEvent::Delta(delta, std::mem::take(&mut pending_logprobs)));
+                }
+                if !pending_logprobs.is_empty() {
+                    yield Ok(RoundEvent::Delta(StreamDelta::Content(String::new()), std::mem::take(&mut pending_logprobs)));
+                }
+                yield Ok(RoundEvent::Done(finish, total));
+                return;
+            }
+            tracing::debug!(round, calls = calls.len(), "running built-in functions");
             messages.push(json!({
-                "role": "tool",
-                "tool_call_id": call.id,
-                "name": call.name,
-                "content": result.to_string(),
+                "role": "assistant",
+                "content": content,
+                "tool_calls": calls.iter().map(tools::wire_call).collect::<Vec<_>>(),
             }));
-        }
-        normalize_messages(&mut messages);
-        // The call the client insisted on has been made: now the model answers.
-        if plan.forced() {
-            plan.choice = ToolChoice::Auto;
+            for call in &calls {
+                let builtin = functions::find(&call.name).expect("checked above");
+                let result = functions::execute(builtin, &call.arguments);
+                messages.push(json!({
+                    "role": "tool",
+                    "tool_call_id": call.id,
+                    "name": call.name,
+                    "content": result.to_string(),
+                }));
+            }
+            normalize_messages(&mut messages);
+            // The call the client insisted on has been made: now the model answers.
+            if plan.forced() {
+                plan.choice = ToolChoice::Auto;
+            }
         }
     }
-    unreachable!("the last round always returns")
+}
+
+/// The calls a round's held deltas spell out.
+fn calls_of(deltas: &[StreamDelta]) -> Vec<engine::chat::ToolCall> {
+    let mut output = ParsedOutput::default();
+    for delta in deltas {
+        stream_delta(&mut output, delta.clone(), false);
+    }
+    output.tool_calls
 }
 
 /// The output split into content and calls, when tools were offered.

@@ -168,6 +168,47 @@ async fn builtin_functions_run_and_the_conversation_continues() {
     let rounds = body["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(rounds > 2 * one_round, "{rounds} vs {one_round}");
 
+    // Streamed, the rounds run the same and the answer streams as it is made:
+    // the same content, finish reason and usage as without streaming.
+    let ask = |stream: bool| {
+        json!({"model": "light", "temperature": 0, "max_tokens": 60, "execute_builtin_functions": true,
+            "stream": stream, "stream_options": {"include_usage": true},
+            "tool_choice": {"type": "function", "function": {"name": "days_between"}},
+            "messages": [{"role": "user", "content": "How many days are there from 2024-01-01 to 2024-03-01?"}]})
+    };
+    let (status, _, whole) = app.post("/v1/chat/completions", ask(false)).await;
+    assert_eq!(status, 200, "{whole}");
+    let (status, _, streamed) = app.post("/v1/chat/completions", ask(true)).await;
+    assert_eq!(status, 200, "{streamed}");
+    let chunks = chunks_of(&streamed);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let message = &whole["choices"][0]["message"];
+    assert_eq!(content, message["content"].as_str().unwrap_or(""));
+    assert!(
+        chunks
+            .iter()
+            .filter(|c| c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty()))
+            .count()
+            > 1,
+        "the answer streams in pieces"
+    );
+    let finish = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .unwrap();
+    assert_eq!(finish, whole["choices"][0]["finish_reason"]);
+    let usage = &chunks.last().unwrap()["usage"];
+    for field in ["prompt_tokens", "completion_tokens"] {
+        assert_eq!(usage[field], whole["usage"][field], "{field}");
+    }
+    assert!(whole["usage"]["prompt_tokens"].as_u64().unwrap() > 2 * one_round);
+
     let (status, list) = app.get("/v1/functions").await;
     assert_eq!(status, 200);
     assert!(list["data"]
