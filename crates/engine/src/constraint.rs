@@ -148,7 +148,72 @@ impl Grammars {
     }
 }
 
+/// Largest GBNF source accepted (grammars generated from big schemas run to
+/// tens of KiB).
+const MAX_GBNF_BYTES: usize = 256 * 1024;
+/// Deepest `(` nesting accepted: llama.cpp's parser recurses once per level.
+const MAX_GBNF_NESTING: usize = 128;
+/// Most rules accepted: llama.cpp's left-recursion check recurses once per rule
+/// along a chain of references.
+const MAX_GBNF_RULES: usize = 2048;
+
+/// Refuses GBNF that would exhaust the stack of llama.cpp's recursive parser
+/// (which has no limit of its own, and a stack overflow aborts the process).
+/// Quoted strings and character classes are skipped, so brackets inside them
+/// do not count.
+fn check_gbnf_shape(source: &str) -> Result<(), EngineError> {
+    let refuse = |what: String| Err(EngineError::InvalidGrammar(what));
+    if source.len() > MAX_GBNF_BYTES {
+        return refuse(format!(
+            "the GBNF grammar is {} bytes; the limit is {MAX_GBNF_BYTES}",
+            source.len()
+        ));
+    }
+    let rules = source.matches("::=").count();
+    if rules > MAX_GBNF_RULES {
+        return refuse(format!(
+            "the GBNF grammar has {rules} rules; the limit is {MAX_GBNF_RULES}"
+        ));
+    }
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut chars = source.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '[' => {
+                let close = if c == '"' { '"' } else { ']' };
+                while let Some(inner) = chars.next() {
+                    if inner == '\\' {
+                        chars.next();
+                    } else if inner == close {
+                        break;
+                    }
+                }
+            }
+            '#' => {
+                for inner in chars.by_ref() {
+                    if inner == '\n' {
+                        break;
+                    }
+                }
+            }
+            '(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_GBNF_NESTING {
+        return refuse(format!(
+            "the GBNF grammar nests parentheses {deepest} deep; the limit is {MAX_GBNF_NESTING}"
+        ));
+    }
+    Ok(())
+}
+
 fn gbnf_sampler(model: &LlamaModel, source: &str) -> Result<LlamaSampler, EngineError> {
+    check_gbnf_shape(source)?;
     LlamaSampler::grammar(model, source, "root").map_err(|e| {
         EngineError::InvalidGrammar(format!(
             "the GBNF grammar does not compile ({e}); it needs a `root` rule, \
@@ -188,7 +253,9 @@ impl ConstraintState {
         chain: &mut LlamaSampler,
         logits: &[f32],
         is_eog: impl Fn(LlamaToken) -> bool,
-    ) -> Result<Step, String> {
+    ) -> Result<Step, EngineError> {
+        let failed =
+            |e: String| EngineError::Inference(format!("constrained sampling failed: {e}"));
         let token = match self {
             Self::Llg(matcher) => {
                 if matcher.is_stopped() {
@@ -197,7 +264,7 @@ impl ConstraintState {
                         complete: true,
                     });
                 }
-                let mask = matcher.compute_mask().map_err(|e| e.to_string())?;
+                let mask = matcher.compute_mask().map_err(|e| failed(e.to_string()))?;
                 let mut allowed = Vec::new();
                 mask.iter_set_entries(|id| {
                     if let Some(&logit) = logits.get(id) {
@@ -245,7 +312,7 @@ impl ConstraintState {
                 Self::Llg(matcher) => {
                     matcher
                         .consume_token(token.0 as u32)
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| failed(e.to_string()))?;
                     // Stopping now saves decoding a token only to learn that
                     // the grammar allows nothing after it.
                     complete = matcher.is_stopped();
@@ -261,13 +328,17 @@ impl ConstraintState {
 }
 
 /// Runs the sampler chain over `allowed` only and returns what it selected.
-fn draw(chain: &mut LlamaSampler, allowed: Vec<LlamaTokenData>) -> Result<LlamaToken, String> {
+fn draw(chain: &mut LlamaSampler, allowed: Vec<LlamaTokenData>) -> Result<LlamaToken, EngineError> {
     if allowed.is_empty() {
-        return Err("the grammar allows no token of this model's vocabulary here".to_owned());
+        // The grammar's fault, not the server's: it matches nothing here.
+        return Err(EngineError::InvalidGrammar(
+            "the grammar allows no token of this model's vocabulary at this point of the output"
+                .to_owned(),
+        ));
     }
     let mut array = LlamaTokenDataArray::new(allowed, false);
     array.apply_sampler(chain);
-    array
-        .selected_token()
-        .ok_or_else(|| "the sampler selected no token".to_owned())
+    array.selected_token().ok_or_else(|| {
+        EngineError::Inference("constrained sampling failed: the sampler selected no token".into())
+    })
 }

@@ -396,12 +396,10 @@ impl<'m> Scheduler<'m> {
                         self.release(slot_idx, seq);
                         return;
                     }
-                    Err(message) => {
+                    Err(error) => {
                         let mut seq = self.slots[slot_idx].active.take().expect("active");
-                        tracing::error!(parent: &seq.span, %message, "constrained sampling failed");
-                        seq.fail(EngineError::Inference(format!(
-                            "constrained sampling failed: {message}"
-                        )));
+                        tracing::warn!(parent: &seq.span, %error, "constrained sampling stopped");
+                        seq.fail(error);
                         self.release(slot_idx, seq);
                         return;
                     }

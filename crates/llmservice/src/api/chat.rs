@@ -79,11 +79,13 @@ pub async fn chat_completions(
                 &entry,
                 &req.sampling,
                 &entry.defaults,
+                // The key sorts object keys; schemas go in as text because
+                // their property order is what the model writes (and sees).
                 json!({
                     "messages": messages,
                     "chat_template_kwargs": req.chat_template_kwargs,
-                    "tools": plan.as_ref().map(|p| (p.template_tools(), format!("{:?}", p.choice), p.parallel, p.legacy)),
-                    "response_format": req.response_format,
+                    "tools": plan.as_ref().map(|p| (Value::Array(p.template_tools()).to_string(), format!("{:?}", p.choice), p.parallel, p.legacy)),
+                    "response_format": req.response_format.as_ref().map(Value::to_string),
                     "grammar": req.grammar,
                 }),
             )
@@ -242,12 +244,16 @@ pub async fn chat_completions(
             let first_delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
             yield wire_json(&chunk(0, first_delta, None, None));
             let mut output = ParsedOutput::default();
+            let mut pending_logprobs = Vec::new();
             let mut next = first;
             loop {
                 match next {
                     Some(Ok(RoundEvent::Delta(delta, logprobs))) => {
-                        let wire = with_logprobs.then(|| generate::chat_logprobs(&logprobs));
-                        yield wire_json(&chunk(0, stream_delta(&mut output, delta, legacy), wire, None));
+                        pending_logprobs.extend(logprobs);
+                        if let Some(delta) = stream_delta(&mut output, delta, legacy) {
+                            let wire = with_logprobs.then(|| generate::chat_logprobs(&std::mem::take(&mut pending_logprobs)));
+                            yield wire_json(&chunk(0, delta, wire, None));
+                        }
                     }
                     Some(Ok(RoundEvent::Done(finish, usage))) => {
                         let finish = finish_str(finish, &output, legacy);
@@ -347,15 +353,23 @@ pub async fn chat_completions(
                         None => vec![StreamDelta::Content(text)],
                     };
                     for delta in deltas {
-                        let wire = with_logprobs.then(|| generate::chat_logprobs(&std::mem::take(&mut pending_logprobs[i])));
-                        yield wire_json(&chunk(index, stream_delta(&mut outputs[i], delta, legacy), wire, None));
+                        if let Some(delta) = stream_delta(&mut outputs[i], delta, legacy) {
+                            let wire = with_logprobs.then(|| generate::chat_logprobs(&std::mem::take(&mut pending_logprobs[i])));
+                            yield wire_json(&chunk(index, delta, wire, None));
+                        }
                     }
                 }
                 Event::Done { finish_reason, usage } => {
-                    if let Some(parser) = &mut parsers[i] {
-                        for delta in parser.finish() {
+                    let mut deltas = parsers[i].as_mut().map(ToolCallStream::finish).unwrap_or_default();
+                    // Tokens the parser took without a delta (a closing tag)
+                    // still send their logprobs.
+                    if with_logprobs && !pending_logprobs[i].is_empty() {
+                        deltas.push(StreamDelta::Content(String::new()));
+                    }
+                    for delta in deltas {
+                        if let Some(delta) = stream_delta(&mut outputs[i], delta, legacy) {
                             let wire = with_logprobs.then(|| generate::chat_logprobs(&std::mem::take(&mut pending_logprobs[i])));
-                            yield wire_json(&chunk(index, stream_delta(&mut outputs[i], delta, legacy), wire, None));
+                            yield wire_json(&chunk(index, delta, wire, None));
                         }
                     }
                     finishes[i] = finish_str(finish_reason, &outputs[i], legacy);
@@ -551,7 +565,7 @@ fn builtin_rounds(
             let calls = calls_of(&held);
             let runnable = !calls.is_empty()
                 && round + 1 < MAX_BUILTIN_ROUNDS
-                && calls.iter().all(|c| functions::find(&c.name).is_some());
+                && calls.iter().all(|c| plan.builtin(&c.name).is_some());
             if !runnable {
                 for delta in held {
                     yield Ok(RoundEvent::Delta(delta, std::mem::take(&mut pending_logprobs)));
@@ -569,7 +583,7 @@ fn builtin_rounds(
                 "tool_calls": calls.iter().map(tools::wire_call).collect::<Vec<_>>(),
             }));
             for call in &calls {
-                let builtin = functions::find(&call.name).expect("checked above");
+                let builtin = plan.builtin(&call.name).expect("checked above");
                 let result = functions::execute(builtin, &call.arguments);
                 messages.push(json!({
                     "role": "tool",
@@ -608,6 +622,11 @@ fn parse_output(plan: Option<&ToolPlan>, format: ToolCallFormat, text: &str) -> 
 }
 
 fn finish_str(reason: engine::FinishReason, output: &ParsedOutput, legacy: bool) -> &'static str {
+    // A cut-off answer says so even when calls were read before the cut: the
+    // text after them may be a call that never closed.
+    if reason == engine::FinishReason::Length {
+        return finish_reason_str(reason);
+    }
     match (output.tool_calls.is_empty(), legacy) {
         (true, _) => finish_reason_str(reason),
         (false, false) => "tool_calls",
@@ -671,8 +690,8 @@ fn choice_of(
 }
 
 /// One parser delta as a chunk's delta, recorded into `output` too.
-fn stream_delta(output: &mut ParsedOutput, delta: StreamDelta, legacy: bool) -> ChatDelta {
-    match delta {
+fn stream_delta(output: &mut ParsedOutput, delta: StreamDelta, legacy: bool) -> Option<ChatDelta> {
+    let delta = match delta {
         StreamDelta::Content(text) => {
             output.content.push_str(&text);
             ChatDelta {
@@ -687,10 +706,11 @@ fn stream_delta(output: &mut ParsedOutput, delta: StreamDelta, legacy: bool) -> 
                 arguments: String::new(),
             });
             if legacy {
-                return ChatDelta {
-                    function_call: (index == 0).then(|| json!({"name": name, "arguments": ""})),
+                // The legacy shape holds one call: later ones are not sent.
+                return (index == 0).then(|| ChatDelta {
+                    function_call: Some(json!({"name": name, "arguments": ""})),
                     ..Default::default()
-                };
+                });
             }
             ChatDelta {
                 tool_calls: Some(vec![json!({
@@ -707,10 +727,10 @@ fn stream_delta(output: &mut ParsedOutput, delta: StreamDelta, legacy: bool) -> 
                 call.arguments.push_str(&fragment);
             }
             if legacy {
-                return ChatDelta {
-                    function_call: (index == 0).then(|| json!({"arguments": fragment})),
+                return (index == 0).then(|| ChatDelta {
+                    function_call: Some(json!({"arguments": fragment})),
                     ..Default::default()
-                };
+                });
             }
             ChatDelta {
                 tool_calls: Some(vec![json!({
@@ -720,7 +740,8 @@ fn stream_delta(output: &mut ParsedOutput, delta: StreamDelta, legacy: bool) -> 
                 ..Default::default()
             }
         }
-    }
+    };
+    Some(delta)
 }
 
 /// Chat asks with `logprobs: true` and `top_logprobs: k`.
@@ -806,6 +827,7 @@ pub(super) fn prepare_messages(messages: &[Value]) -> Result<Vec<Value>, ApiErro
         out.push(Value::Object(object));
     }
     tools::check_history(&out)?;
+    tools::legacy_history_as_tools(&mut out);
     normalize_messages(&mut out);
     Ok(out)
 }

@@ -37,9 +37,20 @@ pub struct ToolPlan {
     pub legacy: bool,
     /// Run calls of built-in functions here and continue the conversation.
     pub execute_builtins: bool,
+    /// The built-ins this server added to the tools (a client tool of the same
+    /// name is the client's, and its calls go back to the client).
+    pub server_side: Vec<&'static str>,
 }
 
 impl ToolPlan {
+    /// The built-in that runs here for a call of `name`, if the server offered it.
+    pub fn builtin(&self, name: &str) -> Option<&'static functions::Builtin> {
+        self.server_side
+            .contains(&name)
+            .then(|| functions::find(name))
+            .flatten()
+    }
+
     /// Whether the model is offered tools at all (`tool_choice: none` hides them).
     pub fn active(&self) -> bool {
         self.choice != ToolChoice::None
@@ -161,10 +172,12 @@ pub fn plan(req: &ChatCompletionRequest) -> Result<Option<ToolPlan>, ApiError> {
         }
     }
     let execute_builtins = req.execute_builtin_functions.unwrap_or(false);
+    let mut server_side = Vec::new();
     if execute_builtins {
         for builtin in functions::registry() {
             if !specs.iter().any(|s| s.name == builtin.name) {
                 specs.push(builtin.spec());
+                server_side.push(builtin.name);
             }
         }
     }
@@ -206,6 +219,7 @@ pub fn plan(req: &ChatCompletionRequest) -> Result<Option<ToolPlan>, ApiError> {
         parallel: !legacy && req.parallel_tool_calls.unwrap_or(true),
         legacy,
         execute_builtins,
+        server_side,
     }))
 }
 
@@ -454,14 +468,87 @@ pub fn generic_tools_prompt(plan: &ToolPlan) -> String {
     text
 }
 
-/// Adapts a checked history for a template without tool support: calls become
-/// the generic JSON the model is asked to write, and the tools' description
-/// goes into the system message.
-pub fn adapt_for_generic(messages: &mut Vec<Value>, plan: Option<&ToolPlan>) {
+/// Legacy function-calling history as tools: an assistant `function_call`
+/// becomes a one-call `tool_calls`, and a `role: "function"` result a `tool`
+/// message answering it, so every template shows the calls it knows how to.
+pub fn legacy_history_as_tools(messages: &mut [Value]) {
+    let mut made = 0usize;
+    let mut new_id = || {
+        made += 1;
+        // Nine alphanumerics: the one id shape every template accepts (Mistral's).
+        format!("call{:05}", made % 100_000)
+    };
+    // Legacy calls not answered yet, as (name, id).
+    let mut open: Vec<(String, String)> = Vec::new();
     for message in messages.iter_mut() {
         let Some(object) = message.as_object_mut() else {
             continue;
         };
+        match object.get("role").and_then(Value::as_str) {
+            Some("assistant") => {
+                let Some(call) = object.remove("function_call").filter(|c| !c.is_null()) else {
+                    continue;
+                };
+                if object.get("tool_calls").is_some_and(|c| !c.is_null()) {
+                    continue;
+                }
+                let id = new_id();
+                let name = call["name"].as_str().unwrap_or_default().to_owned();
+                let arguments = call.get("arguments").cloned().unwrap_or(json!("{}"));
+                object.insert(
+                    "tool_calls".into(),
+                    json!([{"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}]),
+                );
+                open.push((name, id));
+            }
+            Some("function") => {
+                let name = object
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let answered = open
+                    .iter()
+                    .rposition(|(n, _)| n == name)
+                    .or(open.len().checked_sub(1));
+                let id = match answered {
+                    Some(i) => open.remove(i).1,
+                    None => new_id(),
+                };
+                object.insert("role".into(), "tool".into());
+                object.insert("tool_call_id".into(), id.into());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Adapts a checked history for a template without tool support: calls become
+/// the generic JSON the model is asked to write, and the tools' description
+/// goes into the system message.
+pub fn adapt_for_generic(messages: &mut Vec<Value>, plan: Option<&ToolPlan>) {
+    // Call ids to names, so a result can say which tool it came from.
+    let mut names = std::collections::HashMap::new();
+    for message in messages.iter_mut() {
+        let Some(object) = message.as_object_mut() else {
+            continue;
+        };
+        if object.get("role").and_then(Value::as_str) == Some("tool") {
+            // Such templates know only user and assistant turns: a result is
+            // told to the model as the user's next turn.
+            let id = object.get("tool_call_id").and_then(Value::as_str);
+            let name = object
+                .get("name")
+                .or_else(|| id.and_then(|id| names.get(id)))
+                .cloned()
+                .unwrap_or(Value::Null);
+            let content = object.get("content").cloned().unwrap_or_default();
+            let text = json!({"tool_result": {"name": name, "content": content}}).to_string();
+            object.insert("role".into(), "user".into());
+            object.insert("content".into(), text.into());
+            object.remove("tool_call_id");
+            object.remove("name");
+            continue;
+        }
         let Some(calls) = object.remove("tool_calls") else {
             continue;
         };
@@ -469,9 +556,12 @@ pub fn adapt_for_generic(messages: &mut Vec<Value>, plan: Option<&ToolPlan>) {
             .as_array()
             .into_iter()
             .flatten()
-            .map(
-                |c| json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}),
-            )
+            .map(|c| {
+                if let Some(id) = c["id"].as_str() {
+                    names.insert(id.to_owned(), c["function"]["name"].clone());
+                }
+                json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+            })
             .collect();
         let text = json!({ "tool_calls": calls }).to_string();
         let content = match object.get("content").and_then(Value::as_str) {
@@ -480,6 +570,21 @@ pub fn adapt_for_generic(messages: &mut Vec<Value>, plan: Option<&ToolPlan>) {
         };
         object.insert("content".into(), content.into());
     }
+    // Results that follow each other, or a result and the user's next words,
+    // are one user turn (templates such as Gemma's insist on alternation).
+    messages.dedup_by(|next, prev| {
+        let is_user = |m: &Value| m.get("role").and_then(Value::as_str) == Some("user");
+        if !(is_user(prev) && is_user(next)) {
+            return false;
+        }
+        let joined = format!(
+            "{}\n\n{}",
+            prev["content"].as_str().unwrap_or(""),
+            next["content"].as_str().unwrap_or("")
+        );
+        prev["content"] = joined.into();
+        true
+    });
     let Some(plan) = plan.filter(|p| p.active()) else {
         return;
     };
@@ -628,6 +733,18 @@ mod tests {
     }
 
     #[test]
+    fn a_client_tool_named_like_a_builtin_stays_the_clients() {
+        let own = json!([{"type": "function", "function": {"name": "get_current_time",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let plan = plan_of(json!({"tools": own, "execute_builtin_functions": true}));
+        assert!(plan.builtin("get_current_time").is_none());
+        assert!(plan.builtin("days_between").is_some());
+        assert!(plan_of(json!({"tools": weather()}))
+            .builtin("days_between")
+            .is_none());
+    }
+
+    #[test]
     fn rejects_bad_tools() {
         for (extra, param) in [
             (json!({"tools": [{"type": "retrieval"}]}), "tools[0].type"),
@@ -761,5 +878,50 @@ mod tests {
             r#"{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}}]}"#
         );
         assert!(messages[2].get("tool_calls").is_none());
+    }
+
+    #[test]
+    fn generic_history_tells_results_as_user_turns_that_alternate() {
+        let mut messages = vec![
+            json!({"role": "user", "content": "weather in Paris and Rome?"}),
+            json!({"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": "sunny"}),
+            json!({"role": "tool", "tool_call_id": "c2", "content": "rain"}),
+            json!({"role": "user", "content": "and so?"}),
+        ];
+        adapt_for_generic(&mut messages, None);
+        let roles: Vec<_> = messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["user", "assistant", "user"]);
+        assert_eq!(
+            messages[2]["content"],
+            "{\"tool_result\":{\"name\":\"get_weather\",\"content\":\"sunny\"}}\n\n\
+             {\"tool_result\":{\"name\":\"get_weather\",\"content\":\"rain\"}}\n\nand so?"
+        );
+        assert!(messages[2].get("tool_call_id").is_none());
+    }
+
+    #[test]
+    fn legacy_history_becomes_tool_calls_and_results() {
+        let mut messages = vec![
+            json!({"role": "user", "content": "weather?"}),
+            json!({"role": "assistant", "content": null, "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}),
+            json!({"role": "function", "name": "get_weather", "content": "sunny"}),
+        ];
+        legacy_history_as_tools(&mut messages);
+        let call = &messages[1]["tool_calls"][0];
+        let id = call["id"].as_str().unwrap();
+        assert_eq!(id.len(), 9, "Mistral's templates take 9 alphanumerics");
+        assert!(id.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert_eq!(call["function"]["arguments"], "{\"city\": \"Paris\"}");
+        assert!(messages[1].get("function_call").is_none());
+        assert_eq!(messages[2]["role"], "tool");
+        assert_eq!(messages[2]["tool_call_id"], id);
+        check_history(&messages).unwrap();
     }
 }

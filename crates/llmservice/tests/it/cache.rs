@@ -123,6 +123,43 @@ async fn a_streamed_answer_is_cached_for_later_requests() {
 }
 
 #[tokio::test]
+async fn schemas_that_differ_only_in_property_order_are_different_answers() {
+    let app = TestApp::new(&[("ENABLE_CACHE", "true")]);
+    let ask = |first: &str, second: &str| {
+        let mut properties = serde_json::Map::new();
+        for name in [first, second] {
+            properties.insert(
+                name.into(),
+                json!({"type": "integer", "minimum": 0, "maximum": 9}),
+            );
+        }
+        let mut body = greedy();
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "pair",
+            "schema": {"type": "object", "properties": properties, "required": ["a", "b"],
+                "additionalProperties": false}}});
+        body
+    };
+    let (status, headers, ab) = app.post("/v1/chat/completions", ask("a", "b")).await;
+    assert_eq!(status, 200, "{ab}");
+    assert_eq!(headers["x-llmservice-cache"], "miss");
+    wait_for_entries(&app, 1).await;
+    let (status, headers, ba) = app.post("/v1/chat/completions", ask("b", "a")).await;
+    assert_eq!(status, 200, "{ba}");
+    assert_eq!(
+        headers["x-llmservice-cache"], "miss",
+        "the order is what the model writes"
+    );
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(text(&ab).starts_with("{\"a\""), "{}", text(&ab));
+    assert!(text(&ba).starts_with("{\"b\""), "{}", text(&ba));
+}
+
+#[tokio::test]
 async fn sampled_requests_are_never_cached() {
     let app = TestApp::new(&[("ENABLE_CACHE", "true")]);
     let mut sampled = greedy();

@@ -70,7 +70,7 @@ reason ::= [a-z]+ (" " [a-z]+){0,4} "."
 async fn hermes_tool_calls_stream_exactly_like_the_whole_answer() {
     let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen_template())]);
     let request = |stream: bool| {
-        json!({"model": "light", "temperature": 0, "max_tokens": 200, "stream": stream,
+        json!({"model": "light", "temperature": 0, "max_tokens": 200, "stream": stream, "logprobs": true,
             "tools": weather_tools(), "tool_choice": "required", "parallel_tool_calls": false,
             "messages": [{"role": "user", "content": "What is the weather in Paris?"}]})
     };
@@ -119,6 +119,18 @@ async fn hermes_tool_calls_stream_exactly_like_the_whole_answer() {
     }
     assert_eq!(starts, 1);
     assert_eq!(streamed_arguments, calls[0]["function"]["arguments"]);
+    // Every generated token's logprob is sent, the closing tag's included.
+    let streamed_logprobs: usize = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    let whole_logprobs = choice["logprobs"]["content"].as_array().unwrap().len();
+    assert_eq!(streamed_logprobs, whole_logprobs);
+    assert_eq!(
+        whole_logprobs as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
     assert_eq!(
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         "tool_calls"
@@ -157,7 +169,7 @@ async fn builtin_functions_run_and_the_conversation_continues() {
     let (_, _, single) = app
         .post(
             "/v1/chat/completions",
-            json!({"model": "light", "temperature": 0, "max_tokens": 80,
+            json!({"model": "light", "temperature": 0, "max_tokens": 80, "parallel_tool_calls": false,
                 "tools": crate::structured::builtin_tools(&app).await,
                 "tool_choice": {"type": "function", "function": {"name": "get_current_time"}},
                 "messages": [{"role": "user", "content": "What time is it in Tokyo?"}]}),
@@ -230,6 +242,59 @@ pub async fn builtin_tools(app: &TestApp) -> Value {
 }
 
 #[tokio::test]
+async fn tool_and_legacy_histories_render_through_every_template() {
+    let tool_history = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "abcdefghi", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]},
+        {"role": "tool", "tool_call_id": "abcdefghi", "content": "18 and sunny"},
+    ]);
+    let legacy_history = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"role": "function", "name": "get_weather", "content": "18 and sunny"},
+    ]);
+    let functions: Vec<Value> = weather_tools()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"].clone())
+        .collect();
+    for template in [
+        "gemma3",
+        "llama31",
+        "mistral_nemo",
+        "mistral_small32",
+        "qwen25",
+        "qwen3",
+    ] {
+        let path = shared_models().join(format!("../templates/{template}.jinja"));
+        let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", path.to_str().unwrap())]);
+        for body in [
+            json!({"messages": tool_history, "tools": weather_tools()}),
+            json!({"messages": tool_history}),
+            json!({"messages": legacy_history, "functions": functions}),
+        ] {
+            let mut body = body;
+            body["model"] = "light".into();
+            body["max_tokens"] = 2.into();
+            let (status, _, answer) = app.post("/v1/chat/completions", body.clone()).await;
+            assert_eq!(status, 200, "{template}: {answer}\n{body}");
+        }
+        // Built-in rounds feed results back through the same template.
+        let (status, _, answer) = app
+            .post(
+                "/v1/chat/completions",
+                json!({"model": "light", "max_tokens": 30, "execute_builtin_functions": true,
+                    "tool_choice": {"type": "function", "function": {"name": "days_between"}},
+                    "messages": [{"role": "user", "content": "Days from 2024-01-01 to 2024-03-01?"}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{template}: {answer}");
+    }
+}
+
+#[tokio::test]
 async fn what_cannot_be_honoured_is_a_400() {
     let app = TestApp::new(&[]);
     let user = json!([{"role": "user", "content": "hi"}]);
@@ -263,4 +328,31 @@ async fn what_cannot_be_honoured_is_a_400() {
         assert_eq!(status, 400, "{body}: {answer}");
         assert_eq!(error_of(&answer)["param"], param, "{answer}");
     }
+
+    // llama.cpp's GBNF parser recurses without a limit: nesting that would
+    // overflow its stack (and abort the process) is refused first.
+    let deep = format!(
+        "root ::= {}\"a\"{}",
+        "(".repeat(100_000),
+        ")".repeat(100_000)
+    );
+    // A grammar that matches nothing at all is the client's too.
+    let empty = r"root ::= [^\x00-\U0010FFFF]".to_owned();
+    for grammar in [deep, empty] {
+        let (status, _, answer) = app
+            .post(
+                "/v1/chat/completions",
+                json!({"model": "light", "messages": user, "max_tokens": 5, "grammar": grammar}),
+            )
+            .await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(error_of(&answer)["code"], "invalid_grammar", "{answer}");
+    }
+    let (status, _, _) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "messages": user, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "the server is still up");
 }
