@@ -37,6 +37,10 @@ pub enum Constraint {
     Lark(String),
     /// llama.cpp GBNF with a `root` rule.
     Gbnf(String),
+    /// Free output until `trigger` is generated, then the Lark grammar `then`
+    /// for the rest: a model that may answer in prose or call a tool writes
+    /// whatever it likes until it opens a call, and then a valid call.
+    Triggered { trigger: String, then: String },
 }
 
 /// A constraint checked against the model's vocabulary, ready to start a sequence.
@@ -47,6 +51,7 @@ pub struct CompiledConstraint(Compiled);
 enum Compiled {
     Llg(Box<Matcher>),
     Gbnf(String),
+    Triggered { trigger: String, then: Box<Matcher> },
 }
 
 impl std::fmt::Debug for CompiledConstraint {
@@ -54,6 +59,9 @@ impl std::fmt::Debug for CompiledConstraint {
         match &self.0 {
             Compiled::Llg(_) => f.write_str("CompiledConstraint(llguidance)"),
             Compiled::Gbnf(_) => f.write_str("CompiledConstraint(gbnf)"),
+            Compiled::Triggered { trigger, .. } => {
+                write!(f, "CompiledConstraint(llguidance after {trigger:?})")
+            }
         }
     }
 }
@@ -135,7 +143,23 @@ impl Grammars {
                 TopLevelGrammar::from_json_schema(with_json_options(schema))
             }
             Constraint::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
+            Constraint::Triggered { trigger, then } => {
+                if trigger.is_empty() {
+                    return Err(EngineError::InvalidGrammar(
+                        "a triggered grammar needs a trigger".to_owned(),
+                    ));
+                }
+                let then = self.matcher(TopLevelGrammar::from_lark(then.clone()))?;
+                return Ok(CompiledConstraint(Compiled::Triggered {
+                    trigger: trigger.clone(),
+                    then,
+                }));
+            }
         };
+        Ok(CompiledConstraint(Compiled::Llg(self.matcher(grammar)?)))
+    }
+
+    fn matcher(&self, grammar: TopLevelGrammar) -> Result<Box<Matcher>, EngineError> {
         let factory = self.factory()?;
         let parser = factory
             .create_parser(grammar)
@@ -144,7 +168,7 @@ impl Grammars {
         if let Some(error) = matcher.get_error() {
             return Err(EngineError::InvalidGrammar(error));
         }
-        Ok(CompiledConstraint(Compiled::Llg(Box::new(matcher))))
+        Ok(Box::new(matcher))
     }
 }
 
@@ -226,6 +250,13 @@ fn gbnf_sampler(model: &LlamaModel, source: &str) -> Result<LlamaSampler, Engine
 pub(crate) enum ConstraintState {
     Llg(Box<Matcher>),
     Gbnf(LlamaSampler),
+    /// Sampling is free until `trigger` shows up in the output; `seen` is the
+    /// end of the output so far, long enough to hold a trigger cut across tokens.
+    Waiting {
+        trigger: String,
+        seen: String,
+        then: Box<Matcher>,
+    },
 }
 
 /// What constrained sampling decided.
@@ -242,7 +273,51 @@ impl ConstraintState {
         Ok(match &compiled.0 {
             Compiled::Llg(matcher) => Self::Llg(Box::new(matcher.deep_clone())),
             Compiled::Gbnf(source) => Self::Gbnf(gbnf_sampler(model, source)?),
+            Compiled::Triggered { trigger, then } => Self::Waiting {
+                trigger: trigger.clone(),
+                seen: String::new(),
+                then: Box::new(then.deep_clone()),
+            },
         })
+    }
+
+    /// Whether the next token is sampled freely (a triggered grammar that has
+    /// not seen its trigger yet).
+    pub fn is_waiting(&self) -> bool {
+        matches!(self, Self::Waiting { .. })
+    }
+
+    /// Records a freely sampled token's text: once the output holds the
+    /// trigger, the grammar governs every token after it. A trigger that a
+    /// token carries on past (into text the grammar would have to judge)
+    /// starts nothing, and the output stays free.
+    pub fn observe(&mut self, piece: &[u8]) {
+        let Self::Waiting {
+            trigger,
+            seen,
+            then,
+        } = self
+        else {
+            return;
+        };
+        seen.push_str(&String::from_utf8_lossy(piece));
+        while let Some(at) = seen.find(trigger.as_str()) {
+            if seen[at + trigger.len()..].trim().is_empty() {
+                let grammar = Self::Llg(Box::new(then.deep_clone()));
+                *self = grammar;
+                return;
+            }
+            seen.drain(..at + trigger.len());
+        }
+        // Keep only what could still be the start of a trigger.
+        let keep = trigger.len().saturating_sub(1);
+        if seen.len() > keep {
+            let mut cut = seen.len() - keep;
+            while !seen.is_char_boundary(cut) {
+                cut += 1;
+            }
+            seen.drain(..cut);
+        }
     }
 
     /// Draws the next token with `chain` from the tokens the grammar allows.
@@ -272,6 +347,11 @@ impl ConstraintState {
                     }
                 });
                 draw(chain, allowed)?
+            }
+            Self::Waiting { .. } => {
+                return Err(EngineError::Inference(
+                    "a triggered grammar was asked to sample before its trigger".to_owned(),
+                ))
             }
             Self::Gbnf(grammar) => {
                 let all = || {
@@ -318,6 +398,7 @@ impl ConstraintState {
                     complete = matcher.is_stopped();
                 }
                 Self::Gbnf(grammar) => grammar.accept(token),
+                Self::Waiting { .. } => {}
             }
         }
         Ok(Step {

@@ -378,7 +378,7 @@ impl<'m> Scheduler<'m> {
             return;
         };
         let vocab = self.model.vocab();
-        let (token, complete) = match seq.constraint.as_mut() {
+        let (token, complete) = match seq.constraint.as_mut().filter(|c| !c.is_waiting()) {
             None => (seq.sampler.sample(&self.ctx, index), false),
             Some(constraint) => {
                 let step =
@@ -412,6 +412,9 @@ impl<'m> Scheduler<'m> {
         } else {
             vocab.token_to_piece(token, seq.special_text, None)
         };
+        if let Some(constraint) = seq.constraint.as_mut() {
+            constraint.observe(&piece);
+        }
         let logprob = seq
             .logprobs
             .filter(|_| !is_eog || seq.ignore_eos)

@@ -117,39 +117,23 @@ pub async fn chat_completions(
         .with_code("chat_template_missing")
     })?;
     let format = template.tool_call_format();
-    let (constraint, constraint_param) = match (&output, &plan) {
-        (Some(c), _) => (
-            Some(c.clone()),
-            if req.grammar.is_some() {
+    let compiled = match (&output, &plan) {
+        (Some(c), _) => {
+            let param = if req.grammar.is_some() {
                 "grammar"
             } else {
                 "response_format"
-            },
-        ),
-        (None, Some(p)) if p.forced() => (
-            Some(tools::call_constraint(p, format, &|t| {
-                engine.control_token(t)
-            })),
-            if p.legacy { "functions" } else { "tools" },
-        ),
-        _ => (None, ""),
-    };
-    let compiled = match constraint {
-        Some(c) => {
-            let compiler = engine.clone();
-            let compiled = tokio::task::spawn_blocking(move || compiler.compile_constraint(&c))
-                .await
-                .map_err(|e| ApiError::internal(format!("grammar compiler failed: {e}")))?;
-            Some(compiled.map_err(|e| {
-                let mut error = ApiError::from(e);
-                if error.status.is_client_error() {
-                    error.param = Some(constraint_param.to_owned());
-                    error.message = format!("{constraint_param} cannot be used: {}", error.message);
-                }
-                error
-            })?)
+            };
+            Some(compile(&engine, c.clone(), param).await?)
         }
-        None => None,
+        (None, Some(p)) if p.forced() => {
+            let calls = tools::call_constraint(p, format, &|t| engine.control_token(t));
+            let param = if p.legacy { "functions" } else { "tools" };
+            Some(compile(&engine, calls, param).await?)
+        }
+        // Free to answer, but a call the model opens is made valid.
+        (None, Some(p)) if p.active() => triggered_calls(&engine, p, format).await,
+        _ => None,
     };
     let job = Job {
         template,
@@ -503,6 +487,10 @@ fn builtin_rounds(
         let mut said = false;
         for round in 0..MAX_BUILTIN_ROUNDS {
             let job = Job { template, extra: extra.as_ref() };
+            if round > 0 {
+                // Later rounds answer freely, but a call they open is made valid.
+                compiled = triggered_calls(&engine, &plan, format).await;
+            }
             let submitted = job
                 .prompt(&engine, &messages, Some(&plan))
                 .and_then(|tokens| build_request(&sampling, &defaults, &engine, tokens, logprobs))
@@ -599,6 +587,42 @@ fn builtin_rounds(
             }
         }
     }
+}
+
+/// Compiles what the request asked for; one that cannot be compiled is the
+/// client's 400, naming `param`.
+async fn compile(
+    engine: &std::sync::Arc<engine::Engine>,
+    constraint: engine::Constraint,
+    param: &str,
+) -> Result<engine::CompiledConstraint, ApiError> {
+    let compiler = engine.clone();
+    tokio::task::spawn_blocking(move || compiler.compile_constraint(&constraint))
+        .await
+        .map_err(|e| ApiError::internal(format!("grammar compiler failed: {e}")))?
+        .map_err(|e| {
+            let mut error = ApiError::from(e);
+            if error.status.is_client_error() {
+                error.param = Some(param.to_owned());
+                error.message = format!("{param} cannot be used: {}", error.message);
+            }
+            error
+        })
+}
+
+/// The compiled grammar that makes a call the model opens valid, if the
+/// model's syntax has a marker to wait for and the tools compile.
+async fn triggered_calls(
+    engine: &std::sync::Arc<engine::Engine>,
+    plan: &ToolPlan,
+    format: ToolCallFormat,
+) -> Option<engine::CompiledConstraint> {
+    let constraint = tools::triggered_call_constraint(plan, format, &|t| engine.control_token(t))?;
+    let compiler = engine.clone();
+    tokio::task::spawn_blocking(move || compiler.compile_constraint(&constraint))
+        .await
+        .ok()?
+        .ok()
 }
 
 /// The calls a round's held deltas spell out.

@@ -443,6 +443,80 @@ pub fn call_constraint(
     }
 }
 
+/// For `tool_choice: "auto"`: free output until the model opens a call with
+/// its family's marker, and from there valid calls of the offered tools only,
+/// so a call the model starts is a call the client can run. `None` for
+/// syntaxes without a marker (the generic JSON form), which stay free.
+pub fn triggered_call_constraint(
+    plan: &ToolPlan,
+    format: ToolCallFormat,
+    control: MarkerToken<'_>,
+) -> Option<Constraint> {
+    let allowed = plan.allowed();
+    let more = if plan.parallel {
+        MAX_PARALLEL_CALLS - 1
+    } else {
+        0
+    };
+    // Further calls, when parallel calls are allowed.
+    let again = |call: &str| {
+        if more == 0 {
+            String::new()
+        } else {
+            format!("({call}){{0,{more}}}")
+        }
+    };
+    let (trigger, then) = match format {
+        ToolCallFormat::Hermes => {
+            let close = lark_marker("</tool_call>", control);
+            let open = lark_marker("<tool_call>", control);
+            let json = lark_json(&call_schema(&allowed, "arguments"));
+            let next = again(&format!("\"\\n\" {open} \"\\n\" call \"\\n\" {close}"));
+            // The newline after the marker may have come with the marker's token.
+            (
+                "<tool_call>",
+                format!("start: \"\\n\"? call \"\\n\" {close} {next}\ncall: {json}\n"),
+            )
+        }
+        ToolCallFormat::Llama3 => {
+            let json = lark_json(&call_schema(&allowed, "parameters"));
+            let next = again("\"; \" call");
+            (
+                "<|python_tag|>",
+                format!("start: call {next}\ncall: {json}\n"),
+            )
+        }
+        ToolCallFormat::MistralNemo => {
+            let list = json!({"type": "array", "items": call_schema(&allowed, "arguments"),
+                "minItems": 1, "maxItems": more + 1});
+            ("[TOOL_CALLS]", format!("start: {}\n", lark_json(&list)))
+        }
+        ToolCallFormat::MistralV11 => {
+            let alternatives: Vec<String> = allowed
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {} {}",
+                        lark_string(&s.name),
+                        lark_marker("[ARGS]", control),
+                        lark_json(&s.parameters)
+                    )
+                })
+                .collect();
+            let next = again(&format!("{} call", lark_marker("[TOOL_CALLS]", control)));
+            (
+                "[TOOL_CALLS]",
+                format!("start: call {next}\ncall: {}\n", alternatives.join(" | ")),
+            )
+        }
+        ToolCallFormat::GenericJson => return None,
+    };
+    Some(Constraint::Triggered {
+        trigger: trigger.to_owned(),
+        then,
+    })
+}
+
 /// For templates that cannot show tools: the system prompt text that
 /// describes them and the generic JSON call form the parser reads.
 pub fn generic_tools_prompt(plan: &ToolPlan) -> String {
@@ -730,6 +804,43 @@ mod tests {
 
     fn plan_of(extra: Value) -> ToolPlan {
         plan(&request(extra)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn every_family_grammar_compiles_against_a_real_vocabulary() {
+        let path = std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/models/SmolLM2-135M-Instruct-Q4_1.gguf"
+        ));
+        let engine = engine::Engine::load(&path, engine::EngineConfig::default()).unwrap();
+        let control = |t: &str| engine.control_token(t);
+        for format in [
+            ToolCallFormat::Hermes,
+            ToolCallFormat::Llama3,
+            ToolCallFormat::MistralNemo,
+            ToolCallFormat::MistralV11,
+            ToolCallFormat::GenericJson,
+        ] {
+            for parallel in [true, false] {
+                let plan = plan_of(json!({"tools": weather(), "parallel_tool_calls": parallel}));
+                let forced = ToolPlan {
+                    choice: ToolChoice::Required,
+                    ..plan.clone()
+                };
+                let calls = call_constraint(&forced, format, &control);
+                if let Err(e) = engine.compile_constraint(&calls) {
+                    panic!("{format:?} forced, parallel {parallel}: {e}\n{calls:?}");
+                }
+                match triggered_call_constraint(&plan, format, &control) {
+                    Some(triggered) => {
+                        if let Err(e) = engine.compile_constraint(&triggered) {
+                            panic!("{format:?} triggered, parallel {parallel}: {e}\n{triggered:?}");
+                        }
+                    }
+                    None => assert_eq!(format, ToolCallFormat::GenericJson),
+                }
+            }
+        }
     }
 
     #[test]

@@ -295,6 +295,85 @@ async fn tool_and_legacy_histories_render_through_every_template() {
 }
 
 #[tokio::test]
+async fn with_tool_choice_auto_a_call_the_model_opens_is_valid() {
+    let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen_template())]);
+    let mut calls = 0;
+    for seed in 0..8 {
+        let (status, _, body) = app
+            .post(
+                "/v1/chat/completions",
+                json!({"model": "light", "temperature": 0.9, "seed": seed, "max_tokens": 150,
+                    "tools": weather_tools(),
+                    "messages": [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let choice = &body["choices"][0];
+        let content = choice["message"]["content"].as_str().unwrap_or("");
+        if choice["finish_reason"] != "length" {
+            assert!(
+                !content.contains("<tool_call>\n"),
+                "an opened call was not made valid: {content}"
+            );
+        }
+        for call in choice["message"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            calls += 1;
+            assert_eq!(call["function"]["name"], "get_weather");
+            let arguments: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            assert!(arguments["city"].as_str().is_some_and(|c| c.len() <= 30));
+            assert!(["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()));
+        }
+    }
+    assert!(calls > 0, "no seed made the model call the tool");
+}
+
+#[tokio::test]
+async fn a_triggered_grammar_governs_only_what_follows_its_trigger() {
+    let app = TestApp::new(&[]);
+    let entry = app.state.registry.resolve("light").unwrap();
+    let engine = app.state.registry.engine(&entry, true).await.unwrap();
+    // Free prose until a token ends in "e" (sooner or later one does), then
+    // exactly "!!!" and the end.
+    let compiled = engine
+        .compile_constraint(&engine::Constraint::Triggered {
+            trigger: "e".into(),
+            then: "start: \"!!!\"\n".into(),
+        })
+        .unwrap();
+    let request = engine::GenerateRequest {
+        prompt: engine.tokenize("Once upon a time", true, true),
+        max_tokens: 60,
+        stop: Vec::new(),
+        sampling: engine::SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        logprobs: None,
+        ignore_eos: false,
+        special_text: false,
+        constraint: Some(compiled),
+        span: tracing::Span::none(),
+    };
+    let mut events = engine.submit(request).unwrap();
+    let mut text = String::new();
+    let finish = loop {
+        match events.recv().await.expect("the stream ends with Done") {
+            engine::Event::Text { text: t, .. } => text.push_str(&t),
+            engine::Event::Done { finish_reason, .. } => break finish_reason,
+            engine::Event::Error(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(finish, engine::FinishReason::Stop, "{text}");
+    assert!(text.ends_with("e!!!"), "{text:?}");
+    assert!(text.len() > 4, "some free text came first: {text:?}");
+}
+
+#[tokio::test]
 async fn what_cannot_be_honoured_is_a_400() {
     let app = TestApp::new(&[]);
     let user = json!([{"role": "user", "content": "hi"}]);
