@@ -81,9 +81,13 @@ fn json_options() -> Value {
     })
 }
 
-/// Adds our JSON options to a schema (its own `x-guidance` settings win).
+/// Adds our JSON options to a schema (its own `x-guidance` settings win), and
+/// closes its objects: see [`close_objects`].
 pub fn with_json_options(schema: &Value) -> Value {
     let mut schema = schema.clone();
+    if !mentions_key(&schema, "allOf") {
+        close_objects(&mut schema);
+    }
     if let Value::Object(map) = &mut schema {
         let mut options = json_options();
         if let (Some(Value::Object(own)), Value::Object(opts)) =
@@ -96,6 +100,57 @@ pub fn with_json_options(schema: &Value) -> Value {
         map.insert("x-guidance".into(), options);
     }
     schema
+}
+
+/// An object schema with `properties` and no word on other keys allows any
+/// other key; a small model given that freedom invents keys and rambles on in
+/// them until `max_tokens` cuts the JSON. Like llama.cpp's schema converter
+/// (and OpenAI's strict mode), generation sticks to the listed properties:
+/// every output is still valid under the schema as written, it is only never
+/// padded with keys nobody asked for. Schemas with `allOf` are left alone,
+/// since closing each branch would exclude the other branches' properties.
+fn close_objects(schema: &mut Value) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    let open = map.contains_key("properties")
+        && ![
+            "additionalProperties",
+            "patternProperties",
+            "unevaluatedProperties",
+        ]
+        .iter()
+        .any(|k| map.contains_key(*k));
+    if open {
+        map.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (keyword, value) in map.iter_mut() {
+        match (keyword.as_str(), value) {
+            // Maps from names to schemas.
+            (
+                "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas",
+                Value::Object(schemas),
+            ) => schemas.values_mut().for_each(close_objects),
+            // Lists of schemas.
+            ("anyOf" | "oneOf" | "prefixItems" | "items", Value::Array(schemas)) => {
+                schemas.iter_mut().for_each(close_objects)
+            }
+            // One schema.
+            (
+                "items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains",
+                value,
+            ) => close_objects(value),
+            _ => {}
+        }
+    }
+}
+
+fn mentions_key(value: &Value, key: &str) -> bool {
+    match value {
+        Value::Object(map) => map.contains_key(key) || map.values().any(|v| mentions_key(v, key)),
+        Value::Array(items) => items.iter().any(|v| mentions_key(v, key)),
+        _ => false,
+    }
 }
 
 /// The per-model grammar compiler: the vocabulary trie is built on first use
@@ -422,4 +477,38 @@ fn draw(chain: &mut LlamaSampler, allowed: Vec<LlamaTokenData>) -> Result<LlamaT
     array.selected_token().ok_or_else(|| {
         EngineError::Inference("constrained sampling failed: the sampler selected no token".into())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn objects_keep_to_their_listed_properties() {
+        let schema = json!({"type": "object", "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+            "c": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "d": {"const": {"properties": {}}},
+            "properties": {"type": "string"},
+        }, "$defs": {"e": {"type": "object", "properties": {}}}});
+        let closed = with_json_options(&schema);
+        assert_eq!(closed["additionalProperties"], false);
+        assert_eq!(closed["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(
+            closed["properties"]["c"]["additionalProperties"]["type"],
+            "integer"
+        );
+        assert!(closed["properties"]["d"]["const"]
+            .get("additionalProperties")
+            .is_none());
+        assert_eq!(closed["$defs"]["e"]["additionalProperties"], false);
+        // A property named like a keyword is a property, not a keyword.
+        assert!(closed["properties"].get("additionalProperties").is_none());
+        let composed = json!({"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]});
+        assert!(with_json_options(&composed)["allOf"][0]
+            .get("additionalProperties")
+            .is_none());
+    }
 }
