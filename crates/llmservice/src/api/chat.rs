@@ -243,10 +243,7 @@ pub async fn chat_completions(
                         let finish = finish_str(finish, &output, legacy);
                         yield wire_json(&chunk(0, ChatDelta::default(), None, Some(finish)));
                         if include_usage {
-                            let mut last = chunk(0, ChatDelta::default(), None, None);
-                            last.choices.clear();
-                            last.usage = Some(Some(usage.into()));
-                            yield wire_json(&last);
+                            yield wire_json(&usage_chunk(chunk(0, ChatDelta::default(), None, None), usage));
                         }
                         generate::log_done(&metrics, &entry_id, "chat", &usage, started);
                         break;
@@ -380,10 +377,7 @@ pub async fn chat_completions(
                             cached::store(cache, key.clone(), body);
                         }
                         if include_usage {
-                            let mut last = chunk(0, ChatDelta::default(), None, None);
-                            last.choices.clear();
-                            last.usage = Some(Some(usage.into()));
-                            yield wire_json(&last);
+                            yield wire_json(&usage_chunk(chunk(0, ChatDelta::default(), None, None), usage));
                         }
                         generate::log_done(&metrics, &entry_id, "chat", &usage, started);
                         break;
@@ -402,6 +396,13 @@ pub async fn chat_completions(
         }
     };
     Ok(cached::mark(sse(payloads), false))
+}
+
+/// The stream's last chunk when usage was asked for: no choices, the usage.
+fn usage_chunk(mut chunk: ChatCompletionChunk, usage: engine::Usage) -> ChatCompletionChunk {
+    chunk.choices.clear();
+    chunk.usage = Some(Some(usage.into()));
+    chunk
 }
 
 /// Most rounds a request with built-in functions runs before answering with

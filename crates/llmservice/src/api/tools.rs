@@ -368,44 +368,78 @@ fn call_schema(allowed: &[&ToolSpec], args_key: &str) -> Value {
 /// calls are a handful.
 const MAX_PARALLEL_CALLS: usize = 8;
 
-/// The grammar that makes the output a valid call (or calls, with
-/// `parallel_tool_calls`) of the allowed tools, in the model family's syntax.
-pub fn call_constraint(
+/// How one family writes its calls, as Lark pieces: forced output is `lead
+/// first next*`; output that waits for `trigger` continues with `after_trigger
+/// first next*`.
+struct CallSyntax {
+    /// The text that opens a call, for tool_choice auto (`None`: no marker).
+    trigger: Option<&'static str>,
+    lead: String,
+    after_trigger: &'static str,
+    /// The first call, after its marker.
+    first: String,
+    /// Each further call, marker included (`None`: one block holds them all).
+    next: Option<String>,
+    /// The rules the pieces use.
+    rules: String,
+}
+
+impl CallSyntax {
+    fn grammar(&self, lead: &str, parallel: bool) -> String {
+        let next = match &self.next {
+            Some(next) if parallel => format!("({next}){{0,{}}}", MAX_PARALLEL_CALLS - 1),
+            _ => String::new(),
+        };
+        format!("start: {lead} {} {next}\n{}", self.first, self.rules)
+    }
+}
+
+/// The Lark pieces of `format`'s calls of the allowed tools; `None` for the
+/// generic JSON form, which has no syntax around its JSON.
+fn call_syntax(
     plan: &ToolPlan,
     format: ToolCallFormat,
     control: MarkerToken<'_>,
-) -> Constraint {
+) -> Option<CallSyntax> {
     let allowed = plan.allowed();
-    let more = MAX_PARALLEL_CALLS - 1;
-    let repeat = |call: &str, sep: &str| {
-        if plan.parallel {
-            format!("start: call ({sep} call){{0,{more}}}\ncall: {call}\n")
-        } else {
-            format!("start: call\ncall: {call}\n")
-        }
-    };
-    match format {
+    let syntax = match format {
         ToolCallFormat::Hermes => {
-            let call = format!(
-                "{} \"\\n\" {} \"\\n\" {}",
+            let (open, close) = (
                 lark_marker("<tool_call>", control),
-                lark_json(&call_schema(&allowed, "arguments")),
                 lark_marker("</tool_call>", control),
             );
-            Constraint::Lark(repeat(&call, "\"\\n\""))
+            CallSyntax {
+                trigger: Some("<tool_call>"),
+                lead: format!("{open} \"\\n\""),
+                // The newline after the marker may have come with its token.
+                after_trigger: "\"\\n\"?",
+                first: format!("call \"\\n\" {close}"),
+                next: Some(format!("\"\\n\" {open} \"\\n\" call \"\\n\" {close}")),
+                rules: format!("call: {}\n", lark_json(&call_schema(&allowed, "arguments"))),
+            }
         }
-        ToolCallFormat::Llama3 => {
-            let call = lark_json(&call_schema(&allowed, "parameters"));
-            Constraint::Lark(repeat(&call, "\"; \""))
-        }
+        ToolCallFormat::Llama3 => CallSyntax {
+            trigger: Some("<|python_tag|>"),
+            lead: String::new(),
+            after_trigger: "",
+            first: "call".to_owned(),
+            next: Some("\"; \" call".to_owned()),
+            rules: format!(
+                "call: {}\n",
+                lark_json(&call_schema(&allowed, "parameters"))
+            ),
+        },
         ToolCallFormat::MistralNemo => {
             let list = json!({"type": "array", "items": call_schema(&allowed, "arguments"),
                 "minItems": 1, "maxItems": if plan.parallel { MAX_PARALLEL_CALLS } else { 1 }});
-            Constraint::Lark(format!(
-                "start: {} {}\n",
-                lark_marker("[TOOL_CALLS]", control),
-                lark_json(&list)
-            ))
+            CallSyntax {
+                trigger: Some("[TOOL_CALLS]"),
+                lead: lark_marker("[TOOL_CALLS]", control),
+                after_trigger: "",
+                first: lark_json(&list),
+                next: None,
+                rules: String::new(),
+            }
         }
         ToolCallFormat::MistralV11 => {
             let alternatives: Vec<String> = allowed
@@ -419,27 +453,42 @@ pub fn call_constraint(
                     )
                 })
                 .collect();
-            let call = format!(
-                "{} ({})",
-                lark_marker("[TOOL_CALLS]", control),
-                alternatives.join(" | ")
-            );
-            Constraint::Lark(repeat(&call, "\"\""))
-        }
-        ToolCallFormat::GenericJson => {
-            let call = call_schema(&allowed, "arguments");
-            if plan.parallel {
-                Constraint::JsonSchema(json!({
-                    "type": "object",
-                    "properties": {"tool_calls": {"type": "array", "items": call,
-                        "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}},
-                    "required": ["tool_calls"],
-                    "additionalProperties": false,
-                }))
-            } else {
-                Constraint::JsonSchema(call)
+            let marker = lark_marker("[TOOL_CALLS]", control);
+            CallSyntax {
+                trigger: Some("[TOOL_CALLS]"),
+                lead: marker.clone(),
+                after_trigger: "",
+                first: "call".to_owned(),
+                next: Some(format!("{marker} call")),
+                rules: format!("call: {}\n", alternatives.join(" | ")),
             }
         }
+        ToolCallFormat::GenericJson => return None,
+    };
+    Some(syntax)
+}
+
+/// The grammar that makes the output a valid call (or calls, with
+/// `parallel_tool_calls`) of the allowed tools, in the model family's syntax.
+pub fn call_constraint(
+    plan: &ToolPlan,
+    format: ToolCallFormat,
+    control: MarkerToken<'_>,
+) -> Constraint {
+    if let Some(syntax) = call_syntax(plan, format, control) {
+        return Constraint::Lark(syntax.grammar(&syntax.lead, plan.parallel));
+    }
+    let call = call_schema(&plan.allowed(), "arguments");
+    if plan.parallel {
+        Constraint::JsonSchema(json!({
+            "type": "object",
+            "properties": {"tool_calls": {"type": "array", "items": call,
+                "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}},
+            "required": ["tool_calls"],
+            "additionalProperties": false,
+        }))
+    } else {
+        Constraint::JsonSchema(call)
     }
 }
 
@@ -452,68 +501,10 @@ pub fn triggered_call_constraint(
     format: ToolCallFormat,
     control: MarkerToken<'_>,
 ) -> Option<Constraint> {
-    let allowed = plan.allowed();
-    let more = if plan.parallel {
-        MAX_PARALLEL_CALLS - 1
-    } else {
-        0
-    };
-    // Further calls, when parallel calls are allowed.
-    let again = |call: &str| {
-        if more == 0 {
-            String::new()
-        } else {
-            format!("({call}){{0,{more}}}")
-        }
-    };
-    let (trigger, then) = match format {
-        ToolCallFormat::Hermes => {
-            let close = lark_marker("</tool_call>", control);
-            let open = lark_marker("<tool_call>", control);
-            let json = lark_json(&call_schema(&allowed, "arguments"));
-            let next = again(&format!("\"\\n\" {open} \"\\n\" call \"\\n\" {close}"));
-            // The newline after the marker may have come with the marker's token.
-            (
-                "<tool_call>",
-                format!("start: \"\\n\"? call \"\\n\" {close} {next}\ncall: {json}\n"),
-            )
-        }
-        ToolCallFormat::Llama3 => {
-            let json = lark_json(&call_schema(&allowed, "parameters"));
-            let next = again("\"; \" call");
-            (
-                "<|python_tag|>",
-                format!("start: call {next}\ncall: {json}\n"),
-            )
-        }
-        ToolCallFormat::MistralNemo => {
-            let list = json!({"type": "array", "items": call_schema(&allowed, "arguments"),
-                "minItems": 1, "maxItems": more + 1});
-            ("[TOOL_CALLS]", format!("start: {}\n", lark_json(&list)))
-        }
-        ToolCallFormat::MistralV11 => {
-            let alternatives: Vec<String> = allowed
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{} {} {}",
-                        lark_string(&s.name),
-                        lark_marker("[ARGS]", control),
-                        lark_json(&s.parameters)
-                    )
-                })
-                .collect();
-            let next = again(&format!("{} call", lark_marker("[TOOL_CALLS]", control)));
-            (
-                "[TOOL_CALLS]",
-                format!("start: call {next}\ncall: {}\n", alternatives.join(" | ")),
-            )
-        }
-        ToolCallFormat::GenericJson => return None,
-    };
+    let syntax = call_syntax(plan, format, control)?;
     Some(Constraint::Triggered {
-        trigger: trigger.to_owned(),
-        then,
+        trigger: syntax.trigger?.to_owned(),
+        then: syntax.grammar(syntax.after_trigger, plan.parallel),
     })
 }
 
@@ -964,7 +955,11 @@ mod tests {
         else {
             panic!("lark expected");
         };
-        assert!(hermes.contains("\"<tool_call>\" \"\\n\" %json"), "{hermes}");
+        assert!(
+            hermes.starts_with("start: \"<tool_call>\" \"\\n\" call \"\\n\" \"</tool_call>\""),
+            "{hermes}"
+        );
+        assert!(hermes.contains("\ncall: %json"), "{hermes}");
         assert!(matches!(
             call_constraint(&plan, ToolCallFormat::GenericJson, &control),
             Constraint::JsonSchema(_)
