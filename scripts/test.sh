@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every test: formatting, the Rust unit and integration tests (release build, real
-# models from ../shared/models), then the openai-python compatibility suite
-# against the real binary.
+# Every test: formatting and lints, the Rust unit and integration tests (release
+# build, real models from ../shared/models), then the openai-python
+# compatibility suite against the real binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --all --check
+# Lints in release, so they share the build's compiled dependencies (llama.cpp).
+cargo clippy --release --locked --all-targets -- -D warnings
 cargo build --release --locked
 cargo test --release --locked
 

@@ -278,6 +278,7 @@ impl Value {
 }
 
 /// Runs the subset of the pickle machine that `torch.save` uses for a state dict.
+#[allow(clippy::too_many_lines)] // split in the next commit
 fn unpickle(data: &[u8]) -> Result<Value, String> {
     let mut pos = 0;
     let mut stack: Vec<Value> = Vec::new();

@@ -6,38 +6,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::Args;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::config::{ServeArgs, Settings};
-
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// GGUF model to measure.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Threads for both the server and the plain loop.
-    #[arg(long, default_value_t = 2)]
-    pub threads: i32,
-    /// Tokens generated per run (end-of-generation is ignored so runs do equal work).
-    #[arg(long, default_value_t = 128)]
-    pub tokens: u32,
-    /// Runs of each side.
-    #[arg(long, default_value_t = 5)]
-    pub runs: usize,
-    /// Context size for both sides.
-    #[arg(long, default_value_t = 4096)]
-    pub n_ctx: u32,
-    #[arg(long, default_value = "The history of the printing press begins")]
-    pub prompt: String,
-}
-
-impl BenchArgs {
-    pub fn serve_args(&self) -> ServeArgs {
-        ServeArgs::default()
-    }
-}
+use crate::cli::BenchArgs;
+use crate::settings::Settings;
 
 pub async fn run(args: BenchArgs, _settings: Settings) -> Result<(), String> {
     let server = ServerProcess::start(&args).await?;

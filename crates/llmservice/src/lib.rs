@@ -1,13 +1,25 @@
 //! llmservice: local language models behind an OpenAI-compatible HTTP API.
 //!
-//! Layers (see ARCHITECTURE.md): `api` → `models` → `engine` (a separate crate
-//! that knows nothing of HTTP). `config` turns flags and environment into
-//! `Settings`; `server` binds and shuts down.
+//! Layers (see ARCHITECTURE.md), each depending only on those below it:
+//! - `api`: the router, thin handlers, answers, SSE, the cache at the edge;
+//! - `chat`, `generation`: what a request means, apart from HTTP;
+//! - `wire`: the serde shapes of requests and answers;
+//! - `models` (registry), `cache` (the response store), `telemetry`;
+//! - `engine`, a separate crate that knows nothing of HTTP.
+//!
+//! `cli` and `settings` turn flags and environment into `Settings`; `state`
+//! is what handlers share; `server` binds and shuts down.
 
 pub mod api;
 pub mod bench;
 pub mod cache;
-pub mod config;
-pub mod metrics;
+pub mod chat;
+pub mod cli;
+pub mod error;
+pub mod generation;
 pub mod models;
 pub mod server;
+pub mod settings;
+pub mod state;
+pub mod telemetry;
+pub mod wire;

@@ -1,6 +1,7 @@
 use clap::Parser;
 
-use llmservice::config::{Cli, Command, ProcessEnv, ServeArgs, Settings};
+use llmservice::cli::{Cli, Command, ServeArgs};
+use llmservice::settings::{ProcessEnv, Settings};
 use llmservice::{bench, models, server};
 
 fn main() -> std::process::ExitCode {

@@ -8,12 +8,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
-use crate::config::Settings;
+use crate::settings::Settings;
 
 /// How long in-flight requests may run on after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// The file clients read to find the port (seed 000).
+/// The file clients read to find the port (`.port` in the working directory).
 const PORT_FILE: &str = ".port";
 
 pub async fn serve(settings: Settings) -> Result<(), String> {

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use engine::EngineError;
 use serde_json::json;
 
+use crate::error::RequestError;
 use crate::models::ModelError;
 
 #[derive(Debug, Clone)]
@@ -189,6 +190,20 @@ impl From<ModelError> for ApiError {
                 )
             },
             ModelError::Load(e) => e.into(),
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(error: RequestError) -> Self {
+        match error {
+            RequestError::Invalid {
+                param,
+                message,
+                code,
+            } => ApiError::invalid(&param, message).with_code(code),
+            RequestError::Unsupported { param, message } => ApiError::unsupported(&param, message),
+            RequestError::Engine(error) => error.into(),
         }
     }
 }

@@ -61,7 +61,7 @@ where
 /// sampling fields are the flattened ones, so read them alone to name the field.
 fn flattened_field_path(bytes: &[u8]) -> Option<String> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let err = serde_path_to_error::deserialize::<_, super::types::SamplingFields>(de).err()?;
+    let err = serde_path_to_error::deserialize::<_, crate::wire::SamplingFields>(de).err()?;
     let path = err.path().to_string();
     (path != ".").then_some(path)
 }

@@ -1,24 +1,22 @@
-//! The HTTP surface. Handlers turn wire types into engine requests and engine
-//! events back into wire types; nothing here touches llama.cpp.
+//! The HTTP surface: the router and its layers, the handlers, answers built
+//! from choice records, SSE, the response cache at the edge, and OpenAI's
+//! error shape. Nothing here touches llama.cpp.
+//!
+//! Dependencies point one way: `handlers` → `answer`, `response_cache`, `sse`
+//! → `error`, `json`; the domain (`crate::chat`, `crate::generation`) and the
+//! wire types (`crate::wire`) know nothing of this module.
 
-mod cached;
-mod chat;
-mod completions;
-mod embeddings;
+mod answer;
 pub mod error;
-mod functions;
-mod generate;
+mod handlers;
 mod json;
-mod models;
 mod openapi;
-mod tokens;
-mod tools;
-pub mod types;
+mod response_cache;
+mod sse;
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,55 +25,10 @@ use axum::Router;
 use tower_http::cors::CorsLayer;
 use tracing::Instrument;
 
-use crate::config::Settings;
-use crate::models::Registry;
 use error::ApiError;
+use handlers::{chat, completions, embeddings, functions, models, ops, rerank, tokens};
 
-#[derive(Clone)]
-pub struct AppState {
-    pub settings: Arc<Settings>,
-    pub registry: Arc<Registry>,
-    pub cache: Arc<crate::cache::ResponseCache>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Milliseconds since the Unix epoch of the last request's start or end.
-    last_activity: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl AppState {
-    /// The state for `settings`: the model registry and the response cache (whose
-    /// disk tier, if any, is opened here; a broken one is logged and bypassed).
-    pub fn new(settings: Arc<Settings>) -> Self {
-        Self {
-            registry: Arc::new(Registry::new(settings.clone())),
-            cache: Arc::new(crate::cache::ResponseCache::new(settings.cache.clone())),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            last_activity: Arc::new(std::sync::atomic::AtomicU64::new(now_millis())),
-            settings,
-        }
-    }
-
-    fn touch(&self) {
-        self.last_activity
-            .store(now_millis(), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How long the server has been without requests and without generating.
-    pub fn idle_for(&self) -> std::time::Duration {
-        if self.registry.any_busy() {
-            self.touch();
-        }
-        let last = self
-            .last_activity
-            .load(std::sync::atomic::Ordering::Relaxed);
-        std::time::Duration::from_millis(now_millis().saturating_sub(last))
-    }
-}
-
-fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
@@ -97,10 +50,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/functions", get(functions::list_functions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/embeddings", post(embeddings::embeddings))
-        .route("/v1/rerank", post(embeddings::rerank))
-        .route("/rerank", post(embeddings::rerank))
-        .route("/internal/cache/stats", get(cache_stats))
-        .route("/metrics", get(metrics))
+        .route("/v1/rerank", post(rerank::rerank))
+        .route("/rerank", post(rerank::rerank))
+        .route("/internal/cache/stats", get(ops::cache_stats))
+        .route("/metrics", get(ops::metrics))
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
         .fallback(unknown_route)
@@ -109,31 +62,6 @@ pub fn router(state: AppState) -> Router {
         .layer(CorsLayer::permissive())
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .with_state(state)
-}
-
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
-async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
-    // Rendering reads the cache's stats, which may touch its disk tier.
-    let body = tokio::task::spawn_blocking(move || state.metrics.render(&state))
-        .await
-        .unwrap_or_default();
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
-}
-
-#[utoipa::path(get, path = "/internal/cache/stats", responses((status = 200, description = "Hits, misses, entries, evictions, bytes, disk tier state")))]
-async fn cache_stats(
-    axum::extract::State(state): axum::extract::State<AppState>,
-) -> axum::Json<crate::cache::CacheStats> {
-    let cache = state.cache.clone();
-    let stats = tokio::task::spawn_blocking(move || cache.stats()).await;
-    axum::Json(stats.unwrap_or_else(|_| state.cache.stats()))
 }
 
 async fn unknown_route(request: Request) -> ApiError {
@@ -160,40 +88,15 @@ async fn wrong_method(request: Request) -> ApiError {
     .with_code("method_not_allowed")
 }
 
-/// A bounded set of route labels: model ids and unknown paths must not each
-/// become a metric series.
-fn route_label(path: &str) -> &'static str {
-    const ROUTES: &[&str] = &[
-        "/health",
-        "/v1/models",
-        "/v1/models/chat",
-        "/v1/models/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/embeddings",
-        "/v1/rerank",
-        "/rerank",
-        "/tokenize",
-        "/detokenize",
-        "/internal/cache/stats",
-        "/metrics",
-    ];
-    match ROUTES.iter().find(|r| **r == path) {
-        Some(route) => route,
-        None if path.starts_with("/v1/models/") => "/v1/models/{id}",
-        None => "other",
-    }
-}
-
-/// Opens the request's span (with its id, echoed as `x-request-id`) and logs one
-/// line when the response head is ready.
-async fn trace_request(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = route_label(request.uri().path());
+/// Opens the request's span (with its id, echoed as `x-request-id`), logs one
+/// line when the response head is ready, and counts the request under the
+/// route it matched (a bounded set: model ids and unknown paths must not each
+/// become a metric series).
+async fn trace_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or_else(
+        || "other".to_owned(),
+        |p| p.as_str().replace("{*id}", "{id}"),
+    );
     state.touch();
     let id = request
         .headers()
@@ -208,7 +111,7 @@ async fn trace_request(
     tracing::info!(parent: &span, status = response.status().as_u16(), latency_ms = started.elapsed().as_millis() as u64, "response");
     state
         .metrics
-        .observe_request(route, response.status().as_u16(), started.elapsed());
+        .observe_request(&route, response.status().as_u16(), started.elapsed());
     state.touch();
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);

@@ -4,7 +4,8 @@
 
 use utoipa::OpenApi;
 
-use super::types::*;
+use super::handlers;
+use crate::wire::*;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,21 +14,21 @@ use super::types::*;
         description = "Local language models behind an OpenAI-compatible API."
     ),
     paths(
-        super::chat::chat_completions,
-        super::completions::completions,
-        super::embeddings::embeddings,
-        super::embeddings::rerank,
-        super::functions::list_functions,
-        super::models::health,
-        super::models::list_models,
-        super::models::get_model,
-        super::models::model_action,
-        super::models::chat_models,
-        super::models::embedding_models,
-        super::tokens::tokenize,
-        super::tokens::detokenize,
-        super::cache_stats,
-        super::metrics,
+        handlers::chat::chat_completions,
+        handlers::completions::completions,
+        handlers::embeddings::embeddings,
+        handlers::rerank::rerank,
+        handlers::functions::list_functions,
+        handlers::models::health,
+        handlers::models::list_models,
+        handlers::models::get_model,
+        handlers::models::model_action,
+        handlers::models::chat_models,
+        handlers::models::embedding_models,
+        handlers::tokens::tokenize,
+        handlers::tokens::detokenize,
+        handlers::ops::cache_stats,
+        handlers::ops::metrics,
     ),
     components(schemas(ErrorResponse, ErrorDetail, Usage, ChatCompletionChunk))
 )]

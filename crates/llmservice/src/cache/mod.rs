@@ -19,7 +19,7 @@ mod disk;
 mod tests;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -48,47 +48,6 @@ pub struct CacheSettings {
     pub dir: PathBuf,
     /// `CACHE_ALL` (default false): also cache sampled (non-deterministic) requests.
     pub cache_all: bool,
-}
-
-impl CacheSettings {
-    /// Reads the settings through `get` (an environment lookup). A variable set
-    /// to the empty string counts as unset, as `.env` templates often leave them.
-    /// Errors name the variable and the offending value.
-    pub fn from_env(get: impl Fn(&str) -> Option<String>, data_dir: &Path) -> Result<Self, String> {
-        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
-        let bool_var = |name: &str, default: bool| match get(name) {
-            None => Ok(default),
-            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => Ok(true),
-                "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err(format!("{name}={v:?}: expected true or false")),
-            },
-        };
-        // Zero is refused rather than guessed at: it could mean "off" or
-        // "unbounded", and ENABLE_CACHE=false already says "off".
-        let positive_var = |name: &str, default: u64| {
-            match get(name) {
-            None => Ok(default),
-            Some(v) => match v.trim().parse::<u64>() {
-                Ok(0) => Err(format!(
-                    "{name}={v:?}: must be at least 1 (set ENABLE_CACHE=false to turn the cache off)"
-                )),
-                Ok(n) => Ok(n),
-                Err(e) => Err(format!("{name}={v:?}: {e}")),
-            },
-        }
-        };
-        Ok(CacheSettings {
-            enabled: bool_var("ENABLE_CACHE", true)?,
-            max_entries: positive_var("CACHE_MAX_SIZE", 1000)?,
-            ttl: Duration::from_secs(positive_var("CACHE_TTL_SECONDS", 3600)?),
-            persist_to_disk: bool_var("CACHE_PERSIST_TO_DISK", false)?,
-            dir: get("CACHE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| data_dir.join("cache")),
-            cache_all: bool_var("CACHE_ALL", false)?,
-        })
-    }
 }
 
 /// Whether a request may be served from (and stored in) the cache: only when

@@ -162,7 +162,9 @@ fn settings_errors_name_the_variable() {
         ("CACHE_TTL_SECONDS", "1.5"),
         ("CACHE_TTL_SECONDS", "0"),
     ] {
-        let err = CacheSettings::from_env(env(&[(name, value)]), Path::new("/d")).unwrap_err();
+        let err = CacheSettings::from_env(env(&[(name, value)]), Path::new("/d"))
+            .unwrap_err()
+            .message;
         assert!(err.starts_with(name), "{name}={value}: {err}");
         assert!(err.contains(value), "{name}={value}: {err}");
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use engine::{Engine, EngineConfig, EngineError, ModelKind};
 
-use crate::config::{GenerationDefaults, Settings, Tier};
+use crate::settings::{GenerationDefaults, Settings, Tier};
 
 pub use routing::tier_for_name;
 
@@ -519,6 +519,39 @@ impl Registry {
             name: name.to_owned(),
             available: all.iter().map(|e| e.id.clone()).collect(),
         })
+    }
+
+    /// [`Registry::resolve`] for async callers. A name found in a fresh scan
+    /// answers at once; otherwise the directory scan it needs (file I/O and
+    /// GGUF headers, under the scan's lock) runs on the blocking pool, never on
+    /// a Tokio worker.
+    pub async fn resolve_async(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<Arc<ModelEntry>, ModelError> {
+        if let Some(found) = self.resolve_fresh(name.trim()) {
+            return Ok(found);
+        }
+        let (registry, name) = (Arc::clone(self), name.to_owned());
+        match tokio::task::spawn_blocking(move || registry.resolve(&name)).await {
+            Ok(resolved) => resolved,
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    }
+
+    /// `name` among the tiers and a scan younger than [`DIR_SCAN_FRESH`],
+    /// without waiting: `None` when the scan is stale, busy, or has no match.
+    fn resolve_fresh(&self, name: &str) -> Option<Arc<ModelEntry>> {
+        let scanned = {
+            let cache = self.dir_cache.try_lock().ok()?;
+            let fresh = cache
+                .scanned_at
+                .is_some_and(|at| at.elapsed() < DIR_SCAN_FRESH);
+            fresh.then(|| cache.entries.clone())?
+        };
+        let mut all = self.tiers.clone();
+        all.extend(scanned);
+        self.find(&all, name)
     }
 
     fn find(&self, all: &[Arc<ModelEntry>], name: &str) -> Option<Arc<ModelEntry>> {

@@ -1,7 +1,7 @@
-//! Seed 000's name patterns: a model name nobody configured can still land on
+//! Name patterns: a model name nobody configured can still land on
 //! the right tier (`*embed*` → embedding, `*rerank*` → reranker, `7b` → a chat tier).
 
-use crate::config::Tier;
+use crate::settings::Tier;
 
 /// The tier a free-form model name points at, if its name says so.
 pub fn tier_for_name(name: &str) -> Option<Tier> {

@@ -5,7 +5,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use llmservice::api::{router, AppState};
-use llmservice::config::{ServeArgs, Settings};
+use llmservice::cli::ServeArgs;
+use llmservice::settings::Settings;
 use serde_json::Value;
 use tower::ServiceExt;
 

@@ -221,13 +221,13 @@ async fn unknown_routes_and_methods_use_the_error_shape() {
 async fn a_taken_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let args = llmservice::config::ServeArgs {
+    let args = llmservice::cli::ServeArgs {
         host: Some("127.0.0.1".into()),
         port: Some(port),
         ..Default::default()
     };
     let settings =
-        llmservice::config::Settings::resolve(&args, &[("HOME", "/nonexistent")]).unwrap();
+        llmservice::settings::Settings::resolve(&args, &[("HOME", "/nonexistent")]).unwrap();
     let error = llmservice::server::serve(settings).await.unwrap_err();
     assert!(
         error.contains(&format!("port {port}")) && error.contains("already in use"),

@@ -1,4 +1,4 @@
-//! `GET /health`, `GET /v1/models[/{id}]`, and seed 002's per-kind lists.
+//! `GET /health`, `GET /v1/models[/{id}]`, and bare per-kind lists of `{name, ...}`.
 
 use std::sync::Arc;
 
@@ -7,10 +7,10 @@ use axum::Json;
 use engine::ModelKind;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
-use super::types::{ErrorResponse, ModelList, ModelObject};
-use super::AppState;
+use crate::api::error::ApiError;
 use crate::models::{ModelEntry, ModelError};
+use crate::state::AppState;
+use crate::wire::{ErrorResponse, ModelList, ModelObject};
 
 /// Answers from atomics and `try_lock` only: it never waits on a loading model.
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "`{status: healthy, timestamp, models: [loaded]}`")))]
@@ -78,7 +78,7 @@ pub async fn get_model(
         })
 }
 
-/// Seed 002's shape: a bare array of `{name, ...}`, `name` being what to send as `model`.
+/// A bare array of `{name, ...}`, `name` being what to send as `model`.
 async fn by_kind(state: AppState, kind: ModelKind) -> Json<Vec<Value>> {
     let registry = state.registry.clone();
     let entries: Vec<Arc<ModelEntry>> = tokio::task::spawn_blocking(move || registry.list())
@@ -102,7 +102,7 @@ async fn by_kind(state: AppState, kind: ModelKind) -> Json<Vec<Value>> {
     )
 }
 
-#[utoipa::path(get, path = "/v1/models/chat", responses((status = 200, description = "Seed 002's bare array of `{name, id, path, size_bytes, state, tier}` for chat models")))]
+#[utoipa::path(get, path = "/v1/models/chat", responses((status = 200, description = "A bare array of `{name, id, path, size_bytes, state, tier}` for chat models")))]
 pub async fn chat_models(State(state): State<AppState>) -> Json<Vec<Value>> {
     by_kind(state, ModelKind::Chat).await
 }
@@ -127,7 +127,7 @@ pub async fn model_action(
                 "unknown model action in {path:?}; use /load or /unload"
             ))
         })?;
-    let entry = state.registry.resolve(id)?;
+    let entry = state.registry.resolve_async(id).await?;
     match action {
         "load" => {
             state.registry.engine(&entry, true).await?;

@@ -8,7 +8,8 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::api::AppState;
+use crate::cache::ResponseCache;
+use crate::models::Registry as ModelRegistry;
 
 pub struct Metrics {
     registry: Registry,
@@ -150,10 +151,10 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges read from the models and the cache now.
-    pub fn render(&self, state: &AppState) -> String {
+    pub fn render(&self, models: &ModelRegistry, cache: &ResponseCache) -> String {
         self.queue.reset();
         self.loaded.reset();
-        for entry in state.registry.loaded() {
+        for entry in models.loaded() {
             self.loaded
                 .with_label_values(&[&entry.id, entry.kind.as_str()])
                 .set(1);
@@ -170,7 +171,7 @@ impl Metrics {
                     .set(load(&stats.waiting));
             }
         }
-        let cache = state.cache.stats();
+        let cache = cache.stats();
         for (stat, value) in [
             ("hits", cache.hits),
             ("misses", cache.misses),

@@ -5,38 +5,14 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json as JsonResponse;
 use engine::chat::RenderInput;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
-use super::generate;
-use super::json::Json;
-use super::types::ErrorResponse;
-use super::AppState;
-
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct TokenizeRequest {
-    /// Optional: defaults to the first configured chat tier.
-    pub model: Option<String>,
-    pub content: Option<String>,
-    pub prompt: Option<String>,
-    /// Chat messages, rendered with the model's chat template first.
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub messages: Option<Vec<Value>>,
-    /// Extra chat template variables, as chat completions take them.
-    #[schema(value_type = Option<Object>)]
-    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
-    /// Add BOS (when the model uses one); llama-server's default is false, vLLM's true.
-    pub add_special: Option<bool>,
-    /// Also return each token's text.
-    pub with_pieces: Option<bool>,
-}
-
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct DetokenizeRequest {
-    pub model: Option<String>,
-    pub tokens: Vec<i64>,
-}
+use super::wants_to_wait;
+use crate::api::error::ApiError;
+use crate::api::json::Json;
+use crate::chat::prepare_messages;
+use crate::state::AppState;
+use crate::wire::{DetokenizeRequest, ErrorResponse, TokenizeRequest};
 
 fn model_name(state: &AppState, model: Option<&str>) -> Result<String, ApiError> {
     if let Some(m) = model {
@@ -59,10 +35,11 @@ pub async fn tokenize(
 ) -> Result<JsonResponse<Value>, ApiError> {
     let entry = state
         .registry
-        .resolve(&model_name(&state, req.model.as_deref())?)?;
+        .resolve_async(&model_name(&state, req.model.as_deref())?)
+        .await?;
     let engine = state
         .registry
-        .engine(&entry, generate::wants_to_wait(&headers))
+        .engine(&entry, wants_to_wait(&headers))
         .await?;
     let tokens = match (&req.messages, req.content.as_ref().or(req.prompt.as_ref())) {
         (Some(messages), None) => {
@@ -73,7 +50,7 @@ pub async fn tokenize(
                 )
             })?;
             // Exactly what chat renders, so the count matches its usage.
-            let messages = super::chat::prepare_messages(messages)?;
+            let messages = prepare_messages(messages)?;
             let prompt = template
                 .render(&RenderInput {
                     messages: &messages,
@@ -118,10 +95,11 @@ pub async fn detokenize(
 ) -> Result<JsonResponse<Value>, ApiError> {
     let entry = state
         .registry
-        .resolve(&model_name(&state, req.model.as_deref())?)?;
+        .resolve_async(&model_name(&state, req.model.as_deref())?)
+        .await?;
     let engine = state
         .registry
-        .engine(&entry, generate::wants_to_wait(&headers))
+        .engine(&entry, wants_to_wait(&headers))
         .await?;
     let n_vocab = i64::from(engine.info().n_vocab);
     if let Some(bad) = req.tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {

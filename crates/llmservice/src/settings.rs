@@ -1,57 +1,15 @@
-//! Configuration: command-line flags > environment (and `.env`) > defaults.
-//! The raw layer (clap + environment variables under the seeds' names) becomes a
-//! validated [`Settings`]; everything after start-up reads only `Settings`.
+//! Settings: command-line flags (`crate::cli`) > environment (and `.env`) >
+//! defaults. The raw layer (flags + environment variables under the seeds'
+//! names) becomes a validated [`Settings`]; everything after start-up reads
+//! only `Settings`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
 use engine::EngineConfig;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "llmservice",
-    version,
-    about = "Local language models behind an OpenAI-compatible API"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve the HTTP API (the default).
-    Serve(ServeArgs),
-    /// List the models the server would offer, with their kind.
-    Models(ServeArgs),
-    /// Measure single-stream decode speed: the server path vs. a plain llama.cpp loop.
-    Bench(crate::bench::BenchArgs),
-}
-
-/// Flags for `serve`. Each falls back to the environment under the names the
-/// earlier services used, then to a default.
-#[derive(Debug, Clone, Default, Args)]
-pub struct ServeArgs {
-    /// Address to listen on [env: HOST, LLM_SERVICE_HOST] [default: 127.0.0.1]
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Port to listen on; 0 picks a free one (written to `.port`) [env: PORT, LLM_SERVICE_PORT] [default: 8000]
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Directory whose `.gguf` files are servable by file stem [env: MODELS_DIR, LLM_SERVICE_MODELS_DIR, MODEL_DIR]
-    #[arg(long)]
-    pub models_dir: Option<PathBuf>,
-    /// Directory for the service's own state [env: DATA_DIR, LLM_SERVICE_DATA_DIR] [default: ~/.llmservice]
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Log filter, e.g. info or debug [env: LOG_LEVEL] [default: info]
-    #[arg(long)]
-    pub log_level: Option<String>,
-    /// Largest request body accepted, in bytes [env: MAX_BODY_BYTES] [default: 10485760]
-    #[arg(long)]
-    pub max_body_bytes: Option<usize>,
-}
+use crate::cache::CacheSettings;
+use crate::cli::ServeArgs;
 
 /// The five model tiers of the seeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,7 +107,7 @@ pub struct Settings {
     pub max_loaded_models: Option<usize>,
     /// Exit after this long without requests (`SHUTDOWN_TIMEOUT`, 0 = never).
     pub shutdown_timeout: Option<Duration>,
-    pub cache: crate::cache::CacheSettings,
+    pub cache: CacheSettings,
 }
 
 /// A configuration value that does not parse, named so the operator can fix it.
@@ -229,6 +187,54 @@ fn parse_bool(env: &dyn Env, name: &str) -> Result<Option<bool>, ConfigError> {
     }
 }
 
+/// A positive integer: zero is refused rather than guessed at (it could mean
+/// "off" or "unbounded").
+fn parse_positive(env: &dyn Env, name: &str, hint: &str) -> Result<Option<u64>, ConfigError> {
+    match parse::<u64>(env, &[name])? {
+        Some(0) => Err(ConfigError::new(
+            name,
+            &env.get(name).unwrap_or_default(),
+            format!("must be at least 1 ({hint})"),
+        )),
+        n => Ok(n),
+    }
+}
+
+/// An [`Env`] over a lookup function, with empty values read as unset (as
+/// `.env` templates often leave them).
+struct LookupEnv<F>(F);
+
+impl<F: Fn(&str) -> Option<String>> Env for LookupEnv<F> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl CacheSettings {
+    /// The cache's settings from the environment (`get` looks a name up).
+    /// Errors name the variable and the offending value.
+    pub fn from_env(
+        get: impl Fn(&str) -> Option<String>,
+        data_dir: &std::path::Path,
+    ) -> Result<Self, ConfigError> {
+        let env = LookupEnv(get);
+        let off = "set ENABLE_CACHE=false to turn the cache off";
+        Ok(CacheSettings {
+            enabled: parse_bool(&env, "ENABLE_CACHE")?.unwrap_or(true),
+            max_entries: parse_positive(&env, "CACHE_MAX_SIZE", off)?.unwrap_or(1000),
+            ttl: Duration::from_secs(
+                parse_positive(&env, "CACHE_TTL_SECONDS", off)?.unwrap_or(3600),
+            ),
+            persist_to_disk: parse_bool(&env, "CACHE_PERSIST_TO_DISK")?.unwrap_or(false),
+            dir: env
+                .get("CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| data_dir.join("cache")),
+            cache_all: parse_bool(&env, "CACHE_ALL")?.unwrap_or(false),
+        })
+    }
+}
+
 fn home_dir(env: &dyn Env) -> PathBuf {
     env.get("HOME")
         .map(PathBuf::from)
@@ -256,12 +262,7 @@ impl Settings {
                 tiers.push(t);
             }
         }
-        let cache = crate::cache::CacheSettings::from_env(|n| env.get(n), &data_dir).map_err(
-            |message| ConfigError {
-                name: message.split('=').next().unwrap_or_default().to_owned(),
-                message,
-            },
-        )?;
+        let cache = CacheSettings::from_env(|n| env.get(n), &data_dir)?;
         Ok(Settings {
             host: args
                 .host

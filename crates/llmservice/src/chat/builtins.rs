@@ -1,4 +1,4 @@
-//! Built-in functions (seed 003's registry): time and date helpers the server
+//! Built-in functions: time and date helpers the server
 //! can run itself when a request sets `execute_builtin_functions`, listed at
 //! `GET /v1/functions`.
 //!
@@ -8,12 +8,9 @@
 //! follow; the function still checks its arguments, since `auto` calls are not
 //! constrained.
 
-use axum::Json;
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde_json::{json, Value};
-
-use super::tools::ToolSpec;
 
 pub struct Builtin {
     pub name: &'static str,
@@ -21,16 +18,6 @@ pub struct Builtin {
     /// JSON schema of the arguments object.
     pub parameters: fn() -> Value,
     pub run: fn(&Value) -> Result<Value, String>,
-}
-
-impl Builtin {
-    pub fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: self.name.to_owned(),
-            description: Some(self.description.to_owned()),
-            parameters: (self.parameters)(),
-        }
-    }
 }
 
 pub fn registry() -> &'static [Builtin] {
@@ -102,15 +89,6 @@ pub fn execute(builtin: &Builtin, arguments: &str) -> Value {
             }
         });
     result.unwrap_or_else(|error| json!({ "error": error }))
-}
-
-#[utoipa::path(get, path = "/v1/functions", responses((status = 200, description = "The built-in functions this server can execute (`execute_builtin_functions: true`)")))]
-pub async fn list_functions() -> Json<Value> {
-    let data: Vec<Value> = registry()
-        .iter()
-        .map(|b| json!({"name": b.name, "description": b.description, "parameters": (b.parameters)()}))
-        .collect();
-    Json(json!({"object": "list", "data": data}))
 }
 
 fn string_arg<'a>(args: &'a Value, name: &str) -> Result<Option<&'a str>, String> {

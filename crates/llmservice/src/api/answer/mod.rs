@@ -1,0 +1,172 @@
+//! Answers built from their choices' records ([`ChoiceRecord`]): the SSE
+//! chunks as events arrive, and at the end the whole answer that is both the
+//! JSON response and the cache entry. Fresh generations, built-in function
+//! rounds and cache replays all drive the same [`Answer`], through [`collect`]
+//! or [`stream`].
+
+mod chat;
+mod completions;
+
+use std::time::Instant;
+
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+
+use super::sse::{sse_error, wire_json};
+use crate::error::RequestError;
+use crate::generation::{total_usage, ChoiceEvent, ChoiceRecord};
+
+pub use chat::{ChatAnswer, ChatShape};
+pub use completions::TextAnswer;
+
+/// What every answer carries besides its choices.
+#[derive(Debug, Clone)]
+pub struct AnswerHead {
+    pub id: String,
+    pub created: i64,
+    /// The name the client used.
+    pub model: String,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Whether a stream ends with a usage chunk.
+    pub include_usage: bool,
+}
+
+impl AnswerHead {
+    /// A new answer's head: an id with `prefix`, created now, delivered as
+    /// `sampling` asks (`stream`, `stream_options.include_usage`).
+    pub fn new(prefix: &str, model: &str, sampling: &crate::wire::SamplingFields) -> Self {
+        Self {
+            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            created: chrono::Utc::now().timestamp(),
+            model: model.to_owned(),
+            stream: sampling.stream.unwrap_or(false),
+            include_usage: crate::generation::include_usage(sampling),
+        }
+    }
+}
+
+/// The choices' records with the wire shape of one endpoint.
+pub trait Answer: Send + 'static {
+    type Chunk: Serialize;
+    type Whole: Serialize;
+
+    fn head(&self) -> &AnswerHead;
+    /// The records, in choice order.
+    fn records(&self) -> &[ChoiceRecord];
+    fn records_mut(&mut self) -> &mut [ChoiceRecord];
+    /// Choices that share one prompt (their prompt tokens count once).
+    fn choices_per_prompt(&self) -> usize;
+    /// The chunks that open a stream, before any event.
+    fn opening(&self) -> Vec<Self::Chunk>;
+    /// The chunk a recorded piece becomes (none for a piece the shape hides).
+    fn piece_chunk(&self, index: u32, event: &ChoiceEvent) -> Option<Self::Chunk>;
+    /// The chunk that closes a finished choice.
+    fn finish_chunk(&self, index: u32) -> Self::Chunk;
+    /// The last chunk, with the usage of every choice.
+    fn usage_chunk(&self) -> Self::Chunk;
+    /// The whole answer: the JSON response and the cache entry.
+    fn whole(&self) -> Self::Whole;
+
+    /// Records one event and returns the chunks it becomes on a stream.
+    fn apply(&mut self, index: u32, event: ChoiceEvent) -> Vec<Self::Chunk> {
+        let mut chunks = Vec::new();
+        let Some(record) = self.records_mut().get_mut(index as usize) else {
+            return chunks;
+        };
+        match &event {
+            ChoiceEvent::Delta(delta, logprobs) => record.record(delta, logprobs),
+            ChoiceEvent::Done(reason, usage) => record.finish(*reason, *usage),
+        }
+        match event {
+            ChoiceEvent::Done(..) => chunks.push(self.finish_chunk(index)),
+            piece => chunks.extend(self.piece_chunk(index, &piece)),
+        }
+        if self.is_done() && self.head().include_usage {
+            chunks.push(self.usage_chunk());
+        }
+        chunks
+    }
+
+    fn is_done(&self) -> bool {
+        self.records().iter().all(|r| r.finish.is_some())
+    }
+
+    /// The usage of the whole request.
+    fn usage(&self) -> engine::Usage {
+        let usages: Vec<_> = self.records().iter().map(|r| r.usage).collect();
+        total_usage(&usages, self.choices_per_prompt())
+    }
+}
+
+/// Reads every event into `answer`; the first error fails the whole answer.
+pub async fn collect<A, S>(mut answer: A, events: S) -> Result<A, RequestError>
+where
+    A: Answer,
+    S: Stream<Item = (u32, Result<ChoiceEvent, RequestError>)>,
+{
+    let mut events = std::pin::pin!(events);
+    while let Some((index, event)) = events.next().await {
+        answer.apply(index, event?);
+        if answer.is_done() {
+            return Ok(answer);
+        }
+    }
+    Err(engine::EngineError::ShutDown.into())
+}
+
+/// The answer as SSE payloads while `events` arrive; `finished` sees the
+/// whole answer once every choice is done (to store and log it). An error
+/// after the stream started is one `data: {"error": ...}` payload.
+pub fn stream<A, S>(
+    mut answer: A,
+    events: S,
+    finished: impl FnOnce(&A) + Send + 'static,
+) -> impl Stream<Item = String> + Send
+where
+    A: Answer,
+    A::Chunk: Send,
+    S: Stream<Item = (u32, Result<ChoiceEvent, RequestError>)> + Send + 'static,
+{
+    let mut finished = Some(finished);
+    async_stream::stream! {
+        for chunk in answer.opening() {
+            yield wire_json(&chunk);
+        }
+        let mut events = Box::pin(events);
+        while let Some((index, event)) = events.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(error) => {
+                    yield sse_error(error);
+                    return;
+                }
+            };
+            let chunks = answer.apply(index, event);
+            if answer.is_done() {
+                if let Some(finished) = finished.take() {
+                    finished(&answer);
+                }
+            }
+            for chunk in chunks {
+                yield wire_json(&chunk);
+            }
+            if answer.is_done() {
+                return;
+            }
+        }
+        // The engine went away without finishing every choice.
+        yield sse_error(engine::EngineError::ShutDown);
+    }
+}
+
+/// Logs the one line per generation and counts its tokens.
+pub fn log_done<A: Answer>(
+    answer: &A,
+    metrics: &crate::telemetry::Metrics,
+    model: &str,
+    endpoint: &str,
+    started: Instant,
+) {
+    crate::generation::log_done(metrics, model, endpoint, &answer.usage(), started);
+}

@@ -1,0 +1,174 @@
+//! The HTTP handlers, thin by design: read the wire request, plan it with the
+//! domain modules (`chat`, `generation`), run it on the model, and answer
+//! through [`super::answer`]. Handlers never import each other; what they
+//! share is here.
+
+pub mod chat;
+pub mod completions;
+pub mod embeddings;
+pub mod functions;
+pub mod models;
+pub mod ops;
+pub mod rerank;
+pub mod tokens;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use engine::ModelKind;
+use futures_util::Stream;
+
+use super::answer::{self, Answer};
+use super::error::ApiError;
+use super::response_cache::{self, Served};
+use super::sse::sse;
+use crate::cache::CacheKey;
+use crate::error::RequestError;
+use crate::generation::ChoiceEvent;
+use crate::models::ModelEntry;
+use crate::state::AppState;
+
+/// The text-generating model a request names; embedding and reranker models
+/// are the client's mistake.
+async fn text_model(state: &AppState, name: &str) -> Result<Arc<ModelEntry>, ApiError> {
+    let entry = state.registry.resolve_async(name).await?;
+    if entry.kind != engine::ModelKind::Chat {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "'{}' is a {} model and cannot generate text",
+                entry.id,
+                entry.kind.as_str()
+            ),
+        ));
+    }
+    Ok(entry)
+}
+
+/// Clients that would rather be told "loading, retry" than wait say so with
+/// `x-wait-for-model: false`.
+fn wants_to_wait(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-wait-for-model")
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "no"))
+}
+
+/// Where a generation's answer goes once it is whole.
+struct Delivery {
+    state: AppState,
+    model_id: String,
+    endpoint: &'static str,
+    cache_key: Option<CacheKey>,
+    started: Instant,
+}
+
+impl Delivery {
+    fn finished<A: Answer>(self, answer: &A) {
+        if let Some(key) = self.cache_key {
+            let body = serde_json::to_value(answer.whole()).expect("wire types always serialize");
+            response_cache::store(&self.state.cache, key, body);
+        }
+        answer::log_done(
+            answer,
+            &self.state.metrics,
+            &self.model_id,
+            self.endpoint,
+            self.started,
+        );
+    }
+}
+
+/// Answers with the generation's events: read to the end into one JSON
+/// answer, or sent as SSE while they arrive. Either way the whole answer is
+/// stored in the cache (when `cache_key` is set) and logged.
+async fn respond<A, S>(answer: A, events: S, delivery: Delivery) -> Result<Response, ApiError>
+where
+    A: Answer,
+    A::Chunk: Send,
+    S: Stream<Item = (u32, Result<ChoiceEvent, RequestError>)> + Send + 'static,
+{
+    let response = if answer.head().stream {
+        sse(answer::stream(answer, events, move |a| {
+            delivery.finished(a)
+        }))
+    } else {
+        let answer = answer::collect(answer, events).await?;
+        let whole = answer.whole();
+        delivery.finished(&answer);
+        axum::Json(whole).into_response()
+    };
+    Ok(response_cache::mark(response, Served::Generated))
+}
+
+/// Checks that `entry` is the kind of model `endpoint` serves.
+fn require_kind(entry: &ModelEntry, kind: ModelKind, endpoint: &str) -> Result<(), ApiError> {
+    if entry.kind == kind {
+        return Ok(());
+    }
+    let hint = match entry.kind {
+        ModelKind::Chat => "use /v1/chat/completions or /v1/completions",
+        ModelKind::Embedding => "use /v1/embeddings",
+        ModelKind::Reranker => "use /v1/rerank",
+    };
+    Err(ApiError::invalid(
+        "model",
+        format!(
+            "'{}' is a {} model and cannot serve {endpoint}; {hint}",
+            entry.id,
+            entry.kind.as_str()
+        ),
+    ))
+}
+
+/// Checks that a list holds between 1 and `max` items.
+fn check_count(param: &str, n: usize, max: usize) -> Result<(), ApiError> {
+    if n == 0 || n > max {
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} must hold between 1 and {max} items, got {n}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The one log line of an embedding or rerank request, and its token count.
+fn log_encoded(
+    state: &AppState,
+    model: &str,
+    endpoint: &str,
+    prompt_tokens: u32,
+    started: Instant,
+) {
+    state.metrics.observe_usage(
+        model,
+        &engine::Usage {
+            prompt_tokens,
+            ..Default::default()
+        },
+    );
+    tracing::info!(
+        model,
+        endpoint,
+        status = 200,
+        prompt_tokens,
+        latency_ms = started.elapsed().as_millis() as u64,
+        "request finished"
+    );
+}
+
+/// A new id for an answer.
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Runs CPU-bound request preparation on the blocking pool.
+async fn off_async<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("tokenization failed: {e}"))))
+}

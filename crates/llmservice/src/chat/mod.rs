@@ -1,0 +1,123 @@
+//! Chat as a domain, apart from HTTP: the messages a request sends, the tools
+//! it offers and the output it constrains, the prompt the template renders,
+//! the grammars that keep calls valid, and the built-in functions the server
+//! runs itself in rounds.
+
+pub mod builtins;
+mod constraints;
+mod messages;
+mod prompt;
+mod rounds;
+pub mod tools;
+
+use serde_json::{json, Value};
+
+use crate::error::RequestError;
+use crate::generation;
+use crate::wire::{ChatCompletionRequest, SamplingFields};
+
+pub use constraints::compile_for;
+pub use messages::prepare_messages;
+pub use prompt::ChatPrompt;
+pub use rounds::Rounds;
+pub use tools::ToolPlan;
+
+/// A chat request, checked: its messages shaped for templates, its tools and
+/// the output constraint it asks for.
+pub struct ChatJob {
+    pub messages: Vec<Value>,
+    pub plan: Option<ToolPlan>,
+    /// `response_format` or `grammar`, as asked (not yet compiled).
+    pub output: Option<engine::Constraint>,
+    /// Built-in function calls run here, in rounds.
+    pub builtins: bool,
+    pub n: u32,
+    /// `Some(k)` when the client asked for logprobs with `k` alternatives.
+    pub logprobs: Option<u32>,
+}
+
+impl ChatJob {
+    pub fn new(req: &ChatCompletionRequest) -> Result<Self, RequestError> {
+        generation::validate(&req.sampling)?;
+        let messages = prepare_messages(&req.messages)?;
+        let plan = tools::plan(req)?;
+        let output = tools::output_constraint(req)?;
+        if output.is_some() && plan.as_ref().is_some_and(ToolPlan::active) {
+            return Err(RequestError::unsupported(
+                output_param(req),
+                "a response_format or grammar cannot be combined with tools the model may call; \
+                 send tool_choice \"none\" or leave the tools out",
+            ));
+        }
+        let builtins = plan
+            .as_ref()
+            .is_some_and(|p| p.execute_builtins && p.active());
+        let n = req.sampling.n.unwrap_or(1);
+        if builtins && n > 1 {
+            return Err(RequestError::invalid(
+                "n",
+                "execute_builtin_functions runs one conversation: n must be 1",
+            ));
+        }
+        Ok(Self {
+            messages,
+            plan,
+            output,
+            builtins,
+            n,
+            logprobs: logprobs_request(&req.sampling)?,
+        })
+    }
+
+    /// The tools the model is offered, if any (`tool_choice: none` offers none).
+    pub fn active_plan(&self) -> Option<&ToolPlan> {
+        self.plan.as_ref().filter(|p| p.active())
+    }
+
+    /// Whether calls are answered in the legacy `function_call` shape.
+    pub fn legacy(&self) -> bool {
+        self.active_plan().is_some_and(|p| p.legacy)
+    }
+
+    /// What identifies the answer besides sampling, for the response cache.
+    /// The key sorts object keys, so schemas go in as text: their property
+    /// order is what the model sees and writes.
+    pub fn cache_payload(&self, req: &ChatCompletionRequest) -> Value {
+        json!({
+            "messages": self.messages,
+            "chat_template_kwargs": req.chat_template_kwargs,
+            "tools": self.plan.as_ref().map(|p| (Value::Array(p.template_tools()).to_string(), format!("{:?}", p.choice), p.parallel, p.legacy)),
+            "response_format": req.response_format.as_ref().map(Value::to_string),
+            "grammar": req.grammar,
+        })
+    }
+}
+
+/// The field an output constraint came from.
+pub fn output_param(req: &ChatCompletionRequest) -> &'static str {
+    if req.grammar.is_some() {
+        "grammar"
+    } else {
+        "response_format"
+    }
+}
+
+/// Chat asks with `logprobs: true` and `top_logprobs: k`.
+fn logprobs_request(sampling: &SamplingFields) -> Result<Option<u32>, RequestError> {
+    match &sampling.logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {
+            if sampling.top_logprobs.is_some_and(|k| k > 0) {
+                return Err(RequestError::invalid(
+                    "logprobs",
+                    "top_logprobs requires logprobs: true",
+                ));
+            }
+            Ok(None)
+        }
+        Some(Value::Bool(true)) => Ok(Some(sampling.top_logprobs.unwrap_or(0))),
+        Some(_) => Err(RequestError::invalid(
+            "logprobs",
+            "logprobs must be true or false",
+        )),
+    }
+}

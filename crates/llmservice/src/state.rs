@@ -1,0 +1,55 @@
+//! What every request handler shares: settings, the model registry, the
+//! response cache, the metrics, and when the server was last busy.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::ResponseCache;
+use crate::models::Registry;
+use crate::settings::Settings;
+use crate::telemetry::Metrics;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub registry: Arc<Registry>,
+    pub cache: Arc<ResponseCache>,
+    pub metrics: Arc<Metrics>,
+    /// Milliseconds since the Unix epoch of the last request's start or end.
+    last_activity: Arc<AtomicU64>,
+}
+
+impl AppState {
+    /// The state for `settings`: the model registry and the response cache (whose
+    /// disk tier, if any, is opened here; a broken one is logged and bypassed).
+    pub fn new(settings: Arc<Settings>) -> Self {
+        Self {
+            registry: Arc::new(Registry::new(settings.clone())),
+            cache: Arc::new(ResponseCache::new(settings.cache.clone())),
+            metrics: Arc::new(Metrics::new()),
+            last_activity: Arc::new(AtomicU64::new(now_millis())),
+            settings,
+        }
+    }
+
+    /// Marks the server busy now.
+    pub fn touch(&self) {
+        self.last_activity.store(now_millis(), Ordering::Relaxed);
+    }
+
+    /// How long the server has been without requests and without generating.
+    pub fn idle_for(&self) -> Duration {
+        if self.registry.any_busy() {
+            self.touch();
+        }
+        let last = self.last_activity.load(Ordering::Relaxed);
+        Duration::from_millis(now_millis().saturating_sub(last))
+    }
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

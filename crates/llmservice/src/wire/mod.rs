@@ -1,0 +1,40 @@
+//! Wire types: the serde shapes of every request, answer and stream chunk, one
+//! file per endpoint family. No logic beyond conversions between shapes; they
+//! depend on nothing else in the crate. Unknown request fields are ignored (no
+//! `deny_unknown_fields`), and `null` reads as absent.
+
+mod chat;
+mod common;
+mod completions;
+mod embeddings;
+mod models;
+mod tokens;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub use chat::*;
+pub use common::*;
+pub use completions::*;
+pub use embeddings::*;
+pub use models::*;
+pub use tokens::*;
+
+/// Why a choice ended, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    ToolCalls,
+    FunctionCall,
+}
+
+impl From<engine::FinishReason> for FinishReason {
+    fn from(reason: engine::FinishReason) -> Self {
+        match reason {
+            engine::FinishReason::Stop => Self::Stop,
+            engine::FinishReason::Length => Self::Length,
+        }
+    }
+}
