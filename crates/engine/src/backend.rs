@@ -17,7 +17,7 @@ use crate::chat::ChatTemplate;
 use crate::constraint::{CompiledConstraint, Constraint, ConstraintState};
 use crate::embed::{EmbedJob, EmbedModel, EmbedOutputs, PendingEmbeddings, Pooling};
 use crate::heads::M3Heads;
-use crate::scheduler::{Scheduler, SchedulerStats};
+use crate::scheduler::{LlamaDecoder, Scheduler, SchedulerStats};
 use crate::sequence::Sequence;
 use crate::{sampling, EngineError, EventStream, GenerateRequest, ModelKind, TokenId};
 
@@ -268,7 +268,8 @@ impl Engine {
                 }
                 let stats = thread_stats.clone();
                 let run = std::panic::AssertUnwindSafe(|| {
-                    Scheduler::new(&model, ctx, parallel as usize, thread_stats).run(request_rx)
+                    let decoder = LlamaDecoder::new(&model, ctx);
+                    Scheduler::new(decoder, parallel as usize, thread_stats).run(request_rx)
                 });
                 if std::panic::catch_unwind(run).is_err() {
                     // The receiver is gone with the scheduler, so the handle sees the
