@@ -16,6 +16,8 @@ use crate::sequence::Sequence;
 use crate::{EngineError, FinishReason, TokenLogprob};
 
 mod llama;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use llama::LlamaDecoder;
 
