@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::chat::ChatTemplate;
 use crate::constraint::{CompiledConstraint, Constraint, ConstraintState};
 use crate::embed::{EmbedJob, EmbedModel, EmbedOutputs, PendingEmbeddings, Pooling};
-use crate::heads::M3Heads;
+use crate::heads::{HeadError, M3Heads};
 use crate::scheduler::{LlamaDecoder, Scheduler, SchedulerStats};
 use crate::sequence::Sequence;
 use crate::{sampling, EngineError, EventStream, GenerateRequest, ModelKind, TokenId};
@@ -190,8 +190,8 @@ impl Engine {
                 if encoder {
                     let embed = match embed_model(&model, &thread_path, &config, &summary) {
                         Ok(embed) => embed,
-                        Err(reason) => {
-                            let _ = ready_tx.send(Err(fail(reason)));
+                        Err(error) => {
+                            let _ = ready_tx.send(Err(fail(error.to_string())));
                             return;
                         }
                     };
@@ -683,7 +683,7 @@ fn embed_model(
     path: &Path,
     config: &EngineConfig,
     summary: &crate::GgufSummary,
-) -> Result<EmbedModel, String> {
+) -> Result<EmbedModel, HeadError> {
     let n_embd = model.n_embd().max(0) as usize;
     let heads = if summary.kind == ModelKind::Embedding {
         M3Heads::find(path, n_embd)?.map(Arc::new)

@@ -13,8 +13,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::llama_batch::{BatchAddError, LlamaBatch};
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{DecodeError, EmbeddingsError};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use crate::heads::M3Heads;
@@ -99,12 +100,34 @@ pub(crate) struct EmbedModel {
     pub n_seq_max: usize,
 }
 
+/// Why a request's embeddings could not be computed. Clients see the message
+/// inside [`EngineError::Inference`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EmbedError {
+    #[error("cannot fill the batch: {0}")]
+    Batch(#[from] BatchAddError),
+    /// One failed decode fails every request in the batch: they share the error.
+    #[error("decode failed: {0}")]
+    Decode(Arc<DecodeError>),
+    #[error("no scores for sequence {seq}: {source}")]
+    NoScores {
+        seq: i32,
+        source: llama_cpp_2::EmbeddingsSeqError,
+    },
+    #[error("no hidden state for row {row}: {source}")]
+    NoHiddenState { row: usize, source: EmbeddingsError },
+    #[error("the model has no sparse head")]
+    NoSparseHead,
+    #[error("the model has no ColBERT head")]
+    NoColbertHead,
+}
+
 struct Active {
     job: EmbedJob,
     results: Vec<Option<Embedding>>,
     /// Next input to put in a batch.
     next: usize,
-    error: Option<String>,
+    error: Option<EmbedError>,
 }
 
 pub(crate) fn run(
@@ -154,7 +177,7 @@ pub(crate) fn run(
                     .try_for_each(|(pos, &token)| batch.add(token, pos as i32, &[seq], true));
                 if let Err(e) = added {
                     // Inputs are checked against n_batch when submitted, so this is a bug.
-                    active.fail(format!("cannot fill the batch: {e}"));
+                    active.fail(EmbedError::Batch(e));
                     break 'pack;
                 }
                 placed.push((j, active.next, rows));
@@ -167,8 +190,9 @@ pub(crate) fn run(
             stats.steps.fetch_add(1, Ordering::Relaxed);
             match result {
                 Err(e) => {
+                    let e = Arc::new(e);
                     for &(j, _, _) in &placed {
-                        queue[j].fail(format!("decode failed: {e}"));
+                        queue[j].fail(EmbedError::Decode(e.clone()));
                     }
                 }
                 Ok(()) => {
@@ -218,10 +242,10 @@ impl Active {
         }
     }
 
-    fn fail(&mut self, message: String) {
+    fn fail(&mut self, error: EmbedError) {
         let _span = self.job.span.enter();
-        tracing::error!(%message, "embedding failed");
-        self.error.get_or_insert(message);
+        tracing::error!(message = %error, "embedding failed");
+        self.error.get_or_insert(error);
         self.next = self.job.inputs.len();
     }
 
@@ -231,7 +255,7 @@ impl Active {
 
     fn reply(self) {
         let reply = match self.error {
-            Some(message) => Err(EngineError::Inference(message)),
+            Some(error) => Err(EngineError::Inference(error.to_string())),
             None => Ok(self.results.into_iter().flatten().collect()),
         };
         let _ = self.job.reply.send(reply);
@@ -245,7 +269,7 @@ fn read_outputs(
     first_row: usize,
     tokens: &[LlamaToken],
     want: EmbedOutputs,
-) -> Result<Embedding, String> {
+) -> Result<Embedding, EmbedError> {
     let mut out = Embedding {
         n_tokens: tokens.len() as u32,
         ..Default::default()
@@ -253,14 +277,15 @@ fn read_outputs(
     if model.pooling == Pooling::Rank {
         let scores = ctx
             .embeddings_seq_ith(seq)
-            .map_err(|e| format!("no scores for sequence {seq}: {e}"))?;
+            .map_err(|source| EmbedError::NoScores { seq, source })?;
         out.dense = Some(scores.to_vec());
         return Ok(out);
     }
-    let row = |i: usize| -> Result<&[f32], String> {
+    let row = |i: usize| -> Result<&[f32], EmbedError> {
+        let row = first_row + i;
         let r = ctx
-            .embeddings_ith((first_row + i) as i32)
-            .map_err(|e| format!("no hidden state for row {}: {e}", first_row + i))?;
+            .embeddings_ith(row as i32)
+            .map_err(|source| EmbedError::NoHiddenState { row, source })?;
         Ok(&r[..model.n_embd.min(r.len())])
     };
     let n = tokens.len();
@@ -286,7 +311,7 @@ fn read_outputs(
     if want.sparse {
         let sparse = heads
             .and_then(|h| h.sparse.as_ref())
-            .ok_or("the model has no sparse head")?;
+            .ok_or(EmbedError::NoSparseHead)?;
         let mut weights: Vec<(TokenId, f32)> = Vec::new();
         for (i, token) in tokens.iter().enumerate() {
             let w = sparse.apply(row(i)?)[0].max(0.0);
@@ -303,14 +328,14 @@ fn read_outputs(
     if want.colbert {
         let colbert = heads
             .and_then(|h| h.colbert.as_ref())
-            .ok_or("the model has no ColBERT head")?;
+            .ok_or(EmbedError::NoColbertHead)?;
         let vectors = (1..n)
             .map(|i| {
                 let mut v = colbert.apply(row(i)?);
                 normalize(&mut v);
                 Ok(v)
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, EmbedError>>()?;
         out.colbert = Some(vectors);
     }
     Ok(out)
