@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::chat::ChatTemplate;
 use crate::constraint::{CompiledConstraint, Constraint, ConstraintState};
 use crate::embed::{EmbedJob, EmbedModel, EmbedOutputs, PendingEmbeddings, Pooling};
-use crate::heads::M3Heads;
-use crate::scheduler::{Scheduler, SchedulerStats};
+use crate::heads::{HeadError, M3Heads};
+use crate::scheduler::{LlamaDecoder, Scheduler, SchedulerStats};
 use crate::sequence::Sequence;
 use crate::{sampling, EngineError, EventStream, GenerateRequest, ModelKind, TokenId};
 
@@ -142,10 +142,149 @@ impl std::fmt::Debug for Engine {
 
 type Ready = Result<(Arc<LlamaModel>, ModelInfo), EngineError>;
 
+/// The receiving end of an engine's queue, owned by its thread.
+enum Inbox {
+    Generate(mpsc::Receiver<Vec<Sequence>>),
+    Embed(mpsc::Receiver<EmbedJob>),
+}
+
+/// What an engine's thread starts from: it loads the model, reports on
+/// `ready` (the model and its info, or why it could not), then serves its
+/// queue until the queue closes.
+struct ThreadStart {
+    backend: &'static LlamaBackend,
+    path: PathBuf,
+    config: EngineConfig,
+    summary: crate::GgufSummary,
+    ready: std::sync::mpsc::SyncSender<Ready>,
+    stats: Arc<SchedulerStats>,
+}
+
+impl ThreadStart {
+    fn run(self, inbox: Inbox) {
+        let model = match load_model(self.backend, &self.path, &self.config) {
+            Ok(model) => Arc::new(model),
+            Err(e) => {
+                let _ = self.ready.send(Err(e));
+                return;
+            }
+        };
+        match inbox {
+            Inbox::Generate(requests) => self.serve_generation(&model, requests),
+            Inbox::Embed(jobs) => self.serve_embeddings(&model, jobs),
+        }
+    }
+
+    fn fail(&self, reason: String) -> EngineError {
+        EngineError::LoadFailed {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    /// A decoder's context and the continuous-batching scheduler over it.
+    fn serve_generation(self, model: &Arc<LlamaModel>, requests: mpsc::Receiver<Vec<Sequence>>) {
+        let config = &self.config;
+        let parallel = config.parallel.max(1);
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(config.n_ctx.max(16)))
+            .with_n_batch(config.n_batch)
+            .with_n_ubatch(config.n_batch)
+            .with_n_seq_max(parallel)
+            // Unified KV lets one sequence use the whole cache and makes partial
+            // sequence copies safe (they abort the process otherwise).
+            .with_kv_unified(true)
+            .with_n_threads(config.n_threads)
+            .with_n_threads_batch(config.n_threads_batch);
+        let ctx = match model.new_context(self.backend, ctx_params) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                let _ = self
+                    .ready
+                    .send(Err(self.fail(format!("cannot create a context: {e}"))));
+                return;
+            }
+        };
+        let info = model_info(model, &self.path, config, ctx.n_ctx(), self.summary.clone());
+        if self.ready.send(Ok((model.clone(), info))).is_err() {
+            return;
+        }
+        let stats = self.stats.clone();
+        let run = std::panic::AssertUnwindSafe(|| {
+            let decoder = LlamaDecoder::new(model, ctx);
+            Scheduler::new(decoder, parallel as usize, self.stats).run(requests)
+        });
+        if std::panic::catch_unwind(run).is_err() {
+            // The receiver is gone with the scheduler, so the handle sees the
+            // engine as dead and the registry replaces it on the next request.
+            tracing::error!("the engine's scheduler panicked; the model will be reloaded");
+            stats.active.store(0, std::sync::atomic::Ordering::Relaxed);
+            stats.waiting.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// An encoder's context (embeddings or reranking) and the worker that
+    /// packs jobs into its batches.
+    fn serve_embeddings(self, model: &Arc<LlamaModel>, jobs: mpsc::Receiver<EmbedJob>) {
+        let config = &self.config;
+        let embed = match embed_model(model, &self.path, config, &self.summary) {
+            Ok(embed) => embed,
+            Err(error) => {
+                let _ = self.ready.send(Err(self.fail(error.to_string())));
+                return;
+            }
+        };
+        let n_batch = embed.n_batch as u32;
+        let pooling = if embed.pooling == Pooling::Rank {
+            LlamaPoolingType::Rank
+        } else {
+            // Per-token rows: pooled here, and BGE-M3's heads need them.
+            LlamaPoolingType::None
+        };
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_batch))
+            .with_n_batch(n_batch)
+            // Non-causal models must see a whole batch in one ubatch
+            // (llama.cpp aborts otherwise): the worker never exceeds it.
+            .with_n_ubatch(n_batch)
+            .with_n_seq_max(embed.n_seq_max as u32)
+            .with_kv_unified(true)
+            .with_embeddings(true)
+            .with_pooling_type(pooling)
+            .with_n_threads(config.n_threads)
+            .with_n_threads_batch(config.n_threads_batch);
+        let ctx = match model.new_context(self.backend, ctx_params) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                let _ = self
+                    .ready
+                    .send(Err(self.fail(format!("cannot create a context: {e}"))));
+                return;
+            }
+        };
+        let mut info = model_info(model, &self.path, config, ctx.n_ctx(), self.summary.clone());
+        info.pooling = Some(embed.pooling);
+        info.max_input_tokens = embed.max_input as u32;
+        info.n_ctx = embed.max_input as u32;
+        info.has_sparse_head = embed.heads.as_ref().is_some_and(|h| h.sparse.is_some());
+        info.has_colbert_head = embed.heads.as_ref().is_some_and(|h| h.colbert.is_some());
+        if self.ready.send(Ok((model.clone(), info))).is_err() {
+            return;
+        }
+        let run =
+            std::panic::AssertUnwindSafe(|| crate::embed::run(ctx, &embed, jobs, &self.stats));
+        if std::panic::catch_unwind(run).is_err() {
+            tracing::error!("the embedding worker panicked; the model will be reloaded");
+            self.stats
+                .active
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 impl Engine {
     /// Loads the model on a new thread and returns once it can take requests.
     /// Blocking: call it from a blocking-friendly thread.
-    #[allow(clippy::too_many_lines)] // split in the next commit
     pub fn load(path: &Path, config: EngineConfig) -> Result<Self, EngineError> {
         if !path.is_file() {
             return Err(EngineError::ModelNotFound(path.to_owned()));
@@ -154,7 +293,6 @@ impl Engine {
             path: path.to_owned(),
             reason: "not a readable GGUF file".to_owned(),
         })?;
-        let backend = shared_backend()?;
         let mut config = config;
         if let Some(train) = summary.context_length {
             // Past its training context a model degrades silently: never go beyond it.
@@ -163,122 +301,30 @@ impl Engine {
         let parallel = config.parallel.max(1);
         let queue_timeout = config.queue_timeout;
         let capacity_total = parallel as usize + config.max_queue;
-        let encoder = summary.kind != ModelKind::Chat;
-        let (requests, request_rx) = mpsc::channel(capacity_total);
-        let (embed_requests, embed_rx) = mpsc::channel::<EmbedJob>(capacity_total);
+        let (queue, inbox) = if summary.kind == ModelKind::Chat {
+            let (tx, rx) = mpsc::channel(capacity_total);
+            (Queue::Generate(tx), Inbox::Generate(rx))
+        } else {
+            let (tx, rx) = mpsc::channel(capacity_total);
+            (Queue::Embed(tx), Inbox::Embed(rx))
+        };
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Ready>(1);
         let stats = Arc::new(SchedulerStats::default());
-        let thread_stats = stats.clone();
-        let thread_path = path.to_owned();
+        let start = ThreadStart {
+            backend: shared_backend()?,
+            path: path.to_owned(),
+            config,
+            summary,
+            ready: ready_tx,
+            stats: stats.clone(),
+        };
         let name = format!(
             "engine-{}",
             path.file_stem().unwrap_or_default().to_string_lossy()
         );
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || {
-                let model = match load_model(backend, &thread_path, &config) {
-                    Ok(model) => Arc::new(model),
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let fail = |reason: String| EngineError::LoadFailed {
-                    path: thread_path.clone(),
-                    reason,
-                };
-                if encoder {
-                    let embed = match embed_model(&model, &thread_path, &config, &summary) {
-                        Ok(embed) => embed,
-                        Err(reason) => {
-                            let _ = ready_tx.send(Err(fail(reason)));
-                            return;
-                        }
-                    };
-                    let n_batch = embed.n_batch as u32;
-                    let pooling = if embed.pooling == Pooling::Rank {
-                        LlamaPoolingType::Rank
-                    } else {
-                        // Per-token rows: pooled here, and BGE-M3's heads need them.
-                        LlamaPoolingType::None
-                    };
-                    let ctx_params = LlamaContextParams::default()
-                        .with_n_ctx(NonZeroU32::new(n_batch))
-                        .with_n_batch(n_batch)
-                        // Non-causal models must see a whole batch in one ubatch
-                        // (llama.cpp aborts otherwise): the worker never exceeds it.
-                        .with_n_ubatch(n_batch)
-                        .with_n_seq_max(embed.n_seq_max as u32)
-                        .with_kv_unified(true)
-                        .with_embeddings(true)
-                        .with_pooling_type(pooling)
-                        .with_n_threads(config.n_threads)
-                        .with_n_threads_batch(config.n_threads_batch);
-                    let ctx = match model.new_context(backend, ctx_params) {
-                        Ok(ctx) => ctx,
-                        Err(e) => {
-                            let _ =
-                                ready_tx.send(Err(fail(format!("cannot create a context: {e}"))));
-                            return;
-                        }
-                    };
-                    let mut info = model_info(&model, &thread_path, &config, ctx.n_ctx(), summary);
-                    info.pooling = Some(embed.pooling);
-                    info.max_input_tokens = embed.max_input as u32;
-                    info.n_ctx = embed.max_input as u32;
-                    info.has_sparse_head = embed.heads.as_ref().is_some_and(|h| h.sparse.is_some());
-                    info.has_colbert_head =
-                        embed.heads.as_ref().is_some_and(|h| h.colbert.is_some());
-                    if ready_tx.send(Ok((model.clone(), info))).is_err() {
-                        return;
-                    }
-                    let run = std::panic::AssertUnwindSafe(|| {
-                        crate::embed::run(ctx, &embed, embed_rx, &thread_stats)
-                    });
-                    if std::panic::catch_unwind(run).is_err() {
-                        tracing::error!(
-                            "the embedding worker panicked; the model will be reloaded"
-                        );
-                        thread_stats
-                            .active
-                            .store(0, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    return;
-                }
-                let ctx_params = LlamaContextParams::default()
-                    .with_n_ctx(NonZeroU32::new(config.n_ctx.max(16)))
-                    .with_n_batch(config.n_batch)
-                    .with_n_ubatch(config.n_batch)
-                    .with_n_seq_max(parallel)
-                    // Unified KV lets one sequence use the whole cache and makes partial
-                    // sequence copies safe (they abort the process otherwise).
-                    .with_kv_unified(true)
-                    .with_n_threads(config.n_threads)
-                    .with_n_threads_batch(config.n_threads_batch);
-                let ctx = match model.new_context(backend, ctx_params) {
-                    Ok(ctx) => ctx,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(fail(format!("cannot create a context: {e}"))));
-                        return;
-                    }
-                };
-                let info = model_info(&model, &thread_path, &config, ctx.n_ctx(), summary);
-                if ready_tx.send(Ok((model.clone(), info))).is_err() {
-                    return;
-                }
-                let stats = thread_stats.clone();
-                let run = std::panic::AssertUnwindSafe(|| {
-                    Scheduler::new(&model, ctx, parallel as usize, thread_stats).run(request_rx)
-                });
-                if std::panic::catch_unwind(run).is_err() {
-                    // The receiver is gone with the scheduler, so the handle sees the
-                    // engine as dead and the registry replaces it on the next request.
-                    tracing::error!("the engine's scheduler panicked; the model will be reloaded");
-                    stats.active.store(0, std::sync::atomic::Ordering::Relaxed);
-                    stats.waiting.store(0, std::sync::atomic::Ordering::Relaxed);
-                }
-            })
+            .spawn(move || start.run(inbox))
             .map_err(|e| EngineError::Inference(format!("cannot spawn engine thread: {e}")))?;
         let (model, info) = match ready_rx.recv() {
             Ok(Ok(ready)) => ready,
@@ -306,11 +352,7 @@ impl Engine {
             info: Arc::new(info),
             grammars: crate::constraint::Grammars::new(model.clone()),
             model,
-            queue: Some(if encoder {
-                Queue::Embed(embed_requests)
-            } else {
-                Queue::Generate(requests)
-            }),
+            queue: Some(queue),
             queue_timeout,
             capacity: Arc::new(Semaphore::new(capacity_total)),
             capacity_total,
@@ -424,25 +466,10 @@ impl Engine {
         Ok(self.submit_n(request, 1)?.remove(0))
     }
 
-    /// Queues `n` independent choices for one prompt. The prompt is computed once
-    /// and its KV copied to the other choices; each samples with its own chain
-    /// (seeded requests use seed, seed+1, ...). One stream per choice.
-    #[allow(clippy::too_many_lines)] // split in the next commit
-    pub fn submit_n(
-        &self,
-        request: GenerateRequest,
-        n: u32,
-    ) -> Result<Vec<EventStream>, EngineError> {
-        let sender = match &self.queue {
-            Some(Queue::Generate(sender)) => sender,
-            Some(Queue::Embed(_)) => {
-                return Err(EngineError::Unsupported(format!(
-                    "this is a {} model: it cannot generate text",
-                    self.info.kind.as_str()
-                )))
-            }
-            None => return Err(EngineError::ShutDown),
-        };
+    /// What a generation request must satisfy before it is queued: a prompt
+    /// of this vocabulary that leaves room in the context, and `n` choices
+    /// the model's parallel slots can hold.
+    fn check_request(&self, request: &GenerateRequest, n: u32) -> Result<(), EngineError> {
         if request.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -472,6 +499,68 @@ impl Engine {
                 completion: 1,
             });
         }
+        Ok(())
+    }
+
+    /// Choice `choice` of `n` for `request`, as the scheduler runs it: its own
+    /// sampler (seeded one past the previous choice), its event channel and
+    /// its token budget.
+    fn choice(
+        &self,
+        request: &GenerateRequest,
+        choice: u32,
+        n: u32,
+        first_arrival: u64,
+        events: mpsc::Sender<crate::Event>,
+        max_tokens: u32,
+    ) -> Sequence {
+        let tokens: Vec<LlamaToken> = request.prompt.iter().map(|&t| LlamaToken(t)).collect();
+        let mut sampling = request.sampling.clone();
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice));
+        let sampler = sampling::build_chain(&sampling, self.info.n_vocab as i32);
+        let mut seq = Sequence::new(
+            tokens,
+            max_tokens,
+            request.stop.clone(),
+            sampler,
+            events,
+            request.span.clone(),
+            first_arrival + u64::from(choice),
+        );
+        seq.ignore_eos = request.ignore_eos;
+        seq.special_text = request.special_text;
+        seq.logprobs = request.logprobs;
+        seq.reuse_prefix = request.sampling.seed.is_none();
+        if n > 1 {
+            seq.group = Some(crate::sequence::Group {
+                id: first_arrival,
+                leader: choice == 0,
+            });
+        }
+        seq
+    }
+
+    /// Queues `n` independent choices for one prompt. The prompt is computed once
+    /// and its KV copied to the other choices; each samples with its own chain
+    /// (seeded requests use seed, seed+1, ...). One stream per choice.
+    pub fn submit_n(
+        &self,
+        request: GenerateRequest,
+        n: u32,
+    ) -> Result<Vec<EventStream>, EngineError> {
+        let sender = match &self.queue {
+            Some(Queue::Generate(sender)) => sender,
+            Some(Queue::Embed(_)) => {
+                return Err(EngineError::Unsupported(format!(
+                    "this is a {} model: it cannot generate text",
+                    self.info.kind.as_str()
+                )))
+            }
+            None => return Err(EngineError::ShutDown),
+        };
+        self.check_request(&request, n)?;
+        let n_ctx = self.info.n_ctx;
+        let prompt = request.prompt.len() as u32;
         let mut constraints = Vec::with_capacity(n as usize);
         if let Some(compiled) = &request.constraint {
             for _ in 0..n {
@@ -488,7 +577,6 @@ impl Engine {
                 })?,
         );
         let max_tokens = request.max_tokens.clamp(1, n_ctx - prompt);
-        let tokens: Vec<LlamaToken> = request.prompt.iter().map(|&t| LlamaToken(t)).collect();
         let first_arrival = self
             .arrivals
             .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
@@ -497,30 +585,9 @@ impl Engine {
         let mut group = Vec::with_capacity(n as usize);
         for choice in 0..n {
             let (events, rx) = mpsc::channel(max_tokens as usize + 2);
-            let mut sampling = request.sampling.clone();
-            sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice));
-            let sampler = sampling::build_chain(&sampling, self.info.n_vocab as i32);
-            let mut seq = Sequence::new(
-                tokens.clone(),
-                max_tokens,
-                request.stop.clone(),
-                sampler,
-                events,
-                request.span.clone(),
-                first_arrival + u64::from(choice),
-            );
+            let mut seq = self.choice(&request, choice, n, first_arrival, events, max_tokens);
             seq.constraint = constraints.next();
-            seq.ignore_eos = request.ignore_eos;
-            seq.special_text = request.special_text;
-            seq.logprobs = request.logprobs;
-            seq.reuse_prefix = request.sampling.seed.is_none();
             seq.deadline = Some(deadline);
-            if n > 1 {
-                seq.group = Some(crate::sequence::Group {
-                    id: first_arrival,
-                    leader: choice == 0,
-                });
-            }
             group.push(seq);
             let permit = if choice + 1 == n {
                 permits.take()
@@ -684,7 +751,7 @@ fn embed_model(
     path: &Path,
     config: &EngineConfig,
     summary: &crate::GgufSummary,
-) -> Result<EmbedModel, String> {
+) -> Result<EmbedModel, HeadError> {
     let n_embd = model.n_embd().max(0) as usize;
     let heads = if summary.kind == ModelKind::Embedding {
         M3Heads::find(path, n_embd)?.map(Arc::new)

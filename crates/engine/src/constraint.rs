@@ -481,9 +481,184 @@ fn draw(chain: &mut LlamaSampler, allowed: Vec<LlamaTokenData>) -> Result<LlamaT
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use llama_cpp_2::model::params::LlamaModelParams;
     use serde_json::json;
 
     use super::*;
+    use crate::SamplingParams;
+
+    /// SmolLM2's real vocabulary (49,152 tokens), loaded once for these tests.
+    fn smollm() -> Arc<LlamaModel> {
+        static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
+        MODEL
+            .get_or_init(|| {
+                let path = PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../../shared/models/SmolLM2-135M-Instruct-Q4_1.gguf"
+                ));
+                let backend = crate::backend::shared_backend().unwrap();
+                let params = LlamaModelParams::default().with_vocab_only(true);
+                Arc::new(LlamaModel::load_from_file(backend, path, &params).unwrap())
+            })
+            .clone()
+    }
+
+    /// The single token spelling `text`.
+    fn token(model: &LlamaModel, text: &str) -> LlamaToken {
+        let tokens = model.vocab().tokenize(text.as_bytes(), false, false);
+        assert_eq!(tokens.len(), 1, "{text:?} is one token: {tokens:?}");
+        tokens[0]
+    }
+
+    fn sampler_chain(temperature: f32, seed: u32, n_vocab: i32) -> LlamaSampler {
+        let params = SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
+        crate::sampling::build_chain(&params, n_vocab)
+    }
+
+    /// Draws until the grammar reports itself complete; returns the text.
+    fn generate(
+        model: &LlamaModel,
+        state: &mut ConstraintState,
+        chain: &mut LlamaSampler,
+        logits: &[f32],
+        forbidden: &[LlamaToken],
+    ) -> String {
+        let vocab = model.vocab();
+        let mut out = Vec::new();
+        for _ in 0..64 {
+            let step = state.sample(chain, logits, |t| vocab.is_eog(t)).unwrap();
+            let token = step.token.expect("the grammar is not complete yet");
+            assert!(!forbidden.contains(&token), "drew {token:?}");
+            out.extend(vocab.token_to_piece(token, false, None));
+            if step.complete {
+                return String::from_utf8(out).unwrap();
+            }
+        }
+        panic!("no end after 64 tokens: {}", String::from_utf8_lossy(&out));
+    }
+
+    #[test]
+    fn a_json_schema_draws_only_what_it_allows_and_ends_when_complete() {
+        let model = smollm();
+        let grammars = Grammars::new(model.clone());
+        let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                            "required": ["ok"]});
+        let compiled = grammars.compile(&Constraint::JsonSchema(schema)).unwrap();
+        let n_vocab = model.n_vocab();
+        // Every token equally likely, except a few the grammar never allows,
+        // which are e^30 times likelier: unconstrained, they would be drawn.
+        let forbidden = [
+            model.vocab().eos(),
+            token(&model, "Hello"),
+            token(&model, " {"),
+        ];
+        let mut logits = vec![0.0f32; n_vocab as usize];
+        for t in forbidden {
+            logits[t.0 as usize] = 30.0;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..24 {
+            let mut state = ConstraintState::start(&model, &compiled).unwrap();
+            let mut chain = sampler_chain(1.0, seed, n_vocab);
+            let text = generate(&model, &mut state, &mut chain, &logits, &forbidden);
+            let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+                panic!("{text:?}: {e}");
+            });
+            assert!(value["ok"].is_boolean(), "{text}");
+            assert_eq!(value.as_object().map(|o| o.len()), Some(1), "{text}");
+            seen.insert(text);
+            // Complete: nothing more may be drawn, whatever the logits say.
+            let after = state.sample(&mut chain, &logits, |_| false).unwrap();
+            assert!(after.token.is_none() && after.complete);
+        }
+        assert!(
+            seen.contains(r#"{"ok": true}"#) && seen.contains(r#"{"ok": false}"#),
+            "random draws among the allowed tokens reach both values: {seen:?}"
+        );
+    }
+
+    #[test]
+    fn a_gbnf_grammar_overrides_the_likeliest_token_and_ends_with_an_end_token() {
+        let model = smollm();
+        let grammars = Grammars::new(model.clone());
+        let compiled = grammars
+            .compile(&Constraint::Gbnf(r#"root ::= "yes" | "no""#.to_owned()))
+            .unwrap();
+        let vocab = model.vocab();
+        let (hello, no, yes) = (
+            token(&model, "Hello"),
+            token(&model, "no"),
+            token(&model, "yes"),
+        );
+        let mut logits = vec![0.0f32; model.n_vocab() as usize];
+        logits[hello.0 as usize] = 30.0;
+        logits[vocab.eos().0 as usize] = 20.0;
+        logits[no.0 as usize] = 10.0;
+        logits[yes.0 as usize] = 5.0;
+        let mut state = ConstraintState::start(&model, &compiled).unwrap();
+        let mut greedy = sampler_chain(0.0, 0, model.n_vocab());
+        let is_eog = |t| vocab.is_eog(t);
+        // "Hello" and the end token are likelier, but only "yes" or "no" may
+        // start the output: greedy takes the likelier of those.
+        let first = state.sample(&mut greedy, &logits, is_eog).unwrap();
+        assert_eq!(first.token, Some(no));
+        assert!(!first.complete);
+        // After "no" the grammar allows only the end of generation, which is
+        // how a GBNF-constrained sequence ends ("Hello" is likelier still).
+        let second = state.sample(&mut greedy, &logits, is_eog).unwrap();
+        assert_eq!(second.token, Some(vocab.eos()));
+        // Where the likeliest token is allowed, it is taken as drawn.
+        let mut state = ConstraintState::start(&model, &compiled).unwrap();
+        logits[hello.0 as usize] = 0.0;
+        logits[yes.0 as usize] = 40.0;
+        let first = state.sample(&mut greedy, &logits, is_eog).unwrap();
+        assert_eq!(first.token, Some(yes));
+    }
+
+    #[test]
+    fn a_triggered_grammar_is_free_until_its_trigger_then_constrains() {
+        let model = smollm();
+        let grammars = Grammars::new(model.clone());
+        let compiled = grammars
+            .compile(&Constraint::Triggered {
+                trigger: "<call>".to_owned(),
+                then: r#"start: "go(" ("a" | "b") ")""#.to_owned(),
+            })
+            .unwrap();
+        let mut state = ConstraintState::start(&model, &compiled).unwrap();
+        assert!(state.is_waiting());
+        state.observe(b"Let me <ca");
+        assert!(state.is_waiting(), "half a trigger starts nothing");
+        state.observe(b"ll> and more");
+        assert!(
+            state.is_waiting(),
+            "a trigger carried on past starts nothing"
+        );
+        state.observe(b" then <call");
+        state.observe(b">");
+        assert!(!state.is_waiting(), "the trigger, split across tokens");
+        let forbidden = [token(&model, "Hello"), model.vocab().eos()];
+        let mut logits = vec![0.0f32; model.n_vocab() as usize];
+        for t in forbidden {
+            logits[t.0 as usize] = 30.0;
+        }
+        for seed in 0..8 {
+            let mut state = ConstraintState::start(&model, &compiled).unwrap();
+            state.observe(b"<call>");
+            let mut chain = sampler_chain(1.0, seed, model.n_vocab());
+            let text = generate(&model, &mut state, &mut chain, &logits, &forbidden);
+            assert!(text == "go(a)" || text == "go(b)", "{text:?}");
+        }
+    }
 
     #[test]
     fn objects_keep_to_their_listed_properties() {

@@ -13,8 +13,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::llama_batch::{BatchAddError, LlamaBatch};
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{DecodeError, EmbeddingsError};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use crate::heads::M3Heads;
@@ -99,12 +100,34 @@ pub(crate) struct EmbedModel {
     pub n_seq_max: usize,
 }
 
+/// Why a request's embeddings could not be computed. Clients see the message
+/// inside [`EngineError::Inference`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EmbedError {
+    #[error("cannot fill the batch: {0}")]
+    Batch(#[from] BatchAddError),
+    /// One failed decode fails every request in the batch: they share the error.
+    #[error("decode failed: {0}")]
+    Decode(Arc<DecodeError>),
+    #[error("no scores for sequence {seq}: {source}")]
+    NoScores {
+        seq: i32,
+        source: llama_cpp_2::EmbeddingsSeqError,
+    },
+    #[error("no hidden state for row {row}: {source}")]
+    NoHiddenState { row: usize, source: EmbeddingsError },
+    #[error("the model has no sparse head")]
+    NoSparseHead,
+    #[error("the model has no ColBERT head")]
+    NoColbertHead,
+}
+
 struct Active {
     job: EmbedJob,
     results: Vec<Option<Embedding>>,
     /// Next input to put in a batch.
     next: usize,
-    error: Option<String>,
+    error: Option<EmbedError>,
 }
 
 pub(crate) fn run(
@@ -115,82 +138,22 @@ pub(crate) fn run(
 ) {
     let mut queue: VecDeque<Active> = VecDeque::new();
     let mut batch = LlamaBatch::new(model.n_batch, 1);
-    loop {
-        if queue.is_empty() {
-            stats.active.store(0, Ordering::Relaxed);
-            match rx.blocking_recv() {
-                Some(job) => queue.push_back(Active::new(job)),
-                None => return,
-            }
-        }
-        while let Ok(job) = rx.try_recv() {
-            queue.push_back(Active::new(job));
-        }
-        let before = queue.len();
-        // A client that went away: its remaining inputs are not computed.
-        queue.retain(|a| !a.job.reply.is_closed());
-        stats
-            .cancelled
-            .fetch_add((before - queue.len()) as u64, Ordering::Relaxed);
-        stats.active.store(queue.len(), Ordering::Relaxed);
+    while take_jobs(&mut queue, &mut rx, stats) {
         if queue.is_empty() {
             continue;
         }
-
-        // Pack inputs in arrival order until the token or sequence budget is spent.
-        batch.clear();
-        let mut placed: Vec<(usize, usize, usize)> = Vec::new(); // (job, input, first row)
-        let mut rows = 0;
-        'pack: for (j, active) in queue.iter_mut().enumerate() {
-            while active.next < active.job.inputs.len() {
-                let tokens = &active.job.inputs[active.next];
-                if rows + tokens.len() > model.n_batch || placed.len() == model.n_seq_max {
-                    break 'pack;
-                }
-                let seq = placed.len() as i32;
-                let added = tokens
-                    .iter()
-                    .enumerate()
-                    .try_for_each(|(pos, &token)| batch.add(token, pos as i32, &[seq], true));
-                if let Err(e) = added {
-                    // Inputs are checked against n_batch when submitted, so this is a bug.
-                    active.fail(format!("cannot fill the batch: {e}"));
-                    break 'pack;
-                }
-                placed.push((j, active.next, rows));
-                rows += tokens.len();
-                active.next += 1;
-            }
-        }
+        let placed = pack(&mut batch, &mut queue, model);
         if !placed.is_empty() {
             let result = ctx.decode(&mut batch);
             stats.steps.fetch_add(1, Ordering::Relaxed);
             match result {
                 Err(e) => {
-                    for &(j, _, _) in &placed {
-                        queue[j].fail(format!("decode failed: {e}"));
+                    let e = Arc::new(e);
+                    for p in &placed {
+                        queue[p.job].fail(EmbedError::Decode(e.clone()));
                     }
                 }
-                Ok(()) => {
-                    for (seq, &(j, input, first_row)) in placed.iter().enumerate() {
-                        let active = &mut queue[j];
-                        if active.error.is_some() {
-                            continue;
-                        }
-                        let tokens = &active.job.inputs[input];
-                        match read_outputs(
-                            &ctx,
-                            model,
-                            seq as i32,
-                            first_row,
-                            tokens,
-                            active.job.outputs,
-                        ) {
-                            Ok(e) => active.results[input] = Some(e),
-                            Err(e) => active.fail(e),
-                        }
-                    }
-                }
+                Ok(()) => read_batch(&ctx, model, &mut queue, &placed),
             }
             // Decoder-based embedders keep KV between calls: every batch starts clean.
             ctx.clear_kv_cache();
@@ -207,6 +170,94 @@ pub(crate) fn run(
     }
 }
 
+/// One input placed in the batch: its job, which input, and its first row.
+struct Placed {
+    job: usize,
+    input: usize,
+    first_row: usize,
+}
+
+/// Waits for work when there is none, takes every job waiting, and drops the
+/// jobs whose client went away (their remaining inputs are not computed).
+/// `false` once the queue has closed and nothing is left.
+fn take_jobs(
+    queue: &mut VecDeque<Active>,
+    rx: &mut mpsc::Receiver<EmbedJob>,
+    stats: &SchedulerStats,
+) -> bool {
+    if queue.is_empty() {
+        stats.active.store(0, Ordering::Relaxed);
+        match rx.blocking_recv() {
+            Some(job) => queue.push_back(Active::new(job)),
+            None => return false,
+        }
+    }
+    while let Ok(job) = rx.try_recv() {
+        queue.push_back(Active::new(job));
+    }
+    let before = queue.len();
+    queue.retain(|a| !a.job.reply.is_closed());
+    stats
+        .cancelled
+        .fetch_add((before - queue.len()) as u64, Ordering::Relaxed);
+    stats.active.store(queue.len(), Ordering::Relaxed);
+    true
+}
+
+/// Packs inputs in arrival order until the token or sequence budget is spent.
+fn pack(batch: &mut LlamaBatch, queue: &mut VecDeque<Active>, model: &EmbedModel) -> Vec<Placed> {
+    batch.clear();
+    let mut placed = Vec::new();
+    let mut rows = 0;
+    'pack: for (j, active) in queue.iter_mut().enumerate() {
+        while active.next < active.job.inputs.len() {
+            let tokens = &active.job.inputs[active.next];
+            if rows + tokens.len() > model.n_batch || placed.len() == model.n_seq_max {
+                break 'pack;
+            }
+            let seq = placed.len() as i32;
+            let added = tokens
+                .iter()
+                .enumerate()
+                .try_for_each(|(pos, &token)| batch.add(token, pos as i32, &[seq], true));
+            if let Err(e) = added {
+                // Inputs are checked against n_batch when submitted, so this is a bug.
+                active.fail(EmbedError::Batch(e));
+                break 'pack;
+            }
+            placed.push(Placed {
+                job: j,
+                input: active.next,
+                first_row: rows,
+            });
+            rows += tokens.len();
+            active.next += 1;
+        }
+    }
+    placed
+}
+
+/// Reads each placed input's outputs from a decoded batch.
+fn read_batch(
+    ctx: &LlamaContext<'_>,
+    model: &EmbedModel,
+    queue: &mut VecDeque<Active>,
+    placed: &[Placed],
+) {
+    for (seq, p) in placed.iter().enumerate() {
+        let active = &mut queue[p.job];
+        if active.error.is_some() {
+            continue;
+        }
+        let tokens = &active.job.inputs[p.input];
+        let outputs = active.job.outputs;
+        match read_outputs(ctx, model, seq as i32, p.first_row, tokens, outputs) {
+            Ok(e) => active.results[p.input] = Some(e),
+            Err(e) => active.fail(e),
+        }
+    }
+}
+
 impl Active {
     fn new(job: EmbedJob) -> Self {
         let n = job.inputs.len();
@@ -218,10 +269,10 @@ impl Active {
         }
     }
 
-    fn fail(&mut self, message: String) {
+    fn fail(&mut self, error: EmbedError) {
         let _span = self.job.span.enter();
-        tracing::error!(%message, "embedding failed");
-        self.error.get_or_insert(message);
+        tracing::error!(message = %error, "embedding failed");
+        self.error.get_or_insert(error);
         self.next = self.job.inputs.len();
     }
 
@@ -231,7 +282,7 @@ impl Active {
 
     fn reply(self) {
         let reply = match self.error {
-            Some(message) => Err(EngineError::Inference(message)),
+            Some(error) => Err(EngineError::Inference(error.to_string())),
             None => Ok(self.results.into_iter().flatten().collect()),
         };
         let _ = self.job.reply.send(reply);
@@ -245,7 +296,7 @@ fn read_outputs(
     first_row: usize,
     tokens: &[LlamaToken],
     want: EmbedOutputs,
-) -> Result<Embedding, String> {
+) -> Result<Embedding, EmbedError> {
     let mut out = Embedding {
         n_tokens: tokens.len() as u32,
         ..Default::default()
@@ -253,14 +304,15 @@ fn read_outputs(
     if model.pooling == Pooling::Rank {
         let scores = ctx
             .embeddings_seq_ith(seq)
-            .map_err(|e| format!("no scores for sequence {seq}: {e}"))?;
+            .map_err(|source| EmbedError::NoScores { seq, source })?;
         out.dense = Some(scores.to_vec());
         return Ok(out);
     }
-    let row = |i: usize| -> Result<&[f32], String> {
+    let row = |i: usize| -> Result<&[f32], EmbedError> {
+        let row = first_row + i;
         let r = ctx
-            .embeddings_ith((first_row + i) as i32)
-            .map_err(|e| format!("no hidden state for row {}: {e}", first_row + i))?;
+            .embeddings_ith(row as i32)
+            .map_err(|source| EmbedError::NoHiddenState { row, source })?;
         Ok(&r[..model.n_embd.min(r.len())])
     };
     let n = tokens.len();
@@ -286,7 +338,7 @@ fn read_outputs(
     if want.sparse {
         let sparse = heads
             .and_then(|h| h.sparse.as_ref())
-            .ok_or("the model has no sparse head")?;
+            .ok_or(EmbedError::NoSparseHead)?;
         let mut weights: Vec<(TokenId, f32)> = Vec::new();
         for (i, token) in tokens.iter().enumerate() {
             let w = sparse.apply(row(i)?)[0].max(0.0);
@@ -303,14 +355,14 @@ fn read_outputs(
     if want.colbert {
         let colbert = heads
             .and_then(|h| h.colbert.as_ref())
-            .ok_or("the model has no ColBERT head")?;
+            .ok_or(EmbedError::NoColbertHead)?;
         let vectors = (1..n)
             .map(|i| {
                 let mut v = colbert.apply(row(i)?);
                 normalize(&mut v);
                 Ok(v)
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, EmbedError>>()?;
         out.colbert = Some(vectors);
     }
     Ok(out)

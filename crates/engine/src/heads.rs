@@ -14,6 +14,114 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// Why a head file could not be used. The messages name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Format { path: PathBuf, source: FormatError },
+    #[error("{}: no '{name}' tensor", path.display())]
+    MissingTensor { path: PathBuf, name: &'static str },
+    #[error("{}: 'weight' has shape {shape:?}, expected [out, in]", path.display())]
+    WeightShape { path: PathBuf, shape: Vec<usize> },
+    #[error("{}: 'bias' has shape {shape:?}, expected [{n_out}]", path.display())]
+    BiasShape {
+        path: PathBuf,
+        shape: Vec<usize>,
+        n_out: usize,
+    },
+    /// The head does not fit the model: a wrong input width, or a sparse head
+    /// with more than one output.
+    #[error(
+        "{}: head maps {n_in} -> {n_out}, but the model's hidden size is {n_embd}",
+        path.display()
+    )]
+    Mismatch {
+        path: PathBuf,
+        n_in: usize,
+        n_out: usize,
+        n_embd: usize,
+    },
+}
+
+/// What is wrong inside a safetensors file or a torch archive.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error(transparent)]
+    Safetensors(#[from] safetensors::SafeTensorError),
+    #[error("tensor '{name}' has unsupported dtype {dtype:?}")]
+    UnsupportedDtype {
+        name: String,
+        dtype: safetensors::Dtype,
+    },
+    #[error("tensor data is {len} bytes, {needed} needed")]
+    ShortData { len: usize, needed: usize },
+    #[error("tensor '{0}' is not contiguous")]
+    NotContiguous(String),
+    #[error("not a PyTorch zip archive: {0}")]
+    NotZip(zip::result::ZipError),
+    #[error("no data.pkl in the archive")]
+    NoPickle,
+    #[error("archive member {name}: {source}")]
+    Member {
+        name: String,
+        source: zip::result::ZipError,
+    },
+    #[error("archive member {name}: {source}")]
+    MemberRead {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("the pickle is not a state dict")]
+    NotStateDict,
+    #[error("the state dict holds something other than named tensors")]
+    NotNamedTensors,
+    #[error(transparent)]
+    Pickle(#[from] PickleError),
+}
+
+/// A pickle that is not what `torch.save(state_dict)` writes.
+#[derive(Debug, thiserror::Error)]
+pub enum PickleError {
+    #[error("the pickle ends early")]
+    Truncated,
+    #[error("pickle stack underflow")]
+    StackUnderflow,
+    #[error("pickle MARK missing")]
+    MarkMissing,
+    #[error("unterminated pickle line")]
+    UnterminatedLine,
+    /// A memo write (`BINPUT`, `LONG_BINPUT`, `MEMOIZE`) with nothing to store.
+    #[error("{op} on empty stack")]
+    MemoOfNothing { op: &'static str },
+    /// A memo read (`BINGET`, `LONG_BINGET`) of an index never stored.
+    #[error("{op} of unknown memo")]
+    UnknownMemo { op: &'static str },
+    #[error("integer too large in pickle")]
+    IntegerTooLarge,
+    /// An opcode applied to operands of the wrong kind; says which.
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("unsupported persistent id {0}")]
+    UnsupportedPersistentId(String),
+    #[error("unsupported storage key {0}")]
+    UnsupportedStorageKey(String),
+    #[error("unsupported storage type torch.{0}")]
+    UnsupportedStorage(String),
+    #[error("unsupported pickle opcode 0x{0:02x}")]
+    UnsupportedOpcode(u8),
+    #[error("unsupported pickle global {module}.{name}")]
+    UnsupportedGlobal { module: String, name: String },
+    #[error("expected a non-negative integer, found {0}")]
+    ExpectedInt(String),
+    #[error("expected a tuple of integers, found {0}")]
+    ExpectedInts(String),
+}
+
 /// `y = W x + b` with PyTorch's `[out, in]` weight layout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Linear {
@@ -34,34 +142,45 @@ impl Linear {
     }
 
     /// Reads the `weight` and `bias` tensors of a saved `Linear` (`.pt` or `.safetensors`).
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, HeadError> {
         let is_safetensors = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|source| HeadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut tensors = if is_safetensors {
             read_safetensors(&bytes)
         } else {
             read_torch(&bytes)
         }
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-        let (weight, w_shape) = tensors
-            .remove("weight")
-            .ok_or_else(|| format!("{}: no 'weight' tensor", path.display()))?;
-        let (bias, b_shape) = tensors
-            .remove("bias")
-            .ok_or_else(|| format!("{}: no 'bias' tensor", path.display()))?;
+        .map_err(|source| HeadError::Format {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut tensor = |name: &'static str| {
+            tensors
+                .remove(name)
+                .ok_or_else(|| HeadError::MissingTensor {
+                    path: path.to_owned(),
+                    name,
+                })
+        };
+        let (weight, w_shape) = tensor("weight")?;
+        let (bias, b_shape) = tensor("bias")?;
         let [n_out, n_in] = w_shape[..] else {
-            return Err(format!(
-                "{}: 'weight' has shape {w_shape:?}, expected [out, in]",
-                path.display()
-            ));
+            return Err(HeadError::WeightShape {
+                path: path.to_owned(),
+                shape: w_shape,
+            });
         };
         if b_shape != [n_out] {
-            return Err(format!(
-                "{}: 'bias' has shape {b_shape:?}, expected [{n_out}]",
-                path.display()
-            ));
+            return Err(HeadError::BiasShape {
+                path: path.to_owned(),
+                shape: b_shape,
+                n_out,
+            });
         }
         Ok(Self {
             n_in,
@@ -85,7 +204,7 @@ impl M3Heads {
     /// `sparse_linear.*` / `colbert_linear.*`; safetensors before `.pt`.
     /// `Ok(None)` when there are none. Heads whose input width is not the
     /// model's hidden size are an error, not silently wrong numbers.
-    pub fn find(gguf: &Path, n_embd: usize) -> Result<Option<Self>, String> {
+    pub fn find(gguf: &Path, n_embd: usize) -> Result<Option<Self>, HeadError> {
         let dir = gguf.parent().unwrap_or(Path::new("."));
         let stem = gguf.file_stem().unwrap_or_default().to_string_lossy();
         let locate = |head: &str| -> Option<PathBuf> {
@@ -94,18 +213,18 @@ impl M3Heads {
                 .flat_map(|base| ["safetensors", "pt"].map(|ext| dir.join(format!("{base}.{ext}"))))
                 .find(|p| p.is_file())
         };
-        let load = |head: &str, n_out: Option<usize>| -> Result<Option<Linear>, String> {
+        let load = |head: &str, n_out: Option<usize>| -> Result<Option<Linear>, HeadError> {
             let Some(path) = locate(head) else {
                 return Ok(None);
             };
             let linear = Linear::load(&path)?;
             if linear.n_in != n_embd || n_out.is_some_and(|n| n != linear.n_out) {
-                return Err(format!(
-                    "{}: head maps {} -> {}, but the model's hidden size is {n_embd}",
-                    path.display(),
-                    linear.n_in,
-                    linear.n_out
-                ));
+                return Err(HeadError::Mismatch {
+                    path,
+                    n_in: linear.n_in,
+                    n_out: linear.n_out,
+                    n_embd,
+                });
             }
             Ok(Some(linear))
         };
@@ -119,8 +238,8 @@ impl M3Heads {
 
 type Tensors = HashMap<String, (Vec<f32>, Vec<usize>)>;
 
-fn read_safetensors(bytes: &[u8]) -> Result<Tensors, String> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+fn read_safetensors(bytes: &[u8]) -> Result<Tensors, FormatError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
@@ -128,7 +247,7 @@ fn read_safetensors(bytes: &[u8]) -> Result<Tensors, String> {
                 safetensors::Dtype::F32 => DType::F32,
                 safetensors::Dtype::F16 => DType::F16,
                 safetensors::Dtype::BF16 => DType::BF16,
-                other => return Err(format!("tensor '{name}' has unsupported dtype {other:?}")),
+                dtype => return Err(FormatError::UnsupportedDtype { name, dtype }),
             };
             let shape = view.shape().to_vec();
             let numel = shape.iter().product::<usize>();
@@ -154,13 +273,14 @@ impl DType {
     }
 
     /// `numel` little-endian values starting `offset` elements into `bytes`.
-    fn decode(self, bytes: &[u8], offset: usize, numel: usize) -> Result<Vec<f32>, String> {
+    fn decode(self, bytes: &[u8], offset: usize, numel: usize) -> Result<Vec<f32>, FormatError> {
         let size = self.size();
         let start = offset * size;
         let end = start + numel * size;
-        let data = bytes
-            .get(start..end)
-            .ok_or_else(|| format!("tensor data is {} bytes, {end} needed", bytes.len()))?;
+        let data = bytes.get(start..end).ok_or(FormatError::ShortData {
+            len: bytes.len(),
+            needed: end,
+        })?;
         Ok(data
             .chunks_exact(size)
             .map(|c| match self {
@@ -171,47 +291,53 @@ impl DType {
             .collect())
     }
 
-    fn from_storage(name: &str) -> Result<Self, String> {
+    fn from_storage(name: &str) -> Result<Self, PickleError> {
         match name {
             "FloatStorage" => Ok(DType::F32),
             "HalfStorage" => Ok(DType::F16),
             "BFloat16Storage" => Ok(DType::BF16),
-            other => Err(format!("unsupported storage type torch.{other}")),
+            other => Err(PickleError::UnsupportedStorage(other.to_owned())),
         }
     }
 }
 
 /// A torch zip archive: `<prefix>/data.pkl` plus one `<prefix>/data/<key>` per storage.
-fn read_torch(bytes: &[u8]) -> Result<Tensors, String> {
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| format!("not a PyTorch zip archive: {e}"))?;
+fn read_torch(bytes: &[u8]) -> Result<Tensors, FormatError> {
+    let mut archive =
+        zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(FormatError::NotZip)?;
     let pkl_name = archive
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.into_owned()))
         .find(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
-        .ok_or("no data.pkl in the archive")?;
+        .ok_or(FormatError::NoPickle)?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_owned();
-    let mut read_member = |name: &str| -> Result<Vec<u8>, String> {
+    let mut read_member = |name: &str| -> Result<Vec<u8>, FormatError> {
         let mut file = archive
             .by_name(name)
-            .map_err(|e| format!("archive member {name}: {e}"))?;
+            .map_err(|source| FormatError::Member {
+                name: name.to_owned(),
+                source,
+            })?;
         let mut out = Vec::with_capacity(file.size() as usize);
         file.read_to_end(&mut out)
-            .map_err(|e| format!("archive member {name}: {e}"))?;
+            .map_err(|source| FormatError::MemberRead {
+                name: name.to_owned(),
+                source,
+            })?;
         Ok(out)
     };
     let pickle = read_member(&pkl_name)?;
     let Value::Dict(entries) = unpickle(&pickle)? else {
-        return Err("the pickle is not a state dict".to_owned());
+        return Err(FormatError::NotStateDict);
     };
     let mut tensors = Tensors::new();
     for (key, value) in entries {
         let (Value::Str(name), Value::Tensor(t)) = (key, value) else {
-            return Err("the state dict holds something other than named tensors".to_owned());
+            return Err(FormatError::NotNamedTensors);
         };
         let numel = t.shape.iter().product::<usize>();
         if !is_contiguous(&t.shape, &t.stride) {
-            return Err(format!("tensor '{name}' is not contiguous"));
+            return Err(FormatError::NotContiguous(name));
         }
         let data = read_member(&format!("{prefix}data/{}", t.storage.key))?;
         let values = t.storage.dtype.decode(&data, t.offset, numel)?;
@@ -262,239 +388,305 @@ enum Value {
 }
 
 impl Value {
-    fn int(&self) -> Result<usize, String> {
+    fn int(&self) -> Result<usize, PickleError> {
         match self {
             Value::Int(i) if *i >= 0 => Ok(*i as usize),
-            other => Err(format!("expected a non-negative integer, found {other:?}")),
+            other => Err(PickleError::ExpectedInt(format!("{other:?}"))),
         }
     }
 
-    fn ints(&self) -> Result<Vec<usize>, String> {
+    fn ints(&self) -> Result<Vec<usize>, PickleError> {
         match self {
             Value::Tuple(items) | Value::List(items) => items.iter().map(Value::int).collect(),
-            other => Err(format!("expected a tuple of integers, found {other:?}")),
+            other => Err(PickleError::ExpectedInts(format!("{other:?}"))),
         }
     }
 }
 
 /// Runs the subset of the pickle machine that `torch.save` uses for a state dict.
-#[allow(clippy::too_many_lines)] // split in the next commit
-fn unpickle(data: &[u8]) -> Result<Value, String> {
-    let mut pos = 0;
-    let mut stack: Vec<Value> = Vec::new();
-    let mut memo: HashMap<u32, Value> = HashMap::new();
-    let take = |n: usize, pos: &mut usize| -> Result<&[u8], String> {
-        let bytes = data
-            .get(*pos..*pos + n)
-            .ok_or("the pickle ends early".to_owned())?;
-        *pos += n;
-        Ok(bytes)
+fn unpickle(data: &[u8]) -> Result<Value, PickleError> {
+    let mut machine = Machine {
+        data,
+        pos: 0,
+        stack: Vec::new(),
+        memo: HashMap::new(),
     };
-    fn pop(stack: &mut Vec<Value>) -> Result<Value, String> {
-        stack
-            .pop()
-            .ok_or_else(|| "pickle stack underflow".to_owned())
+    loop {
+        let op = machine.take(1)?[0];
+        if let Some(result) = machine.step(op)? {
+            return Ok(result);
+        }
     }
-    fn pop_mark(stack: &mut Vec<Value>) -> Result<Vec<Value>, String> {
-        let mark = stack
-            .iter()
-            .rposition(|v| matches!(v, Value::Mark))
-            .ok_or("pickle MARK missing")?;
-        let items = stack.split_off(mark + 1);
-        stack.pop();
-        Ok(items)
+}
+
+/// The pickle machine's state: the input, the value stack and the memo.
+struct Machine<'a> {
+    data: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    memo: HashMap<u32, Value>,
+}
+
+impl Machine<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], PickleError> {
+        let end = self.pos.checked_add(n).ok_or(PickleError::Truncated)?;
+        let bytes = self.data.get(self.pos..end).ok_or(PickleError::Truncated)?;
+        self.pos = end;
+        Ok(bytes)
     }
-    fn line(data: &[u8], pos: &mut usize) -> Result<String, String> {
-        let end = data[*pos..]
+
+    fn take_u32(&mut self) -> Result<u32, PickleError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn line(&mut self) -> Result<String, PickleError> {
+        let rest = &self.data[self.pos..];
+        let end = rest
             .iter()
             .position(|&b| b == b'\n')
-            .ok_or("unterminated pickle line")?;
-        let s = String::from_utf8_lossy(&data[*pos..*pos + end]).into_owned();
-        *pos += end + 1;
+            .ok_or(PickleError::UnterminatedLine)?;
+        let s = String::from_utf8_lossy(&rest[..end]).into_owned();
+        self.pos += end + 1;
         Ok(s)
     }
-    loop {
-        let op = take(1, &mut pos)?[0];
+
+    fn pop(&mut self) -> Result<Value, PickleError> {
+        self.stack.pop().ok_or(PickleError::StackUnderflow)
+    }
+
+    /// The values above the topmost mark, which is removed.
+    fn pop_mark(&mut self) -> Result<Vec<Value>, PickleError> {
+        let mark = self
+            .stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .ok_or(PickleError::MarkMissing)?;
+        let items = self.stack.split_off(mark + 1);
+        self.stack.pop();
+        Ok(items)
+    }
+
+    /// Runs one opcode; `Some` once STOP returns the result.
+    fn step(&mut self, op: u8) -> Result<Option<Value>, PickleError> {
         match op {
             0x80 => {
-                take(1, &mut pos)?; // PROTO
+                self.take(1)?; // PROTO
             }
             0x95 => {
-                take(8, &mut pos)?; // FRAME
+                self.take(8)?; // FRAME
             }
-            b'c' => {
-                let module = line(data, &mut pos)?;
-                let name = line(data, &mut pos)?;
-                stack.push(Value::Global(module, name));
+            b'q' | b'r' | 0x94 | b'h' | b'j' => self.memo_op(op)?,
+            b'(' | b')' | b']' | b'}' | b'N' | 0x88 | 0x89 => self.stack.push(match op {
+                b'(' => Value::Mark,
+                b')' => Value::Tuple(Vec::new()),
+                b']' => Value::List(Vec::new()),
+                b'}' => Value::Dict(Vec::new()),
+                b'N' => Value::None,
+                _ => Value::Bool,
+            }),
+            b'K' | b'M' | b'J' | 0x8a | b'G' | b'X' | 0x8c => {
+                let value = self.literal(op)?;
+                self.stack.push(value);
             }
-            0x93 => {
-                // STACK_GLOBAL
-                let name = pop(&mut stack)?;
-                let module = pop(&mut stack)?;
-                match (module, name) {
-                    (Value::Str(m), Value::Str(n)) => stack.push(Value::Global(m, n)),
-                    _ => return Err("STACK_GLOBAL without names".to_owned()),
-                }
-            }
+            b't' | 0x85..=0x87 | b'a' | b'e' | b's' | b'u' => self.container(op)?,
+            b'c' | 0x93 | b'Q' | b'R' | b'b' => self.object(op)?,
+            b'.' => return self.pop().map(Some),
+            other => return Err(PickleError::UnsupportedOpcode(other)),
+        }
+        Ok(None)
+    }
+
+    /// PUT and GET, in their short and long forms, and MEMOIZE.
+    fn memo_op(&mut self, op: u8) -> Result<(), PickleError> {
+        match op {
             b'q' => {
-                let idx = take(1, &mut pos)?[0] as u32;
-                memo.insert(idx, stack.last().cloned().ok_or("BINPUT on empty stack")?);
+                let idx = u32::from(self.take(1)?[0]);
+                self.memo.insert(idx, top(&self.stack, "BINPUT")?);
             }
             b'r' => {
-                let b = take(4, &mut pos)?;
-                let idx = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                memo.insert(
-                    idx,
-                    stack.last().cloned().ok_or("LONG_BINPUT on empty stack")?,
-                );
+                let idx = self.take_u32()?;
+                self.memo.insert(idx, top(&self.stack, "LONG_BINPUT")?);
             }
             0x94 => {
-                let idx = memo.len() as u32; // MEMOIZE
-                memo.insert(idx, stack.last().cloned().ok_or("MEMOIZE on empty stack")?);
+                let idx = self.memo.len() as u32; // MEMOIZE
+                self.memo.insert(idx, top(&self.stack, "MEMOIZE")?);
             }
             b'h' => {
-                let idx = take(1, &mut pos)?[0] as u32;
-                stack.push(memo.get(&idx).cloned().ok_or("BINGET of unknown memo")?);
+                let idx = u32::from(self.take(1)?[0]);
+                self.stack.push(recall(&self.memo, idx, "BINGET")?);
             }
-            b'j' => {
-                let b = take(4, &mut pos)?;
-                let idx = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                stack.push(
-                    memo.get(&idx)
-                        .cloned()
-                        .ok_or("LONG_BINGET of unknown memo")?,
-                );
+            _ => {
+                let idx = self.take_u32()?;
+                self.stack.push(recall(&self.memo, idx, "LONG_BINGET")?);
             }
-            b'(' => stack.push(Value::Mark),
-            b')' => stack.push(Value::Tuple(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
-            b'}' => stack.push(Value::Dict(Vec::new())),
-            b'N' => stack.push(Value::None),
-            0x88 | 0x89 => stack.push(Value::Bool),
-            b'K' => stack.push(Value::Int(i64::from(take(1, &mut pos)?[0]))),
+        }
+        Ok(())
+    }
+
+    /// Integers, floats and strings written inline.
+    fn literal(&mut self, op: u8) -> Result<Value, PickleError> {
+        Ok(match op {
+            b'K' => Value::Int(i64::from(self.take(1)?[0])),
             b'M' => {
-                let b = take(2, &mut pos)?;
-                stack.push(Value::Int(i64::from(u16::from_le_bytes([b[0], b[1]]))));
+                let b = self.take(2)?;
+                Value::Int(i64::from(u16::from_le_bytes([b[0], b[1]])))
             }
-            b'J' => {
-                let b = take(4, &mut pos)?;
-                stack.push(Value::Int(i64::from(i32::from_le_bytes([
-                    b[0], b[1], b[2], b[3],
-                ]))));
-            }
+            b'J' => Value::Int(i64::from(self.take_u32()? as i32)),
             0x8a => {
                 // LONG1: little-endian two's complement of n bytes.
-                let n = take(1, &mut pos)?[0] as usize;
-                let b = take(n, &mut pos)?;
+                let n = self.take(1)?[0] as usize;
+                let b = self.take(n)?;
                 if n > 8 {
-                    return Err("integer too large in pickle".to_owned());
+                    return Err(PickleError::IntegerTooLarge);
                 }
-                let mut buf = [if b.last().is_some_and(|x| x & 0x80 != 0) {
+                let fill = if b.last().is_some_and(|x| x & 0x80 != 0) {
                     0xff
                 } else {
                     0
-                }; 8];
+                };
+                let mut buf = [fill; 8];
                 buf[..n].copy_from_slice(b);
-                stack.push(Value::Int(i64::from_le_bytes(buf)));
+                Value::Int(i64::from_le_bytes(buf))
             }
             b'G' => {
-                take(8, &mut pos)?; // BINFLOAT: no state dict field needs its value
-                stack.push(Value::Float);
+                self.take(8)?; // BINFLOAT: no state dict field needs its value
+                Value::Float
             }
-            b'X' => {
-                let b = take(4, &mut pos)?;
-                let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                let s = take(n, &mut pos)?;
-                stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()));
+            _ => {
+                // BINUNICODE (4-byte length) or SHORT_BINUNICODE (1-byte length)
+                let n = if op == b'X' {
+                    self.take_u32()? as usize
+                } else {
+                    self.take(1)?[0] as usize
+                };
+                Value::Str(String::from_utf8_lossy(self.take(n)?).into_owned())
             }
-            0x8c => {
-                let n = take(1, &mut pos)?[0] as usize;
-                let s = take(n, &mut pos)?;
-                stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()));
-            }
+        })
+    }
+
+    /// Tuples, and items added to lists and dicts.
+    fn container(&mut self, op: u8) -> Result<(), PickleError> {
+        match op {
             b't' => {
-                let items = pop_mark(&mut stack)?;
-                stack.push(Value::Tuple(items));
+                let items = self.pop_mark()?;
+                self.stack.push(Value::Tuple(items));
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
-                if stack.len() < n {
-                    return Err("pickle stack underflow".to_owned());
+                if self.stack.len() < n {
+                    return Err(PickleError::StackUnderflow);
                 }
-                let items = stack.split_off(stack.len() - n);
-                stack.push(Value::Tuple(items));
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Value::Tuple(items));
             }
-            b'a' => {
-                let item = pop(&mut stack)?;
-                match stack.last_mut() {
-                    Some(Value::List(list)) => list.push(item),
-                    _ => return Err("APPEND to a non-list".to_owned()),
-                }
-            }
-            b'e' => {
-                let items = pop_mark(&mut stack)?;
-                match stack.last_mut() {
+            b'a' | b'e' => {
+                let items = if op == b'a' {
+                    vec![self.pop()?]
+                } else {
+                    self.pop_mark()?
+                };
+                match self.stack.last_mut() {
                     Some(Value::List(list)) => list.extend(items),
-                    _ => return Err("APPENDS to a non-list".to_owned()),
+                    _ => return Err(PickleError::Malformed("APPEND to a non-list")),
                 }
             }
-            b's' | b'u' => {
+            _ => {
                 let items = if op == b's' {
-                    let v = pop(&mut stack)?;
-                    let k = pop(&mut stack)?;
+                    let v = self.pop()?;
+                    let k = self.pop()?;
                     vec![k, v]
                 } else {
-                    pop_mark(&mut stack)?
+                    self.pop_mark()?
                 };
-                let Some(Value::Dict(dict)) = stack.last_mut() else {
-                    return Err("SETITEMS on a non-dict".to_owned());
+                let Some(Value::Dict(dict)) = self.stack.last_mut() else {
+                    return Err(PickleError::Malformed("SETITEMS on a non-dict"));
                 };
                 let mut items = items.into_iter();
                 while let (Some(k), Some(v)) = (items.next(), items.next()) {
                     dict.push((k, v));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Globals, torch's storages (persistent ids), calls and BUILD.
+    fn object(&mut self, op: u8) -> Result<(), PickleError> {
+        match op {
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                self.stack.push(Value::Global(module, name));
+            }
+            0x93 => {
+                // STACK_GLOBAL
+                let name = self.pop()?;
+                let module = self.pop()?;
+                match (module, name) {
+                    (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(m, n)),
+                    _ => return Err(PickleError::Malformed("STACK_GLOBAL without names")),
+                }
+            }
             b'Q' => {
-                // BINPERSID: ('storage', StorageType, key, location, numel)
-                let Value::Tuple(pid) = pop(&mut stack)? else {
-                    return Err("persistent id is not a tuple".to_owned());
+                let Value::Tuple(pid) = self.pop()? else {
+                    return Err(PickleError::Malformed("persistent id is not a tuple"));
                 };
-                let (Some(Value::Global(_, storage_type)), Some(key)) = (pid.get(1), pid.get(2))
-                else {
-                    return Err(format!("unsupported persistent id {pid:?}"));
-                };
-                let key = match key {
-                    Value::Str(s) => s.clone(),
-                    Value::Int(i) => i.to_string(),
-                    other => return Err(format!("unsupported storage key {other:?}")),
-                };
-                stack.push(Value::Storage(Storage {
-                    dtype: DType::from_storage(storage_type)?,
-                    key,
-                }));
+                let storage = storage_of(&pid)?;
+                self.stack.push(Value::Storage(storage));
             }
             b'R' => {
-                let args = pop(&mut stack)?;
-                let Value::Global(module, name) = pop(&mut stack)? else {
-                    return Err("REDUCE of something not callable".to_owned());
+                let args = self.pop()?;
+                let Value::Global(module, name) = self.pop()? else {
+                    return Err(PickleError::Malformed("REDUCE of something not callable"));
                 };
                 let Value::Tuple(args) = args else {
-                    return Err("REDUCE arguments are not a tuple".to_owned());
+                    return Err(PickleError::Malformed("REDUCE arguments are not a tuple"));
                 };
-                stack.push(call(&module, &name, args)?);
+                self.stack.push(call(&module, &name, args)?);
             }
-            b'b' => {
+            _ => {
                 // BUILD: an OrderedDict's state (torch's `_metadata`): not needed.
-                pop(&mut stack)?;
+                self.pop()?;
             }
-            b'.' => return pop(&mut stack),
-            other => return Err(format!("unsupported pickle opcode 0x{other:02x}")),
         }
+        Ok(())
     }
 }
 
+/// BINPERSID's id: `('storage', StorageType, key, location, numel)`.
+fn storage_of(pid: &[Value]) -> Result<Storage, PickleError> {
+    let (Some(Value::Global(_, storage_type)), Some(key)) = (pid.get(1), pid.get(2)) else {
+        return Err(PickleError::UnsupportedPersistentId(format!("{pid:?}")));
+    };
+    let key = match key {
+        Value::Str(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        other => return Err(PickleError::UnsupportedStorageKey(format!("{other:?}"))),
+    };
+    Ok(Storage {
+        dtype: DType::from_storage(storage_type)?,
+        key,
+    })
+}
+
+/// The top of the stack, for a memo write by `op`.
+fn top(stack: &[Value], op: &'static str) -> Result<Value, PickleError> {
+    stack
+        .last()
+        .cloned()
+        .ok_or(PickleError::MemoOfNothing { op })
+}
+
+/// A memoized value, for a memo read by `op`.
+fn recall(memo: &HashMap<u32, Value>, idx: u32, op: &'static str) -> Result<Value, PickleError> {
+    memo.get(&idx)
+        .cloned()
+        .ok_or(PickleError::UnknownMemo { op })
+}
+
 /// The few callables a state dict's pickle invokes.
-fn call(module: &str, name: &str, args: Vec<Value>) -> Result<Value, String> {
+fn call(module: &str, name: &str, args: Vec<Value>) -> Result<Value, PickleError> {
     match (module, name) {
         ("collections", "OrderedDict") => Ok(Value::Dict(Vec::new())),
         ("torch._utils", "_rebuild_tensor_v2") => {
@@ -502,7 +694,7 @@ fn call(module: &str, name: &str, args: Vec<Value>) -> Result<Value, String> {
             let (Some(Value::Storage(storage)), Some(offset), Some(shape), Some(stride)) =
                 (args.next(), args.next(), args.next(), args.next())
             else {
-                return Err("malformed _rebuild_tensor_v2 call".to_owned());
+                return Err(PickleError::Malformed("malformed _rebuild_tensor_v2 call"));
             };
             Ok(Value::Tensor(Tensor {
                 storage,
@@ -513,9 +705,12 @@ fn call(module: &str, name: &str, args: Vec<Value>) -> Result<Value, String> {
         }
         ("torch._utils", "_rebuild_parameter") => match args.into_iter().next() {
             Some(tensor @ Value::Tensor(_)) => Ok(tensor),
-            _ => Err("malformed _rebuild_parameter call".to_owned()),
+            _ => Err(PickleError::Malformed("malformed _rebuild_parameter call")),
         },
-        _ => Err(format!("unsupported pickle global {module}.{name}")),
+        _ => Err(PickleError::UnsupportedGlobal {
+            module: module.to_owned(),
+            name: name.to_owned(),
+        }),
     }
 }
 
@@ -602,6 +797,65 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_the_file_and_what_is_wrong_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pt");
+        let err = Linear::load(&missing).unwrap_err();
+        assert!(matches!(err, HeadError::Read { .. }), "{err:?}");
+        assert!(err
+            .to_string()
+            .starts_with(&format!("{}: ", missing.display())));
+
+        let garbage = dir.path().join("x.safetensors");
+        std::fs::write(&garbage, b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage").unwrap();
+        let err = Linear::load(&garbage).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                HeadError::Format {
+                    source: FormatError::Safetensors(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
+        let not_zip = dir.path().join("x.pt");
+        std::fs::write(&not_zip, b"not a zip").unwrap();
+        let err = Linear::load(&not_zip).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                HeadError::Format {
+                    source: FormatError::NotZip(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(": not a PyTorch zip archive: "),
+            "{err}"
+        );
+
+        // A pickle cut short, an opcode torch.save never writes, a global it never calls.
+        assert!(matches!(
+            unpickle(&[0x80, 2, b'K']),
+            Err(PickleError::Truncated)
+        ));
+        assert!(matches!(
+            unpickle(&[0x80, 2, b'I']),
+            Err(PickleError::UnsupportedOpcode(b'I'))
+        ));
+        let err = unpickle(b"cos\nsystem\n)R.").unwrap_err();
+        assert_eq!(err.to_string(), "unsupported pickle global os.system");
+        assert_eq!(
+            unpickle(b"q\x00").unwrap_err().to_string(),
+            "BINPUT on empty stack"
+        );
+    }
+
+    #[test]
     fn heads_are_found_beside_the_model_and_checked_against_it() {
         let dir = tempfile::tempdir().unwrap();
         let gguf = dir.path().join("m3.gguf");
@@ -622,6 +876,17 @@ mod tests {
         let found = M3Heads::find(&gguf, 384).unwrap().unwrap();
         assert!(found.sparse.is_some() && found.colbert.is_some());
         let err = M3Heads::find(&gguf, 1024).unwrap_err();
-        assert!(err.contains("hidden size is 1024"), "{err}");
+        assert!(
+            matches!(
+                err,
+                HeadError::Mismatch {
+                    n_in: 384,
+                    n_embd: 1024,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("hidden size is 1024"), "{err}");
     }
 }

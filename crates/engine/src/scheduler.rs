@@ -7,17 +7,19 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
-use crate::constraint::Step;
 use crate::sequence::Sequence;
 use crate::{EngineError, FinishReason, TokenLogprob};
+
+mod llama;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use llama::LlamaDecoder;
 
 /// A request handed to the scheduler thread: its choices (one unless `n` > 1).
 pub(crate) type Admission = Vec<Sequence>;
@@ -35,6 +37,47 @@ pub struct SchedulerStats {
     pub forks: AtomicU64,
 }
 
+/// What the scheduler asks of the model: one batch under construction, the
+/// decode of it, the KV cache's per-sequence operations, and drawing a token.
+/// [`LlamaDecoder`] is llama.cpp; the tests drive the same scheduler with a fake.
+/// The scheduler is generic over it, so every call is static (no `dyn` per token).
+pub(crate) trait Decoder {
+    /// KV cells of the context: also the most tokens one sequence may hold.
+    fn n_ctx(&self) -> usize;
+    /// Most tokens one decode takes.
+    fn n_batch(&self) -> usize;
+    /// Empties the batch being built.
+    fn batch_clear(&mut self);
+    /// Appends a token of sequence `seq_id` at position `pos`; returns its index
+    /// in the batch, where its logits will be if `logits` is set.
+    fn batch_add(&mut self, token: LlamaToken, pos: usize, seq_id: i32, logits: bool) -> i32;
+    /// Runs the model over the batch, storing its tokens in the KV cache.
+    fn decode(&mut self) -> Result<(), DecodeError>;
+    /// Empties the whole KV cache.
+    fn kv_clear(&mut self);
+    /// Drops sequence `seq_id`'s KV from position `from` on (all of it for `None`).
+    /// False when the cache could not drop that range.
+    fn kv_seq_rm(&mut self, seq_id: i32, from: Option<u32>) -> bool;
+    /// Copies the first `n` positions of `src`'s KV into `dst`.
+    fn kv_seq_cp(&mut self, src: i32, dst: i32, n: u32);
+    /// Draws `seq`'s next token from the logits at `index` of the batch just
+    /// decoded, with its sampler and grammar. `Ok(None)`: its grammar was
+    /// already complete, so nothing more may be drawn. `Err`: constrained
+    /// sampling failed.
+    fn sample(&mut self, seq: &mut Sequence, index: i32) -> Result<Option<Sampled>, EngineError>;
+}
+
+/// A drawn token and what the sequence needs to know about it.
+pub(crate) struct Sampled {
+    pub token: LlamaToken,
+    pub is_eog: bool,
+    /// The token's text (empty for an end-of-generation token).
+    pub piece: Vec<u8>,
+    pub logprob: Option<TokenLogprob>,
+    /// The grammar is complete after this token and allows nothing more.
+    pub grammar_complete: bool,
+}
+
 /// One KV-cache sequence id of the shared context.
 struct Slot {
     seq_id: i32,
@@ -44,10 +87,8 @@ struct Slot {
     active: Option<Sequence>,
 }
 
-pub(crate) struct Scheduler<'m> {
-    model: &'m LlamaModel,
-    ctx: LlamaContext<'m>,
-    batch: LlamaBatch<'static>,
+pub(crate) struct Scheduler<D: Decoder> {
+    decoder: D,
     slots: Vec<Slot>,
     waiting: VecDeque<Sequence>,
     n_batch: usize,
@@ -59,19 +100,12 @@ pub(crate) struct Scheduler<'m> {
     stats: Arc<SchedulerStats>,
 }
 
-impl<'m> Scheduler<'m> {
-    pub fn new(
-        model: &'m LlamaModel,
-        ctx: LlamaContext<'m>,
-        parallel: usize,
-        stats: Arc<SchedulerStats>,
-    ) -> Self {
-        let n_batch = ctx.n_batch() as usize;
-        let n_ctx = ctx.n_ctx() as usize;
+impl<D: Decoder> Scheduler<D> {
+    pub fn new(decoder: D, parallel: usize, stats: Arc<SchedulerStats>) -> Self {
+        let n_batch = decoder.n_batch();
+        let n_ctx = decoder.n_ctx();
         Self {
-            model,
-            batch: LlamaBatch::new(n_batch, 1),
-            ctx,
+            decoder,
             slots: (0..parallel)
                 .map(|i| Slot {
                     seq_id: i as i32,
@@ -109,11 +143,16 @@ impl<'m> Scheduler<'m> {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            self.drop_cancelled();
-            self.admit();
-            self.step();
-            self.publish();
+            self.tick();
         }
+    }
+
+    /// One round of the loop: drop the cancelled, admit, decode, publish.
+    fn tick(&mut self) {
+        self.drop_cancelled();
+        self.admit();
+        self.step();
+        self.publish();
     }
 
     fn has_work(&self) -> bool {
@@ -190,7 +229,7 @@ impl<'m> Scheduler<'m> {
                 // A seeded request on an idle engine starts from an empty cache: where
                 // its cells land in the KV buffer changes the order of attention's
                 // sums, and with it what a seeded sampler draws.
-                self.ctx.clear_kv_cache();
+                self.decoder.kv_clear();
                 self.slots.iter_mut().for_each(|s| s.cached.clear());
             }
             for member in 0..group_size {
@@ -209,9 +248,7 @@ impl<'m> Scheduler<'m> {
             // Its prompt KV is copied from the leader once the leader has computed it;
             // until then the slot must hold nothing, in case it computes the prompt
             // itself (its leader left early) from position 0.
-            let _ = self
-                .ctx
-                .clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
+            self.decoder.kv_seq_rm(slot.seq_id, None);
             seq.awaiting_fork = true;
             seq.n_past = 0;
         } else {
@@ -222,17 +259,9 @@ impl<'m> Scheduler<'m> {
             };
             // At least one token must be decoded to get logits for the next sample.
             let mut keep = common.min(seq.tokens.len() - 1);
-            if keep < slot.cached.len()
-                && self
-                    .ctx
-                    .clear_kv_cache_seq(Some(slot.seq_id as u32), Some(keep as u32), None)
-                    .ok()
-                    != Some(true)
-            {
+            if keep < slot.cached.len() && !self.decoder.kv_seq_rm(slot.seq_id, Some(keep as u32)) {
                 // Some memory types cannot drop a partial range: start this slot afresh.
-                let _ = self
-                    .ctx
-                    .clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
+                self.decoder.kv_seq_rm(slot.seq_id, None);
                 keep = 0;
             }
             seq.n_past = keep;
@@ -282,7 +311,48 @@ impl<'m> Scheduler<'m> {
 
     /// One forward pass for every sequence that has tokens to process.
     fn step(&mut self) {
-        self.batch.clear();
+        if !self.fill_batch() {
+            return;
+        }
+        match self.decoder.decode() {
+            Ok(()) => {}
+            Err(DecodeError::NoKvCacheSlot) => return self.make_kv_room(),
+            Err(error) => return self.fail_batch(&error.to_string()),
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+
+        // Leaders that just computed their prompt, to copy to their followers.
+        let mut forks = Vec::new();
+        for i in 0..self.slots.len() {
+            let seq_id = self.slots[i].seq_id;
+            let Some(seq) = self.slots[i].active.as_mut() else {
+                continue;
+            };
+            seq.n_past += seq.in_batch;
+            let Some(index) = seq.logits_at else {
+                continue;
+            };
+            if let Some(group) = seq.group.filter(|g| g.leader && seq.n_generated == 0) {
+                forks.push(Fork {
+                    group: group.id,
+                    leader_seq: seq_id,
+                    index,
+                    n_prompt: seq.n_past,
+                    cached: seq.cached_tokens,
+                });
+            }
+            self.sample(i, index);
+        }
+        for fork in forks {
+            self.fork_followers(&fork);
+        }
+    }
+
+    /// Fills the batch: one token for each generating sequence first, then
+    /// prompt chunks, oldest request first, within what is left of `n_batch`.
+    /// False when there is nothing to decode.
+    fn fill_batch(&mut self) -> bool {
+        self.decoder.batch_clear();
         let mut budget = self.n_batch;
         // Generating sequences first: one token each keeps every stream moving.
         for slot in &mut self.slots {
@@ -292,7 +362,7 @@ impl<'m> Scheduler<'m> {
             seq.in_batch = 0;
             seq.logits_at = None;
             if seq.pending() == 1 && !seq.awaiting_fork && budget > 0 {
-                add(&mut self.batch, seq, slot.seq_id, 1);
+                add(&mut self.decoder, seq, slot.seq_id, 1);
                 budget -= 1;
             }
         }
@@ -313,61 +383,32 @@ impl<'m> Scheduler<'m> {
             let slot = &mut self.slots[i];
             let seq = slot.active.as_mut().expect("filtered active");
             let take = seq.pending().min(budget);
-            add(&mut self.batch, seq, slot.seq_id, take);
+            add(&mut self.decoder, seq, slot.seq_id, take);
             budget -= take;
         }
-        if self.batch.n_tokens() == 0 {
-            return;
-        }
+        budget < self.n_batch
+    }
 
-        match self.ctx.decode(&mut self.batch) {
-            Ok(()) => {}
-            Err(DecodeError::NoKvCacheSlot) => return self.make_kv_room(),
-            Err(error) => return self.fail_batch(&error.to_string()),
-        }
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
-
-        // Leaders that just computed their prompt, to copy to their followers.
-        let mut forks = Vec::new();
+    /// Gives the followers of a leader that just computed its prompt a copy of
+    /// its KV, and samples their first token from the leader's logits.
+    fn fork_followers(&mut self, fork: &Fork) {
         for i in 0..self.slots.len() {
-            let seq_id = self.slots[i].seq_id;
+            let follower_seq = self.slots[i].seq_id;
             let Some(seq) = self.slots[i].active.as_mut() else {
                 continue;
             };
-            seq.n_past += seq.in_batch;
-            let Some(index) = seq.logits_at else {
+            if !seq.awaiting_fork || seq.group.map(|g| g.id) != Some(fork.group) {
                 continue;
-            };
-            if let Some(group) = seq.group.filter(|g| g.leader && seq.n_generated == 0) {
-                forks.push((group.id, seq_id, index, seq.n_past, seq.cached_tokens));
             }
-            self.sample(i, index);
-        }
-        for (group, leader_seq, index, n_prompt, cached) in forks {
-            for i in 0..self.slots.len() {
-                let follower_seq = self.slots[i].seq_id;
-                let Some(seq) = self.slots[i].active.as_mut() else {
-                    continue;
-                };
-                if !seq.awaiting_fork || seq.group.map(|g| g.id) != Some(group) {
-                    continue;
-                }
-                let _ = self
-                    .ctx
-                    .clear_kv_cache_seq(Some(follower_seq as u32), None, None);
-                // Unified KV makes partial sequence copies safe (see backend.rs).
-                let _ = self.ctx.copy_kv_cache_seq(
-                    leader_seq,
-                    follower_seq,
-                    Some(0),
-                    Some(n_prompt as u32),
-                );
-                seq.awaiting_fork = false;
-                self.stats.forks.fetch_add(1, Ordering::Relaxed);
-                seq.n_past = n_prompt;
-                seq.cached_tokens = cached;
-                self.sample(i, index);
-            }
+            self.decoder.kv_seq_rm(follower_seq, None);
+            // Unified KV makes partial sequence copies safe (see backend.rs).
+            self.decoder
+                .kv_seq_cp(fork.leader_seq, follower_seq, fork.n_prompt as u32);
+            seq.awaiting_fork = false;
+            self.stats.forks.fetch_add(1, Ordering::Relaxed);
+            seq.n_past = fork.n_prompt;
+            seq.cached_tokens = fork.cached;
+            self.sample(i, fork.index);
         }
     }
 
@@ -377,58 +418,24 @@ impl<'m> Scheduler<'m> {
         let Some(seq) = self.slots[slot_idx].active.as_mut() else {
             return;
         };
-        let vocab = self.model.vocab();
-        let (token, complete) = match seq.constraint.as_mut().filter(|c| !c.is_waiting()) {
-            None => (seq.sampler.sample(&self.ctx, index), false),
-            Some(constraint) => {
-                let step =
-                    constraint.sample(&mut seq.sampler, self.ctx.get_logits_ith(index), |t| {
-                        vocab.is_eog(t)
-                    });
-                match step {
-                    Ok(Step {
-                        token: Some(token),
-                        complete,
-                    }) => (token, complete),
-                    Ok(Step { token: None, .. }) => {
-                        let mut seq = self.slots[slot_idx].active.take().expect("active");
-                        seq.finish(FinishReason::Stop);
-                        self.release(slot_idx, seq);
-                        return;
-                    }
-                    Err(error) => {
-                        let mut seq = self.slots[slot_idx].active.take().expect("active");
-                        tracing::warn!(parent: &seq.span, %error, "constrained sampling stopped");
-                        seq.fail(error);
-                        self.release(slot_idx, seq);
-                        return;
-                    }
-                }
+        let drawn = match self.decoder.sample(seq, index) {
+            Ok(Some(drawn)) => drawn,
+            Ok(None) => {
+                let mut seq = self.slots[slot_idx].active.take().expect("active");
+                seq.finish(FinishReason::Stop);
+                self.release(slot_idx, seq);
+                return;
+            }
+            Err(error) => {
+                let mut seq = self.slots[slot_idx].active.take().expect("active");
+                tracing::warn!(parent: &seq.span, %error, "constrained sampling stopped");
+                seq.fail(error);
+                self.release(slot_idx, seq);
+                return;
             }
         };
-        let is_eog = vocab.is_eog(token);
-        let piece = if is_eog {
-            Vec::new()
-        } else {
-            vocab.token_to_piece(token, seq.special_text, None)
-        };
-        if let Some(constraint) = seq.constraint.as_mut() {
-            constraint.observe(&piece);
-        }
-        let logprob = seq
-            .logprobs
-            .filter(|_| !is_eog || seq.ignore_eos)
-            .map(|top| {
-                token_logprob(
-                    self.model,
-                    self.ctx.get_logits_ith(index),
-                    token,
-                    &piece,
-                    top,
-                )
-            });
-        let mut finish = seq.accept(token, &piece, is_eog, logprob);
-        if finish.is_none() && complete {
+        let mut finish = seq.accept(drawn.token, &drawn.piece, drawn.is_eog, drawn.logprob);
+        if finish.is_none() && drawn.grammar_complete {
             finish = Some(FinishReason::Stop);
         }
         if finish.is_none() && seq.tokens.len() >= self.n_ctx {
@@ -451,9 +458,7 @@ impl<'m> Scheduler<'m> {
             .filter(|s| s.active.is_none() && !s.cached.is_empty())
             .min_by_key(|s| s.last_used)
         {
-            let _ = self
-                .ctx
-                .clear_kv_cache_seq(Some(idle.seq_id as u32), None, None);
+            self.decoder.kv_seq_rm(idle.seq_id, None);
             idle.cached.clear();
             return;
         }
@@ -475,10 +480,8 @@ impl<'m> Scheduler<'m> {
                 .filter(|s| s.active.is_none())
                 .map(|s| s.seq_id)
                 .collect();
-            for seq_id in &idle {
-                let _ = self
-                    .ctx
-                    .clear_kv_cache_seq(Some(*seq_id as u32), None, None);
+            for &seq_id in &idle {
+                self.decoder.kv_seq_rm(seq_id, None);
             }
             if idle.is_empty() || self.kv_pressure {
                 self.fail_batch("the KV cache has no room for this batch");
@@ -487,8 +490,7 @@ impl<'m> Scheduler<'m> {
             return;
         };
         let mut seq = self.slots[newest].active.take().expect("active");
-        let seq_id = self.slots[newest].seq_id as u32;
-        let _ = self.ctx.clear_kv_cache_seq(Some(seq_id), None, None);
+        self.decoder.kv_seq_rm(self.slots[newest].seq_id, None);
         self.slots[newest].cached.clear();
         if active.len() > 1 {
             // Recompute-style preemption: requeue it first in line; its tokens so far
@@ -519,9 +521,7 @@ impl<'m> Scheduler<'m> {
             {
                 let mut seq = self.slots[i].active.take().expect("active");
                 seq.fail(EngineError::Inference(message.to_owned()));
-                let _ = self
-                    .ctx
-                    .clear_kv_cache_seq(Some(self.slots[i].seq_id as u32), None, None);
+                self.decoder.kv_seq_rm(self.slots[i].seq_id, None);
                 self.slots[i].cached.clear();
             }
         }
@@ -538,63 +538,30 @@ impl<'m> Scheduler<'m> {
     }
 }
 
+/// A leader that just computed its prompt, whose KV its followers copy.
+struct Fork {
+    group: u64,
+    leader_seq: i32,
+    /// Where the leader's logits are in the batch: the followers sample from them too.
+    index: i32,
+    n_prompt: usize,
+    cached: u32,
+}
+
 /// Appends `count` pending tokens of `seq` to the batch, asking for logits only
 /// when the last pending token is included.
-fn add(batch: &mut LlamaBatch<'static>, seq: &mut Sequence, seq_id: i32, count: usize) {
+fn add<D: Decoder>(decoder: &mut D, seq: &mut Sequence, seq_id: i32, count: usize) {
     let start = seq.n_past;
     let complete = count == seq.pending();
     for offset in 0..count {
         let pos = start + offset;
         let last = complete && offset + 1 == count;
-        batch
-            .add(seq.tokens[pos], pos as i32, &[seq_id], last)
-            .expect("the batch holds n_batch tokens and the budget never exceeds it");
+        let index = decoder.batch_add(seq.tokens[pos], pos, seq_id, last);
         if last {
-            seq.logits_at = Some(batch.n_tokens() - 1);
+            seq.logits_at = Some(index);
         }
     }
     seq.in_batch = count;
-}
-
-/// The model's log-probability of `token` at this position (log-softmax of the raw
-/// logits, before any sampling transform, as OpenAI reports it) and the `top` most
-/// likely alternatives.
-fn token_logprob(
-    model: &LlamaModel,
-    logits: &[f32],
-    token: LlamaToken,
-    piece: &[u8],
-    top: u32,
-) -> TokenLogprob {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-    let logprob_of = |id: usize| logits[id] - log_sum;
-    let mut best: Vec<usize> = Vec::new();
-    if top > 0 {
-        let k = (top as usize).min(logits.len());
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
-        order.truncate(k);
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        best = order;
-    }
-    let vocab = model.vocab();
-    TokenLogprob {
-        token: String::from_utf8_lossy(piece).into_owned(),
-        bytes: piece.to_vec(),
-        logprob: logprob_of(token.0 as usize),
-        top: best
-            .into_iter()
-            .map(|id| {
-                let bytes = vocab.token_to_piece(LlamaToken(id as i32), false, None);
-                (
-                    String::from_utf8_lossy(&bytes).into_owned(),
-                    bytes,
-                    logprob_of(id),
-                )
-            })
-            .collect(),
-    }
 }
 
 fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {

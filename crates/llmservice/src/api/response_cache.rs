@@ -140,6 +140,18 @@ pub fn mark(mut response: Response, served: Served) -> Response {
     response
 }
 
+/// A cached JSON answer (embeddings, rerank) under `key`, with `fill` making
+/// it this request's answer (the model name the client used, a new id).
+pub async fn replay_json(
+    cache: &Arc<ResponseCache>,
+    key: Option<&CacheKey>,
+    fill: impl FnOnce(&mut Value),
+) -> Option<Response> {
+    let mut body = lookup(cache, key?).await?;
+    fill(&mut body);
+    Some(mark(axum::Json(body).into_response(), Served::FromCache))
+}
+
 /// The cached chat answer under `key`, replayed as a new answer to this
 /// request (`head` has its id and the model name the client used).
 pub async fn replay_chat(

@@ -45,21 +45,9 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (encoding, kind, outputs) = read_options(&req)?;
-    if req.dimensions == Some(0) {
-        return Err(ApiError::invalid(
-            "dimensions",
-            "dimensions must be at least 1",
-        ));
-    }
     let entry = state.registry.resolve_async(&req.model).await?;
     require_kind(&entry, ModelKind::Embedding, "/v1/embeddings")?;
     let dimensions = req.dimensions.or(entry.embedding_dimension);
-    if req.dimensions.is_some() && kind != EmbeddingType::Dense {
-        return Err(ApiError::invalid(
-            "dimensions",
-            "dimensions applies to dense embeddings only",
-        ));
-    }
     let cache_key = response_cache::key_for_deterministic(
         &state.cache,
         "embeddings",
@@ -73,14 +61,11 @@ pub async fn embeddings(
             "truncate": req.truncate,
         }),
     );
-    if let Some(key) = &cache_key {
-        if let Some(mut body) = response_cache::lookup(&state.cache, key).await {
-            body["model"] = req.model.clone().into();
-            return Ok(response_cache::mark(
-                axum::Json(body).into_response(),
-                Served::FromCache,
-            ));
-        }
+    let replayed = response_cache::replay_json(&state.cache, cache_key.as_ref(), |body| {
+        body["model"] = req.model.clone().into();
+    });
+    if let Some(response) = replayed.await {
+        return Ok(response);
     }
     let engine = state
         .registry
@@ -155,6 +140,18 @@ fn read_options(
         sparse: kind == EmbeddingType::Sparse || req.return_sparse == Some(true),
         colbert: kind == EmbeddingType::Colbert,
     };
+    if req.dimensions == Some(0) {
+        return Err(ApiError::invalid(
+            "dimensions",
+            "dimensions must be at least 1",
+        ));
+    }
+    if req.dimensions.is_some() && kind != EmbeddingType::Dense {
+        return Err(ApiError::invalid(
+            "dimensions",
+            "dimensions applies to dense embeddings only",
+        ));
+    }
     Ok((encoding, kind, outputs))
 }
 

@@ -46,17 +46,14 @@ pub async fn rerank(
             "return_documents": req.return_documents, "truncate": req.truncate,
         }),
     );
-    if let Some(key) = &cache_key {
-        if let Some(mut body) = response_cache::lookup(&state.cache, key).await {
-            body["model"] = model.into();
-            if body.get("id").is_some() {
-                body["id"] = new_id("rerank").into();
-            }
-            return Ok(response_cache::mark(
-                axum::Json(body).into_response(),
-                Served::FromCache,
-            ));
+    let replayed = response_cache::replay_json(&state.cache, cache_key.as_ref(), |body| {
+        body["model"] = model.into();
+        if body.get("id").is_some() {
+            body["id"] = new_id("rerank").into();
         }
+    });
+    if let Some(response) = replayed.await {
+        return Ok(response);
     }
     let engine = state
         .registry

@@ -1,0 +1,672 @@
+//! The scheduler's decisions, driven through a fake [`Decoder`]: which slot a
+//! request gets, what each decode step holds, what happens to the KV cache.
+//! The fake checks what llama.cpp would need (a token goes at the next free
+//! position of its sequence, logits are read only where they were asked for)
+//! and draws scripted tokens, so every assertion is about the scheduler.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::DecodeError;
+use tokio::sync::mpsc;
+
+use super::{Decoder, Sampled, Scheduler, SchedulerStats};
+use crate::sequence::{Group, Sequence};
+use crate::{EngineError, Event, FinishReason, Usage};
+
+/// The fake's end-of-generation token.
+const EOG: i32 = 2;
+
+/// One token of a decoded batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    seq: i32,
+    pos: usize,
+    token: i32,
+    logits: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KvOp {
+    Clear,
+    Rm { seq: i32, from: Option<u32> },
+    Cp { src: i32, dst: i32, n: u32 },
+}
+
+/// What the fake's sampler does for one draw of a sequence.
+#[derive(Debug, Clone, Copy)]
+enum Draw {
+    Token(i32),
+    /// This token completes the sequence's grammar.
+    Completing(i32),
+    /// The grammar was already complete.
+    GrammarDone,
+    /// Constrained sampling fails.
+    Fail,
+}
+
+struct Fake {
+    n_ctx: usize,
+    n_batch: usize,
+    /// KV cells that fit: a decode that would need more fails with `NoKvCacheSlot`.
+    kv_cells: usize,
+    batch: Vec<Entry>,
+    /// Every batch decoded, in order (failed decodes are not here).
+    decoded: Vec<Vec<Entry>>,
+    /// The next decode fails with this.
+    fail_next: Option<DecodeError>,
+    /// Tokens held per sequence id, by position. Copies count as cells of
+    /// their own (llama.cpp's unified cache shares them: the fake is stricter).
+    kv: HashMap<i32, Vec<i32>>,
+    ops: Vec<KvOp>,
+    /// Draws per sequence, by arrival; past the script a sequence draws
+    /// `1000 * (arrival + 1) + tokens generated so far`.
+    script: HashMap<u64, VecDeque<Draw>>,
+    /// Every draw: (arrival, batch index of the logits, token).
+    samples: Vec<(u64, i32, i32)>,
+}
+
+impl Fake {
+    fn new(n_batch: usize, kv_cells: usize) -> Self {
+        Self {
+            n_ctx: 1024,
+            n_batch,
+            kv_cells,
+            batch: Vec::new(),
+            decoded: Vec::new(),
+            fail_next: None,
+            kv: HashMap::new(),
+            ops: Vec::new(),
+            script: HashMap::new(),
+            samples: Vec::new(),
+        }
+    }
+
+    fn cells(&self) -> usize {
+        self.kv.values().map(Vec::len).sum()
+    }
+}
+
+impl Decoder for Fake {
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn n_batch(&self) -> usize {
+        self.n_batch
+    }
+
+    fn batch_clear(&mut self) {
+        self.batch.clear();
+    }
+
+    fn batch_add(&mut self, token: LlamaToken, pos: usize, seq_id: i32, logits: bool) -> i32 {
+        assert!(self.batch.len() < self.n_batch, "batch over n_batch");
+        self.batch.push(Entry {
+            seq: seq_id,
+            pos,
+            token: token.0,
+            logits,
+        });
+        self.batch.len() as i32 - 1
+    }
+
+    fn decode(&mut self) -> Result<(), DecodeError> {
+        assert!(!self.batch.is_empty(), "decode of an empty batch");
+        if let Some(error) = self.fail_next.take() {
+            return Err(error);
+        }
+        if self.cells() + self.batch.len() > self.kv_cells {
+            return Err(DecodeError::NoKvCacheSlot);
+        }
+        for e in &self.batch {
+            let held = self.kv.entry(e.seq).or_default();
+            assert_eq!(
+                held.len(),
+                e.pos,
+                "sequence {} decodes position {} but holds {} positions",
+                e.seq,
+                e.pos,
+                held.len()
+            );
+            held.push(e.token);
+        }
+        self.decoded.push(self.batch.clone());
+        Ok(())
+    }
+
+    fn kv_clear(&mut self) {
+        self.ops.push(KvOp::Clear);
+        self.kv.clear();
+    }
+
+    fn kv_seq_rm(&mut self, seq_id: i32, from: Option<u32>) -> bool {
+        self.ops.push(KvOp::Rm { seq: seq_id, from });
+        let held = self.kv.entry(seq_id).or_default();
+        held.truncate(from.unwrap_or(0) as usize);
+        true
+    }
+
+    fn kv_seq_cp(&mut self, src: i32, dst: i32, n: u32) {
+        self.ops.push(KvOp::Cp { src, dst, n });
+        let copied = self.kv[&src][..n as usize].to_vec();
+        let held = self.kv.entry(dst).or_default();
+        assert!(held.is_empty(), "copy into sequence {dst}, which holds KV");
+        *held = copied;
+    }
+
+    fn sample(&mut self, seq: &mut Sequence, index: i32) -> Result<Option<Sampled>, EngineError> {
+        let batch = self.decoded.last().expect("a decoded batch");
+        assert!(
+            batch[index as usize].logits,
+            "logits read at {index}, where none were asked for"
+        );
+        let draw = self
+            .script
+            .get_mut(&seq.arrival)
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(Draw::Token(
+                1000 * (seq.arrival as i32 + 1) + seq.n_generated as i32,
+            ));
+        let (token, grammar_complete) = match draw {
+            Draw::Token(t) => (t, false),
+            Draw::Completing(t) => (t, true),
+            Draw::GrammarDone => return Ok(None),
+            Draw::Fail => return Err(EngineError::InvalidGrammar("scripted failure".into())),
+        };
+        self.samples.push((seq.arrival, index, token));
+        let is_eog = token == EOG;
+        Ok(Some(Sampled {
+            token: LlamaToken(token),
+            is_eog,
+            piece: if is_eog {
+                Vec::new()
+            } else {
+                format!("<{token}>").into_bytes()
+            },
+            logprob: None,
+            grammar_complete,
+        }))
+    }
+}
+
+/// The caller's end of one sequence.
+struct Client(mpsc::Receiver<Event>);
+
+/// Everything a client received: its text, and how it ended (if it has).
+#[derive(Debug, PartialEq)]
+struct Received {
+    text: String,
+    done: Option<(FinishReason, Usage)>,
+    error: Option<String>,
+}
+
+impl Client {
+    fn received(&mut self) -> Received {
+        let mut out = Received {
+            text: String::new(),
+            done: None,
+            error: None,
+        };
+        while let Ok(event) = self.0.try_recv() {
+            match event {
+                Event::Text { text, .. } => out.text.push_str(&text),
+                Event::Done {
+                    finish_reason,
+                    usage,
+                } => out.done = Some((finish_reason, usage)),
+                Event::Error(e) => out.error = Some(format!("{e:?}")),
+            }
+        }
+        out
+    }
+}
+
+fn request(prompt: &[i32], max_tokens: u32, arrival: u64) -> (Sequence, Client) {
+    let (tx, rx) = mpsc::channel(max_tokens as usize + 2);
+    let seq = Sequence::new(
+        prompt.iter().map(|&t| LlamaToken(t)).collect(),
+        max_tokens,
+        Vec::new(),
+        LlamaSampler::greedy(),
+        tx,
+        tracing::Span::none(),
+        arrival,
+    );
+    (seq, Client(rx))
+}
+
+/// `n` choices of one prompt, the first the leader.
+fn group(prompt: &[i32], max_tokens: u32, first_arrival: u64, n: u64) -> Vec<(Sequence, Client)> {
+    (0..n)
+        .map(|i| {
+            let (mut seq, client) = request(prompt, max_tokens, first_arrival + i);
+            seq.group = Some(Group {
+                id: first_arrival,
+                leader: i == 0,
+            });
+            (seq, client)
+        })
+        .collect()
+}
+
+fn scheduler(parallel: usize, n_batch: usize, kv_cells: usize) -> Scheduler<Fake> {
+    Scheduler::new(
+        Fake::new(n_batch, kv_cells),
+        parallel,
+        Arc::new(SchedulerStats::default()),
+    )
+}
+
+/// The entries of `tokens` decoded for `seq` from position `first`, logits
+/// asked for on the last one when `logits` is set.
+fn run(seq: i32, first: usize, tokens: &[i32], logits: bool) -> Vec<Entry> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &token)| Entry {
+            seq,
+            pos: first + i,
+            token,
+            logits: logits && i + 1 == tokens.len(),
+        })
+        .collect()
+}
+
+fn concat(runs: &[Vec<Entry>]) -> Vec<Entry> {
+    runs.concat()
+}
+
+fn tokens(range: std::ops::Range<i32>) -> Vec<i32> {
+    range.collect()
+}
+
+#[test]
+fn admission_picks_the_longest_cached_prefix_and_breaks_ties_by_least_recent_use() {
+    let mut s = scheduler(3, 64, 1000);
+    let (x, mut cx) = request(&[1, 2, 3, 4], 1, 0);
+    let (y, _cy) = request(&[1, 2, 9, 9], 1, 1);
+    let (z, _cz) = request(&[5, 6, 7], 1, 2);
+    s.waiting.extend([x, y, z]);
+    s.tick();
+    // All caches empty and never used: the tie goes to the last slot, so x, y,
+    // z land in slots 2, 1, 0 and prefill oldest first.
+    assert_eq!(
+        s.decoder.decoded[0],
+        concat(&[
+            run(2, 0, &[1, 2, 3, 4], true),
+            run(1, 0, &[1, 2, 9, 9], true),
+            run(0, 0, &[5, 6, 7], true),
+        ])
+    );
+    assert_eq!(cx.received().done.unwrap().0, FinishReason::Length);
+    let cached: Vec<Vec<LlamaToken>> = s.slots.iter().map(|s| s.cached.clone()).collect();
+    assert_eq!(
+        cached,
+        [vec![5, 6, 7], vec![1, 2, 9, 9], vec![1, 2, 3, 4]]
+            .map(|v| v.into_iter().map(LlamaToken).collect::<Vec<_>>())
+    );
+
+    // [1, 2, 3] is shared with slot 2 (x), only [1, 2] with slot 1 (y).
+    let (w, mut cw) = request(&[1, 2, 3, 7, 8], 1, 3);
+    s.waiting.push_back(w);
+    s.decoder.ops.clear();
+    s.tick();
+    assert_eq!(
+        s.decoder.ops,
+        [KvOp::Rm {
+            seq: 2,
+            from: Some(3)
+        }]
+    );
+    assert_eq!(s.decoder.decoded[1], run(2, 3, &[7, 8], true));
+    let (_, usage) = cw.received().done.unwrap();
+    assert_eq!((usage.prompt_tokens, usage.cached_tokens), (5, 3));
+
+    // Nothing shared anywhere: the least recently used slot (0, released
+    // first) goes, not the one w just used.
+    let (v, _cv) = request(&[42, 43], 1, 4);
+    s.waiting.push_back(v);
+    s.decoder.ops.clear();
+    s.tick();
+    assert_eq!(
+        s.decoder.ops,
+        [KvOp::Rm {
+            seq: 0,
+            from: Some(0)
+        }]
+    );
+    assert_eq!(s.decoder.decoded[2], run(0, 0, &[42, 43], true));
+}
+
+#[test]
+fn a_long_prompt_is_chunked_while_running_streams_get_a_token_every_step() {
+    let mut s = scheduler(2, 8, 1000);
+    let (a, mut ca) = request(&[1, 2, 3], 20, 0);
+    s.waiting.push_back(a);
+    s.tick();
+    s.tick();
+    assert_eq!(s.decoder.decoded[1], run(1, 3, &[1000], true));
+
+    let prompt = tokens(100..120);
+    let (b, mut cb) = request(&prompt, 2, 1);
+    s.waiting.push_back(b);
+    for _ in 0..4 {
+        s.tick();
+    }
+    let d = &s.decoder.decoded;
+    // a's token comes first every step; b's 20 prompt tokens fill the remaining
+    // 7 of n_batch = 8, with logits asked only for the last prompt token.
+    assert_eq!(
+        d[2],
+        concat(&[run(1, 4, &[1001], true), run(0, 0, &prompt[0..7], false)])
+    );
+    assert_eq!(
+        d[3],
+        concat(&[run(1, 5, &[1002], true), run(0, 7, &prompt[7..14], false)])
+    );
+    assert_eq!(
+        d[4],
+        concat(&[run(1, 6, &[1003], true), run(0, 14, &prompt[14..20], true)])
+    );
+    assert_eq!(
+        d[5],
+        concat(&[run(0, 20, &[2000], true), run(1, 7, &[1004], true)])
+    );
+    assert_eq!(cb.received().text, "<2000><2001>");
+    assert_eq!(ca.received().text, "<1000><1001><1002><1003><1004><1005>");
+}
+
+#[test]
+fn prompt_chunks_go_to_the_oldest_request_first() {
+    let mut s = scheduler(2, 8, 1000);
+    let (older, _c0) = request(&tokens(10..16), 4, 0);
+    let (newer, _c1) = request(&tokens(20..26), 4, 1);
+    s.waiting.extend([older, newer]);
+    s.tick();
+    s.tick();
+    // The older request sits in slot 1, the newer in slot 0: the order is by
+    // arrival, not by slot.
+    assert_eq!(
+        s.decoder.decoded[0],
+        concat(&[
+            run(1, 0, &tokens(10..16), true),
+            run(0, 0, &tokens(20..22), false)
+        ])
+    );
+    assert_eq!(
+        s.decoder.decoded[1],
+        concat(&[run(1, 6, &[1000], true), run(0, 2, &tokens(22..26), true)])
+    );
+}
+
+#[test]
+fn a_full_kv_cache_drops_idle_prefixes_then_preempts_the_newest_which_resumes_with_its_tokens() {
+    let mut s = scheduler(3, 16, 12);
+    let (idle, _ci) = request(&[7, 7], 1, 0);
+    s.waiting.push_back(idle);
+    s.tick(); // Slot 2 keeps [7, 7] cached: 2 cells.
+
+    let (a, mut ca) = request(&[1, 2, 3, 4], 5, 1);
+    let (b, mut cb) = request(&[5, 6, 7, 8], 5, 2);
+    s.waiting.extend([a, b]);
+    s.tick(); // a in slot 1, b in slot 0: 10 cells.
+    s.tick(); // 12 cells.
+    s.decoder.ops.clear();
+    s.tick(); // 14 would not fit: the idle prefix goes first.
+    assert_eq!(s.decoder.ops, [KvOp::Rm { seq: 2, from: None }]);
+    assert_eq!(s.stats.preemptions.load(Ordering::Relaxed), 0);
+    s.tick(); // 12 cells again.
+    s.decoder.ops.clear();
+    s.tick(); // Full, nothing idle: the newest running sequence (b) is preempted.
+    assert_eq!(s.decoder.ops, [KvOp::Rm { seq: 0, from: None }]);
+    assert_eq!(s.stats.preemptions.load(Ordering::Relaxed), 1);
+    assert_eq!(s.waiting.front().map(|q| q.arrival), Some(2));
+
+    // Under pressure nothing is admitted, not b and not a newcomer, though a
+    // slot is free: a runs alone until it finishes.
+    let (c, mut cc) = request(&[9, 9], 1, 3);
+    s.waiting.push_back(c);
+    let before = s.decoder.decoded.len();
+    s.tick();
+    s.tick();
+    assert_eq!(
+        s.decoder.decoded[before..],
+        [run(1, 6, &[2002], true), run(1, 7, &[2003], true)]
+    );
+    let a_end = ca.received();
+    assert_eq!(a_end.text, "<2000><2001><2002><2003><2004>");
+    assert_eq!(a_end.done.unwrap().0, FinishReason::Length);
+
+    // Then b comes back first, re-prefilling its prompt and the tokens it had
+    // generated; a's cached prefix makes room for it.
+    s.decoder.ops.clear();
+    s.tick();
+    assert_eq!(s.decoder.ops, [KvOp::Rm { seq: 1, from: None }]);
+    s.tick();
+    s.tick();
+    let resumed = &s.decoder.decoded[before + 2];
+    assert_eq!(
+        *resumed,
+        concat(&[
+            run(0, 0, &[5, 6, 7, 8, 3000, 3001, 3002], true),
+            run(2, 0, &[9, 9], true),
+        ])
+    );
+    let b_end = cb.received();
+    assert_eq!(b_end.text, "<3000><3001><3002><3003><3004>");
+    let (reason, usage) = b_end.done.unwrap();
+    assert_eq!(reason, FinishReason::Length);
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (4, 5));
+    assert_eq!(cc.received().text, "<4000>");
+}
+
+#[test]
+fn followers_copy_the_leaders_prompt_kv_and_sample_from_its_logits() {
+    let mut s = scheduler(3, 16, 1000);
+    let prompt = [1, 2, 3, 4, 5];
+    let (seqs, mut clients): (Vec<_>, Vec<_>) = group(&prompt, 2, 0, 3).into_iter().unzip();
+    s.waiting.extend(seqs);
+    s.tick();
+    // Only the leader (slot 2) computes the prompt.
+    assert_eq!(s.decoder.decoded, [run(2, 0, &prompt, true)]);
+    assert_eq!(
+        s.decoder.ops,
+        [
+            // Admission empties the followers' slots (1 and 0)...
+            KvOp::Rm { seq: 1, from: None },
+            KvOp::Rm { seq: 0, from: None },
+            // ...and after the leader's decode each gets a copy of its prompt.
+            KvOp::Rm { seq: 0, from: None },
+            KvOp::Cp {
+                src: 2,
+                dst: 0,
+                n: 5
+            },
+            KvOp::Rm { seq: 1, from: None },
+            KvOp::Cp {
+                src: 2,
+                dst: 1,
+                n: 5
+            },
+        ]
+    );
+    assert_eq!(
+        s.decoder.samples,
+        [(0, 4, 1000), (2, 4, 3000), (1, 4, 2000)],
+        "every choice drew its first token from the leader's logits"
+    );
+    assert_eq!(s.stats.forks.load(Ordering::Relaxed), 2);
+    s.tick();
+    assert_eq!(
+        s.decoder.decoded[1],
+        concat(&[
+            run(0, 5, &[3000], true),
+            run(1, 5, &[2000], true),
+            run(2, 5, &[1000], true),
+        ])
+    );
+    for (i, client) in clients.iter_mut().enumerate() {
+        let first = 1000 * (i as i32 + 1);
+        let got = client.received();
+        assert_eq!(got.text, format!("<{first}><{}>", first + 1));
+        assert_eq!(got.done.unwrap().1.prompt_tokens, 5);
+    }
+}
+
+#[test]
+fn a_follower_whose_leader_leaves_early_computes_the_prompt_itself() {
+    let mut s = scheduler(2, 4, 1000);
+    let prompt = tokens(1..11);
+    let (seqs, mut clients): (Vec<_>, Vec<_>) = group(&prompt, 1, 0, 2).into_iter().unzip();
+    s.waiting.extend(seqs);
+    s.tick();
+    assert_eq!(s.decoder.decoded, [run(1, 0, &prompt[0..4], false)]);
+    drop(clients.remove(0)); // The leader's client goes away mid-prompt.
+    s.tick();
+    s.tick();
+    s.tick();
+    assert_eq!(
+        s.decoder.decoded[1..],
+        [
+            run(0, 0, &prompt[0..4], false),
+            run(0, 4, &prompt[4..8], false),
+            run(0, 8, &prompt[8..10], true),
+        ]
+    );
+    assert!(!s.decoder.ops.iter().any(|op| matches!(op, KvOp::Cp { .. })));
+    assert_eq!(s.stats.forks.load(Ordering::Relaxed), 0);
+    assert_eq!(s.stats.cancelled.load(Ordering::Relaxed), 1);
+    let got = clients[0].received();
+    assert_eq!(got.text, "<2000>");
+    assert_eq!(got.done.unwrap().1.prompt_tokens, 10);
+}
+
+#[test]
+fn cancelled_sequences_are_dropped_before_compute_and_keep_their_kv_as_a_prefix() {
+    let mut s = scheduler(2, 16, 1000);
+    let (a, _ca) = request(&[1, 2], 10, 0);
+    let (b, cb) = request(&[3, 4], 10, 1);
+    let (c, cc) = request(&[5, 6], 10, 2);
+    s.waiting.extend([a, b, c]);
+    s.tick();
+    assert_eq!(s.waiting.len(), 1, "c waits for a slot");
+    drop(cb); // b is running (slot 0), c is waiting.
+    drop(cc);
+    s.tick();
+    assert_eq!(s.decoder.decoded[1], run(1, 2, &[1000], true));
+    assert!(s.waiting.is_empty());
+    assert_eq!(s.stats.cancelled.load(Ordering::Relaxed), 2);
+    assert!(s.slots[0].active.is_none());
+    assert_eq!(s.slots[0].cached, [LlamaToken(3), LlamaToken(4)]);
+    assert_eq!(s.decoder.kv[&0], [3, 4], "a released slot keeps its KV");
+    assert!(s.decoder.ops.is_empty());
+    assert!(!s.decoder.decoded.concat().iter().any(|e| e.token == 5));
+}
+
+#[test]
+fn a_request_that_waits_past_its_deadline_fails_with_queue_timeout() {
+    let mut s = scheduler(1, 16, 1000);
+    let (a, _ca) = request(&[1, 2], 10, 0);
+    let (mut late, mut c_late) = request(&[3, 4], 10, 1);
+    late.deadline = Some(Instant::now());
+    late.queued_at = Instant::now() - Duration::from_secs(7);
+    let (mut patient, mut c_patient) = request(&[5, 6], 10, 2);
+    patient.deadline = Some(Instant::now() + Duration::from_secs(3600));
+    // A sequence already admitted once (preempted since) never times out.
+    let (mut resumed, mut c_resumed) = request(&[7, 8], 10, 3);
+    resumed.deadline = Some(Instant::now());
+    resumed.started = true;
+    s.waiting.extend([a, late, patient, resumed]);
+    s.tick();
+    let got = c_late.received();
+    assert_eq!(
+        got.error.as_deref(),
+        Some("QueueTimeout { waited_secs: 7 }")
+    );
+    assert!(got.done.is_none() && got.text.is_empty());
+    assert_eq!(s.stats.timed_out.load(Ordering::Relaxed), 1);
+    let waiting: Vec<u64> = s.waiting.iter().map(|q| q.arrival).collect();
+    assert_eq!(waiting, [2, 3]);
+    assert_eq!(c_patient.received().error, None);
+    assert_eq!(c_resumed.received().error, None);
+}
+
+#[test]
+fn a_completed_grammar_or_an_end_token_ends_the_sequence_and_a_failed_one_fails_it() {
+    let mut s = scheduler(4, 64, 1000);
+    let script = [
+        (0, vec![Draw::Token(5), Draw::Completing(6)]),
+        (1, vec![Draw::Token(7), Draw::GrammarDone]),
+        (2, vec![Draw::Fail]),
+        (3, vec![Draw::Token(8), Draw::Token(EOG)]),
+    ];
+    let mut clients = Vec::new();
+    for (arrival, draws) in script {
+        s.decoder.script.insert(arrival, draws.into());
+        let (seq, client) = request(&[10 + arrival as i32, 20], 50, arrival);
+        s.waiting.push_back(seq);
+        clients.push(client);
+    }
+    s.tick();
+    s.tick();
+    assert!(s.slots.iter().all(|slot| slot.active.is_none()));
+    let ends: Vec<Received> = clients.iter_mut().map(Client::received).collect();
+    let stop = |completion_tokens| {
+        Some((
+            FinishReason::Stop,
+            Usage {
+                prompt_tokens: 2,
+                completion_tokens,
+                cached_tokens: 0,
+            },
+        ))
+    };
+    assert_eq!(ends[0].text, "<5><6>");
+    assert_eq!(ends[0].done, stop(2));
+    assert_eq!(ends[1].text, "<7>");
+    assert_eq!(ends[1].done, stop(1));
+    assert_eq!(ends[2].done, None);
+    assert_eq!(
+        ends[2].error.as_deref(),
+        Some(r#"InvalidGrammar("scripted failure")"#)
+    );
+    assert_eq!(ends[3].text, "<8>");
+    assert_eq!(ends[3].done, stop(1));
+}
+
+#[test]
+fn a_failed_decode_fails_the_sequences_in_the_batch_and_drops_their_kv() {
+    let mut s = scheduler(2, 16, 1000);
+    let (a, mut ca) = request(&[1, 2], 10, 0);
+    s.waiting.push_back(a);
+    s.tick();
+    s.decoder.fail_next = Some(DecodeError::Unknown(-3));
+    let (b, mut cb) = request(&[3, 4], 10, 1);
+    s.waiting.push_back(b);
+    s.tick();
+    for client in [&mut ca, &mut cb] {
+        let got = client.received();
+        assert!(
+            got.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("Inference(\"Decode Error -3")),
+            "{got:?}"
+        );
+    }
+    assert_eq!(
+        s.decoder.ops,
+        [
+            KvOp::Rm { seq: 0, from: None },
+            KvOp::Rm { seq: 1, from: None }
+        ]
+    );
+    assert!(s
+        .slots
+        .iter()
+        .all(|slot| slot.active.is_none() && slot.cached.is_empty()));
+}
