@@ -517,7 +517,7 @@ impl Engine {
         let tokens: Vec<LlamaToken> = request.prompt.iter().map(|&t| LlamaToken(t)).collect();
         let mut sampling = request.sampling.clone();
         sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice));
-        let sampler = sampling::build_chain(&sampling, self.info.n_vocab as i32);
+        let (sampler, penalties) = sampling::build(&sampling, self.info.n_vocab as i32);
         let mut seq = Sequence::new(
             tokens,
             max_tokens,
@@ -527,6 +527,7 @@ impl Engine {
             request.span.clone(),
             first_arrival + u64::from(choice),
         );
+        seq.penalties = penalties;
         seq.ignore_eos = request.ignore_eos;
         seq.special_text = request.special_text;
         seq.logprobs = request.logprobs;

@@ -25,6 +25,7 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
+use crate::sampling::Penalties;
 use crate::EngineError;
 
 /// What a request's output must match.
@@ -375,12 +376,13 @@ impl ConstraintState {
         }
     }
 
-    /// Draws the next token with `chain` from the tokens the grammar allows.
-    /// `logits` are the raw logits of this position. The chain and the grammar
-    /// both record the token.
+    /// Draws the next token with `chain` (after `penalties`) from the tokens
+    /// the grammar allows. `logits` are the raw logits of this position. The
+    /// chain, the penalties and the grammar all record the token.
     pub fn sample(
         &mut self,
         chain: &mut LlamaSampler,
+        mut penalties: Option<&mut Penalties>,
         logits: &[f32],
         is_eog: impl Fn(LlamaToken) -> bool,
     ) -> Result<Step, EngineError> {
@@ -401,6 +403,9 @@ impl ConstraintState {
                         allowed.push(LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0));
                     }
                 });
+                if let Some(penalties) = &penalties {
+                    penalties.apply(&mut allowed);
+                }
                 draw(chain, allowed)?
             }
             Self::Waiting { .. } => {
@@ -408,39 +413,12 @@ impl ConstraintState {
                     "a triggered grammar was asked to sample before its trigger".to_owned(),
                 ))
             }
-            Self::Gbnf(grammar) => {
-                let all = || {
-                    logits
-                        .iter()
-                        .enumerate()
-                        .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0))
-                };
-                // Fast path: most tokens a model picks are ones the grammar allows.
-                let mut free = LlamaTokenDataArray::from_iter(all(), false);
-                free.apply_sampler(chain);
-                let candidate = free.selected_token();
-                let accepted = candidate.filter(|&t| {
-                    let mut one =
-                        LlamaTokenDataArray::new(vec![LlamaTokenData::new(t, 0.0, 0.0)], false);
-                    one.apply_sampler(grammar);
-                    one.data.first().is_some_and(|d| d.logit().is_finite())
-                });
-                match accepted {
-                    Some(token) => token,
-                    None => {
-                        let mut filtered = LlamaTokenDataArray::from_iter(all(), false);
-                        filtered.apply_sampler(grammar);
-                        let allowed: Vec<_> = filtered
-                            .data
-                            .into_iter()
-                            .filter(|d| d.logit().is_finite())
-                            .collect();
-                        draw(chain, allowed)?
-                    }
-                }
-            }
+            Self::Gbnf(grammar) => draw_gbnf(grammar, chain, penalties.as_deref(), logits)?,
         };
         chain.accept(token);
+        if let Some(penalties) = penalties.as_mut() {
+            penalties.accept(token);
+        }
         let mut complete = false;
         if !is_eog(token) {
             match self {
@@ -460,6 +438,49 @@ impl ConstraintState {
             token: Some(token),
             complete,
         })
+    }
+}
+
+/// Draws with `chain` (after `penalties`) from the tokens a GBNF grammar allows.
+fn draw_gbnf(
+    grammar: &mut LlamaSampler,
+    chain: &mut LlamaSampler,
+    penalties: Option<&Penalties>,
+    logits: &[f32],
+) -> Result<LlamaToken, EngineError> {
+    let all = || {
+        logits
+            .iter()
+            .enumerate()
+            .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0))
+    };
+    // Fast path: most tokens a model picks are ones the grammar allows.
+    let mut free = LlamaTokenDataArray::from_iter(all(), false);
+    if let Some(penalties) = penalties {
+        penalties.apply(&mut free.data);
+    }
+    free.apply_sampler(chain);
+    let candidate = free.selected_token();
+    let accepted = candidate.filter(|&t| {
+        let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(t, 0.0, 0.0)], false);
+        one.apply_sampler(grammar);
+        one.data.first().is_some_and(|d| d.logit().is_finite())
+    });
+    match accepted {
+        Some(token) => Ok(token),
+        None => {
+            let mut filtered = LlamaTokenDataArray::from_iter(all(), false);
+            filtered.apply_sampler(grammar);
+            let mut allowed: Vec<_> = filtered
+                .data
+                .into_iter()
+                .filter(|d| d.logit().is_finite())
+                .collect();
+            if let Some(penalties) = penalties {
+                penalties.apply(&mut allowed);
+            }
+            draw(chain, allowed)
+        }
     }
 }
 
@@ -521,7 +542,7 @@ mod tests {
             seed: Some(seed),
             ..SamplingParams::default()
         };
-        crate::sampling::build_chain(&params, n_vocab)
+        crate::sampling::build(&params, n_vocab).0
     }
 
     /// Draws until the grammar reports itself complete; returns the text.
@@ -535,7 +556,9 @@ mod tests {
         let vocab = model.vocab();
         let mut out = Vec::new();
         for _ in 0..64 {
-            let step = state.sample(chain, logits, |t| vocab.is_eog(t)).unwrap();
+            let step = state
+                .sample(chain, None, logits, |t| vocab.is_eog(t))
+                .unwrap();
             let token = step.token.expect("the grammar is not complete yet");
             assert!(!forbidden.contains(&token), "drew {token:?}");
             out.extend(vocab.token_to_piece(token, false, None));
@@ -577,7 +600,7 @@ mod tests {
             assert_eq!(value.as_object().map(|o| o.len()), Some(1), "{text}");
             seen.insert(text);
             // Complete: nothing more may be drawn, whatever the logits say.
-            let after = state.sample(&mut chain, &logits, |_| false).unwrap();
+            let after = state.sample(&mut chain, None, &logits, |_| false).unwrap();
             assert!(after.token.is_none() && after.complete);
         }
         assert!(
@@ -609,18 +632,18 @@ mod tests {
         let is_eog = |t| vocab.is_eog(t);
         // "Hello" and the end token are likelier, but only "yes" or "no" may
         // start the output: greedy takes the likelier of those.
-        let first = state.sample(&mut greedy, &logits, is_eog).unwrap();
+        let first = state.sample(&mut greedy, None, &logits, is_eog).unwrap();
         assert_eq!(first.token, Some(no));
         assert!(!first.complete);
         // After "no" the grammar allows only the end of generation, which is
         // how a GBNF-constrained sequence ends ("Hello" is likelier still).
-        let second = state.sample(&mut greedy, &logits, is_eog).unwrap();
+        let second = state.sample(&mut greedy, None, &logits, is_eog).unwrap();
         assert_eq!(second.token, Some(vocab.eos()));
         // Where the likeliest token is allowed, it is taken as drawn.
         let mut state = ConstraintState::start(&model, &compiled).unwrap();
         logits[hello.0 as usize] = 0.0;
         logits[yes.0 as usize] = 40.0;
-        let first = state.sample(&mut greedy, &logits, is_eog).unwrap();
+        let first = state.sample(&mut greedy, None, &logits, is_eog).unwrap();
         assert_eq!(first.token, Some(yes));
     }
 

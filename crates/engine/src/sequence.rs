@@ -50,6 +50,8 @@ pub(crate) struct Sequence {
     /// A stop string ended generation: nothing held back may be emitted.
     stopped_by_string: bool,
     pub sampler: LlamaSampler,
+    /// Repetition penalties, applied before the sampler chain (`None`: off).
+    pub penalties: Option<crate::sampling::Penalties>,
     /// The grammar the output must follow, if any.
     pub constraint: Option<crate::constraint::ConstraintState>,
     utf8: Utf8Assembler,
@@ -94,6 +96,7 @@ impl Sequence {
             queued_at: Instant::now(),
             stopped_by_string: false,
             sampler,
+            penalties: None,
             constraint: None,
             utf8: Utf8Assembler::new(),
             stops: StopMatcher::new(stops),

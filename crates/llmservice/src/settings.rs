@@ -64,7 +64,11 @@ pub struct GenerationDefaults {
 
 impl Default for GenerationDefaults {
     fn default() -> Self {
-        // The seeds' documented defaults.
+        // The seeds' documented defaults. The repeat penalty stays on (1.1):
+        // without it SmolLM2's greedy `json_object` answers loop until
+        // `max_tokens` under today's compact JSON grammar; it costs what its
+        // 64-token window costs (`engine::sampling::Penalties`), not a walk of
+        // the vocabulary.
         Self {
             temperature: 0.7,
             top_p: 0.95,
@@ -428,6 +432,22 @@ mod tests {
         assert_eq!(s.port, 8000);
         assert_eq!(s.models_dir, PathBuf::from("/home/u/.llmservice/models"));
         assert!(s.tiers.is_empty());
+    }
+
+    #[test]
+    fn tier_repeat_penalties_are_honoured() {
+        let env = [
+            ("LIGHT_MODEL_PATH", "/m/light.gguf"),
+            ("HEAVY_MODEL_PATH", "/m/heavy.gguf"),
+            ("HEAVY_REPEAT_PENALTY", "1.2"),
+        ];
+        let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        let penalty = |tier: Tier| {
+            let t = s.tiers.iter().find(|t| t.tier == tier).unwrap();
+            t.defaults.repeat_penalty
+        };
+        assert_eq!(penalty(Tier::Light), 1.1);
+        assert_eq!(penalty(Tier::Heavy), 1.2);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
 use super::{Decoder, Sampled};
+use crate::sampling;
 use crate::sequence::Sequence;
 use crate::{EngineError, TokenLogprob};
 
@@ -70,12 +71,17 @@ impl Decoder for LlamaDecoder<'_> {
     fn sample(&mut self, seq: &mut Sequence, index: i32) -> Result<Option<Sampled>, EngineError> {
         let vocab = self.model.vocab();
         let (token, grammar_complete) = match seq.constraint.as_mut().filter(|c| !c.is_waiting()) {
-            None => (seq.sampler.sample(&self.ctx, index), false),
+            None => (
+                sampling::sample(&mut seq.sampler, seq.penalties.as_mut(), &self.ctx, index),
+                false,
+            ),
             Some(constraint) => {
-                let step =
-                    constraint.sample(&mut seq.sampler, self.ctx.get_logits_ith(index), |t| {
-                        vocab.is_eog(t)
-                    })?;
+                let step = constraint.sample(
+                    &mut seq.sampler,
+                    seq.penalties.as_mut(),
+                    self.ctx.get_logits_ith(index),
+                    |t| vocab.is_eog(t),
+                )?;
                 match step.token {
                     Some(token) => (token, step.complete),
                     None => return Ok(None),

@@ -53,6 +53,30 @@ async fn greedy_chat_gives_the_known_answer() {
 const GREEDY_FRANCE: &str = "The capital of France is Paris.";
 
 #[tokio::test]
+async fn the_tier_repeat_penalty_applies_unless_the_request_sets_one() {
+    let app = TestApp::new(&[]);
+    let body = |penalty: Option<f32>| {
+        let mut body = json!({"model": "light", "prompt": "1, 2, 1, 2, 1, 2, 1, 2,",
+                              "temperature": 0, "max_tokens": 24});
+        if let Some(p) = penalty {
+            body["repeat_penalty"] = json!(p);
+        }
+        body
+    };
+    let text = |body: Value| body["choices"][0]["text"].as_str().unwrap().to_owned();
+    let (_, _, default) = app.post("/v1/completions", body(None)).await;
+    let (_, _, explicit) = app.post("/v1/completions", body(Some(1.1))).await;
+    assert_eq!(text(default.clone()), text(explicit), "the default is 1.1");
+    let (_, _, greedy) = app.post("/v1/completions", body(Some(1.0))).await;
+    let (_, _, strong) = app.post("/v1/completions", body(Some(1.8))).await;
+    assert_ne!(
+        text(strong),
+        text(greedy),
+        "a penalty changes a repetitive answer"
+    );
+}
+
+#[tokio::test]
 async fn stop_strings_are_never_emitted() {
     let app = TestApp::new(&[]);
     let mut request = hello();
