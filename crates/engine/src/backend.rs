@@ -175,11 +175,12 @@ impl ThreadStart {
         }
     }
 
-    fn fail(&self, reason: String) -> EngineError {
-        EngineError::LoadFailed {
+    /// Reports a load that failed after the model was read.
+    fn fail(&self, reason: String) {
+        let _ = self.ready.send(Err(EngineError::LoadFailed {
             path: self.path.clone(),
             reason,
-        }
+        }));
     }
 
     /// A decoder's context and the continuous-batching scheduler over it.
@@ -198,12 +199,7 @@ impl ThreadStart {
             .with_n_threads_batch(config.n_threads_batch);
         let ctx = match model.new_context(self.backend, ctx_params) {
             Ok(ctx) => ctx,
-            Err(e) => {
-                let _ = self
-                    .ready
-                    .send(Err(self.fail(format!("cannot create a context: {e}"))));
-                return;
-            }
+            Err(e) => return self.fail(format!("cannot create a context: {e}")),
         };
         let info = model_info(model, &self.path, config, ctx.n_ctx(), self.summary.clone());
         if self.ready.send(Ok((model.clone(), info))).is_err() {
@@ -229,10 +225,7 @@ impl ThreadStart {
         let config = &self.config;
         let embed = match embed_model(model, &self.path, config, &self.summary) {
             Ok(embed) => embed,
-            Err(error) => {
-                let _ = self.ready.send(Err(self.fail(error.to_string())));
-                return;
-            }
+            Err(error) => return self.fail(error.to_string()),
         };
         let n_batch = embed.n_batch as u32;
         let pooling = if embed.pooling == Pooling::Rank {
@@ -255,12 +248,7 @@ impl ThreadStart {
             .with_n_threads_batch(config.n_threads_batch);
         let ctx = match model.new_context(self.backend, ctx_params) {
             Ok(ctx) => ctx,
-            Err(e) => {
-                let _ = self
-                    .ready
-                    .send(Err(self.fail(format!("cannot create a context: {e}"))));
-                return;
-            }
+            Err(e) => return self.fail(format!("cannot create a context: {e}")),
         };
         let mut info = model_info(model, &self.path, config, ctx.n_ctx(), self.summary.clone());
         info.pooling = Some(embed.pooling);

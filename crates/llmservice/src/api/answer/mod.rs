@@ -7,8 +7,6 @@
 mod chat;
 mod completions;
 
-use std::time::Instant;
-
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
@@ -158,15 +156,4 @@ where
         // The engine went away without finishing every choice.
         yield sse_error(engine::EngineError::ShutDown);
     }
-}
-
-/// Logs the one line per generation and counts its tokens.
-pub fn log_done<A: Answer>(
-    answer: &A,
-    metrics: &crate::telemetry::Metrics,
-    model: &str,
-    endpoint: &str,
-    started: Instant,
-) {
-    crate::generation::log_done(metrics, model, endpoint, &answer.usage(), started);
 }

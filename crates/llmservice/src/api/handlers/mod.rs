@@ -56,6 +56,10 @@ fn wants_to_wait(headers: &HeaderMap) -> bool {
         .is_none_or(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "no"))
 }
 
+fn wire_value<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("wire types always serialize")
+}
+
 /// Where a generation's answer goes once it is whole.
 struct Delivery {
     state: AppState,
@@ -66,16 +70,17 @@ struct Delivery {
 }
 
 impl Delivery {
-    fn finished<A: Answer>(self, answer: &A) {
+    /// Stores the whole answer (`body` makes its JSON) when it has a cache
+    /// key, and logs the generation.
+    fn finished<A: Answer>(self, answer: &A, body: impl FnOnce() -> serde_json::Value) {
         if let Some(key) = self.cache_key {
-            let body = serde_json::to_value(answer.whole()).expect("wire types always serialize");
-            response_cache::store(&self.state.cache, key, body);
+            response_cache::store(&self.state.cache, key, body());
         }
-        answer::log_done(
-            answer,
+        crate::generation::log_done(
             &self.state.metrics,
             &self.model_id,
             self.endpoint,
+            &answer.usage(),
             self.started,
         );
     }
@@ -92,12 +97,14 @@ where
 {
     let response = if answer.head().stream {
         sse(answer::stream(answer, events, move |a| {
-            delivery.finished(a)
+            delivery.finished(a, || wire_value(&a.whole()));
         }))
     } else {
         let answer = answer::collect(answer, events).await?;
+        // Sent as the wire struct itself, so its numbers read as they do in
+        // a stream; the cache keeps its JSON value.
         let whole = answer.whole();
-        delivery.finished(&answer);
+        delivery.finished(&answer, || wire_value(&whole));
         axum::Json(whole).into_response()
     };
     Ok(response_cache::mark(response, Served::Generated))

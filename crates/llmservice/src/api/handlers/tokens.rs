@@ -1,10 +1,13 @@
 //! `POST /tokenize` and `POST /detokenize`, for clients that count tokens. Field
 //! names of both llama-server (`content`) and vLLM (`prompt`, `messages`) work.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json as JsonResponse;
 use engine::chat::RenderInput;
+use engine::Engine;
 use serde_json::{json, Value};
 
 use super::wants_to_wait;
@@ -27,20 +30,30 @@ fn model_name(state: &AppState, model: Option<&str>) -> Result<String, ApiError>
         .ok_or_else(|| ApiError::invalid("model", "model is required: no chat tier is configured"))
 }
 
+/// The engine of the model the request names (or the default chat tier),
+/// loaded if need be.
+async fn model_engine(
+    state: &AppState,
+    headers: &HeaderMap,
+    model: Option<&str>,
+) -> Result<Arc<Engine>, ApiError> {
+    let entry = state
+        .registry
+        .resolve_async(&model_name(state, model)?)
+        .await?;
+    Ok(state
+        .registry
+        .engine(&entry, wants_to_wait(headers))
+        .await?)
+}
+
 #[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, description = "`{tokens, count, max_model_len}`"), (status = 400, description = "Bad request", body = ErrorResponse)))]
 pub async fn tokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
     Json(req): Json<TokenizeRequest>,
 ) -> Result<JsonResponse<Value>, ApiError> {
-    let entry = state
-        .registry
-        .resolve_async(&model_name(&state, req.model.as_deref())?)
-        .await?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
+    let engine = model_engine(&state, &headers, req.model.as_deref()).await?;
     let tokens = match (&req.messages, req.content.as_ref().or(req.prompt.as_ref())) {
         (Some(messages), None) => {
             let template = engine.info().chat_template.as_ref().ok_or_else(|| {
@@ -93,14 +106,7 @@ pub async fn detokenize(
     headers: HeaderMap,
     Json(req): Json<DetokenizeRequest>,
 ) -> Result<JsonResponse<Value>, ApiError> {
-    let entry = state
-        .registry
-        .resolve_async(&model_name(&state, req.model.as_deref())?)
-        .await?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
+    let engine = model_engine(&state, &headers, req.model.as_deref()).await?;
     let n_vocab = i64::from(engine.info().n_vocab);
     if let Some(bad) = req.tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
         return Err(ApiError::invalid(
