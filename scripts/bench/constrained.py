@@ -1,6 +1,8 @@
 """Per-token cost of constrained sampling: decode tokens/s of one stream with
-no constraint, a JSON schema (llguidance) and a GBNF grammar (llama.cpp's
-sampler), same model, prompt and length, modes interleaved round by round.
+no constraint, a JSON schema (llguidance; with the server's bounded whitespace,
+and forced compact through the schema's own `x-guidance` options) and a GBNF
+grammar (llama.cpp's sampler), same model, prompt and length, modes interleaved
+round by round.
 
 Usage: python scripts/bench/constrained.py http://127.0.0.1:8000 [rounds]
 """
@@ -22,10 +24,13 @@ SCHEMA = {  # long enough that every run is cut by max_tokens, never finished ea
                                        "required": ["name", "count"], "additionalProperties": False}}},
     "required": ["items"], "additionalProperties": False,
 }
+# The same schema with no free whitespace: `{"a": 1, "b": 2}` and nothing else.
+COMPACT = {**SCHEMA, "x-guidance": {"whitespace_pattern": None, "item_separator": ", ", "key_separator": ": "}}
 GRAMMAR = 'root ::= line+\nline ::= [a-z]+ (" " [a-z]+)* ".\\n"\n'
 MODES = {
     "none": {"ignore_eos": True},
     "json_schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "inventory", "schema": SCHEMA}}},
+    "json_compact": {"response_format": {"type": "json_schema", "json_schema": {"name": "inventory", "schema": COMPACT}}},
     "gbnf": {"grammar": GRAMMAR, "ignore_eos": True},
 }
 

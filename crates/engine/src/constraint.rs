@@ -32,7 +32,8 @@ use crate::EngineError;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Constraint {
     /// A JSON schema (draft 2020-12 subset llguidance supports). Output is one
-    /// JSON value, compact (no free whitespace), that validates.
+    /// JSON value that validates, with bounded whitespace between tokens
+    /// (a space, or a newline and bounded indentation, as llama.cpp allows).
     JsonSchema(Value),
     /// llguidance's Lark dialect, with `%json {schema}` for embedded JSON.
     Lark(String),
@@ -67,14 +68,22 @@ impl std::fmt::Debug for CompiledConstraint {
     }
 }
 
-/// Separators llguidance uses for JSON: compact like `json.dumps(separators=...)`
-/// with a space, and no free whitespace. Free whitespace would let a model pad
-/// forever inside an object and never close it.
+/// Whitespace JSON output may have between two tokens: nothing, one space, or
+/// one or two newlines and up to 20 spaces or tabs of indentation, the bound
+/// llama.cpp's schema converter uses. Small models write indented, multi-line
+/// JSON by habit; forcing compact output pushes them off their path and they
+/// ramble inside strings until `max_tokens`. Unbounded whitespace would let them
+/// pad forever instead, so every gap is bounded.
+const JSON_WHITESPACE: &str = r"( |\n{1,2}[ \t]{0,20})";
+
+/// llguidance's options for JSON: separators without their own space (the
+/// bounded whitespace above comes after them, as in llama.cpp's grammars).
 fn json_options() -> Value {
     serde_json::json!({
         "whitespace_flexible": false,
-        "item_separator": ", ",
-        "key_separator": ": ",
+        "whitespace_pattern": JSON_WHITESPACE,
+        "item_separator": ",",
+        "key_separator": ":",
         // oneOf is taken as anyOf: generated values are disjoint in practice,
         // and refusing every schema with oneOf (pydantic writes them for
         // discriminated unions) would be worse.
@@ -598,15 +607,41 @@ mod tests {
             });
             assert!(value["ok"].is_boolean(), "{text}");
             assert_eq!(value.as_object().map(|o| o.len()), Some(1), "{text}");
-            seen.insert(text);
+            assert!(whitespace_is_bounded(&text), "{text:?}");
+            seen.insert(value["ok"].clone());
             // Complete: nothing more may be drawn, whatever the logits say.
             let after = state.sample(&mut chain, None, &logits, |_| false).unwrap();
             assert!(after.token.is_none() && after.complete);
         }
-        assert!(
-            seen.contains(r#"{"ok": true}"#) && seen.contains(r#"{"ok": false}"#),
+        assert_eq!(
+            seen.len(),
+            2,
             "random draws among the allowed tokens reach both values: {seen:?}"
         );
+    }
+
+    /// Every run of whitespace is one space, or one or two newlines and at most
+    /// 20 spaces or tabs (the JSON output's bound; this test's JSON has no
+    /// strings with spaces in them).
+    fn whitespace_is_bounded(text: &str) -> bool {
+        let mut runs = Vec::new();
+        let mut run = String::new();
+        for c in text.chars() {
+            if c.is_whitespace() {
+                run.push(c);
+            } else if !run.is_empty() {
+                runs.push(std::mem::take(&mut run));
+            }
+        }
+        runs.push(run);
+        runs.iter().filter(|r| !r.is_empty()).all(|r| {
+            let indent = r.trim_start_matches('\n');
+            let newlines = r.len() - indent.len();
+            r == " "
+                || ((1..=2).contains(&newlines)
+                    && indent.len() <= 20
+                    && indent.chars().all(|c| c == ' ' || c == '\t'))
+        })
     }
 
     #[test]

@@ -165,15 +165,14 @@ pub fn call_constraint(
     if let Some(syntax) = call_syntax(plan, format, control) {
         return Constraint::Lark(syntax.grammar(&syntax.lead, plan.parallel));
     }
+    // The generic form: one call object per line, as its prompt asks.
     let call = call_schema(&plan.allowed(), "arguments");
     if plan.parallel {
-        Constraint::JsonSchema(json!({
-            "type": "object",
-            "properties": {"tool_calls": {"type": "array", "items": call,
-                "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}},
-            "required": ["tool_calls"],
-            "additionalProperties": false,
-        }))
+        Constraint::Lark(format!(
+            "start: call (\"\\n\" call){{0,{}}}\ncall: {}\n",
+            MAX_PARALLEL_CALLS - 1,
+            lark_json(&call)
+        ))
     } else {
         Constraint::JsonSchema(call)
     }

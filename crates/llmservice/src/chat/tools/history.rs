@@ -20,10 +20,16 @@ pub fn generic_tools_prompt(plan: &ToolPlan) -> String {
         text.push_str(&tool.to_string());
         text.push('\n');
     }
+    // One object per call, one call per line: after a complete call the model
+    // can simply stop, where a `{"tool_calls": [..]}` list invites it to open
+    // another call it does not need.
     text.push_str(
-        "To call tools, reply with only this JSON and nothing else: \
-         {\"tool_calls\": [{\"name\": \"<tool name>\", \"arguments\": {<arguments>}}]}\n",
+        "To call a tool, reply with only this JSON object and nothing else: \
+         {\"name\": \"<tool name>\", \"arguments\": {<arguments>}}\n",
     );
+    if plan.parallel {
+        text.push_str("To call several tools at once, write one such object per line.\n");
+    }
     if plan.forced() {
         text.push_str("You must call a tool now.");
     } else {
@@ -116,7 +122,8 @@ pub fn adapt_for_generic(messages: &mut Vec<Value>, plan: Option<&ToolPlan>) {
         let Some(calls) = object.remove("tool_calls") else {
             continue;
         };
-        let calls: Vec<Value> = calls
+        // The calls as the model is asked to write them: one object per line.
+        let lines: Vec<String> = calls
             .as_array()
             .into_iter()
             .flatten()
@@ -125,9 +132,10 @@ pub fn adapt_for_generic(messages: &mut Vec<Value>, plan: Option<&ToolPlan>) {
                     names.insert(id.to_owned(), c["function"]["name"].clone());
                 }
                 json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+                    .to_string()
             })
             .collect();
-        let text = json!({ "tool_calls": calls }).to_string();
+        let text = lines.join("\n");
         let content = match object.get("content").and_then(Value::as_str) {
             Some(before) if !before.is_empty() => format!("{before}\n{text}"),
             _ => text,

@@ -221,10 +221,13 @@ pub fn plan(req: &ChatCompletionRequest) -> Result<Option<ToolPlan>, RequestErro
             ));
         }
     }
+    // A named tool_choice asks for one call of that function, as OpenAI answers
+    // it, whatever `parallel_tool_calls` says.
+    let named = matches!(choice, ToolChoice::Named(_));
     Ok(Some(ToolPlan {
         specs,
         choice,
-        parallel: !legacy && req.parallel_tool_calls.unwrap_or(true),
+        parallel: !legacy && !named && req.parallel_tool_calls.unwrap_or(true),
         legacy,
         execute_builtins,
         server_side,

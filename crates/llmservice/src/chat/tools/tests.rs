@@ -199,10 +199,48 @@ fn call_grammars_name_markers_by_id_when_they_are_control_tokens() {
         "{hermes}"
     );
     assert!(hermes.contains("\ncall: %json"), "{hermes}");
+    // The generic form: one call object per line, so the model may stop after one.
     assert!(matches!(
         call_constraint(&plan, ToolCallFormat::GenericJson, &control),
         Constraint::JsonSchema(_)
     ));
+    let parallel = ToolPlan {
+        parallel: true,
+        ..plan
+    };
+    let Constraint::Lark(generic) =
+        call_constraint(&parallel, ToolCallFormat::GenericJson, &control)
+    else {
+        panic!("lark expected for parallel generic calls");
+    };
+    assert!(
+        generic.starts_with("start: call (\"\\n\" call){0,7}\ncall: %json"),
+        "{generic}"
+    );
+}
+
+#[test]
+fn named_tool_choice_is_one_call() {
+    let plan = plan_of(json!({"tools": weather(), "parallel_tool_calls": true,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}));
+    assert!(!plan.parallel);
+    assert!(plan_of(json!({"tools": weather(), "tool_choice": "required"})).parallel);
+}
+
+#[test]
+fn generic_history_writes_one_call_per_line() {
+    let mut messages = vec![
+        json!({"role": "user", "content": "weather in Paris and Rome?"}),
+        json!({"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}),
+    ];
+    adapt_for_generic(&mut messages, None);
+    assert_eq!(
+        messages[1]["content"],
+        "{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\"}}\n\
+         {\"name\":\"get_weather\",\"arguments\":{\"city\":\"Rome\"}}"
+    );
 }
 
 #[test]
@@ -220,7 +258,7 @@ fn generic_history_turns_calls_into_text() {
         .contains("get_weather"));
     assert_eq!(
         messages[2]["content"],
-        r#"{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}}]}"#
+        r#"{"name":"get_weather","arguments":{"city":"Paris"}}"#
     );
     assert!(messages[2].get("tool_calls").is_none());
 }
