@@ -5,8 +5,11 @@ use crate::EngineError;
 /// Why generation ended, in the vocabulary OpenAI's API uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// End-of-generation token or a stop string.
+    /// End-of-generation token.
     Stop,
+    /// A stop string: its index in the request's stop list (OpenAI's API calls
+    /// this `stop` too; Anthropic's says which sequence it was).
+    StopString(usize),
     /// `max_tokens` reached, or the context is full.
     Length,
 }

@@ -138,10 +138,10 @@ impl Sequence {
         if !text.is_empty() {
             match self.stops.push(&text) {
                 StopOutcome::Continue(safe) => self.send_text(safe),
-                StopOutcome::Stopped { text, .. } => {
+                StopOutcome::Stopped { text, which } => {
                     self.send_text(text);
                     self.stopped_by_string = true;
-                    return Some(FinishReason::Stop);
+                    return Some(FinishReason::StopString(which));
                 }
             }
         }
@@ -164,9 +164,12 @@ impl Sequence {
             };
             match outcome {
                 StopOutcome::Continue(rest) => text.push_str(&rest),
-                StopOutcome::Stopped { text: before, .. } => {
+                StopOutcome::Stopped {
+                    text: before,
+                    which,
+                } => {
                     text.push_str(&before);
-                    reason = FinishReason::Stop;
+                    reason = FinishReason::StopString(which);
                 }
             }
             self.send_text(text);

@@ -207,3 +207,51 @@ impl From<RequestError> for ApiError {
         }
     }
 }
+
+/// Anthropic's error shape for the same failure:
+/// `{"type": "error", "error": {"type", "message"}}`, its type from the status.
+pub fn anthropic_body(error: &ApiError) -> serde_json::Value {
+    let kind = match error.status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        s if s >= 500 => "api_error",
+        _ => "invalid_request_error",
+    };
+    let message = match &error.param {
+        Some(param) if !error.message.contains(param.as_str()) => {
+            format!("{param}: {}", error.message)
+        }
+        _ => error.message.clone(),
+    };
+    json!({"type": "error", "error": {"type": kind, "message": message}})
+}
+
+/// An [`ApiError`] answered in Anthropic's shape (the Messages API's routes).
+#[derive(Debug)]
+pub struct AnthropicError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for AnthropicError {
+    fn from(error: E) -> Self {
+        Self(error.into())
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let error = self.0;
+        if error.status.is_server_error() {
+            tracing::warn!(status = %error.status, message = %error.message, "request failed");
+        }
+        let mut response = (error.status, axum::Json(anthropic_body(&error))).into_response();
+        if let Some(secs) = error.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -26,7 +26,7 @@ use tower_http::cors::CorsLayer;
 use tracing::Instrument;
 
 use error::ApiError;
-use handlers::{chat, completions, embeddings, functions, models, ops, rerank, tokens};
+use handlers::{chat, completions, embeddings, functions, messages, models, ops, rerank, tokens};
 
 pub use crate::state::AppState;
 
@@ -47,6 +47,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/functions", get(functions::list_functions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/embeddings", post(embeddings::embeddings))

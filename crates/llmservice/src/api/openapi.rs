@@ -16,6 +16,8 @@ use crate::wire::*;
     paths(
         handlers::chat::chat_completions,
         handlers::completions::completions,
+        handlers::messages::messages,
+        handlers::messages::count_tokens,
         handlers::embeddings::embeddings,
         handlers::rerank::rerank,
         handlers::functions::list_functions,
@@ -30,6 +32,6 @@ use crate::wire::*;
         handlers::ops::cache_stats,
         handlers::ops::metrics,
     ),
-    components(schemas(ErrorResponse, ErrorDetail, Usage, ChatCompletionChunk))
+    components(schemas(ErrorResponse, ErrorDetail, Usage, ChatCompletionChunk, MessagesEvent))
 )]
 pub struct ApiDoc;

@@ -1,4 +1,5 @@
-//! OpenAI-style server-sent events: JSON payloads, closed by `data: [DONE]`.
+//! Server-sent events: OpenAI's streams are bare JSON payloads closed by
+//! `data: [DONE]`; Anthropic's name each event and need no closing marker.
 
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -6,18 +7,25 @@ use futures_util::{Stream, StreamExt};
 
 use super::error::ApiError;
 
-/// Wraps a stream of JSON payloads as SSE, closed by `data: [DONE]`.
-pub fn sse<S>(payloads: S) -> Response
+/// Wraps a stream of events as an SSE response.
+pub fn sse<S>(events: S) -> Response
 where
-    S: Stream<Item = String> + Send + 'static,
+    S: Stream<Item = SseEvent> + Send + 'static,
 {
-    let events = payloads
-        .chain(futures_util::stream::once(async { "[DONE]".to_owned() }))
-        .map(|data| Ok::<_, std::convert::Infallible>(SseEvent::default().data(data)));
-    Sse::new(events).into_response()
+    Sse::new(events.map(Ok::<_, std::convert::Infallible>)).into_response()
 }
 
-/// An error after the stream started: one `data: {"error": ...}` payload.
+/// A bare `data:` payload.
+pub fn data(payload: String) -> SseEvent {
+    SseEvent::default().data(payload)
+}
+
+/// OpenAI's closing `data: [DONE]`.
+pub fn done() -> SseEvent {
+    data("[DONE]".to_owned())
+}
+
+/// An error after an OpenAI stream started: one `data: {"error": ...}` payload.
 pub fn sse_error(error: impl Into<ApiError>) -> String {
     error.into().body().to_string()
 }

@@ -3,6 +3,7 @@
 //! the grammars that keep calls valid, and the built-in functions the server
 //! runs itself in rounds.
 
+pub mod anthropic;
 pub mod builtins;
 mod constraints;
 mod messages;

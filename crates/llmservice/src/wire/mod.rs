@@ -7,6 +7,7 @@ mod chat;
 mod common;
 mod completions;
 mod embeddings;
+mod messages;
 mod models;
 mod tokens;
 
@@ -17,6 +18,7 @@ pub use chat::*;
 pub use common::*;
 pub use completions::*;
 pub use embeddings::*;
+pub use messages::*;
 pub use models::*;
 pub use tokens::*;
 
@@ -33,7 +35,7 @@ pub enum FinishReason {
 impl From<engine::FinishReason> for FinishReason {
     fn from(reason: engine::FinishReason) -> Self {
         match reason {
-            engine::FinishReason::Stop => Self::Stop,
+            engine::FinishReason::Stop | engine::FinishReason::StopString(_) => Self::Stop,
             engine::FinishReason::Length => Self::Length,
         }
     }

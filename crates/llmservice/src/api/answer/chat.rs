@@ -230,18 +230,20 @@ impl Answer for ChatAnswer {
             .collect()
     }
 
-    fn piece_chunk(&self, index: u32, event: &ChoiceEvent) -> Option<ChatCompletionChunk> {
+    fn piece_chunks(&mut self, index: u32, event: &ChoiceEvent) -> Vec<ChatCompletionChunk> {
         let ChoiceEvent::Delta(delta, logprobs) = event else {
-            return None;
+            return Vec::new();
         };
-        let delta = self.delta(delta)?;
+        let Some(delta) = self.delta(delta) else {
+            return Vec::new();
+        };
         let logprobs = self.shape.logprobs.then(|| ChatLogprobs::of(logprobs));
-        Some(self.choice_chunk(index, delta, logprobs, None))
+        vec![self.choice_chunk(index, delta, logprobs, None)]
     }
 
-    fn finish_chunk(&self, index: u32) -> ChatCompletionChunk {
+    fn finish_chunks(&mut self, index: u32) -> Vec<ChatCompletionChunk> {
         let finish = self.finish_reason(&self.records[index as usize]);
-        self.choice_chunk(index, ChatDelta::default(), None, Some(finish))
+        vec![self.choice_chunk(index, ChatDelta::default(), None, Some(finish))]
     }
 
     fn usage_chunk(&self) -> ChatCompletionChunk {

@@ -120,9 +120,9 @@ impl Answer for TextAnswer {
             .collect()
     }
 
-    fn piece_chunk(&self, index: u32, event: &ChoiceEvent) -> Option<Completion> {
+    fn piece_chunks(&mut self, index: u32, event: &ChoiceEvent) -> Vec<Completion> {
         let ChoiceEvent::Delta(StreamDelta::Content(text), logprobs) = event else {
-            return None;
+            return Vec::new();
         };
         let i = index as usize;
         // The record already holds this piece: it starts where the text did before it.
@@ -130,21 +130,21 @@ impl Answer for TextAnswer {
         let logprobs = self
             .with_logprobs
             .then(|| CompletionLogprobs::of(logprobs, offset));
-        Some(self.chunk(vec![CompletionChoice {
+        vec![self.chunk(vec![CompletionChoice {
             text: text.clone(),
             index,
             logprobs,
             finish_reason: None,
-        }]))
+        }])]
     }
 
-    fn finish_chunk(&self, index: u32) -> Completion {
-        self.chunk(vec![CompletionChoice {
+    fn finish_chunks(&mut self, index: u32) -> Vec<Completion> {
+        vec![self.chunk(vec![CompletionChoice {
             text: String::new(),
             index,
             logprobs: None,
             finish_reason: Self::finish_reason(&self.records[index as usize]),
-        }])
+        }])]
     }
 
     fn usage_chunk(&self) -> Completion {

@@ -6,16 +6,19 @@
 
 mod chat;
 mod completions;
+mod messages;
 
+use axum::response::sse::Event as SseEvent;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
-use super::sse::{sse_error, wire_json};
+use super::sse::{data, done, sse_error, wire_json};
 use crate::error::RequestError;
 use crate::generation::{total_usage, ChoiceEvent, ChoiceRecord};
 
 pub use chat::{ChatAnswer, ChatShape};
 pub use completions::TextAnswer;
+pub use messages::MessagesAnswer;
 
 /// What every answer carries besides its choices.
 #[derive(Debug, Clone)]
@@ -57,14 +60,29 @@ pub trait Answer: Send + 'static {
     fn choices_per_prompt(&self) -> usize;
     /// The chunks that open a stream, before any event.
     fn opening(&self) -> Vec<Self::Chunk>;
-    /// The chunk a recorded piece becomes (none for a piece the shape hides).
-    fn piece_chunk(&self, index: u32, event: &ChoiceEvent) -> Option<Self::Chunk>;
-    /// The chunk that closes a finished choice.
-    fn finish_chunk(&self, index: u32) -> Self::Chunk;
+    /// The chunks a recorded piece becomes (none for a piece the shape hides).
+    fn piece_chunks(&mut self, index: u32, event: &ChoiceEvent) -> Vec<Self::Chunk>;
+    /// The chunks that close a finished choice.
+    fn finish_chunks(&mut self, index: u32) -> Vec<Self::Chunk>;
     /// The last chunk, with the usage of every choice.
     fn usage_chunk(&self) -> Self::Chunk;
     /// The whole answer: the JSON response and the cache entry.
     fn whole(&self) -> Self::Whole;
+
+    /// A chunk as the SSE event that carries it (OpenAI's: a bare payload).
+    fn sse_event(chunk: &Self::Chunk) -> SseEvent {
+        data(wire_json(chunk))
+    }
+
+    /// An error after the stream started (OpenAI's: `data: {"error": ...}`).
+    fn sse_error_event(error: RequestError) -> SseEvent {
+        data(sse_error(error))
+    }
+
+    /// The event that closes a stream, if the API has one (`data: [DONE]`).
+    fn sse_close() -> Option<SseEvent> {
+        Some(done())
+    }
 
     /// Records one event and returns the chunks it becomes on a stream.
     fn apply(&mut self, index: u32, event: ChoiceEvent) -> Vec<Self::Chunk> {
@@ -77,8 +95,8 @@ pub trait Answer: Send + 'static {
             ChoiceEvent::Done(reason, usage) => record.finish(*reason, *usage),
         }
         match event {
-            ChoiceEvent::Done(..) => chunks.push(self.finish_chunk(index)),
-            piece => chunks.extend(self.piece_chunk(index, &piece)),
+            ChoiceEvent::Done(..) => chunks.extend(self.finish_chunks(index)),
+            piece => chunks.extend(self.piece_chunks(index, &piece)),
         }
         if self.is_done() && self.head().include_usage {
             chunks.push(self.usage_chunk());
@@ -113,14 +131,14 @@ where
     Err(engine::EngineError::ShutDown.into())
 }
 
-/// The answer as SSE payloads while `events` arrive; `finished` sees the
+/// The answer as SSE events while `events` arrive; `finished` sees the
 /// whole answer once every choice is done (to store and log it). An error
-/// after the stream started is one `data: {"error": ...}` payload.
+/// after the stream started is the API's error event.
 pub fn stream<A, S>(
     mut answer: A,
     events: S,
     finished: impl FnOnce(&A) + Send + 'static,
-) -> impl Stream<Item = String> + Send
+) -> impl Stream<Item = SseEvent> + Send
 where
     A: Answer,
     A::Chunk: Send,
@@ -129,14 +147,17 @@ where
     let mut finished = Some(finished);
     async_stream::stream! {
         for chunk in answer.opening() {
-            yield wire_json(&chunk);
+            yield A::sse_event(&chunk);
         }
         let mut events = Box::pin(events);
         while let Some((index, event)) = events.next().await {
             let event = match event {
                 Ok(event) => event,
                 Err(error) => {
-                    yield sse_error(error);
+                    yield A::sse_error_event(error);
+                    if let Some(close) = A::sse_close() {
+                        yield close;
+                    }
                     return;
                 }
             };
@@ -147,13 +168,19 @@ where
                 }
             }
             for chunk in chunks {
-                yield wire_json(&chunk);
+                yield A::sse_event(&chunk);
             }
             if answer.is_done() {
+                if let Some(close) = A::sse_close() {
+                    yield close;
+                }
                 return;
             }
         }
         // The engine went away without finishing every choice.
-        yield sse_error(engine::EngineError::ShutDown);
+        yield A::sse_error_event(engine::EngineError::ShutDown.into());
+        if let Some(close) = A::sse_close() {
+            yield close;
+        }
     }
 }

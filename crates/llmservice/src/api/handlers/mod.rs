@@ -7,10 +7,13 @@ pub mod chat;
 pub mod completions;
 pub mod embeddings;
 pub mod functions;
+pub mod messages;
 pub mod models;
 pub mod ops;
 pub mod rerank;
 pub mod tokens;
+
+mod pipeline;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,0 +1,87 @@
+//! `POST /v1/messages` and `POST /v1/messages/count_tokens`: Anthropic's
+//! Messages API, translated onto the chat pipeline (`chat::anthropic`), with
+//! its own answer shape, named stream events and error shape. `x-api-key` and
+//! `anthropic-version` headers are accepted.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+
+use super::pipeline::{chat_template, generate};
+use super::{off_async, respond, text_model, wants_to_wait, Delivery};
+use crate::api::answer::{AnswerHead, MessagesAnswer};
+use crate::api::error::{AnthropicError, ApiError};
+use crate::api::json::Json;
+use crate::chat::anthropic::{self, PromptParts};
+use crate::chat::{ChatJob, ChatPrompt};
+use crate::state::AppState;
+use crate::wire::{
+    CountTokensAnswer, CountTokensRequest, Message, MessagesErrorBody, MessagesRequest,
+};
+
+#[utoipa::path(post, path = "/v1/messages", request_body = MessagesRequest, responses((status = 200, description = "A message, or with `stream: true` named SSE events (`message_start`, `content_block_start`, `content_block_delta`, `content_block_stop`, `message_delta`, `message_stop`)", body = Message), (status = 400, description = "Bad parameters or blocks, in Anthropic's error shape", body = MessagesErrorBody), (status = 404, description = "Unknown model", body = MessagesErrorBody), (status = 503, description = "Queue full or model loading", body = MessagesErrorBody)))]
+pub async fn messages(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<MessagesRequest>, ApiError>,
+) -> Result<Response, AnthropicError> {
+    let Json(req) = body?;
+    let started = Instant::now();
+    let chat = anthropic::chat_request(&req)?;
+    let job = ChatJob::new(&chat)?;
+    let entry = text_model(&state, &req.model).await?;
+    let engine = state
+        .registry
+        .engine(&entry, wants_to_wait(&headers))
+        .await?;
+    let (events, prompt_tokens) = generate(&state, &entry, &engine, &chat, job, started).await?;
+    let head = AnswerHead {
+        id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
+        include_usage: false,
+        ..AnswerHead::new("msg", &req.model, &chat.sampling)
+    };
+    let stops = req.stop_sequences.clone().unwrap_or_default();
+    let answer = MessagesAnswer::new(head, prompt_tokens, stops);
+    let delivery = Delivery {
+        state,
+        model_id: entry.id.clone(),
+        endpoint: "messages",
+        cache_key: None,
+        started,
+    };
+    Ok(respond(answer, events, delivery).await?)
+}
+
+#[utoipa::path(post, path = "/v1/messages/count_tokens", request_body = CountTokensRequest, responses((status = 200, description = "The prompt's length in tokens, as `/v1/messages` would render it", body = CountTokensAnswer), (status = 400, description = "Bad parameters or blocks", body = MessagesErrorBody), (status = 404, description = "Unknown model", body = MessagesErrorBody)))]
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<CountTokensRequest>, ApiError>,
+) -> Result<axum::Json<CountTokensAnswer>, AnthropicError> {
+    let Json(req) = body?;
+    let parts = PromptParts {
+        system: req.system.as_ref(),
+        messages: &req.messages,
+        tools: req.tools.as_deref(),
+        tool_choice: req.tool_choice.as_ref(),
+    };
+    let chat = anthropic::count_request(&req.model, &parts)?;
+    let job = ChatJob::new(&chat)?;
+    let entry = text_model(&state, &req.model).await?;
+    let engine = state
+        .registry
+        .engine(&entry, wants_to_wait(&headers))
+        .await?;
+    let input_tokens = off_async(move || {
+        let prompt = ChatPrompt {
+            template: chat_template(engine.info())?,
+            extra: None,
+        };
+        let tokens = prompt.tokens(&engine, &job.messages, job.active_plan())?;
+        Ok(tokens.len() as u32)
+    })
+    .await?;
+    Ok(axum::Json(CountTokensAnswer { input_tokens }))
+}
