@@ -20,6 +20,8 @@ ROUTES = {
                                       "messages": [{"role": "user", "content": PROMPT}]}),
     "messages": ("/v1/messages", {"model": "light", "max_tokens": TOKENS, "temperature": 0,
                                   "messages": [{"role": "user", "content": PROMPT}]}),
+    "ollama": ("/api/chat", {"model": "light", "stream": False, "options": {"num_predict": TOKENS, "temperature": 0},
+                             "messages": [{"role": "user", "content": PROMPT}]}),
 }
 
 

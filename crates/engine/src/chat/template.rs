@@ -42,6 +42,7 @@ pub struct RenderInput<'a> {
 /// `tokenizer.chat_template`; compile once per model, render per request.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
     supports_tools: bool,
@@ -110,6 +111,7 @@ impl ChatTemplate {
         };
         Ok(Self {
             env,
+            source: source.to_owned(),
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
             supports_tools,
@@ -119,6 +121,11 @@ impl ChatTemplate {
 
     /// Whether the template reads the `tools` variable, i.e. can present tool
     /// definitions to the model itself.
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn supports_tools(&self) -> bool {
         self.supports_tools
     }

@@ -26,7 +26,9 @@ use tower_http::cors::CorsLayer;
 use tracing::Instrument;
 
 use error::ApiError;
-use handlers::{chat, completions, embeddings, functions, messages, models, ops, rerank, tokens};
+use handlers::{
+    chat, completions, embeddings, functions, messages, models, ollama, ops, rerank, tokens,
+};
 
 pub use crate::state::AppState;
 
@@ -49,6 +51,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/api/version", get(ollama::version))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate_text))
         .route("/v1/functions", get(functions::list_functions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/embeddings", post(embeddings::embeddings))

@@ -7,6 +7,7 @@ pub mod anthropic;
 pub mod builtins;
 mod constraints;
 mod messages;
+pub mod ollama;
 mod prompt;
 mod rounds;
 pub mod tools;

@@ -9,6 +9,7 @@ mod completions;
 mod embeddings;
 mod messages;
 mod models;
+mod ollama;
 mod tokens;
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,7 @@ pub use completions::*;
 pub use embeddings::*;
 pub use messages::*;
 pub use models::*;
+pub use ollama::*;
 pub use tokens::*;
 
 /// Why a choice ended, as OpenAI names it.

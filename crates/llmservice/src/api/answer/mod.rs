@@ -7,6 +7,7 @@
 mod chat;
 mod completions;
 mod messages;
+mod ollama;
 
 use axum::response::sse::Event as SseEvent;
 use futures_util::{Stream, StreamExt};
@@ -19,6 +20,7 @@ use crate::generation::{total_usage, ChoiceEvent, ChoiceRecord};
 pub use chat::{ChatAnswer, ChatShape};
 pub use completions::TextAnswer;
 pub use messages::MessagesAnswer;
+pub use ollama::OllamaAnswer;
 
 /// What every answer carries besides its choices.
 #[derive(Debug, Clone)]
@@ -84,6 +86,9 @@ pub trait Answer: Send + 'static {
         Some(done())
     }
 
+    /// Whether a stream is newline-delimited JSON rather than SSE (Ollama).
+    const NDJSON: bool = false;
+
     /// Records one event and returns the chunks it becomes on a stream.
     fn apply(&mut self, index: u32, event: ChoiceEvent) -> Vec<Self::Chunk> {
         let mut chunks = Vec::new();
@@ -131,14 +136,21 @@ where
     Err(engine::EngineError::ShutDown.into())
 }
 
-/// The answer as SSE events while `events` arrive; `finished` sees the
-/// whole answer once every choice is done (to store and log it). An error
-/// after the stream started is the API's error event.
-pub fn stream<A, S>(
+/// What a stream carries before its API frames it.
+enum Piece<C> {
+    Chunk(C),
+    Error(RequestError),
+    /// Every choice finished (or the stream ended in an error).
+    End,
+}
+
+/// The answer's chunks while `events` arrive; `finished` sees the whole
+/// answer once every choice is done (to store and log it).
+fn pieces<A, S>(
     mut answer: A,
     events: S,
     finished: impl FnOnce(&A) + Send + 'static,
-) -> impl Stream<Item = SseEvent> + Send
+) -> impl Stream<Item = Piece<A::Chunk>> + Send
 where
     A: Answer,
     A::Chunk: Send,
@@ -147,17 +159,15 @@ where
     let mut finished = Some(finished);
     async_stream::stream! {
         for chunk in answer.opening() {
-            yield A::sse_event(&chunk);
+            yield Piece::Chunk(chunk);
         }
         let mut events = Box::pin(events);
         while let Some((index, event)) = events.next().await {
             let event = match event {
                 Ok(event) => event,
                 Err(error) => {
-                    yield A::sse_error_event(error);
-                    if let Some(close) = A::sse_close() {
-                        yield close;
-                    }
+                    yield Piece::Error(error);
+                    yield Piece::End;
                     return;
                 }
             };
@@ -168,19 +178,60 @@ where
                 }
             }
             for chunk in chunks {
-                yield A::sse_event(&chunk);
+                yield Piece::Chunk(chunk);
             }
             if answer.is_done() {
-                if let Some(close) = A::sse_close() {
-                    yield close;
-                }
+                yield Piece::End;
                 return;
             }
         }
         // The engine went away without finishing every choice.
-        yield A::sse_error_event(engine::EngineError::ShutDown.into());
-        if let Some(close) = A::sse_close() {
-            yield close;
-        }
+        yield Piece::Error(engine::EngineError::ShutDown.into());
+        yield Piece::End;
     }
+}
+
+/// The answer as SSE events (an error after the stream started is the API's
+/// error event).
+pub fn stream<A, S>(
+    answer: A,
+    events: S,
+    finished: impl FnOnce(&A) + Send + 'static,
+) -> impl Stream<Item = SseEvent> + Send
+where
+    A: Answer,
+    A::Chunk: Send,
+    S: Stream<Item = (u32, Result<ChoiceEvent, RequestError>)> + Send + 'static,
+{
+    pieces(answer, events, finished).filter_map(|piece| {
+        std::future::ready(match piece {
+            Piece::Chunk(chunk) => Some(A::sse_event(&chunk)),
+            Piece::Error(error) => Some(A::sse_error_event(error)),
+            Piece::End => A::sse_close(),
+        })
+    })
+}
+
+/// The answer as newline-delimited JSON (Ollama's streams): one chunk per
+/// line; an error after the stream started is one `{"error": ...}` line.
+pub fn lines<A, S>(
+    answer: A,
+    events: S,
+    finished: impl FnOnce(&A) + Send + 'static,
+) -> impl Stream<Item = String> + Send
+where
+    A: Answer,
+    A::Chunk: Send,
+    S: Stream<Item = (u32, Result<ChoiceEvent, RequestError>)> + Send + 'static,
+{
+    pieces(answer, events, finished).filter_map(|piece| {
+        std::future::ready(match piece {
+            Piece::Chunk(chunk) => Some(wire_json(&chunk) + "\n"),
+            Piece::Error(error) => {
+                let message = super::error::ApiError::from(error).message;
+                Some(serde_json::json!({ "error": message }).to_string() + "\n")
+            }
+            Piece::End => None,
+        })
+    })
 }

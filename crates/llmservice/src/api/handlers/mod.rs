@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod functions;
 pub mod messages;
 pub mod models;
+pub mod ollama;
 pub mod ops;
 pub mod rerank;
 pub mod tokens;
@@ -98,7 +99,11 @@ where
     A::Chunk: Send,
     S: Stream<Item = (u32, Result<ChoiceEvent, RequestError>)> + Send + 'static,
 {
-    let response = if answer.head().stream {
+    let response = if answer.head().stream && A::NDJSON {
+        ndjson(answer::lines(answer, events, move |a| {
+            delivery.finished(a, || wire_value(&a.whole()));
+        }))
+    } else if answer.head().stream {
         sse(answer::stream(answer, events, move |a| {
             delivery.finished(a, || wire_value(&a.whole()));
         }))
@@ -111,6 +116,22 @@ where
         axum::Json(whole).into_response()
     };
     Ok(response_cache::mark(response, Served::Generated))
+}
+
+/// A stream of JSON lines as an `application/x-ndjson` response.
+fn ndjson<S>(lines: S) -> Response
+where
+    S: Stream<Item = String> + Send + 'static,
+{
+    let body = axum::body::Body::from_stream(futures_util::StreamExt::map(
+        lines,
+        Ok::<_, std::convert::Infallible>,
+    ));
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response()
 }
 
 /// Checks that `entry` is the kind of model `endpoint` serves.

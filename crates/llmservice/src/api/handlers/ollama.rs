@@ -1,0 +1,359 @@
+//! Ollama's API: `/api/version`, `/api/tags`, `/api/show`, `/api/ps`,
+//! `/api/chat` and `/api/generate`. Chat and generate are translations onto
+//! the chat pipeline (`chat::ollama`), answered as NDJSON lines by default.
+//! Model names are ours, with Ollama's `:latest` tag accepted. Errors are
+//! Ollama's `{"error": "..."}`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::pipeline::{chat_template, generate};
+use super::{respond, text_model, wants_to_wait, Delivery};
+use crate::api::answer::{AnswerHead, OllamaAnswer};
+use crate::api::error::ApiError;
+use crate::api::json::Json;
+use crate::chat::{ollama as translate, ChatJob};
+use crate::models::ModelEntry;
+use crate::state::AppState;
+use crate::wire::{
+    ChatCompletionRequest, OllamaChatRequest, OllamaChunk, OllamaDetails, OllamaGenerateRequest,
+    OllamaModel, OllamaModels, OllamaShow, OllamaShowRequest, OllamaStats,
+};
+
+/// The version of Ollama's API these routes follow.
+const OLLAMA_API_VERSION: &str = "0.12.0";
+
+/// An [`ApiError`] in Ollama's shape: `{"error": "message"}`.
+pub struct OllamaError(ApiError);
+
+impl<E: Into<ApiError>> From<E> for OllamaError {
+    fn from(error: E) -> Self {
+        Self(error.into())
+    }
+}
+
+impl IntoResponse for OllamaError {
+    fn into_response(self) -> Response {
+        let status = self.0.status;
+        if status.is_server_error() {
+            tracing::warn!(%status, message = %self.0.message, "request failed");
+        }
+        let message = match &self.0.param {
+            Some(param) if !self.0.message.contains(param.as_str()) => {
+                format!("{param}: {}", self.0.message)
+            }
+            _ => self.0.message,
+        };
+        (status, axum::Json(json!({ "error": message }))).into_response()
+    }
+}
+
+/// Our model name for an Ollama one: `name:latest` is `name`.
+fn model_name(name: &str) -> &str {
+    name.strip_suffix(":latest").unwrap_or(name)
+}
+
+#[utoipa::path(get, path = "/api/version", responses((status = 200, description = "`{version}`: the Ollama API version these routes follow")))]
+pub async fn version() -> axum::Json<serde_json::Value> {
+    axum::Json(json!({ "version": OLLAMA_API_VERSION }))
+}
+
+#[utoipa::path(get, path = "/api/tags", responses((status = 200, description = "Every model the server offers", body = OllamaModels)))]
+pub async fn tags(State(state): State<AppState>) -> axum::Json<OllamaModels> {
+    let registry = state.registry.clone();
+    let entries = tokio::task::spawn_blocking(move || registry.list())
+        .await
+        .unwrap_or_default();
+    let models = entries.iter().map(|e| ollama_model(e, false)).collect();
+    axum::Json(OllamaModels { models })
+}
+
+#[utoipa::path(get, path = "/api/ps", responses((status = 200, description = "The models loaded now", body = OllamaModels)))]
+pub async fn ps(State(state): State<AppState>) -> axum::Json<OllamaModels> {
+    let models = state
+        .registry
+        .loaded()
+        .iter()
+        .map(|e| ollama_model(e, true))
+        .collect();
+    axum::Json(OllamaModels { models })
+}
+
+#[utoipa::path(post, path = "/api/show", request_body = OllamaShowRequest, responses((status = 200, description = "A model's details, template and capabilities", body = OllamaShow), (status = 404, description = "Unknown model")))]
+pub async fn show(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<OllamaShowRequest>, ApiError>,
+) -> Result<axum::Json<OllamaShow>, OllamaError> {
+    let Json(req) = body?;
+    let name = req
+        .model
+        .or(req.name)
+        .ok_or_else(|| ApiError::invalid("model", "model is required"))?;
+    let entry = state.registry.resolve_async(model_name(&name)).await?;
+    let engine = state
+        .registry
+        .engine(&entry, wants_to_wait(&headers))
+        .await?;
+    let info = engine.info();
+    let template = info
+        .chat_template
+        .as_ref()
+        .map(|t| t.source().to_owned())
+        .unwrap_or_default();
+    let mut capabilities = Vec::new();
+    match entry.kind {
+        engine::ModelKind::Chat => {
+            capabilities.push("completion");
+            if info
+                .chat_template
+                .as_ref()
+                .is_some_and(|t| t.supports_tools())
+            {
+                capabilities.push("tools");
+            }
+        }
+        engine::ModelKind::Embedding | engine::ModelKind::Reranker => {
+            capabilities.push("embedding")
+        }
+    }
+    Ok(axum::Json(OllamaShow {
+        modelfile: String::new(),
+        parameters: String::new(),
+        template,
+        details: details(&entry),
+        model_info: json!({
+            "general.architecture": info.architecture,
+            "general.parameter_count": info.n_params,
+            "context_length": info.n_ctx,
+            "embedding_length": info.n_embd,
+        }),
+        capabilities,
+        modified_at: modified_at(&entry),
+    }))
+}
+
+#[utoipa::path(post, path = "/api/chat", request_body = OllamaChatRequest, responses((status = 200, description = "NDJSON lines (`stream` defaults to true), the last with `done: true` and the counts and durations; one such object with `stream: false`", body = OllamaChunk), (status = 400, description = "Bad parameters: `{error}`"), (status = 404, description = "Unknown model: `{error}`")))]
+pub async fn chat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<OllamaChatRequest>, ApiError>,
+) -> Result<Response, OllamaError> {
+    let Json(req) = body?;
+    let chat = translate::chat_request(&req)?;
+    answer(
+        state,
+        headers,
+        &req.model,
+        chat,
+        true,
+        req.keep_alive.as_ref(),
+    )
+    .await
+}
+
+#[utoipa::path(post, path = "/api/generate", request_body = OllamaGenerateRequest, responses((status = 200, description = "NDJSON lines with `response` pieces, or one object with `stream: false`; an empty prompt only loads the model (`done_reason: \"load\"`, or `\"unload\"` with `keep_alive: 0`)", body = OllamaChunk), (status = 400, description = "Bad parameters: `{error}`"), (status = 404, description = "Unknown model: `{error}`")))]
+pub async fn generate_text(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<OllamaGenerateRequest>, ApiError>,
+) -> Result<Response, OllamaError> {
+    let Json(req) = body?;
+    let prompt = req.prompt.as_deref().unwrap_or_default();
+    if prompt.is_empty() {
+        return load_or_unload(state, headers, &req).await;
+    }
+    let chat = translate::generate_request(&req, prompt)?;
+    answer(
+        state,
+        headers,
+        &req.model,
+        chat,
+        false,
+        req.keep_alive.as_ref(),
+    )
+    .await
+}
+
+/// Runs a translated request and answers in Ollama's shape; `keep_alive: 0`
+/// unloads the model once the answer is whole.
+async fn answer(
+    state: AppState,
+    headers: HeaderMap,
+    model: &str,
+    mut chat: ChatCompletionRequest,
+    is_chat: bool,
+    keep_alive: Option<&serde_json::Value>,
+) -> Result<Response, OllamaError> {
+    let started = Instant::now();
+    chat.model = model_name(model).to_owned();
+    let job = ChatJob::new(&chat)?;
+    let entry = text_model(&state, &chat.model).await?;
+    let engine = state
+        .registry
+        .engine(&entry, wants_to_wait(&headers))
+        .await?;
+    chat_template(engine.info())?;
+    let (events, _) = generate(&state, &entry, &engine, &chat, job, started).await?;
+    drop(engine);
+    let head = AnswerHead {
+        model: model.to_owned(),
+        include_usage: false,
+        ..AnswerHead::new("ollama", model, &chat.sampling)
+    };
+    let answer = OllamaAnswer::new(head, is_chat, started);
+    let delivery = Delivery {
+        state: state.clone(),
+        model_id: entry.id.clone(),
+        endpoint: if is_chat {
+            "ollama_chat"
+        } else {
+            "ollama_generate"
+        },
+        cache_key: None,
+        started,
+    };
+    let response = respond(answer, events, delivery).await?;
+    if translate::unloads_now(keep_alive) {
+        unload_when_idle(entry);
+    }
+    Ok(response)
+}
+
+/// Unloads `entry` once its requests are done (a streamed answer may still
+/// be generating when the response head goes out).
+fn unload_when_idle(entry: Arc<ModelEntry>) {
+    tokio::spawn(async move {
+        while entry.is_busy() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if let Err(error) = entry.unload().await {
+            tracing::warn!(model = %entry.id, %error, "keep_alive 0: unload failed");
+        }
+    });
+}
+
+/// `/api/generate` without a prompt: load the model, or with `keep_alive: 0`
+/// unload it.
+async fn load_or_unload(
+    state: AppState,
+    headers: HeaderMap,
+    req: &OllamaGenerateRequest,
+) -> Result<Response, OllamaError> {
+    let started = Instant::now();
+    let entry = text_model(&state, model_name(&req.model)).await?;
+    let reason = if translate::unloads_now(req.keep_alive.as_ref()) {
+        entry.unload().await?;
+        "unload"
+    } else {
+        state
+            .registry
+            .engine(&entry, wants_to_wait(&headers))
+            .await?;
+        "load"
+    };
+    let done = OllamaChunk {
+        model: req.model.clone(),
+        created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        message: None,
+        response: Some(String::new()),
+        done: true,
+        stats: Some(OllamaStats {
+            done_reason: reason,
+            total_duration: started.elapsed().as_nanos() as u64,
+            load_duration: started.elapsed().as_nanos() as u64,
+            prompt_eval_count: 0,
+            prompt_eval_duration: 0,
+            eval_count: 0,
+            eval_duration: 0,
+        }),
+    };
+    Ok((StatusCode::OK, axum::Json(done)).into_response())
+}
+
+fn modified_at(entry: &ModelEntry) -> String {
+    chrono::DateTime::from_timestamp(entry.created, 0)
+        .unwrap_or_default()
+        .to_rfc3339()
+}
+
+/// What Ollama's clients show of a model: from the loaded model when it is
+/// loaded, from the file name otherwise.
+fn details(entry: &ModelEntry) -> OllamaDetails {
+    let stem = entry
+        .path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    // The last name part that reads like a GGUF type: Q4_K_M, IQ3_S, F16, ...
+    let quantization = stem
+        .rsplit(['-', '.'])
+        .map(str::to_ascii_uppercase)
+        .find(|part| {
+            let digit_after = |prefix: &str| {
+                part.strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+            };
+            digit_after("Q") || digit_after("IQ") || matches!(part.as_str(), "F16" | "BF16" | "F32")
+        })
+        .unwrap_or_default();
+    let (family, parameter_size) = match entry.loaded_engine() {
+        Some(engine) => {
+            let info = engine.info();
+            let params = info.n_params as f64;
+            let size = if params >= 1e9 {
+                format!("{:.1}B", params / 1e9)
+            } else {
+                format!("{:.0}M", params / 1e6)
+            };
+            (info.architecture.clone(), size)
+        }
+        None => (String::new(), String::new()),
+    };
+    OllamaDetails {
+        parent_model: String::new(),
+        format: "gguf",
+        families: if family.is_empty() {
+            Vec::new()
+        } else {
+            vec![family.clone()]
+        },
+        family,
+        parameter_size,
+        quantization_level: quantization,
+    }
+}
+
+fn ollama_model(entry: &ModelEntry, loaded: bool) -> OllamaModel {
+    let size = std::fs::metadata(&entry.path).map(|m| m.len()).unwrap_or(0);
+    // A stable identity without hashing gigabytes: the file's path, size and time.
+    let digest = Sha256::digest(format!("{}|{size}|{}", entry.path.display(), entry.created));
+    let name = format!("{}:latest", entry.id);
+    let expires_at = loaded.then(|| {
+        let ahead = entry
+            .keep_alive
+            .map(|k| k.saturating_sub(entry.idle_for()))
+            .unwrap_or(std::time::Duration::from_secs(100 * 365 * 24 * 3600));
+        (chrono::Utc::now() + ahead).to_rfc3339()
+    });
+    let context_length = loaded
+        .then(|| entry.loaded_engine().map(|e| e.info().n_ctx))
+        .flatten();
+    OllamaModel {
+        model: name.clone(),
+        name,
+        modified_at: modified_at(entry),
+        size,
+        digest: format!("{digest:x}"),
+        details: details(entry),
+        expires_at,
+        size_vram: loaded.then_some(0),
+        context_length,
+    }
+}
