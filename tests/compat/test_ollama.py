@@ -120,3 +120,25 @@ def test_bad_requests_get_ollama_errors(http, path, body, status):
     response = http.post(path, json=body)
     assert response.status_code == status, response.text
     assert isinstance(response.json()["error"], str) and response.json()["error"]
+
+
+def test_embed_and_legacy_embeddings(llama, client):
+    texts = ["The cat sat on the mat.", "A feline rested on the rug."]
+    reply = llama.embed(model="embedding", input=texts)
+    assert len(reply.embeddings) == 2 and reply.prompt_eval_count > 0
+    assert all(abs(sum(x * x for x in v) - 1.0) < 1e-3 for v in reply.embeddings)
+    openai_vectors = [d.embedding for d in client.embeddings.create(model="embedding", input=texts).data]
+    for ours, theirs in zip(reply.embeddings, openai_vectors):
+        assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4
+    short = llama.embed(model="embedding", input="hello", dimensions=64)
+    assert len(short.embeddings[0]) == 64
+    legacy = llama.embeddings(model="embedding", prompt="hello")
+    assert len(legacy.embedding) == len(reply.embeddings[0])
+
+
+def test_embed_errors(http):
+    assert http.post("/api/embed", json={"model": "light", "input": "x"}).status_code == 400
+    assert http.post("/api/embed", json={"model": "embedding", "input": [""]}).status_code == 400
+    assert http.post("/api/embed", json={"model": "embedding", "input": "x", "dimensions": 100000}).status_code == 400
+    response = http.post("/api/embed", json={"model": "nope", "input": "x"})
+    assert response.status_code == 404 and response.json()["error"]

@@ -57,6 +57,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate_text))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::legacy_embeddings))
         .route("/v1/functions", get(functions::list_functions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/embeddings", post(embeddings::embeddings))

@@ -24,6 +24,8 @@ use crate::wire::*;
         handlers::ollama::show,
         handlers::ollama::chat,
         handlers::ollama::generate_text,
+        handlers::ollama::embed,
+        handlers::ollama::legacy_embeddings,
         handlers::embeddings::embeddings,
         handlers::rerank::rerank,
         handlers::functions::list_functions,

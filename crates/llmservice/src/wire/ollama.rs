@@ -151,3 +151,45 @@ pub struct OllamaShow {
     pub capabilities: Vec<&'static str>,
     pub modified_at: String,
 }
+
+/// `POST /api/embed`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct OllamaEmbedRequest {
+    pub model: String,
+    /// A text or a list of texts.
+    #[schema(value_type = Object)]
+    pub input: crate::wire::PromptField,
+    /// Cut inputs longer than the model takes (default true, as in Ollama);
+    /// `false` makes such an input a 400.
+    pub truncate: Option<bool>,
+    pub dimensions: Option<u32>,
+    #[schema(value_type = Option<Object>)]
+    pub options: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub keep_alive: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OllamaEmbedAnswer {
+    pub model: String,
+    pub embeddings: Vec<Vec<f32>>,
+    pub total_duration: u64,
+    pub load_duration: u64,
+    pub prompt_eval_count: u32,
+}
+
+/// `POST /api/embeddings` (Ollama's older route): one `prompt`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct OllamaEmbeddingsRequest {
+    pub model: String,
+    pub prompt: String,
+    #[schema(value_type = Option<Object>)]
+    pub options: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub keep_alive: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OllamaEmbeddingAnswer {
+    pub embedding: Vec<f32>,
+}

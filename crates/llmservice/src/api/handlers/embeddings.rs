@@ -1,24 +1,20 @@
 //! `POST /v1/embeddings`: OpenAI's API plus BGE-M3's sparse and ColBERT outputs.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use engine::{EmbedOutputs, Embedding, ModelKind, TokenId};
+use engine::{EmbedOutputs, Embedding, ModelKind};
 use serde_json::{json, Map, Value};
 
-use super::{check_count, log_encoded, off_async, require_kind, wants_to_wait};
+use super::{log_encoded, require_kind, tokenize_inputs, wants_to_wait};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::response_cache::{self, Served};
 use crate::state::AppState;
-use crate::wire::{EmbeddingRequest, ErrorResponse, PromptField};
-
-/// OpenAI's limit on inputs in one embeddings request.
-const MAX_INPUTS: usize = 2048;
+use crate::wire::{EmbeddingRequest, ErrorResponse};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Encoding {
@@ -155,51 +151,6 @@ fn read_options(
     Ok((encoding, kind, outputs))
 }
 
-/// Every input's tokens; an empty input is the client's 400.
-async fn tokenize_inputs(
-    engine: &Arc<engine::Engine>,
-    input: &PromptField,
-) -> Result<Vec<Vec<TokenId>>, ApiError> {
-    let empty_text = match input {
-        PromptField::Text(text) => text.is_empty().then_some(0),
-        PromptField::Texts(texts) => texts.iter().position(String::is_empty),
-        _ => None,
-    };
-    if let Some(index) = empty_text {
-        return Err(ApiError::invalid(
-            "input",
-            format!("input {index} is an empty string"),
-        ));
-    }
-    // Tokenizing up to 2048 long texts is real CPU work: keep it off the async threads.
-    let (input, tokenizer) = (input.clone(), engine.clone());
-    let inputs = off_async(move || -> Result<Vec<Vec<TokenId>>, ApiError> {
-        Ok(match &input {
-            PromptField::Text(text) => vec![tokenizer.tokenize_input(text)],
-            PromptField::Texts(texts) => {
-                check_count("input", texts.len(), MAX_INPUTS)?;
-                texts.iter().map(|t| tokenizer.tokenize_input(t)).collect()
-            }
-            PromptField::Tokens(tokens) => vec![token_input(&tokenizer, tokens)?],
-            PromptField::TokenLists(lists) => {
-                check_count("input", lists.len(), MAX_INPUTS)?;
-                lists
-                    .iter()
-                    .map(|t| token_input(&tokenizer, t))
-                    .collect::<Result<_, _>>()?
-            }
-        })
-    })
-    .await?;
-    if let Some(index) = inputs.iter().position(Vec::is_empty) {
-        return Err(ApiError::invalid(
-            "input",
-            format!("input {index} is empty"),
-        ));
-    }
-    Ok(inputs)
-}
-
 /// `Unsupported` from the engine concerns the kind of embedding asked for.
 fn name_param(error: engine::EngineError, kind: EmbeddingType) -> ApiError {
     let unsupported = matches!(error, engine::EngineError::Unsupported(_));
@@ -257,15 +208,4 @@ fn encode(vector: &[f32], encoding: Encoding) -> Value {
                 .into()
         }
     }
-}
-
-fn token_input(engine: &engine::Engine, tokens: &[i64]) -> Result<Vec<TokenId>, ApiError> {
-    let n_vocab = i64::from(engine.info().n_vocab);
-    if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
-        return Err(ApiError::invalid(
-            "input",
-            format!("token id {bad} is outside the vocabulary (size {n_vocab})"),
-        ));
-    }
-    Ok(tokens.iter().map(|&t| t as TokenId).collect())
 }

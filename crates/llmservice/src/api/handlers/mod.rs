@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use engine::ModelKind;
+use engine::{ModelKind, TokenId};
 use futures_util::Stream;
 
 use super::answer::{self, Answer};
@@ -33,6 +33,7 @@ use crate::error::RequestError;
 use crate::generation::ChoiceEvent;
 use crate::models::ModelEntry;
 use crate::state::AppState;
+use crate::wire::PromptField;
 
 /// The text-generating model a request names; embedding and reranker models
 /// are the client's mistake.
@@ -188,6 +189,65 @@ fn log_encoded(
         latency_ms = started.elapsed().as_millis() as u64,
         "request finished"
     );
+}
+
+/// OpenAI's limit on inputs in one embeddings request.
+const MAX_INPUTS: usize = 2048;
+
+/// Every input's tokens; an empty input is the client's 400.
+async fn tokenize_inputs(
+    engine: &Arc<engine::Engine>,
+    input: &PromptField,
+) -> Result<Vec<Vec<TokenId>>, ApiError> {
+    let empty_text = match input {
+        PromptField::Text(text) => text.is_empty().then_some(0),
+        PromptField::Texts(texts) => texts.iter().position(String::is_empty),
+        _ => None,
+    };
+    if let Some(index) = empty_text {
+        return Err(ApiError::invalid(
+            "input",
+            format!("input {index} is an empty string"),
+        ));
+    }
+    // Tokenizing up to 2048 long texts is real CPU work: keep it off the async threads.
+    let (input, tokenizer) = (input.clone(), engine.clone());
+    let inputs = off_async(move || -> Result<Vec<Vec<TokenId>>, ApiError> {
+        Ok(match &input {
+            PromptField::Text(text) => vec![tokenizer.tokenize_input(text)],
+            PromptField::Texts(texts) => {
+                check_count("input", texts.len(), MAX_INPUTS)?;
+                texts.iter().map(|t| tokenizer.tokenize_input(t)).collect()
+            }
+            PromptField::Tokens(tokens) => vec![token_input(&tokenizer, tokens)?],
+            PromptField::TokenLists(lists) => {
+                check_count("input", lists.len(), MAX_INPUTS)?;
+                lists
+                    .iter()
+                    .map(|t| token_input(&tokenizer, t))
+                    .collect::<Result<_, _>>()?
+            }
+        })
+    })
+    .await?;
+    if let Some(index) = inputs.iter().position(Vec::is_empty) {
+        return Err(ApiError::invalid(
+            "input",
+            format!("input {index} is empty"),
+        ));
+    }
+    Ok(inputs)
+}
+
+fn token_input(engine: &engine::Engine, tokens: &[i64]) -> Result<Vec<TokenId>, ApiError> {
+    let n_vocab = i64::from(engine.info().n_vocab);
+    if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+        return Err(ApiError::invalid(
+            "input",
+            format!("token id {bad} is outside the vocabulary (size {n_vocab})"),
+        ));
+    }
+    Ok(tokens.iter().map(|&t| t as TokenId).collect())
 }
 
 /// A new id for an answer.

@@ -1,6 +1,7 @@
 //! Ollama's API: `/api/version`, `/api/tags`, `/api/show`, `/api/ps`,
-//! `/api/chat` and `/api/generate`. Chat and generate are translations onto
-//! the chat pipeline (`chat::ollama`), answered as NDJSON lines by default.
+//! `/api/chat`, `/api/generate`, `/api/embed` and `/api/embeddings`. Chat and
+//! generate are translations onto the chat pipeline (`chat::ollama`), answered
+//! as NDJSON lines by default.
 //! Model names are ours, with Ollama's `:latest` tag accepted. Errors are
 //! Ollama's `{"error": "..."}`.
 
@@ -14,7 +15,9 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::pipeline::{chat_template, generate};
-use super::{respond, text_model, wants_to_wait, Delivery};
+use super::{
+    log_encoded, require_kind, respond, text_model, tokenize_inputs, wants_to_wait, Delivery,
+};
 use crate::api::answer::{AnswerHead, OllamaAnswer};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
@@ -22,8 +25,9 @@ use crate::chat::{ollama as translate, ChatJob};
 use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::{
-    ChatCompletionRequest, OllamaChatRequest, OllamaChunk, OllamaDetails, OllamaGenerateRequest,
-    OllamaModel, OllamaModels, OllamaShow, OllamaShowRequest, OllamaStats,
+    ChatCompletionRequest, OllamaChatRequest, OllamaChunk, OllamaDetails, OllamaEmbedAnswer,
+    OllamaEmbedRequest, OllamaEmbeddingAnswer, OllamaEmbeddingsRequest, OllamaGenerateRequest,
+    OllamaModel, OllamaModels, OllamaShow, OllamaShowRequest, OllamaStats, PromptField,
 };
 
 /// The version of Ollama's API these routes follow.
@@ -179,6 +183,116 @@ pub async fn generate_text(
         req.keep_alive.as_ref(),
     )
     .await
+}
+
+#[utoipa::path(post, path = "/api/embed", request_body = OllamaEmbedRequest, responses((status = 200, description = "One dense, normalized vector per input", body = OllamaEmbedAnswer), (status = 400, description = "Bad parameters, or a chat model: `{error}`"), (status = 404, description = "Unknown model: `{error}`")))]
+pub async fn embed(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<OllamaEmbedRequest>, ApiError>,
+) -> Result<axum::Json<OllamaEmbedAnswer>, OllamaError> {
+    let Json(req) = body?;
+    let started = Instant::now();
+    let truncate = req.truncate.unwrap_or(true);
+    let (embeddings, tokens) = embed_texts(
+        &state,
+        &headers,
+        &req.model,
+        &req.input,
+        truncate,
+        req.dimensions,
+    )
+    .await?;
+    Ok(axum::Json(OllamaEmbedAnswer {
+        model: req.model,
+        embeddings,
+        total_duration: started.elapsed().as_nanos() as u64,
+        load_duration: 0,
+        prompt_eval_count: tokens,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/embeddings", request_body = OllamaEmbeddingsRequest, responses((status = 200, description = "`{embedding}` for one `prompt` (empty for an empty prompt)", body = OllamaEmbeddingAnswer), (status = 404, description = "Unknown model: `{error}`")))]
+pub async fn legacy_embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<OllamaEmbeddingsRequest>, ApiError>,
+) -> Result<axum::Json<OllamaEmbeddingAnswer>, OllamaError> {
+    let Json(req) = body?;
+    if req.prompt.is_empty() {
+        // Ollama answers an empty prompt with an empty vector.
+        state.registry.resolve_async(model_name(&req.model)).await?;
+        return Ok(axum::Json(OllamaEmbeddingAnswer {
+            embedding: Vec::new(),
+        }));
+    }
+    let input = PromptField::Text(req.prompt);
+    let (mut vectors, _) = embed_texts(&state, &headers, &req.model, &input, true, None).await?;
+    Ok(axum::Json(OllamaEmbeddingAnswer {
+        embedding: vectors.pop().unwrap_or_default(),
+    }))
+}
+
+/// Dense embeddings of `input` (texts only), cut to `dimensions` and
+/// re-normalized when asked; with the prompt's token count.
+async fn embed_texts(
+    state: &AppState,
+    headers: &HeaderMap,
+    model: &str,
+    input: &PromptField,
+    truncate: bool,
+    dimensions: Option<u32>,
+) -> Result<(Vec<Vec<f32>>, u32), ApiError> {
+    let started = Instant::now();
+    if !matches!(input, PromptField::Text(_) | PromptField::Texts(_)) {
+        return Err(ApiError::invalid(
+            "input",
+            "input must be a text or a list of texts",
+        ));
+    }
+    if dimensions == Some(0) {
+        return Err(ApiError::invalid(
+            "dimensions",
+            "dimensions must be at least 1",
+        ));
+    }
+    let entry = state.registry.resolve_async(model_name(model)).await?;
+    require_kind(&entry, engine::ModelKind::Embedding, "/api/embed")?;
+    let engine = state
+        .registry
+        .engine(&entry, wants_to_wait(headers))
+        .await?;
+    let n_embd = engine.info().n_embd;
+    if let Some(d) = dimensions.filter(|&d| d > n_embd) {
+        return Err(ApiError::invalid(
+            "dimensions",
+            format!("dimensions {d} is larger than the model's {n_embd}"),
+        ));
+    }
+    let mut inputs = tokenize_inputs(&engine, input).await?;
+    if truncate {
+        inputs.iter_mut().for_each(|i| engine.truncate_input(i));
+    }
+    let outputs = engine::EmbedOutputs {
+        dense: true,
+        sparse: false,
+        colbert: false,
+    };
+    let results = engine.embed(inputs, outputs)?.wait().await?;
+    let tokens: u32 = results.iter().map(|r| r.n_tokens).sum();
+    let vectors = results
+        .into_iter()
+        .map(|r| {
+            let mut dense = r.dense.unwrap_or_default();
+            if let Some(d) = dimensions.filter(|&d| (d as usize) < dense.len()) {
+                dense.truncate(d as usize);
+                engine::normalize(&mut dense);
+            }
+            dense
+        })
+        .collect();
+    log_encoded(state, &entry.id, "ollama_embed", tokens, started);
+    Ok((vectors, tokens))
 }
 
 /// Runs a translated request and answers in Ollama's shape; `keep_alive: 0`
