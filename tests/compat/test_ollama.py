@@ -142,3 +142,9 @@ def test_embed_errors(http):
     assert http.post("/api/embed", json={"model": "embedding", "input": "x", "dimensions": 100000}).status_code == 400
     response = http.post("/api/embed", json={"model": "nope", "input": "x"})
     assert response.status_code == 404 and response.json()["error"]
+
+
+def test_pull_is_a_clear_error(llama):
+    with pytest.raises(ollama.ResponseError) as raised:
+        llama.pull("light")
+    assert raised.value.status_code == 501 and "MODELS_DIR" in raised.value.error

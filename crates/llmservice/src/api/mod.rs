@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/generate", post(ollama::generate_text))
         .route("/api/embed", post(ollama::embed))
         .route("/api/embeddings", post(ollama::legacy_embeddings))
+        .route("/api/pull", post(ollama::pull))
         .route("/v1/functions", get(functions::list_functions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/embeddings", post(embeddings::embeddings))

@@ -26,6 +26,7 @@ use crate::wire::*;
         handlers::ollama::generate_text,
         handlers::ollama::embed,
         handlers::ollama::legacy_embeddings,
+        handlers::ollama::pull,
         handlers::embeddings::embeddings,
         handlers::rerank::rerank,
         handlers::functions::list_functions,

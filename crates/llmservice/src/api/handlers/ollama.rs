@@ -295,6 +295,17 @@ async fn embed_texts(
     Ok((vectors, tokens))
 }
 
+#[utoipa::path(post, path = "/api/pull", responses((status = 501, description = "Not served yet: `{error}` says where models come from instead")))]
+pub async fn pull() -> OllamaError {
+    OllamaError(ApiError {
+        status: StatusCode::NOT_IMPLEMENTED,
+        ..ApiError::bad_request(
+            "pulling models is not supported yet: put GGUF files in MODELS_DIR \
+             (or set {TIER}_MODEL_PATH) and they are listed by /api/tags",
+        )
+    })
+}
+
 /// Runs a translated request and answers in Ollama's shape; `keep_alive: 0`
 /// unloads the model once the answer is whole.
 async fn answer(
