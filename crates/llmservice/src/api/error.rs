@@ -76,6 +76,17 @@ impl ApiError {
         self
     }
 
+    /// The message, naming the field at fault when it does not already (for
+    /// error shapes that have no `param`).
+    pub fn message_with_param(&self) -> String {
+        match &self.param {
+            Some(param) if !self.message.contains(param.as_str()) => {
+                format!("{param}: {}", self.message)
+            }
+            _ => self.message.clone(),
+        }
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {
             "message": self.message,
@@ -88,17 +99,24 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(status = %self.status, message = %self.message, "request failed");
-        }
-        let mut response = (self.status, axum::Json(self.body())).into_response();
-        if let Some(secs) = self.retry_after_secs {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
+        let body = self.body();
+        respond_with(&self, body)
     }
+}
+
+/// `error` as a response with `body`, its status and `Retry-After`; server
+/// errors are logged.
+fn respond_with(error: &ApiError, body: serde_json::Value) -> Response {
+    if error.status.is_server_error() {
+        tracing::warn!(status = %error.status, message = %error.message, "request failed");
+    }
+    let mut response = (error.status, axum::Json(body)).into_response();
+    if let Some(secs) = error.retry_after_secs {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }
 
 impl From<EngineError> for ApiError {
@@ -221,13 +239,12 @@ pub fn anthropic_body(error: &ApiError) -> serde_json::Value {
         s if s >= 500 => "api_error",
         _ => "invalid_request_error",
     };
-    let message = match &error.param {
-        Some(param) if !error.message.contains(param.as_str()) => {
-            format!("{param}: {}", error.message)
-        }
-        _ => error.message.clone(),
-    };
-    json!({"type": "error", "error": {"type": kind, "message": message}})
+    json!({"type": "error", "error": {"type": kind, "message": error.message_with_param()}})
+}
+
+/// Ollama's error shape for the same failure: `{"error": "..."}`.
+pub fn ollama_body(error: &ApiError) -> serde_json::Value {
+    json!({ "error": error.message_with_param() })
 }
 
 /// An [`ApiError`] answered in Anthropic's shape (the Messages API's routes).
@@ -242,16 +259,22 @@ impl<E: Into<ApiError>> From<E> for AnthropicError {
 
 impl IntoResponse for AnthropicError {
     fn into_response(self) -> Response {
-        let error = self.0;
-        if error.status.is_server_error() {
-            tracing::warn!(status = %error.status, message = %error.message, "request failed");
-        }
-        let mut response = (error.status, axum::Json(anthropic_body(&error))).into_response();
-        if let Some(secs) = error.retry_after_secs {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
+        respond_with(&self.0, anthropic_body(&self.0))
+    }
+}
+
+/// An [`ApiError`] answered in Ollama's shape (the `/api/...` routes).
+#[derive(Debug)]
+pub struct OllamaError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for OllamaError {
+    fn from(error: E) -> Self {
+        Self(error.into())
+    }
+}
+
+impl IntoResponse for OllamaError {
+    fn into_response(self) -> Response {
+        respond_with(&self.0, ollama_body(&self.0))
     }
 }

@@ -11,20 +11,18 @@ use crate::wire::{ChatCompletionRequest, OllamaChatRequest, OllamaGenerateReques
 /// The chat request an `/api/chat` request stands for.
 pub fn chat_request(req: &OllamaChatRequest) -> Result<ChatCompletionRequest, RequestError> {
     let messages = messages(&req.messages)?;
-    let mut body = Map::new();
-    body.insert("model".into(), req.model.clone().into());
-    body.insert("messages".into(), messages.into());
+    let mut body = body(
+        &req.model,
+        messages,
+        req.format.as_ref(),
+        req.options.as_ref(),
+        req.stream,
+    )?;
     if let Some(tools) = &req.tools {
         if !tools.is_empty() {
             body.insert("tools".into(), tools.clone().into());
         }
     }
-    shared_fields(
-        &mut body,
-        req.format.as_ref(),
-        req.options.as_ref(),
-        req.stream,
-    )?;
     into_request(body)
 }
 
@@ -45,16 +43,13 @@ pub fn generate_request(
         messages.push(json!({"role": "system", "content": system}));
     }
     messages.push(json!({"role": "user", "content": prompt}));
-    let mut body = Map::new();
-    body.insert("model".into(), req.model.clone().into());
-    body.insert("messages".into(), messages.into());
-    shared_fields(
-        &mut body,
+    into_request(body(
+        &req.model,
+        messages,
         req.format.as_ref(),
         req.options.as_ref(),
         req.stream,
-    )?;
-    into_request(body)
+    )?)
 }
 
 /// Whether a `keep_alive` asks to unload now: `0`, `"0"` or a zero duration.
@@ -74,13 +69,18 @@ fn into_request(body: Map<String, Value>) -> Result<ChatCompletionRequest, Reque
         .map_err(|e| RequestError::invalid("options", format!("invalid request: {e}")))
 }
 
-/// `format`, `options` and `stream` (which defaults to true in Ollama).
-fn shared_fields(
-    body: &mut Map<String, Value>,
+/// A chat request's body: `model`, `messages`, and what `format`, `options`
+/// and `stream` (which defaults to true in Ollama) ask for.
+fn body(
+    model: &str,
+    messages: Vec<Value>,
     format: Option<&Value>,
     options: Option<&Value>,
     stream: Option<bool>,
-) -> Result<(), RequestError> {
+) -> Result<Map<String, Value>, RequestError> {
+    let mut body = Map::new();
+    body.insert("model".into(), model.into());
+    body.insert("messages".into(), messages.into());
     body.insert("stream".into(), stream.unwrap_or(true).into());
     match format {
         None | Some(Value::Null) => {}
@@ -102,7 +102,7 @@ fn shared_fields(
         }
     }
     let Some(options) = options.filter(|o| !o.is_null()) else {
-        return Ok(());
+        return Ok(body);
     };
     let Value::Object(options) = options else {
         return Err(RequestError::invalid(
@@ -134,7 +134,7 @@ fn shared_fields(
             body.insert("max_tokens".into(), n.into());
         }
     }
-    Ok(())
+    Ok(body)
 }
 
 /// Ollama's messages as chat's: calls get ids, and each `tool` message answers

@@ -246,10 +246,10 @@ impl Answer for ChatAnswer {
         vec![self.choice_chunk(index, ChatDelta::default(), None, Some(finish))]
     }
 
-    fn usage_chunk(&self) -> ChatCompletionChunk {
+    fn usage_chunk(&self) -> Option<ChatCompletionChunk> {
         let mut chunk = self.chunk(Vec::new());
         chunk.usage = Some(Some(self.usage().into()));
-        chunk
+        Some(chunk)
     }
 
     fn head(&self) -> &AnswerHead {

@@ -147,10 +147,10 @@ impl Answer for TextAnswer {
         }])]
     }
 
-    fn usage_chunk(&self) -> Completion {
+    fn usage_chunk(&self) -> Option<Completion> {
         let mut chunk = self.chunk(Vec::new());
         chunk.usage = Some(Some(self.usage().into()));
-        chunk
+        Some(chunk)
     }
 
     fn head(&self) -> &AnswerHead {

@@ -62,10 +62,11 @@ impl MessagesAnswer {
         }
     }
 
-    fn usage_now(&self) -> MessagesUsage {
+    /// The usage of a finished answer (the engine's counts).
+    fn message_usage(&self) -> MessagesUsage {
         let usage = self.record().usage;
         MessagesUsage {
-            input_tokens: usage.prompt_tokens.max(self.input_tokens),
+            input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
             cache_read_input_tokens: usage.cached_tokens,
         }
@@ -192,15 +193,10 @@ impl Answer for MessagesAnswer {
                 stop_reason: Some(stop_reason),
                 stop_sequence,
             },
-            usage: self.usage_now(),
+            usage: self.message_usage(),
         });
         events.push(MessagesEvent::MessageStop);
         events
-    }
-
-    fn usage_chunk(&self) -> MessagesEvent {
-        // Usage rides on `message_delta`; this API has no separate usage chunk.
-        MessagesEvent::MessageStop
     }
 
     fn whole(&self) -> Message {
@@ -219,7 +215,7 @@ impl Answer for MessagesAnswer {
                     .unwrap_or(Value::Object(Default::default())),
             });
         }
-        self.message(content, self.usage_now())
+        self.message(content, self.message_usage())
     }
 
     fn sse_event(chunk: &MessagesEvent) -> SseEvent {

@@ -13,6 +13,7 @@ use axum::response::sse::Event as SseEvent;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
+use super::error::ollama_body;
 use super::sse::{data, done, sse_error, wire_json};
 use crate::error::RequestError;
 use crate::generation::{total_usage, ChoiceEvent, ChoiceRecord};
@@ -66,8 +67,12 @@ pub trait Answer: Send + 'static {
     fn piece_chunks(&mut self, index: u32, event: &ChoiceEvent) -> Vec<Self::Chunk>;
     /// The chunks that close a finished choice.
     fn finish_chunks(&mut self, index: u32) -> Vec<Self::Chunk>;
-    /// The last chunk, with the usage of every choice.
-    fn usage_chunk(&self) -> Self::Chunk;
+    /// The last chunk, with the usage of every choice, for answers that ask
+    /// for it (`stream_options.include_usage`; APIs whose last chunk carries
+    /// usage anyway have none).
+    fn usage_chunk(&self) -> Option<Self::Chunk> {
+        None
+    }
     /// The whole answer: the JSON response and the cache entry.
     fn whole(&self) -> Self::Whole;
 
@@ -104,7 +109,7 @@ pub trait Answer: Send + 'static {
             piece => chunks.extend(self.piece_chunks(index, &piece)),
         }
         if self.is_done() && self.head().include_usage {
-            chunks.push(self.usage_chunk());
+            chunks.extend(self.usage_chunk());
         }
         chunks
     }
@@ -227,10 +232,7 @@ where
     pieces(answer, events, finished).filter_map(|piece| {
         std::future::ready(match piece {
             Piece::Chunk(chunk) => Some(wire_json(&chunk) + "\n"),
-            Piece::Error(error) => {
-                let message = super::error::ApiError::from(error).message;
-                Some(serde_json::json!({ "error": message }).to_string() + "\n")
-            }
+            Piece::Error(error) => Some(ollama_body(&error.into()).to_string() + "\n"),
             Piece::End => None,
         })
     })

@@ -137,11 +137,6 @@ impl Answer for OllamaAnswer {
         vec![self.line(String::new(), Vec::new(), Some(self.stats()))]
     }
 
-    fn usage_chunk(&self) -> OllamaChunk {
-        // Counts ride on the last line; Ollama has no separate usage line.
-        self.line(String::new(), Vec::new(), Some(self.stats()))
-    }
-
     fn whole(&self) -> OllamaChunk {
         let output = &self.records[0].output;
         let calls = output.tool_calls.iter().map(ollama_call).collect();

@@ -9,13 +9,13 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::pipeline::{chat_template, generate};
-use super::{off_async, respond, text_model, wants_to_wait, Delivery};
+use super::pipeline::{chat_template, generate, prepare};
+use super::{off_async, respond, Delivery};
 use crate::api::answer::{AnswerHead, MessagesAnswer};
 use crate::api::error::{AnthropicError, ApiError};
 use crate::api::json::Json;
 use crate::chat::anthropic::{self, PromptParts};
-use crate::chat::{ChatJob, ChatPrompt};
+use crate::chat::ChatPrompt;
 use crate::state::AppState;
 use crate::wire::{
     CountTokensAnswer, CountTokensRequest, Message, MessagesErrorBody, MessagesRequest,
@@ -30,12 +30,7 @@ pub async fn messages(
     let Json(req) = body?;
     let started = Instant::now();
     let chat = anthropic::chat_request(&req)?;
-    let job = ChatJob::new(&chat)?;
-    let entry = text_model(&state, &req.model).await?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
+    let (job, entry, engine) = prepare(&state, &headers, &chat).await?;
     let (events, prompt_tokens) = generate(&state, &entry, &engine, &chat, job, started).await?;
     let head = AnswerHead {
         id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
@@ -68,12 +63,7 @@ pub async fn count_tokens(
         tool_choice: req.tool_choice.as_ref(),
     };
     let chat = anthropic::count_request(&req.model, &parts)?;
-    let job = ChatJob::new(&chat)?;
-    let entry = text_model(&state, &req.model).await?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
+    let (job, _, engine) = prepare(&state, &headers, &chat).await?;
     let input_tokens = off_async(move || {
         let prompt = ChatPrompt {
             template: chat_template(engine.info())?,

@@ -14,14 +14,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::pipeline::{chat_template, generate};
+use super::pipeline::{generate, prepare};
 use super::{
     log_encoded, require_kind, respond, text_model, tokenize_inputs, wants_to_wait, Delivery,
 };
 use crate::api::answer::{AnswerHead, OllamaAnswer};
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, OllamaError};
 use crate::api::json::Json;
-use crate::chat::{ollama as translate, ChatJob};
+use crate::chat::ollama as translate;
 use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::{
@@ -32,31 +32,6 @@ use crate::wire::{
 
 /// The version of Ollama's API these routes follow.
 const OLLAMA_API_VERSION: &str = "0.12.0";
-
-/// An [`ApiError`] in Ollama's shape: `{"error": "message"}`.
-pub struct OllamaError(ApiError);
-
-impl<E: Into<ApiError>> From<E> for OllamaError {
-    fn from(error: E) -> Self {
-        Self(error.into())
-    }
-}
-
-impl IntoResponse for OllamaError {
-    fn into_response(self) -> Response {
-        let status = self.0.status;
-        if status.is_server_error() {
-            tracing::warn!(%status, message = %self.0.message, "request failed");
-        }
-        let message = match &self.0.param {
-            Some(param) if !self.0.message.contains(param.as_str()) => {
-                format!("{param}: {}", self.0.message)
-            }
-            _ => self.0.message,
-        };
-        (status, axum::Json(json!({ "error": message }))).into_response()
-    }
-}
 
 /// Our model name for an Ollama one: `name:latest` is `name`.
 fn model_name(name: &str) -> &str {
@@ -70,22 +45,32 @@ pub async fn version() -> axum::Json<serde_json::Value> {
 
 #[utoipa::path(get, path = "/api/tags", responses((status = 200, description = "Every model the server offers", body = OllamaModels)))]
 pub async fn tags(State(state): State<AppState>) -> axum::Json<OllamaModels> {
+    // The directory scan and each file's size: off the async threads.
     let registry = state.registry.clone();
-    let entries = tokio::task::spawn_blocking(move || registry.list())
-        .await
-        .unwrap_or_default();
-    let models = entries.iter().map(|e| ollama_model(e, false)).collect();
+    let models = tokio::task::spawn_blocking(move || {
+        registry
+            .list()
+            .iter()
+            .map(|e| ollama_model(e, false))
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
     axum::Json(OllamaModels { models })
 }
 
 #[utoipa::path(get, path = "/api/ps", responses((status = 200, description = "The models loaded now", body = OllamaModels)))]
 pub async fn ps(State(state): State<AppState>) -> axum::Json<OllamaModels> {
-    let models = state
-        .registry
-        .loaded()
-        .iter()
-        .map(|e| ollama_model(e, true))
-        .collect();
+    let registry = state.registry.clone();
+    let models = tokio::task::spawn_blocking(move || {
+        registry
+            .loaded()
+            .iter()
+            .map(|e| ollama_model(e, true))
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
     axum::Json(OllamaModels { models })
 }
 
@@ -297,7 +282,7 @@ async fn embed_texts(
 
 #[utoipa::path(post, path = "/api/pull", responses((status = 501, description = "Not served yet: `{error}` says where models come from instead")))]
 pub async fn pull() -> OllamaError {
-    OllamaError(ApiError {
+    OllamaError::from(ApiError {
         status: StatusCode::NOT_IMPLEMENTED,
         ..ApiError::bad_request(
             "pulling models is not supported yet: put GGUF files in MODELS_DIR \
@@ -318,15 +303,8 @@ async fn answer(
 ) -> Result<Response, OllamaError> {
     let started = Instant::now();
     chat.model = model_name(model).to_owned();
-    let job = ChatJob::new(&chat)?;
-    let entry = text_model(&state, &chat.model).await?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
-    chat_template(engine.info())?;
+    let (job, entry, engine) = prepare(&state, &headers, &chat).await?;
     let (events, _) = generate(&state, &entry, &engine, &chat, job, started).await?;
-    drop(engine);
     let head = AnswerHead {
         model: model.to_owned(),
         include_usage: false,

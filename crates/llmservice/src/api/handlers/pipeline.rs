@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::http::HeaderMap;
 use engine::chat::{ChatTemplate, ToolCallStream};
 use engine::Engine;
 use futures_util::{Stream, StreamExt};
 
+use super::{text_model, wants_to_wait};
 use crate::api::error::ApiError;
 use crate::chat::{self, ChatJob, ChatPrompt, Rounds};
 use crate::error::RequestError;
@@ -15,6 +17,23 @@ use crate::generation::{self, ChoiceEvent};
 use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::ChatCompletionRequest;
+
+/// A translated chat request checked, and its model ready: the job, the
+/// model's entry and its engine (the chat-shaped APIs other than chat itself,
+/// which looks in the response cache before it loads a model).
+pub(super) async fn prepare(
+    state: &AppState,
+    headers: &HeaderMap,
+    chat: &ChatCompletionRequest,
+) -> Result<(ChatJob, Arc<ModelEntry>, Arc<Engine>), ApiError> {
+    let job = ChatJob::new(chat)?;
+    let entry = text_model(state, &chat.model).await?;
+    let engine = state
+        .registry
+        .engine(&entry, wants_to_wait(headers))
+        .await?;
+    Ok((job, entry, engine))
+}
 
 /// One choice's event, by the choice's index.
 type Events = (u32, Result<ChoiceEvent, RequestError>);
