@@ -22,6 +22,8 @@ ROUTES = {
                                   "messages": [{"role": "user", "content": PROMPT}]}),
     "ollama": ("/api/chat", {"model": "light", "stream": False, "options": {"num_predict": TOKENS, "temperature": 0},
                              "messages": [{"role": "user", "content": PROMPT}]}),
+    "responses": ("/v1/responses", {"model": "light", "max_output_tokens": TOKENS, "temperature": 0,
+                                    "input": PROMPT, "store": False}),
 }
 
 

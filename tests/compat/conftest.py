@@ -157,6 +157,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     env.update(
         LIGHT_MODEL_PATH=str(model),
         MODELS_DIR=str(models_dir),
+        DATA_DIR=str(workdir / "data"),
         LIGHT_N_CTX="2048",
         LIGHT_N_THREADS="2",
         RUST_BACKTRACE="1",

@@ -4,7 +4,8 @@
 //! - `api`: the router, thin handlers, answers, SSE, the cache at the edge;
 //! - `chat`, `generation`: what a request means, apart from HTTP;
 //! - `wire`: the serde shapes of requests and answers;
-//! - `models` (registry), `cache` (the response store), `telemetry`;
+//! - `models` (registry), `cache` (the response cache), `response_store`
+//!   (the Responses API's stored answers), `telemetry`;
 //! - `engine`, a separate crate that knows nothing of HTTP.
 //!
 //! `cli` and `settings` turn flags and environment into `Settings`; `state`
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod error;
 pub mod generation;
 pub mod models;
+pub mod response_store;
 pub mod server;
 pub mod settings;
 pub mod state;

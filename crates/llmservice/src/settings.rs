@@ -112,6 +112,8 @@ pub struct Settings {
     /// Exit after this long without requests (`SHUTDOWN_TIMEOUT`, 0 = never).
     pub shutdown_timeout: Option<Duration>,
     pub cache: CacheSettings,
+    /// Where and how long Responses API answers are kept.
+    pub responses: crate::response_store::StoreSettings,
 }
 
 /// A configuration value that does not parse, named so the operator can fix it.
@@ -267,6 +269,23 @@ impl Settings {
             }
         }
         let cache = CacheSettings::from_env(|n| env.get(n), &data_dir)?;
+        let responses = crate::response_store::StoreSettings {
+            dir: data_dir.clone(),
+            max_entries: parse_positive(
+                env,
+                "RESPONSES_MAX_STORED",
+                "send store: false to keep none",
+            )?
+            .unwrap_or(10_000),
+            ttl: Duration::from_secs(
+                parse_positive(
+                    env,
+                    "RESPONSES_TTL_SECONDS",
+                    "send store: false to keep none",
+                )?
+                .unwrap_or(30 * 24 * 3600),
+            ),
+        };
         Ok(Settings {
             host: args
                 .host
@@ -290,6 +309,7 @@ impl Settings {
                 None => parse(env, &["MAX_BODY_BYTES"])?.unwrap_or(10 * 1024 * 1024),
             },
             cache,
+            responses,
             tiers,
             dir_keep_alive: keep_alive(env, "KEEP_ALIVE")?,
             max_loaded_models: parse::<usize>(

@@ -1,5 +1,6 @@
 //! What every request handler shares: settings, the model registry, the
-//! response cache, the metrics, and when the server was last busy.
+//! response cache, the stored Responses API answers, the metrics, and when
+//! the server was last busy.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use crate::cache::ResponseCache;
 use crate::models::Registry;
+use crate::response_store::ResponseStore;
 use crate::settings::Settings;
 use crate::telemetry::Metrics;
 
@@ -15,6 +17,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
     pub cache: Arc<ResponseCache>,
+    /// Responses API answers kept for `previous_response_id` and `GET`.
+    pub responses: Arc<ResponseStore>,
     pub metrics: Arc<Metrics>,
     /// Milliseconds since the Unix epoch of the last request's start or end.
     last_activity: Arc<AtomicU64>,
@@ -27,6 +31,7 @@ impl AppState {
         Self {
             registry: Arc::new(Registry::new(settings.clone())),
             cache: Arc::new(ResponseCache::new(settings.cache.clone())),
+            responses: Arc::new(ResponseStore::open(settings.responses.clone())),
             metrics: Arc::new(Metrics::new()),
             last_activity: Arc::new(AtomicU64::new(now_millis())),
             settings,

@@ -27,7 +27,8 @@ use tracing::Instrument;
 
 use error::ApiError;
 use handlers::{
-    chat, completions, embeddings, functions, messages, models, ollama, ops, rerank, tokens,
+    chat, completions, embeddings, functions, messages, models, ollama, ops, rerank, responses,
+    tokens,
 };
 
 pub use crate::state::AppState;
@@ -49,6 +50,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::create_response))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get_response).delete(responses::delete_response),
+        )
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/api/version", get(ollama::version))

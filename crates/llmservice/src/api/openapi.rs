@@ -16,6 +16,9 @@ use crate::wire::*;
     paths(
         handlers::chat::chat_completions,
         handlers::completions::completions,
+        handlers::responses::create_response,
+        handlers::responses::get_response,
+        handlers::responses::delete_response,
         handlers::messages::messages,
         handlers::messages::count_tokens,
         handlers::ollama::version,
@@ -41,6 +44,13 @@ use crate::wire::*;
         handlers::ops::cache_stats,
         handlers::ops::metrics,
     ),
-    components(schemas(ErrorResponse, ErrorDetail, Usage, ChatCompletionChunk, MessagesEvent))
+    components(schemas(
+        ErrorResponse,
+        ErrorDetail,
+        Usage,
+        ChatCompletionChunk,
+        MessagesEvent,
+        ResponsesEvent
+    ))
 )]
 pub struct ApiDoc;

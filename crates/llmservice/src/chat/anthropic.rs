@@ -4,6 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
+use super::required_str;
 use crate::error::RequestError;
 use crate::wire::{ChatCompletionRequest, MessagesRequest};
 
@@ -154,13 +155,6 @@ fn turn(message: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), RequestEr
         }
     }
     Ok(())
-}
-
-fn required_str<'a>(block: &'a Value, key: &str, at: &str) -> Result<&'a str, RequestError> {
-    block
-        .get(key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| RequestError::invalid(&format!("{at}.{key}"), format!("{key} is required")))
 }
 
 /// A string, or the text of a list of `text` blocks.

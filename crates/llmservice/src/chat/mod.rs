@@ -9,6 +9,7 @@ mod constraints;
 mod messages;
 pub mod ollama;
 mod prompt;
+pub mod responses;
 mod rounds;
 pub mod tools;
 
@@ -93,6 +94,14 @@ impl ChatJob {
             "grammar": req.grammar,
         })
     }
+}
+
+/// The string under `key` in a JSON item of another API's request, which
+/// must be there; `at` names the item.
+fn required_str<'a>(item: &'a Value, key: &str, at: &str) -> Result<&'a str, RequestError> {
+    item.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| RequestError::invalid(&format!("{at}.{key}"), format!("{key} is required")))
 }
 
 /// The field an output constraint came from.

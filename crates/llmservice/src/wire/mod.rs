@@ -10,6 +10,7 @@ mod embeddings;
 mod messages;
 mod models;
 mod ollama;
+mod responses;
 mod tokens;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ pub use embeddings::*;
 pub use messages::*;
 pub use models::*;
 pub use ollama::*;
+pub use responses::*;
 pub use tokens::*;
 
 /// Why a choice ended, as OpenAI names it.

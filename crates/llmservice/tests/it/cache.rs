@@ -123,6 +123,56 @@ async fn a_streamed_answer_is_cached_for_later_requests() {
 }
 
 #[tokio::test]
+async fn the_translated_apis_share_the_chat_answer() {
+    let app = TestApp::new(&[("ENABLE_CACHE", "true")]);
+    let question = "Name three colors.";
+    let chat = json!({"model": "light", "temperature": 0, "max_tokens": 12,
+                      "messages": [{"role": "user", "content": question}]});
+    let (status, headers, first) = app.post("/v1/chat/completions", chat).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(headers["x-llmservice-cache"], "miss");
+    let text = first["choices"][0]["message"]["content"].as_str().unwrap();
+    wait_for_entries(&app, 1).await;
+
+    // The same question through each translated API is the same chat request.
+    let messages = json!({"model": "light", "temperature": 0, "max_tokens": 12,
+                          "messages": [{"role": "user", "content": question}]});
+    let (_, headers, message) = app.post("/v1/messages", messages).await;
+    assert_eq!(headers["x-llmservice-cache"], "hit", "{message}");
+    assert_eq!(message["content"][0]["text"], text);
+    assert_eq!(
+        message["usage"]["output_tokens"],
+        first["usage"]["completion_tokens"]
+    );
+
+    let ollama = json!({"model": "light", "stream": false,
+                        "options": {"temperature": 0, "num_predict": 12},
+                        "messages": [{"role": "user", "content": question}]});
+    let (_, headers, reply) = app.post("/api/chat", ollama).await;
+    assert_eq!(headers["x-llmservice-cache"], "hit", "{reply}");
+    assert_eq!(reply["message"]["content"], text);
+
+    let responses =
+        json!({"model": "light", "temperature": 0, "max_output_tokens": 12, "input": question});
+    let (_, headers, response) = app.post("/v1/responses", responses).await;
+    assert_eq!(headers["x-llmservice-cache"], "hit", "{response}");
+    assert_eq!(response["output"][0]["content"][0]["text"], text);
+    // A replayed response is stored like a generated one.
+    let id = response["id"].as_str().unwrap();
+    let (status, stored) = app.get(&format!("/v1/responses/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(stored["output"], response["output"]);
+
+    // A Messages answer that names its stop sequence is never taken from the cache.
+    let stopped = json!({"model": "light", "temperature": 0, "max_tokens": 12, "stop_sequences": ["zzz"],
+                         "messages": [{"role": "user", "content": question}]});
+    let (_, headers, _) = app.post("/v1/messages", stopped).await;
+    assert_eq!(headers["x-llmservice-cache"], "miss");
+    let stats = app.state.cache.stats();
+    assert_eq!((stats.hits, stats.misses), (3, 1));
+}
+
+#[tokio::test]
 async fn schemas_that_differ_only_in_property_order_are_different_answers() {
     let app = TestApp::new(&[("ENABLE_CACHE", "true")]);
     let ask = |first: &str, second: &str| {

@@ -43,6 +43,11 @@ impl ChatAnswer {
         shape: ChatShape,
     ) -> (Self, Vec<(u32, ChoiceEvent)>) {
         let answer = Self::new(head, cached.choices.len(), shape);
+        (answer, Self::events_of(cached))
+    }
+
+    /// The events that replay a cached answer, each with its choice's index.
+    pub fn events_of(cached: ChatCompletion) -> Vec<(u32, ChoiceEvent)> {
         let mut events = Vec::new();
         for (index, choice) in cached.choices.into_iter().enumerate() {
             let calls = match (choice.message.tool_calls, choice.message.function_call) {
@@ -80,7 +85,29 @@ impl ChatAnswer {
             };
             events.extend(record.replay().into_iter().map(|e| (index as u32, e)));
         }
-        (answer, events)
+        events
+    }
+
+    /// The chat completion that `records` make, as the response cache keeps
+    /// it: what another API's answer stores, so that chat and the APIs
+    /// translated onto it share entries.
+    pub fn cache_body_of(records: &[ChoiceRecord]) -> serde_json::Value {
+        let head = AnswerHead {
+            id: String::new(),
+            created: 0,
+            model: String::new(),
+            stream: false,
+            include_usage: false,
+        };
+        let shape = ChatShape {
+            legacy: false,
+            logprobs: false,
+        };
+        let answer = Self {
+            records: records.to_vec(),
+            ..Self::new(head, 0, shape)
+        };
+        super::json_value(&answer.whole())
     }
 
     fn chunk(&self, choices: Vec<ChatChunkChoice>) -> ChatCompletionChunk {
@@ -217,7 +244,7 @@ impl Answer for ChatAnswer {
         self.records.len()
     }
 
-    fn opening(&self) -> Vec<ChatCompletionChunk> {
+    fn opening(&mut self) -> Vec<ChatCompletionChunk> {
         (0..self.records.len() as u32)
             .map(|index| {
                 let role = ChatDelta {

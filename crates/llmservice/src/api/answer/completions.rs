@@ -104,7 +104,7 @@ impl Answer for TextAnswer {
         self.choices_per_prompt
     }
 
-    fn opening(&self) -> Vec<Completion> {
+    fn opening(&mut self) -> Vec<Completion> {
         self.echoes
             .iter()
             .enumerate()

@@ -129,11 +129,7 @@ impl Answer for MessagesAnswer {
         &mut self.records
     }
 
-    fn choices_per_prompt(&self) -> usize {
-        1
-    }
-
-    fn opening(&self) -> Vec<MessagesEvent> {
+    fn opening(&mut self) -> Vec<MessagesEvent> {
         let usage = MessagesUsage {
             input_tokens: self.input_tokens,
             ..Default::default()
@@ -197,6 +193,10 @@ impl Answer for MessagesAnswer {
         });
         events.push(MessagesEvent::MessageStop);
         events
+    }
+
+    fn cache_body(&self) -> serde_json::Value {
+        super::ChatAnswer::cache_body_of(&self.records)
     }
 
     fn whole(&self) -> Message {

@@ -8,6 +8,7 @@ mod chat;
 mod completions;
 mod messages;
 mod ollama;
+mod responses;
 
 use axum::response::sse::Event as SseEvent;
 use futures_util::{Stream, StreamExt};
@@ -22,6 +23,7 @@ pub use chat::{ChatAnswer, ChatShape};
 pub use completions::TextAnswer;
 pub use messages::MessagesAnswer;
 pub use ollama::OllamaAnswer;
+pub use responses::ResponsesAnswer;
 
 /// What every answer carries besides its choices.
 #[derive(Debug, Clone)]
@@ -59,10 +61,13 @@ pub trait Answer: Send + 'static {
     /// The records, in choice order.
     fn records(&self) -> &[ChoiceRecord];
     fn records_mut(&mut self) -> &mut [ChoiceRecord];
-    /// Choices that share one prompt (their prompt tokens count once).
-    fn choices_per_prompt(&self) -> usize;
+    /// Choices that share one prompt (their prompt tokens count once): one,
+    /// unless the API asks for several (`n`).
+    fn choices_per_prompt(&self) -> usize {
+        1
+    }
     /// The chunks that open a stream, before any event.
-    fn opening(&self) -> Vec<Self::Chunk>;
+    fn opening(&mut self) -> Vec<Self::Chunk>;
     /// The chunks a recorded piece becomes (none for a piece the shape hides).
     fn piece_chunks(&mut self, index: u32, event: &ChoiceEvent) -> Vec<Self::Chunk>;
     /// The chunks that close a finished choice.
@@ -75,6 +80,19 @@ pub trait Answer: Send + 'static {
     }
     /// The whole answer: the JSON response and the cache entry.
     fn whole(&self) -> Self::Whole;
+
+    /// The whole answer as the response cache keeps it (APIs translated
+    /// onto chat keep a chat completion, see [`ChatAnswer::cache_body_of`]).
+    fn cache_body(&self) -> serde_json::Value {
+        json_value(&self.whole())
+    }
+
+    /// An error after the stream started as a chunk of the stream, for APIs
+    /// whose error events are numbered with the rest (Responses); the others
+    /// hand the error back for [`Answer::sse_error_event`].
+    fn error_chunk(&mut self, error: RequestError) -> Result<Self::Chunk, RequestError> {
+        Err(error)
+    }
 
     /// A chunk as the SSE event that carries it (OpenAI's: a bare payload).
     fn sse_event(chunk: &Self::Chunk) -> SseEvent {
@@ -125,6 +143,11 @@ pub trait Answer: Send + 'static {
     }
 }
 
+/// A wire value as JSON.
+pub fn json_value<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("wire types always serialize")
+}
+
 /// Reads every event into `answer`; the first error fails the whole answer.
 pub async fn collect<A, S>(mut answer: A, events: S) -> Result<A, RequestError>
 where
@@ -171,7 +194,7 @@ where
             let event = match event {
                 Ok(event) => event,
                 Err(error) => {
-                    yield Piece::Error(error);
+                    yield failure(&mut answer, error);
                     yield Piece::End;
                     return;
                 }
@@ -191,8 +214,16 @@ where
             }
         }
         // The engine went away without finishing every choice.
-        yield Piece::Error(engine::EngineError::ShutDown.into());
+        yield failure(&mut answer, engine::EngineError::ShutDown.into());
         yield Piece::End;
+    }
+}
+
+/// An error after the stream started, as the answer reports it.
+fn failure<A: Answer>(answer: &mut A, error: RequestError) -> Piece<A::Chunk> {
+    match answer.error_chunk(error) {
+        Ok(chunk) => Piece::Chunk(chunk),
+        Err(error) => Piece::Error(error),
     }
 }
 

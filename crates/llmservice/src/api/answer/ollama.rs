@@ -105,11 +105,7 @@ impl Answer for OllamaAnswer {
         &mut self.records
     }
 
-    fn choices_per_prompt(&self) -> usize {
-        1
-    }
-
-    fn opening(&self) -> Vec<OllamaChunk> {
+    fn opening(&mut self) -> Vec<OllamaChunk> {
         Vec::new()
     }
 
@@ -135,6 +131,10 @@ impl Answer for OllamaAnswer {
 
     fn finish_chunks(&mut self, _index: u32) -> Vec<OllamaChunk> {
         vec![self.line(String::new(), Vec::new(), Some(self.stats()))]
+    }
+
+    fn cache_body(&self) -> serde_json::Value {
+        super::ChatAnswer::cache_body_of(&self.records)
     }
 
     fn whole(&self) -> OllamaChunk {

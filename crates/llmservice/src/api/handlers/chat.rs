@@ -6,13 +6,12 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::pipeline::generate;
-use super::{respond, text_model, wants_to_wait, Delivery};
+use super::pipeline::{cache_key, check, generate, load};
+use super::{respond, Delivery};
 use crate::api::answer::{AnswerHead, ChatAnswer, ChatShape};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
-use crate::api::response_cache;
-use crate::chat::ChatJob;
+use crate::api::response_cache::{self, Served};
 use crate::state::AppState;
 use crate::wire::{ChatCompletion, ChatCompletionRequest, ErrorResponse};
 
@@ -23,36 +22,19 @@ pub async fn chat_completions(
     Json(req): Json<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let job = ChatJob::new(&req)?;
-    let entry = text_model(&state, &req.model).await?;
+    let (job, entry) = check(&state, &req).await?;
     let head = AnswerHead::new("chatcmpl", &req.model, &req.sampling);
     let shape = ChatShape {
         legacy: job.legacy(),
         logprobs: job.logprobs.is_some(),
     };
     let answer = ChatAnswer::new(head.clone(), job.n as usize, shape);
-    // Built-in functions read the clock: their answers are never reused.
-    let cache_key = (!job.builtins)
-        .then(|| {
-            let payload = job.cache_payload(&req);
-            response_cache::key_for(
-                &state.cache,
-                "chat",
-                &entry,
-                &req.sampling,
-                &entry.defaults,
-                payload,
-            )
-        })
-        .flatten();
+    let cache_key = cache_key(&state, &entry, &req, &job);
     let replayed = response_cache::replay_chat(&state.cache, cache_key.as_ref(), head, shape);
     if let Some(response) = replayed.await {
         return Ok(response);
     }
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
+    let engine = load(&state, &headers, &entry).await?;
     let (events, _) = generate(&state, &entry, &engine, &req, job, started).await?;
     let delivery = Delivery {
         state,
@@ -60,6 +42,7 @@ pub async fn chat_completions(
         endpoint: "chat",
         cache_key,
         started,
+        keep: None,
     };
-    respond(answer, events, delivery).await
+    respond(answer, events, delivery, Served::Generated).await
 }

@@ -75,8 +75,9 @@ pub async fn completions(
         endpoint: "completions",
         cache_key,
         started,
+        keep: None,
     };
-    respond(answer, events, delivery).await
+    respond(answer, events, delivery, response_cache::Served::Generated).await
 }
 
 /// Queues every prompt's `n` choices, prompt-major (prompt p, choice c has

@@ -9,11 +9,15 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::pipeline::{chat_template, generate, prepare};
+use super::pipeline::{
+    cache_key, cached_events, chat_template, check, generate, load, replayed,
+    replayed_prompt_tokens,
+};
 use super::{off_async, respond, Delivery};
 use crate::api::answer::{AnswerHead, MessagesAnswer};
 use crate::api::error::{AnthropicError, ApiError};
 use crate::api::json::Json;
+use crate::api::response_cache::Served;
 use crate::chat::anthropic::{self, PromptParts};
 use crate::chat::ChatPrompt;
 use crate::state::AppState;
@@ -30,23 +34,34 @@ pub async fn messages(
     let Json(req) = body?;
     let started = Instant::now();
     let chat = anthropic::chat_request(&req)?;
-    let (job, entry, engine) = prepare(&state, &headers, &chat).await?;
-    let (events, prompt_tokens) = generate(&state, &entry, &engine, &chat, job, started).await?;
+    let (job, entry) = check(&state, &chat).await?;
     let head = AnswerHead {
         id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
         include_usage: false,
         ..AnswerHead::new("msg", &req.model, &chat.sampling)
     };
     let stops = req.stop_sequences.clone().unwrap_or_default();
-    let answer = MessagesAnswer::new(head, prompt_tokens, stops);
+    // A cached chat answer does not say which stop sequence ended it.
+    let cache_key = stops
+        .is_empty()
+        .then(|| cache_key(&state, &entry, &chat, &job))
+        .flatten();
     let delivery = Delivery {
-        state,
+        state: state.clone(),
         model_id: entry.id.clone(),
         endpoint: "messages",
-        cache_key: None,
+        cache_key: cache_key.clone(),
         started,
+        keep: None,
     };
-    Ok(respond(answer, events, delivery).await?)
+    if let Some(events) = cached_events(&state, cache_key.as_ref()).await {
+        let answer = MessagesAnswer::new(head, replayed_prompt_tokens(&events), stops);
+        return Ok(respond(answer, replayed(events), delivery, Served::FromCache).await?);
+    }
+    let engine = load(&state, &headers, &entry).await?;
+    let (events, prompt_tokens) = generate(&state, &entry, &engine, &chat, job, started).await?;
+    let answer = MessagesAnswer::new(head, prompt_tokens, stops);
+    Ok(respond(answer, events, delivery, Served::Generated).await?)
 }
 
 #[utoipa::path(post, path = "/v1/messages/count_tokens", request_body = CountTokensRequest, responses((status = 200, description = "The prompt's length in tokens, as `/v1/messages` would render it", body = CountTokensAnswer), (status = 400, description = "Bad parameters or blocks", body = MessagesErrorBody), (status = 404, description = "Unknown model", body = MessagesErrorBody)))]
@@ -63,7 +78,8 @@ pub async fn count_tokens(
         tool_choice: req.tool_choice.as_ref(),
     };
     let chat = anthropic::count_request(&req.model, &parts)?;
-    let (job, _, engine) = prepare(&state, &headers, &chat).await?;
+    let (job, entry) = check(&state, &chat).await?;
+    let engine = load(&state, &headers, &entry).await?;
     let input_tokens = off_async(move || {
         let prompt = ChatPrompt {
             template: chat_template(engine.info())?,

@@ -12,6 +12,7 @@ pub mod models;
 pub mod ollama;
 pub mod ops;
 pub mod rerank;
+pub mod responses;
 pub mod tokens;
 
 mod pipeline;
@@ -61,10 +62,6 @@ fn wants_to_wait(headers: &HeaderMap) -> bool {
         .is_none_or(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "no"))
 }
 
-fn wire_value<T: serde::Serialize>(value: &T) -> serde_json::Value {
-    serde_json::to_value(value).expect("wire types always serialize")
-}
-
 /// Where a generation's answer goes once it is whole.
 struct Delivery {
     state: AppState,
@@ -72,14 +69,22 @@ struct Delivery {
     endpoint: &'static str,
     cache_key: Option<CacheKey>,
     started: Instant,
+    /// Also handed the whole answer's JSON (the Responses API stores it).
+    keep: Option<Box<dyn FnOnce(serde_json::Value) + Send>>,
 }
 
 impl Delivery {
-    /// Stores the whole answer (`body` makes its JSON) when it has a cache
-    /// key, and logs the generation.
-    fn finished<A: Answer>(self, answer: &A, body: impl FnOnce() -> serde_json::Value) {
+    /// Hands the whole answer to `keep`; a generated one is also stored in
+    /// the cache (when it has a key) and logged.
+    fn finished<A: Answer>(self, answer: &A, served: Served) {
+        if let Some(keep) = self.keep {
+            keep(answer::json_value(&answer.whole()));
+        }
+        if served == Served::FromCache {
+            return;
+        }
         if let Some(key) = self.cache_key {
-            response_cache::store(&self.state.cache, key, body());
+            response_cache::store(&self.state.cache, key, answer.cache_body());
         }
         crate::generation::log_done(
             &self.state.metrics,
@@ -91,10 +96,15 @@ impl Delivery {
     }
 }
 
-/// Answers with the generation's events: read to the end into one JSON
-/// answer, or sent as SSE while they arrive. Either way the whole answer is
-/// stored in the cache (when `cache_key` is set) and logged.
-async fn respond<A, S>(answer: A, events: S, delivery: Delivery) -> Result<Response, ApiError>
+/// Answers with the events of a generation (or a cache replay): read to the
+/// end into one JSON answer, or sent as SSE (or NDJSON) while they arrive.
+/// Either way the whole answer goes where `delivery` says.
+async fn respond<A, S>(
+    answer: A,
+    events: S,
+    delivery: Delivery,
+    served: Served,
+) -> Result<Response, ApiError>
 where
     A: Answer,
     A::Chunk: Send,
@@ -102,21 +112,20 @@ where
 {
     let response = if answer.head().stream && A::NDJSON {
         ndjson(answer::lines(answer, events, move |a| {
-            delivery.finished(a, || wire_value(&a.whole()));
+            delivery.finished(a, served)
         }))
     } else if answer.head().stream {
         sse(answer::stream(answer, events, move |a| {
-            delivery.finished(a, || wire_value(&a.whole()));
+            delivery.finished(a, served)
         }))
     } else {
         let answer = answer::collect(answer, events).await?;
+        delivery.finished(&answer, served);
         // Sent as the wire struct itself, so its numbers read as they do in
         // a stream; the cache keeps its JSON value.
-        let whole = answer.whole();
-        delivery.finished(&answer, || wire_value(&whole));
-        axum::Json(whole).into_response()
+        axum::Json(answer.whole()).into_response()
     };
-    Ok(response_cache::mark(response, Served::Generated))
+    Ok(response_cache::mark(response, served))
 }
 
 /// A stream of JSON lines as an `application/x-ndjson` response.

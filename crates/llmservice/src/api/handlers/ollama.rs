@@ -14,13 +14,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::pipeline::{generate, prepare};
+use super::pipeline::{cache_key, cached_events, check, generate, load, replayed};
 use super::{
     log_encoded, require_kind, respond, text_model, tokenize_inputs, wants_to_wait, Delivery,
 };
 use crate::api::answer::{AnswerHead, OllamaAnswer};
 use crate::api::error::{ApiError, OllamaError};
 use crate::api::json::Json;
+use crate::api::response_cache::Served;
 use crate::chat::ollama as translate;
 use crate::models::ModelEntry;
 use crate::state::AppState;
@@ -303,14 +304,14 @@ async fn answer(
 ) -> Result<Response, OllamaError> {
     let started = Instant::now();
     chat.model = model_name(model).to_owned();
-    let (job, entry, engine) = prepare(&state, &headers, &chat).await?;
-    let (events, _) = generate(&state, &entry, &engine, &chat, job, started).await?;
+    let (job, entry) = check(&state, &chat).await?;
     let head = AnswerHead {
         model: model.to_owned(),
         include_usage: false,
         ..AnswerHead::new("ollama", model, &chat.sampling)
     };
     let answer = OllamaAnswer::new(head, is_chat, started);
+    let cache_key = cache_key(&state, &entry, &chat, &job);
     let delivery = Delivery {
         state: state.clone(),
         model_id: entry.id.clone(),
@@ -319,10 +320,18 @@ async fn answer(
         } else {
             "ollama_generate"
         },
-        cache_key: None,
+        cache_key: cache_key.clone(),
         started,
+        keep: None,
     };
-    let response = respond(answer, events, delivery).await?;
+    let response = match cached_events(&state, cache_key.as_ref()).await {
+        Some(events) => respond(answer, replayed(events), delivery, Served::FromCache).await?,
+        None => {
+            let engine = load(&state, &headers, &entry).await?;
+            let (events, _) = generate(&state, &entry, &engine, &chat, job, started).await?;
+            respond(answer, events, delivery, Served::Generated).await?
+        }
+    };
     if translate::unloads_now(keep_alive) {
         unload_when_idle(entry);
     }

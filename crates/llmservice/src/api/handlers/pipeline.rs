@@ -10,7 +10,10 @@ use engine::Engine;
 use futures_util::{Stream, StreamExt};
 
 use super::{text_model, wants_to_wait};
+use crate::api::answer::ChatAnswer;
 use crate::api::error::ApiError;
+use crate::api::response_cache;
+use crate::cache::CacheKey;
 use crate::chat::{self, ChatJob, ChatPrompt, Rounds};
 use crate::error::RequestError;
 use crate::generation::{self, ChoiceEvent};
@@ -18,21 +21,78 @@ use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::ChatCompletionRequest;
 
-/// A translated chat request checked, and its model ready: the job, the
-/// model's entry and its engine (the chat-shaped APIs other than chat itself,
-/// which looks in the response cache before it loads a model).
-pub(super) async fn prepare(
+/// A chat request checked, and the model it names: the job and the model's
+/// entry (the model is not loaded yet: a cached answer needs none).
+pub(super) async fn check(
     state: &AppState,
-    headers: &HeaderMap,
     chat: &ChatCompletionRequest,
-) -> Result<(ChatJob, Arc<ModelEntry>, Arc<Engine>), ApiError> {
+) -> Result<(ChatJob, Arc<ModelEntry>), ApiError> {
     let job = ChatJob::new(chat)?;
     let entry = text_model(state, &chat.model).await?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(headers))
-        .await?;
-    Ok((job, entry, engine))
+    Ok((job, entry))
+}
+
+/// The model's engine, loading it if need be.
+pub(super) async fn load(
+    state: &AppState,
+    headers: &HeaderMap,
+    entry: &Arc<ModelEntry>,
+) -> Result<Arc<Engine>, ApiError> {
+    Ok(state.registry.engine(entry, wants_to_wait(headers)).await?)
+}
+
+/// The response cache's key for a chat request, or `None` when its answer
+/// must not be reused. The APIs translated onto chat use the key of the chat
+/// request they stand for, so the same question shares one entry whichever
+/// API asks it.
+pub(super) fn cache_key(
+    state: &AppState,
+    entry: &ModelEntry,
+    chat: &ChatCompletionRequest,
+    job: &ChatJob,
+) -> Option<CacheKey> {
+    // Built-in functions read the clock: their answers are never reused.
+    if job.builtins {
+        return None;
+    }
+    let payload = job.cache_payload(chat);
+    response_cache::key_for(
+        &state.cache,
+        "chat",
+        entry,
+        &chat.sampling,
+        &entry.defaults,
+        payload,
+    )
+}
+
+/// The events that replay the cached chat answer under `key`, for an API
+/// translated onto chat to answer in its own shape.
+pub(super) async fn cached_events(
+    state: &AppState,
+    key: Option<&CacheKey>,
+) -> Option<Vec<(u32, ChoiceEvent)>> {
+    let body = response_cache::lookup(&state.cache, key?).await?;
+    let cached = serde_json::from_value(body).ok()?;
+    Some(ChatAnswer::events_of(cached))
+}
+
+/// Replayed events as the stream a generation gives.
+pub(super) fn replayed(
+    events: Vec<(u32, ChoiceEvent)>,
+) -> impl Stream<Item = Events> + Send + 'static {
+    futures_util::stream::iter(events.into_iter().map(|(index, event)| (index, Ok(event))))
+}
+
+/// The prompt's length recorded with replayed events.
+pub(super) fn replayed_prompt_tokens(events: &[(u32, ChoiceEvent)]) -> u32 {
+    events
+        .iter()
+        .find_map(|(_, event)| match event {
+            ChoiceEvent::Done(_, usage) => Some(usage.prompt_tokens),
+            ChoiceEvent::Delta(..) => None,
+        })
+        .unwrap_or(0)
 }
 
 /// One choice's event, by the choice's index.
