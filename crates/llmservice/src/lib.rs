@@ -5,7 +5,7 @@
 //! - `chat`, `generation`: what a request means, apart from HTTP;
 //! - `wire`: the serde shapes of requests and answers;
 //! - `models` (registry), `cache` (the response cache), `response_store`
-//!   (the Responses API's stored answers), `telemetry`;
+//!   (the Responses API's stored answers), `keys` (who may call), `telemetry`;
 //! - `engine`, a separate crate that knows nothing of HTTP.
 //!
 //! `cli` and `settings` turn flags and environment into `Settings`; `state`
@@ -18,6 +18,7 @@ pub mod chat;
 pub mod cli;
 pub mod error;
 pub mod generation;
+pub mod keys;
 pub mod models;
 pub mod response_store;
 pub mod server;

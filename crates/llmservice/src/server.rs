@@ -29,6 +29,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         %addr,
         models = models.len(),
         models_dir = %settings.models_dir.display(),
+        api_key = if state.keys.api_needs_key() { "required" } else { "not required (loopback)" },
         "llmservice listening"
     );
     for entry in &models {

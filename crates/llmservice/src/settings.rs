@@ -114,6 +114,10 @@ pub struct Settings {
     pub cache: CacheSettings,
     /// Where and how long Responses API answers are kept.
     pub responses: crate::response_store::StoreSettings,
+    /// The operator's API keys and whether loopback needs one.
+    pub keys: crate::keys::KeySettings,
+    /// Origins browsers may call the API from (`CORS_ALLOW_ORIGINS`); `None`: any.
+    pub cors_allow_origins: Option<Vec<String>>,
 }
 
 /// A configuration value that does not parse, named so the operator can fix it.
@@ -286,7 +290,21 @@ impl Settings {
                 .unwrap_or(30 * 24 * 3600),
             ),
         };
+        let keys = crate::keys::KeySettings {
+            keys: ["API_KEY", "LLM_SERVICE_API_KEY"]
+                .iter()
+                .filter_map(|name| env.get(name))
+                .flat_map(|value| list(&value))
+                .collect(),
+            require: parse_bool(env, "REQUIRE_API_KEY")?,
+        };
+        let cors_allow_origins = env
+            .get("CORS_ALLOW_ORIGINS")
+            .map(|value| list(&value))
+            .filter(|origins| !origins.iter().any(|o| o == "*"));
         Ok(Settings {
+            keys,
+            cors_allow_origins,
             host: args
                 .host
                 .clone()
@@ -332,6 +350,16 @@ impl Settings {
             dir_defaults: GenerationDefaults::default(),
         })
     }
+}
+
+/// A comma-separated list, trimmed, without empty items.
+fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Ollama-style keep-alive: seconds, or a number with `s`, `m` or `h`; negative

@@ -1,12 +1,13 @@
 //! What every request handler shares: settings, the model registry, the
-//! response cache, the stored Responses API answers, the metrics, and when
-//! the server was last busy.
+//! response cache, the stored Responses API answers, the API keys, the
+//! metrics, and when the server was last busy.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::ResponseCache;
+use crate::keys::Keys;
 use crate::models::Registry;
 use crate::response_store::ResponseStore;
 use crate::settings::Settings;
@@ -17,6 +18,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
     pub cache: Arc<ResponseCache>,
+    /// Who may call: the operator's keys and the named keys.
+    pub keys: Arc<Keys>,
     /// Responses API answers kept for `previous_response_id` and `GET`.
     pub responses: Arc<ResponseStore>,
     pub metrics: Arc<Metrics>,
@@ -32,6 +35,11 @@ impl AppState {
             registry: Arc::new(Registry::new(settings.clone())),
             cache: Arc::new(ResponseCache::new(settings.cache.clone())),
             responses: Arc::new(ResponseStore::open(settings.responses.clone())),
+            keys: Arc::new(Keys::open(
+                &settings.keys,
+                &settings.host,
+                &settings.data_dir,
+            )),
             metrics: Arc::new(Metrics::new()),
             last_activity: Arc::new(AtomicU64::new(now_millis())),
             settings,

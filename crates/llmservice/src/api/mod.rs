@@ -7,6 +7,7 @@
 //! wire types (`crate::wire`) know nothing of this module.
 
 mod answer;
+mod auth;
 pub mod error;
 mod handlers;
 mod json;
@@ -20,15 +21,15 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
-use tower_http::cors::CorsLayer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
 
 use error::ApiError;
 use handlers::{
-    chat, completions, embeddings, functions, messages, models, ollama, ops, rerank, responses,
-    tokens,
+    admin, chat, completions, embeddings, functions, messages, models, ollama, ops, rerank,
+    responses, tokens,
 };
 
 pub use crate::state::AppState;
@@ -71,6 +72,11 @@ pub fn router(state: AppState) -> Router {
         .route("/embeddings", post(embeddings::embeddings))
         .route("/v1/rerank", post(rerank::rerank))
         .route("/rerank", post(rerank::rerank))
+        .route(
+            "/admin/api/keys",
+            get(admin::list_keys).post(admin::create_key),
+        )
+        .route("/admin/api/keys/{id}", delete(admin::revoke_key))
         .route("/internal/cache/stats", get(ops::cache_stats))
         .route("/metrics", get(ops::metrics))
         .route("/tokenize", post(tokens::tokenize))
@@ -78,9 +84,30 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(CorsLayer::permissive())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
+        .layer(cors(&state.settings.cors_allow_origins))
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .with_state(state)
+}
+
+/// Browsers may call from any origin unless `CORS_ALLOW_ORIGINS` lists
+/// them (preflight requests are answered here, before any key check).
+fn cors(origins: &Option<Vec<String>>) -> CorsLayer {
+    let Some(origins) = origins else {
+        return CorsLayer::permissive();
+    };
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods(Any)
+        .allow_headers(Any)
+        .expose_headers(Any)
 }
 
 async fn unknown_route(request: Request) -> ApiError {

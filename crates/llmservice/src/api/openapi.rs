@@ -42,8 +42,13 @@ use crate::wire::*;
         handlers::tokens::tokenize,
         handlers::tokens::detokenize,
         handlers::ops::cache_stats,
+        handlers::admin::list_keys,
+        handlers::admin::create_key,
+        handlers::admin::revoke_key,
         handlers::ops::metrics,
     ),
+    modifiers(&BearerKey),
+    security((), ("bearer" = []), ("x_api_key" = [])),
     components(schemas(
         ErrorResponse,
         ErrorDetail,
@@ -54,3 +59,25 @@ use crate::wire::*;
     ))
 )]
 pub struct ApiDoc;
+
+/// Declares how keys are sent (`Authorization: Bearer` or `x-api-key`), and
+/// that they are asked for: always on `/admin` and `/internal`, on the API
+/// when the server listens beyond loopback.
+struct BearerKey;
+
+impl utoipa::Modify for BearerKey {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "x_api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
+        );
+    }
+}

@@ -338,6 +338,9 @@ fn file_stem(path: &Path) -> String {
 /// file just dropped into the directory resolves on its first request.
 const DIR_SCAN_FRESH: Duration = Duration::from_secs(2);
 
+/// The name seed 004's clients send for "whatever chat model is the default".
+const DEFAULT_MODEL: &str = "default";
+
 #[derive(Default)]
 struct DirCache {
     /// Each GGUF file seen, by path, with the (mtime, size) it was inspected at.
@@ -568,10 +571,25 @@ impl Registry {
                 })
             })
             .or_else(|| {
+                (name == DEFAULT_MODEL)
+                    .then(|| self.default_chat(all))
+                    .flatten()
+            })
+            .or_else(|| {
                 let tier = tier_for_name(name)?;
                 self.tiers.iter().find(|e| e.tier == Some(tier))
             })
             .cloned()
+    }
+
+    /// What `"model": "default"` names: the first chat tier of light,
+    /// medium and heavy, else the first chat model of the models directory.
+    fn default_chat<'a>(&self, all: &'a [Arc<ModelEntry>]) -> Option<&'a Arc<ModelEntry>> {
+        let chat = |e: &&Arc<ModelEntry>| e.kind == ModelKind::Chat;
+        all.iter()
+            .filter(|e| e.tier.is_some())
+            .find(chat)
+            .or_else(|| all.iter().find(chat))
     }
 
     /// The models directory's servable GGUF files, from a scan at most

@@ -30,6 +30,10 @@ pub fn smollm() -> String {
         .to_string()
 }
 
+/// The operator's key every test server has (`API_KEY`); `post` and `get`
+/// send it, so operator routes work on them.
+pub const OPERATOR_KEY: &str = "test-operator-key";
+
 /// The model id the light tier gets for SmolLM2.
 pub const LIGHT_ID: &str = "light/SmolLM2-135M-Instruct-Q4_1";
 
@@ -52,6 +56,7 @@ impl TestApp {
             ("HOME".into(), dir.path().display().to_string()),
             // Engine tests must reach the engine; the cache tests turn it on.
             ("ENABLE_CACHE".into(), "false".into()),
+            ("API_KEY".into(), OPERATOR_KEY.into()),
         ];
         for (k, v) in extra {
             env.retain(|(name, _)| name != k);
@@ -88,6 +93,7 @@ impl TestApp {
         self.send(
             Request::post(path)
                 .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {OPERATOR_KEY}"))
                 .body(Body::from(body.to_string()))
                 .unwrap(),
         )
@@ -95,9 +101,11 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let (status, _, body) = self
-            .send(Request::get(path).body(Body::empty()).unwrap())
-            .await;
+        let request = Request::get(path)
+            .header("authorization", format!("Bearer {OPERATOR_KEY}"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, body) = self.send(request).await;
         (status, body)
     }
 

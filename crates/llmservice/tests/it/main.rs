@@ -5,6 +5,7 @@
 // A test reads top to bottom as one scenario; the length limit is for the server's code.
 #![allow(clippy::too_many_lines)]
 
+mod auth;
 mod batching;
 mod cache;
 mod common;

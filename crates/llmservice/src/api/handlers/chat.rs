@@ -12,6 +12,7 @@ use crate::api::answer::{AnswerHead, ChatAnswer, ChatShape};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::response_cache::{self, Served};
+use crate::keys::Caller;
 use crate::state::AppState;
 use crate::wire::{ChatCompletion, ChatCompletionRequest, ErrorResponse};
 
@@ -19,6 +20,7 @@ use crate::wire::{ChatCompletion, ChatCompletionRequest, ErrorResponse};
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     Json(req): Json<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -43,6 +45,7 @@ pub async fn chat_completions(
         cache_key,
         started,
         keep: None,
+        caller,
     };
     respond(answer, events, delivery, Served::Generated).await
 }

@@ -13,6 +13,7 @@ use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::response_cache;
 use crate::generation;
+use crate::keys::Caller;
 use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::{Completion, CompletionRequest, ErrorResponse, PromptField, SamplingFields};
@@ -24,6 +25,7 @@ const MAX_PROMPTS: usize = 64;
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -76,6 +78,7 @@ pub async fn completions(
         cache_key,
         started,
         keep: None,
+        caller,
     };
     respond(answer, events, delivery, response_cache::Served::Generated).await
 }

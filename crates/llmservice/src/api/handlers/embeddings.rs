@@ -13,6 +13,7 @@ use super::{log_encoded, require_kind, tokenize_inputs, wants_to_wait};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::response_cache::{self, Served};
+use crate::keys::Caller;
 use crate::state::AppState;
 use crate::wire::{EmbeddingRequest, ErrorResponse};
 
@@ -37,6 +38,7 @@ enum EmbeddingType {
 pub async fn embeddings(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     Json(req): Json<EmbeddingRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -95,7 +97,14 @@ pub async fn embeddings(
         "model": req.model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     });
-    log_encoded(&state, &entry.id, "embeddings", prompt_tokens, started);
+    log_encoded(
+        &state,
+        caller,
+        &entry.id,
+        "embeddings",
+        prompt_tokens,
+        started,
+    );
     if let Some(key) = cache_key {
         response_cache::store(&state.cache, key, body.clone());
     }

@@ -20,6 +20,7 @@ use crate::api::json::Json;
 use crate::api::response_cache::Served;
 use crate::chat::anthropic::{self, PromptParts};
 use crate::chat::ChatPrompt;
+use crate::keys::Caller;
 use crate::state::AppState;
 use crate::wire::{
     CountTokensAnswer, CountTokensRequest, Message, MessagesErrorBody, MessagesRequest,
@@ -29,6 +30,7 @@ use crate::wire::{
 pub async fn messages(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     body: Result<Json<MessagesRequest>, ApiError>,
 ) -> Result<Response, AnthropicError> {
     let Json(req) = body?;
@@ -53,6 +55,7 @@ pub async fn messages(
         cache_key: cache_key.clone(),
         started,
         keep: None,
+        caller,
     };
     if let Some(events) = cached_events(&state, cache_key.as_ref()).await {
         let answer = MessagesAnswer::new(head, replayed_prompt_tokens(&events), stops);

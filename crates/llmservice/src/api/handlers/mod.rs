@@ -3,6 +3,7 @@
 //! through [`super::answer`]. Handlers never import each other; what they
 //! share is here.
 
+pub mod admin;
 pub mod chat;
 pub mod completions;
 pub mod embeddings;
@@ -26,12 +27,14 @@ use engine::{ModelKind, TokenId};
 use futures_util::Stream;
 
 use super::answer::{self, Answer};
+use super::auth;
 use super::error::ApiError;
 use super::response_cache::{self, Served};
 use super::sse::sse;
 use crate::cache::CacheKey;
 use crate::error::RequestError;
 use crate::generation::ChoiceEvent;
+use crate::keys::Caller;
 use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::PromptField;
@@ -71,6 +74,8 @@ struct Delivery {
     started: Instant,
     /// Also handed the whole answer's JSON (the Responses API stores it).
     keep: Option<Box<dyn FnOnce(serde_json::Value) + Send>>,
+    /// Whose key the tokens count against.
+    caller: Caller,
 }
 
 impl Delivery {
@@ -86,13 +91,16 @@ impl Delivery {
         if let Some(key) = self.cache_key {
             response_cache::store(&self.state.cache, key, answer.cache_body());
         }
+        let usage = answer.usage();
         crate::generation::log_done(
             &self.state.metrics,
             &self.model_id,
             self.endpoint,
-            &answer.usage(),
+            &usage,
             self.started,
         );
+        let tokens = u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens);
+        auth::record(&self.state, self.caller, 0, tokens);
     }
 }
 
@@ -178,11 +186,13 @@ fn check_count(param: &str, n: usize, max: usize) -> Result<(), ApiError> {
 /// The one log line of an embedding or rerank request, and its token count.
 fn log_encoded(
     state: &AppState,
+    caller: Caller,
     model: &str,
     endpoint: &str,
     prompt_tokens: u32,
     started: Instant,
 ) {
+    auth::record(state, caller, 0, u64::from(prompt_tokens));
     state.metrics.observe_usage(
         model,
         &engine::Usage {

@@ -23,6 +23,7 @@ use crate::api::error::{ApiError, OllamaError};
 use crate::api::json::Json;
 use crate::api::response_cache::Served;
 use crate::chat::ollama as translate;
+use crate::keys::Caller;
 use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::{
@@ -133,6 +134,7 @@ pub async fn show(
 pub async fn chat(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     body: Result<Json<OllamaChatRequest>, ApiError>,
 ) -> Result<Response, OllamaError> {
     let Json(req) = body?;
@@ -140,6 +142,7 @@ pub async fn chat(
     answer(
         state,
         headers,
+        caller,
         &req.model,
         chat,
         true,
@@ -152,6 +155,7 @@ pub async fn chat(
 pub async fn generate_text(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     body: Result<Json<OllamaGenerateRequest>, ApiError>,
 ) -> Result<Response, OllamaError> {
     let Json(req) = body?;
@@ -163,6 +167,7 @@ pub async fn generate_text(
     answer(
         state,
         headers,
+        caller,
         &req.model,
         chat,
         false,
@@ -175,6 +180,7 @@ pub async fn generate_text(
 pub async fn embed(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     body: Result<Json<OllamaEmbedRequest>, ApiError>,
 ) -> Result<axum::Json<OllamaEmbedAnswer>, OllamaError> {
     let Json(req) = body?;
@@ -183,6 +189,7 @@ pub async fn embed(
     let (embeddings, tokens) = embed_texts(
         &state,
         &headers,
+        caller,
         &req.model,
         &req.input,
         truncate,
@@ -202,6 +209,7 @@ pub async fn embed(
 pub async fn legacy_embeddings(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     body: Result<Json<OllamaEmbeddingsRequest>, ApiError>,
 ) -> Result<axum::Json<OllamaEmbeddingAnswer>, OllamaError> {
     let Json(req) = body?;
@@ -213,7 +221,8 @@ pub async fn legacy_embeddings(
         }));
     }
     let input = PromptField::Text(req.prompt);
-    let (mut vectors, _) = embed_texts(&state, &headers, &req.model, &input, true, None).await?;
+    let (mut vectors, _) =
+        embed_texts(&state, &headers, caller, &req.model, &input, true, None).await?;
     Ok(axum::Json(OllamaEmbeddingAnswer {
         embedding: vectors.pop().unwrap_or_default(),
     }))
@@ -224,6 +233,7 @@ pub async fn legacy_embeddings(
 async fn embed_texts(
     state: &AppState,
     headers: &HeaderMap,
+    caller: Caller,
     model: &str,
     input: &PromptField,
     truncate: bool,
@@ -277,7 +287,7 @@ async fn embed_texts(
             dense
         })
         .collect();
-    log_encoded(state, &entry.id, "ollama_embed", tokens, started);
+    log_encoded(state, caller, &entry.id, "ollama_embed", tokens, started);
     Ok((vectors, tokens))
 }
 
@@ -297,6 +307,7 @@ pub async fn pull() -> OllamaError {
 async fn answer(
     state: AppState,
     headers: HeaderMap,
+    caller: Caller,
     model: &str,
     mut chat: ChatCompletionRequest,
     is_chat: bool,
@@ -323,6 +334,7 @@ async fn answer(
         cache_key: cache_key.clone(),
         started,
         keep: None,
+        caller,
     };
     let response = match cached_events(&state, cache_key.as_ref()).await {
         Some(events) => respond(answer, replayed(events), delivery, Served::FromCache).await?,

@@ -14,6 +14,7 @@ use super::{check_count, log_encoded, new_id, off_async, require_kind, wants_to_
 use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::response_cache::{self, Served};
+use crate::keys::Caller;
 use crate::state::AppState;
 use crate::wire::{ErrorResponse, RerankDocument, RerankRequest};
 
@@ -28,6 +29,7 @@ const MAX_DOCUMENTS: usize = 1024;
 pub async fn rerank(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     Json(req): Json<RerankRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -61,7 +63,7 @@ pub async fn rerank(
         .await?;
     let (scored, prompt_tokens) = score(&engine, &req).await?;
     let body = answer(&req, model, &scored, prompt_tokens);
-    log_encoded(&state, &entry.id, "rerank", prompt_tokens, started);
+    log_encoded(&state, caller, &entry.id, "rerank", prompt_tokens, started);
     if let Some(key) = cache_key {
         response_cache::store(&state.cache, key, body.clone());
     }

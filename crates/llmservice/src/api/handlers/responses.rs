@@ -20,6 +20,7 @@ use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::response_cache::Served;
 use crate::chat::responses::{self, Translated};
+use crate::keys::Caller;
 use crate::response_store::{now_ms, ResponseStore, Stored};
 use crate::state::AppState;
 use crate::wire::{ErrorResponse, ResponseDeleted, ResponseObject, ResponsesRequest};
@@ -28,6 +29,7 @@ use crate::wire::{ErrorResponse, ResponseDeleted, ResponseObject, ResponsesReque
 pub async fn create_response(
     State(state): State<AppState>,
     headers: HeaderMap,
+    caller: Caller,
     Json(req): Json<ResponsesRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -55,6 +57,7 @@ pub async fn create_response(
         cache_key: cache_key.clone(),
         started,
         keep,
+        caller,
     };
     if let Some(events) = cached_events(&state, cache_key.as_ref()).await {
         return respond(answer, replayed(events), delivery, Served::FromCache).await;
