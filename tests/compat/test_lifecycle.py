@@ -25,8 +25,8 @@ def start(workdir: Path, **extra_env: str) -> tuple[subprocess.Popen, str]:
         LIGHT_N_CTX="2048",
         LIGHT_N_THREADS="2",
         ENABLE_CACHE="false",
-        **extra_env,
     )
+    env.update(extra_env)
     stderr = workdir / "server.stderr.log"
     with open(stderr, "wb") as err:
         proc = subprocess.Popen(

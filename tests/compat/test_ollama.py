@@ -144,7 +144,9 @@ def test_embed_errors(http):
     assert response.status_code == 404 and response.json()["error"]
 
 
-def test_pull_is_a_clear_error(llama):
+def test_pull_succeeds_for_a_model_here_and_says_where_models_come_from(llama):
+    assert llama.pull("light").status == "success"
+    assert [p.status for p in llama.pull("light:latest", stream=True)] == ["success"]
     with pytest.raises(ollama.ResponseError) as raised:
-        llama.pull("light")
-    assert raised.value.status_code == 501 and "MODELS_DIR" in raised.value.error
+        llama.pull("no-such-model")
+    assert raised.value.status_code == 404 and "MODELS_DIR" in raised.value.error

@@ -33,9 +33,15 @@ where
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(body_rejection)?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(de) {
-            Ok(value) => Ok(Json(value)),
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        match serde_path_to_error::deserialize(&mut de) {
+            // One JSON value and nothing after it but whitespace.
+            Ok(value) => match de.end() {
+                Ok(()) => Ok(Json(value)),
+                Err(e) => Err(ApiError::bad_request(format!(
+                    "could not parse the JSON body: {e}"
+                ))),
+            },
             Err(err) => {
                 let mut path = err.path().to_string();
                 if path == "." {

@@ -56,6 +56,8 @@ pub struct OllamaShowRequest {
     /// Ollama's clients send `model`; older ones `name`.
     pub model: Option<String>,
     pub name: Option<String>,
+    /// `/api/pull` only: NDJSON progress lines (the default) or one answer.
+    pub stream: Option<bool>,
 }
 
 /// A call in an answer: arguments as an object, not JSON text.

@@ -114,7 +114,7 @@ pub async fn embedding_models(State(state): State<AppState>) -> Json<Vec<Value>>
 
 /// `POST /v1/models/{id}/load` and `/unload`, for operators (ids contain `/`,
 /// so the action is the path's last segment).
-#[utoipa::path(post, path = "/v1/models/{id}/{action}", params(("id" = String, Path, description = "Model id"), ("action" = String, Path, description = "`load` or `unload`")), responses((status = 200, description = "Success", body = ModelObject), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 409, description = "The model is serving requests", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/v1/models/{id}/{action}", params(("id" = String, Path, description = "Model id"), ("action" = String, Path, description = "`load` or `unload`")), responses((status = 200, description = "Success", body = ModelObject), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 400, description = "An action other than load or unload", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse), (status = 403, description = "A named key, not the operator's", body = ErrorResponse), (status = 409, description = "The model is serving requests", body = ErrorResponse)))]
 pub async fn model_action(
     State(state): State<AppState>,
     Path(path): Path<String>,

@@ -76,7 +76,7 @@ pub async fn ps(State(state): State<AppState>) -> axum::Json<OllamaModels> {
     axum::Json(OllamaModels { models })
 }
 
-#[utoipa::path(post, path = "/api/show", request_body = OllamaShowRequest, responses((status = 200, description = "A model's details, template and capabilities", body = OllamaShow), (status = 404, description = "Unknown model")))]
+#[utoipa::path(post, path = "/api/show", request_body = OllamaShowRequest, responses((status = 200, description = "A model's details, template and capabilities", body = OllamaShow), (status = 400, description = "Malformed body or no model: `{error}`"), (status = 404, description = "Unknown model")))]
 pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -130,7 +130,7 @@ pub async fn show(
     }))
 }
 
-#[utoipa::path(post, path = "/api/chat", request_body = OllamaChatRequest, responses((status = 200, description = "NDJSON lines (`stream` defaults to true), the last with `done: true` and the counts and durations; one such object with `stream: false`", body = OllamaChunk), (status = 400, description = "Bad parameters: `{error}`"), (status = 404, description = "Unknown model: `{error}`")))]
+#[utoipa::path(post, path = "/api/chat", request_body = OllamaChatRequest, responses((status = 200, description = "NDJSON lines (`stream` defaults to true), the last with `done: true` and the counts and durations; one such object with `stream: false`", content((OllamaChunk = "application/json"), (String = "application/x-ndjson"))), (status = 400, description = "Bad parameters: `{error}`"), (status = 404, description = "Unknown model: `{error}`")))]
 pub async fn chat(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -151,7 +151,7 @@ pub async fn chat(
     .await
 }
 
-#[utoipa::path(post, path = "/api/generate", request_body = OllamaGenerateRequest, responses((status = 200, description = "NDJSON lines with `response` pieces, or one object with `stream: false`; an empty prompt only loads the model (`done_reason: \"load\"`, or `\"unload\"` with `keep_alive: 0`)", body = OllamaChunk), (status = 400, description = "Bad parameters: `{error}`"), (status = 404, description = "Unknown model: `{error}`")))]
+#[utoipa::path(post, path = "/api/generate", request_body = OllamaGenerateRequest, responses((status = 200, description = "NDJSON lines with `response` pieces, or one object with `stream: false`; an empty prompt only loads the model (`done_reason: \"load\"`, or `\"unload\"` with `keep_alive: 0`)", content((OllamaChunk = "application/json"), (String = "application/x-ndjson"))), (status = 400, description = "Bad parameters: `{error}`"), (status = 404, description = "Unknown model: `{error}`")))]
 pub async fn generate_text(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -205,7 +205,7 @@ pub async fn embed(
     }))
 }
 
-#[utoipa::path(post, path = "/api/embeddings", request_body = OllamaEmbeddingsRequest, responses((status = 200, description = "`{embedding}` for one `prompt` (empty for an empty prompt)", body = OllamaEmbeddingAnswer), (status = 404, description = "Unknown model: `{error}`")))]
+#[utoipa::path(post, path = "/api/embeddings", request_body = OllamaEmbeddingsRequest, responses((status = 200, description = "`{embedding}` for one `prompt` (empty for an empty prompt)", body = OllamaEmbeddingAnswer), (status = 400, description = "Malformed body, or not an embedding model: `{error}`"), (status = 404, description = "Unknown model: `{error}`")))]
 pub async fn legacy_embeddings(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -291,14 +291,38 @@ async fn embed_texts(
     Ok((vectors, tokens))
 }
 
-#[utoipa::path(post, path = "/api/pull", responses((status = 501, description = "Not served yet: `{error}` says where models come from instead")))]
-pub async fn pull() -> OllamaError {
-    OllamaError::from(ApiError {
-        status: StatusCode::NOT_IMPLEMENTED,
-        ..ApiError::bad_request(
-            "pulling models is not supported yet: put GGUF files in MODELS_DIR \
-             (or set {TIER}_MODEL_PATH) and they are listed by /api/tags",
+#[utoipa::path(post, path = "/api/pull", request_body = OllamaShowRequest, responses((status = 200, description = "The model is here already: `{status: \"success\"}` (an NDJSON line unless `stream: false`)"), (status = 400, description = "No model named: `{error}`"), (status = 404, description = "Not here: `{error}` says where models come from (downloads from the Hub are not served yet)")))]
+pub async fn pull(
+    State(state): State<AppState>,
+    body: Result<Json<OllamaShowRequest>, ApiError>,
+) -> Result<Response, OllamaError> {
+    let Json(req) = body?;
+    let name = req
+        .model
+        .or(req.name)
+        .ok_or_else(|| ApiError::invalid("model", "model is required"))?;
+    // Clients pull before they use a model: one already here is a success.
+    if let Err(error) = state.registry.resolve_async(model_name(&name)).await {
+        let message = format!(
+            "{}; downloading models is not supported yet: put GGUF files in MODELS_DIR \
+             (or set {{TIER}}_MODEL_PATH) and they are listed by /api/tags",
+            ApiError::from(error).message
+        );
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            ..ApiError::bad_request(message)
+        }
+        .into());
+    }
+    let success = json!({"status": "success"});
+    Ok(if req.stream.unwrap_or(true) {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+            format!("{success}\n"),
         )
+            .into_response()
+    } else {
+        axum::Json(success).into_response()
     })
 }
 

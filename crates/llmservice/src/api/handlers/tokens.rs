@@ -47,7 +47,7 @@ async fn model_engine(
         .await?)
 }
 
-#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, description = "`{tokens, count, max_model_len}`"), (status = 400, description = "Bad request", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, description = "`{tokens, count, max_model_len}`"), (status = 400, description = "Bad request", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse)))]
 pub async fn tokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -100,7 +100,7 @@ pub async fn tokenize(
     Ok(JsonResponse(body))
 }
 
-#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, description = "`{content}`"), (status = 400, description = "Bad request", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, description = "`{content}`"), (status = 400, description = "Bad request", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse)))]
 pub async fn detokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
