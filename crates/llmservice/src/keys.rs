@@ -294,12 +294,25 @@ fn write_private(path: &PathBuf, key: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Makes a file readable and writable by this user only (SQLite gives its
+/// `-wal` and `-shm` files the database file's mode).
+pub(crate) fn make_private(path: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn open_db(data_dir: &Path) -> Result<Connection, String> {
     let path = data_dir.join(DB_FILE);
     std::fs::create_dir_all(data_dir)
         .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let conn =
         Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    make_private(&path)?;
     conn.busy_timeout(Duration::from_secs(5))
         .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
         .and_then(|()| conn.execute_batch(SCHEMA))
@@ -368,6 +381,15 @@ mod tests {
         }
         assert_eq!(keys.check(key), Some(Caller::Operator));
         assert_eq!(keys.check("not-needed"), None);
+        #[cfg(unix)]
+        for file in [DB_FILE, "keys.sqlite-wal"] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
         let again = Keys::open(&KeySettings::default(), "0.0.0.0", dir.path());
         assert!(again.api_needs_key());
         assert_eq!(again.check(key), Some(Caller::Operator));

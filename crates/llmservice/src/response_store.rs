@@ -197,6 +197,8 @@ fn open_conn(dir: &Path, path: &Path) -> Result<Connection, String> {
         .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
     let conn =
         Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // Stored conversations are the users' data.
+    crate::keys::make_private(path)?;
     conn.busy_timeout(Duration::from_secs(5))
         .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
         .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
@@ -231,6 +233,15 @@ mod tests {
         assert!(store.get("a", 2_000).unwrap().is_none(), "oldest dropped");
         let c = store.get("c", 2_000).unwrap().unwrap();
         assert_eq!(c.body["id"], "c");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(DB_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
         assert_eq!(c.history[0]["content"], "hi");
         // Past the TTL a response is gone, and a new write purges it.
         assert!(store.get("b", 1_001 + 60_000).unwrap().is_none());
