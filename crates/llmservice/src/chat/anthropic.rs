@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::required_str;
+use super::{chat_from_body, insert_present, required_str};
 use crate::error::RequestError;
 use crate::wire::{ChatCompletionRequest, MessagesRequest};
 
@@ -39,12 +39,8 @@ pub fn chat_request(req: &MessagesRequest) -> Result<ChatCompletionRequest, Requ
         ("top_k", json!(req.top_k)),
         ("stream", json!(req.stream)),
     ];
-    for (key, value) in fields {
-        if !value.is_null() {
-            body.insert(key.to_owned(), value);
-        }
-    }
-    into_request(body)
+    insert_present(&mut body, fields);
+    chat_from_body(body, "messages")
 }
 
 /// The chat request for counting a prompt's tokens.
@@ -52,12 +48,7 @@ pub fn count_request(
     model: &str,
     parts: &PromptParts,
 ) -> Result<ChatCompletionRequest, RequestError> {
-    into_request(prompt_body(model, parts)?)
-}
-
-fn into_request(body: Map<String, Value>) -> Result<ChatCompletionRequest, RequestError> {
-    serde_json::from_value(Value::Object(body))
-        .map_err(|e| RequestError::invalid("messages", format!("invalid request: {e}")))
+    chat_from_body(prompt_body(model, parts)?, "messages")
 }
 
 fn prompt_body(model: &str, parts: &PromptParts) -> Result<Map<String, Value>, RequestError> {

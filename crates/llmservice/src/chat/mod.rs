@@ -13,7 +13,7 @@ pub mod responses;
 mod rounds;
 pub mod tools;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::error::RequestError;
 use crate::generation;
@@ -102,6 +102,25 @@ fn required_str<'a>(item: &'a Value, key: &str, at: &str) -> Result<&'a str, Req
     item.get(key)
         .and_then(Value::as_str)
         .ok_or_else(|| RequestError::invalid(&format!("{at}.{key}"), format!("{key} is required")))
+}
+
+/// Sets each of `fields` in a translated request's body that has a value.
+fn insert_present<const N: usize>(body: &mut Map<String, Value>, fields: [(&str, Value); N]) {
+    for (key, value) in fields {
+        if !value.is_null() {
+            body.insert(key.to_owned(), value);
+        }
+    }
+}
+
+/// Another API's request, translated into a chat body, as the chat request
+/// it stands for; `param` names what a client would fix if it does not read.
+fn chat_from_body(
+    body: Map<String, Value>,
+    param: &str,
+) -> Result<ChatCompletionRequest, RequestError> {
+    serde_json::from_value(Value::Object(body))
+        .map_err(|e| RequestError::invalid(param, format!("invalid request: {e}")))
 }
 
 /// The field an output constraint came from.

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use serde_json::{json, Map, Value};
 
+use super::chat_from_body;
 use crate::error::RequestError;
 use crate::wire::{ChatCompletionRequest, OllamaChatRequest, OllamaGenerateRequest};
 
@@ -23,7 +24,7 @@ pub fn chat_request(req: &OllamaChatRequest) -> Result<ChatCompletionRequest, Re
             body.insert("tools".into(), tools.clone().into());
         }
     }
-    into_request(body)
+    chat_from_body(body, "options")
 }
 
 /// The chat request an `/api/generate` request with a prompt stands for: the
@@ -43,13 +44,16 @@ pub fn generate_request(
         messages.push(json!({"role": "system", "content": system}));
     }
     messages.push(json!({"role": "user", "content": prompt}));
-    into_request(body(
-        &req.model,
-        messages,
-        req.format.as_ref(),
-        req.options.as_ref(),
-        req.stream,
-    )?)
+    chat_from_body(
+        body(
+            &req.model,
+            messages,
+            req.format.as_ref(),
+            req.options.as_ref(),
+            req.stream,
+        )?,
+        "options",
+    )
 }
 
 /// Whether a `keep_alive` asks to unload now: `0`, `"0"` or a zero duration.
@@ -62,11 +66,6 @@ pub fn unloads_now(keep_alive: Option<&Value>) -> bool {
         }
         _ => false,
     }
-}
-
-fn into_request(body: Map<String, Value>) -> Result<ChatCompletionRequest, RequestError> {
-    serde_json::from_value(Value::Object(body))
-        .map_err(|e| RequestError::invalid("options", format!("invalid request: {e}")))
 }
 
 /// A chat request's body: `model`, `messages`, and what `format`, `options`

@@ -6,7 +6,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::required_str;
+use super::{chat_from_body, insert_present, required_str};
 use crate::error::RequestError;
 use crate::wire::{ChatCompletionRequest, OutputItem, ResponseObject, ResponsesRequest};
 
@@ -76,13 +76,8 @@ pub fn chat_request(
         ("stream", json!(req.stream)),
         ("parallel_tool_calls", json!(req.parallel_tool_calls)),
     ];
-    for (key, value) in fields {
-        if !value.is_null() {
-            body.insert(key.to_owned(), value);
-        }
-    }
-    let chat = serde_json::from_value(Value::Object(body))
-        .map_err(|e| RequestError::invalid("input", format!("invalid request: {e}")))?;
+    insert_present(&mut body, fields);
+    let chat = chat_from_body(body, "input")?;
     Ok(Translated { chat, history })
 }
 
