@@ -21,6 +21,7 @@ pub mod generation;
 pub mod keys;
 pub mod models;
 pub mod response_store;
+pub mod retrieval;
 pub mod server;
 pub mod settings;
 pub mod state;

@@ -118,6 +118,86 @@ pub struct Settings {
     pub keys: crate::keys::KeySettings,
     /// Origins browsers may call the API from (`CORS_ALLOW_ORIGINS`); `None`: any.
     pub cors_allow_origins: Option<Vec<String>>,
+    /// Retrieval: where collections live and how answers use them.
+    pub rag: RagSettings,
+}
+
+/// Retrieval's settings (seed 003's names where it had them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RagSettings {
+    /// Under `<data dir>/rag`, or a temporary directory with `QDRANT_USE_MEMORY=true`.
+    pub storage: rag::Storage,
+    /// The embedding model: `RAG_EMBEDDING_MODEL` (must resolve), else
+    /// `EMBEDDING_MODEL_NAME` when it names a model we serve, else the
+    /// embedding tier (or the first embedding model found).
+    pub embedding_model: Option<String>,
+    pub embedding_model_hint: Option<String>,
+    /// Narrower dense vectors (`EMBEDDING_DIMENSION`, applied when below the model's width).
+    pub dimension: Option<usize>,
+    /// The reranker (`RAG_RERANK_MODEL`, else the reranker tier if configured).
+    pub rerank_model: Option<String>,
+    /// The chat model answers use when the request names none (`RAG_CHAT_MODEL`).
+    pub chat_model: Option<String>,
+    pub top_k: usize,
+    pub score_threshold: f32,
+    pub chunk_tokens: Option<usize>,
+    pub chunk_overlap: usize,
+}
+
+impl RagSettings {
+    fn from_env(env: &dyn Env, data_dir: &std::path::Path) -> Result<Self, ConfigError> {
+        let remote = env.get("QDRANT_URL").or_else(|| {
+            let host = env.get("QDRANT_HOST")?;
+            let local = matches!(host.trim(), "localhost" | "127.0.0.1" | "::1");
+            let memory = parse_bool(env, "QDRANT_USE_MEMORY").ok().flatten() == Some(true);
+            (!local && !memory).then(|| {
+                format!(
+                    "{host}:{}",
+                    env.get("QDRANT_PORT").unwrap_or_else(|| "6333".into())
+                )
+            })
+        });
+        if let Some(remote) = remote {
+            return Err(ConfigError::new(
+                "QDRANT_URL",
+                &remote,
+                "this build keeps collections in its embedded Qdrant store (qdrant-edge) and \
+                 does not connect to a Qdrant server yet; unset QDRANT_URL / QDRANT_HOST \
+                 (or set QDRANT_USE_MEMORY=true) to use it",
+            ));
+        }
+        let storage = if parse_bool(env, "QDRANT_USE_MEMORY")?.unwrap_or(false) {
+            rag::Storage::Memory
+        } else {
+            rag::Storage::Disk(
+                env.get("RAG_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| data_dir.join("rag")),
+            )
+        };
+        let score_threshold = parse::<f32>(env, &["RAG_SCORE_THRESHOLD"])?.unwrap_or(0.7);
+        if !(-1.0..=1.0).contains(&score_threshold) {
+            return Err(ConfigError::new(
+                "RAG_SCORE_THRESHOLD",
+                &score_threshold.to_string(),
+                "a similarity threshold lies between -1 and 1",
+            ));
+        }
+        Ok(Self {
+            storage,
+            embedding_model: env.get("RAG_EMBEDDING_MODEL"),
+            embedding_model_hint: env.get("EMBEDDING_MODEL_NAME"),
+            dimension: parse::<usize>(env, &["EMBEDDING_DIMENSION"])?.filter(|&d| d > 0),
+            rerank_model: env.get("RAG_RERANK_MODEL"),
+            chat_model: env.get("RAG_CHAT_MODEL"),
+            top_k: parse_positive(env, "RAG_TOP_K", "the chunks an answer is given")?.unwrap_or(3)
+                as usize,
+            score_threshold,
+            chunk_tokens: parse_positive(env, "RAG_CHUNK_TOKENS", "tokens per chunk")?
+                .map(|n| n as usize),
+            chunk_overlap: parse::<usize>(env, &["RAG_CHUNK_OVERLAP"])?.unwrap_or(32),
+        })
+    }
 }
 
 /// A configuration value that does not parse, named so the operator can fix it.
@@ -303,6 +383,7 @@ impl Settings {
             .map(|value| list(&value))
             .filter(|origins| !origins.iter().any(|o| o == "*"));
         Ok(Settings {
+            rag: RagSettings::from_env(env, &data_dir)?,
             keys,
             cors_allow_origins,
             host: args

@@ -23,6 +23,9 @@ pub struct AppState {
     /// Responses API answers kept for `previous_response_id` and `GET`.
     pub responses: Arc<ResponseStore>,
     pub metrics: Arc<Metrics>,
+    /// Retrieval's collections, or why they could not be opened (reported on
+    /// every retrieval request, never silently bypassed).
+    pub rag: Arc<Result<rag::Library, String>>,
     /// Milliseconds since the Unix epoch of the last request's start or end.
     last_activity: Arc<AtomicU64>,
 }
@@ -41,6 +44,10 @@ impl AppState {
                 &settings.data_dir,
             )),
             metrics: Arc::new(Metrics::new()),
+            rag: Arc::new(rag::Library::open(&settings.rag.storage).map_err(|e| {
+                tracing::error!(error = %e, "the document store could not be opened");
+                e.to_string()
+            })),
             last_activity: Arc::new(AtomicU64::new(now_millis())),
             settings,
         }

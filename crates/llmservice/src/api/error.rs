@@ -53,6 +53,19 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
+    /// Something the request names is not there (404).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("not_found"),
+            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+        }
+    }
+
+    /// A part of the server the request needs is not available (503).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
@@ -222,6 +235,29 @@ impl From<RequestError> for ApiError {
             } => ApiError::invalid(&param, message).with_code(code),
             RequestError::Unsupported { param, message } => ApiError::unsupported(&param, message),
             RequestError::Engine(error) => error.into(),
+        }
+    }
+}
+
+impl From<rag::RagError> for ApiError {
+    fn from(error: rag::RagError) -> Self {
+        match error {
+            rag::RagError::Invalid { param, message } => ApiError::invalid(param, message),
+            rag::RagError::NotFound(message) => ApiError::not_found(message),
+            rag::RagError::Conflict(message) => Self {
+                code: Some("embedding_model_mismatch"),
+                param: Some("collection".to_owned()),
+                ..Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+            },
+            rag::RagError::Model(error) => match error.downcast::<EngineError>() {
+                Ok(engine) => (*engine).into(),
+                Err(other) => Self::internal(other.to_string()),
+            },
+            rag::RagError::Store(message) => {
+                tracing::error!(%message, "document store");
+                Self::internal("the document store failed; the server log has the cause")
+                    .with_code("store_failed")
+            }
         }
     }
 }

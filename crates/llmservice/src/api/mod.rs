@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use error::ApiError;
 use handlers::{
-    admin, chat, completions, embeddings, functions, messages, models, ollama, ops, rerank,
+    admin, chat, completions, embeddings, functions, messages, models, ollama, ops, rag, rerank,
     responses, tokens,
 };
 
@@ -70,6 +70,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/functions", get(functions::list_functions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/embeddings", post(embeddings::embeddings))
+        .route(
+            "/v1/rag/documents",
+            post(rag::add_documents).get(rag::list_documents),
+        )
+        .route(
+            "/v1/rag/documents/{id}",
+            get(rag::get_document).delete(rag::delete_document),
+        )
+        .route("/v1/rag/search", post(rag::search))
+        .route("/v1/rag/chat", post(rag::chat))
+        .route("/v1/rag/collections", get(rag::list_collections))
+        .route("/v1/rag/collections/{name}", delete(rag::delete_collection))
         .route("/v1/rerank", post(rerank::rerank))
         .route("/rerank", post(rerank::rerank))
         .route(

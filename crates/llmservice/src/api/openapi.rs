@@ -32,6 +32,14 @@ use crate::wire::*;
         handlers::ollama::pull,
         handlers::embeddings::embeddings,
         handlers::rerank::rerank,
+        handlers::rag::add_documents,
+        handlers::rag::list_documents,
+        handlers::rag::get_document,
+        handlers::rag::delete_document,
+        handlers::rag::search,
+        handlers::rag::chat,
+        handlers::rag::list_collections,
+        handlers::rag::delete_collection,
         handlers::functions::list_functions,
         handlers::models::health,
         handlers::models::list_models,
@@ -55,7 +63,8 @@ use crate::wire::*;
         Usage,
         ChatCompletionChunk,
         MessagesEvent,
-        ResponsesEvent
+        ResponsesEvent,
+        RagChatEvent
     ))
 )]
 pub struct ApiDoc;

@@ -8,7 +8,9 @@ pub mod builtins;
 mod constraints;
 mod messages;
 pub mod ollama;
+
 mod prompt;
+pub mod rag;
 pub mod responses;
 mod rounds;
 pub mod tools;

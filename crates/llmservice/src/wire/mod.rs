@@ -10,6 +10,7 @@ mod embeddings;
 mod messages;
 mod models;
 mod ollama;
+mod rag;
 mod responses;
 mod tokens;
 
@@ -23,6 +24,7 @@ pub use embeddings::*;
 pub use messages::*;
 pub use models::*;
 pub use ollama::*;
+pub use rag::*;
 pub use responses::*;
 pub use tokens::*;
 

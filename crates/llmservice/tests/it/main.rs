@@ -13,5 +13,6 @@ mod embeddings;
 mod errors;
 mod generation;
 mod models;
+mod rag;
 mod streaming;
 mod structured;

@@ -8,6 +8,7 @@ mod chat;
 mod completions;
 mod messages;
 mod ollama;
+mod rag;
 mod responses;
 
 use axum::response::sse::Event as SseEvent;
@@ -23,6 +24,7 @@ pub use chat::{ChatAnswer, ChatShape};
 pub use completions::TextAnswer;
 pub use messages::MessagesAnswer;
 pub use ollama::OllamaAnswer;
+pub use rag::RagAnswer;
 pub use responses::ResponsesAnswer;
 
 /// What every answer carries besides its choices.

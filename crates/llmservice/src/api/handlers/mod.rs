@@ -12,6 +12,7 @@ pub mod messages;
 pub mod models;
 pub mod ollama;
 pub mod ops;
+pub mod rag;
 pub mod rerank;
 pub mod responses;
 pub mod tokens;

@@ -1,0 +1,610 @@
+//! Retrieval: `/v1/rag/documents` (ingest, list, read, delete),
+//! `/v1/rag/search`, `/v1/rag/chat` (an answer from the retrieved sources,
+//! run through the chat pipeline), and `/v1/rag/collections`. The work is in
+//! the `rag` crate; the models behind it are our engines (`crate::retrieval`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use engine::ModelKind;
+use rag::{Library, Mode, SearchOptions};
+use serde_json::{json, Map, Value};
+
+use super::pipeline::{cache_key, cached_events, check, generate, load, replayed};
+use super::{require_kind, respond, wants_to_wait, Delivery};
+use crate::api::answer::{AnswerHead, RagAnswer};
+use crate::api::error::ApiError;
+use crate::api::json::Json;
+use crate::api::response_cache::Served;
+use crate::chat::rag::{chat_request, RagQuestion};
+use crate::keys::Caller;
+use crate::retrieval::{EngineEncoder, EngineReranker};
+use crate::state::AppState;
+use crate::wire::{
+    ErrorResponse, IngestedDocument, RagChatAnswer, RagChatRequest, RagCollectionQuery,
+    RagDocumentsAnswer, RagDocumentsRequest, RagListQuery, RagSearchAnswer, RagSearchRequest,
+    RagSource,
+};
+
+const DEFAULT_COLLECTION: &str = "default";
+/// Most texts one ingest request may carry.
+const MAX_TEXTS: usize = 2048;
+/// Most results a search may ask for.
+const MAX_TOP_K: usize = 100;
+
+fn library(state: &AppState) -> Result<&Library, ApiError> {
+    state.rag.as_ref().as_ref().map_err(|reason| {
+        ApiError::unavailable(format!("the document store is unavailable: {reason}"))
+            .with_code("rag_unavailable")
+    })
+}
+
+fn collection_name(name: Option<&String>) -> &str {
+    name.map_or(DEFAULT_COLLECTION, String::as_str)
+}
+
+/// The embedding model retrieval uses, loaded.
+async fn encoder(state: &AppState, headers: &HeaderMap) -> Result<EngineEncoder, ApiError> {
+    let settings = &state.settings.rag;
+    let entry = match &settings.embedding_model {
+        Some(name) => state.registry.resolve_async(name).await?,
+        None => {
+            let hinted = match &settings.embedding_model_hint {
+                Some(name) => state.registry.resolve_async(name).await.ok(),
+                None => None,
+            };
+            let all = state.registry.list();
+            hinted
+                .filter(|e| e.kind == ModelKind::Embedding)
+                .or_else(|| {
+                    let embedding =
+                        |e: &&Arc<crate::models::ModelEntry>| e.kind == ModelKind::Embedding;
+                    all.iter()
+                        .filter(|e| e.tier == Some(crate::settings::Tier::Embedding))
+                        .find(embedding)
+                        .or_else(|| all.iter().find(embedding))
+                        .cloned()
+                })
+                .ok_or_else(|| {
+                    ApiError::unavailable(
+                        "retrieval needs an embedding model: set EMBEDDING_MODEL_PATH (the \
+                         embedding tier), or RAG_EMBEDDING_MODEL to a model in MODELS_DIR",
+                    )
+                    .with_code("no_embedding_model")
+                })?
+        }
+    };
+    require_kind(&entry, ModelKind::Embedding, "retrieval")?;
+    let engine = state
+        .registry
+        .engine(&entry, wants_to_wait(headers))
+        .await?;
+    Ok(EngineEncoder::new(engine, &entry.id, settings.dimension))
+}
+
+/// The reranker, loaded, when one is configured (`RAG_RERANK_MODEL` or the
+/// reranker tier).
+async fn reranker(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<EngineReranker>, ApiError> {
+    let entry = match &state.settings.rag.rerank_model {
+        Some(name) => state.registry.resolve_async(name).await?,
+        None => match state.registry.list().into_iter().find(|e| {
+            e.tier == Some(crate::settings::Tier::Reranker) && e.kind == ModelKind::Reranker
+        }) {
+            Some(entry) => entry,
+            None => return Ok(None),
+        },
+    };
+    require_kind(&entry, ModelKind::Reranker, "reranking")?;
+    let engine = state
+        .registry
+        .engine(&entry, wants_to_wait(headers))
+        .await?;
+    Ok(Some(EngineReranker::new(engine, &entry.id)))
+}
+
+#[utoipa::path(post, path = "/v1/rag/documents", request_body = RagDocumentsRequest, responses(
+    (status = 200, description = "Each text's document id and chunk count", body = RagDocumentsAnswer),
+    (status = 400, description = "No texts, metadata or ids not one per text, a bad collection name", body = ErrorResponse),
+    (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse),
+    (status = 503, description = "No embedding model, or it is loading or busy", body = ErrorResponse)))]
+pub async fn add_documents(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    Json(req): Json<RagDocumentsRequest>,
+) -> Result<axum::Json<RagDocumentsAnswer>, ApiError> {
+    let started = Instant::now();
+    let library = library(&state)?;
+    let documents = new_documents(&req)?;
+    let collection = collection_name(req.collection.as_ref()).to_owned();
+    let encoder = encoder(&state, &headers).await?;
+    let size = encoder.chunk_size(&state.settings.rag)?;
+    let ingested = library
+        .ingest(&collection, &encoder, documents, size)
+        .await?;
+    let tokens = encoder.tokens();
+    super::log_encoded(
+        &state,
+        caller,
+        &encoder_model(&encoder),
+        "rag_documents",
+        tokens as u32,
+        started,
+    );
+    Ok(axum::Json(RagDocumentsAnswer {
+        collection,
+        chunks: ingested.iter().map(|d| d.chunks).sum(),
+        documents: ingested
+            .into_iter()
+            .map(|d| IngestedDocument {
+                id: d.id,
+                chunks: d.chunks,
+                replaced: d.replaced,
+            })
+            .collect(),
+        embedded_tokens: tokens,
+    }))
+}
+
+fn encoder_model(encoder: &EngineEncoder) -> String {
+    rag::Encoder::info(encoder).model.clone()
+}
+
+/// The request's documents, checked: texts present, metadata and ids one per
+/// text, ids unique.
+fn new_documents(req: &RagDocumentsRequest) -> Result<Vec<rag::NewDocument>, ApiError> {
+    let n = req.texts.len();
+    if n == 0 {
+        return Err(ApiError::invalid(
+            "texts",
+            "texts is empty: send at least one text",
+        ));
+    }
+    if n > MAX_TEXTS {
+        return Err(ApiError::invalid(
+            "texts",
+            format!("{n} texts in one request; send at most {MAX_TEXTS}"),
+        ));
+    }
+    if let Some(index) = req.texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(ApiError::invalid(
+            "texts",
+            format!("texts[{index}] is empty"),
+        ));
+    }
+    for (param, len) in [
+        ("metadata", req.metadata.as_ref().map(Vec::len)),
+        ("ids", req.ids.as_ref().map(Vec::len)),
+    ] {
+        if let Some(len) = len.filter(|&len| len != n) {
+            return Err(ApiError::invalid(
+                param,
+                format!("{param} has {len} entries for {n} texts: give one per text"),
+            ));
+        }
+    }
+    if let Some(ids) = &req.ids {
+        let mut seen = HashSet::new();
+        for (index, id) in ids.iter().enumerate() {
+            if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+                return Err(ApiError::invalid(
+                    "ids",
+                    format!("ids[{index}]: ids have 1 to 256 characters, none of them control characters"),
+                ));
+            }
+            if !seen.insert(id) {
+                return Err(ApiError::invalid(
+                    "ids",
+                    format!("ids[{index}]: {id:?} is given twice"),
+                ));
+            }
+        }
+    }
+    Ok(req
+        .texts
+        .iter()
+        .enumerate()
+        .map(|(index, text)| rag::NewDocument {
+            id: req.ids.as_ref().map(|ids| ids[index].clone()),
+            text: text.clone(),
+            metadata: req
+                .metadata
+                .as_ref()
+                .and_then(|m| m[index].clone())
+                .unwrap_or_default(),
+            markdown: req.markdown.unwrap_or(false),
+        })
+        .collect())
+}
+
+#[utoipa::path(get, path = "/v1/rag/documents", params(RagListQuery), responses(
+    (status = 200, description = "`{object: \"list\", data: [{id, chunks, metadata, created_at, preview}], next_offset}`"),
+    (status = 400, description = "A bad filter, limit or offset", body = ErrorResponse),
+    (status = 404, description = "No such collection", body = ErrorResponse)))]
+pub async fn list_documents(
+    State(state): State<AppState>,
+    Query(query): Query<RagListQuery>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let library = library(&state)?;
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "limit is 1 to 1000"));
+    }
+    let filter = match &query.filter {
+        Some(text) => {
+            let object: Map<String, Value> = serde_json::from_str(text).map_err(|e| {
+                ApiError::invalid("filter", format!("filter must be a JSON object: {e}"))
+            })?;
+            rag::Filter::from_object(&object)?
+        }
+        None => None,
+    };
+    let name = collection_name(query.collection.as_ref());
+    let Some(collection) = library.get(name) else {
+        if name == DEFAULT_COLLECTION {
+            return Ok(axum::Json(
+                json!({"object": "list", "data": [], "next_offset": null}),
+            ));
+        }
+        return Err(library.existing(name).unwrap_err().into());
+    };
+    let offset = query.offset.clone();
+    let page =
+        blocking(move || collection.documents(filter.as_ref(), limit, offset.as_deref())).await?;
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": page.documents,
+        "next_offset": page.next_offset,
+    })))
+}
+
+#[utoipa::path(get, path = "/v1/rag/documents/{id}", params(("id" = String, Path, description = "The document's id"), RagCollectionQuery), responses(
+    (status = 200, description = "`{id, collection, metadata, chunks: [{id, chunk, text}]}`"),
+    (status = 404, description = "No such document or collection", body = ErrorResponse)))]
+pub async fn get_document(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<RagCollectionQuery>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let library = library(&state)?;
+    let name = collection_name(query.collection.as_ref()).to_owned();
+    let collection = library.existing(&name)?;
+    let wanted = id.clone();
+    let found = blocking(move || collection.document(&wanted)).await?;
+    let (metadata, chunks) = found.ok_or_else(|| no_document(&id, &name))?;
+    Ok(axum::Json(json!({
+        "id": id,
+        "collection": name,
+        "metadata": metadata,
+        "chunks": chunks,
+    })))
+}
+
+fn no_document(id: &str, collection: &str) -> ApiError {
+    ApiError::not_found(format!("no document {id:?} in collection {collection:?}"))
+}
+
+#[utoipa::path(delete, path = "/v1/rag/documents/{id}", params(("id" = String, Path, description = "The document's id"), RagCollectionQuery), responses(
+    (status = 200, description = "`{id, collection, deleted: true}`"),
+    (status = 404, description = "No such document or collection", body = ErrorResponse)))]
+pub async fn delete_document(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<RagCollectionQuery>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let library = library(&state)?;
+    let name = collection_name(query.collection.as_ref()).to_owned();
+    let collection = library.existing(&name)?;
+    let wanted = id.clone();
+    if !blocking(move || collection.delete_document(&wanted)).await? {
+        return Err(no_document(&id, &name));
+    }
+    Ok(axum::Json(
+        json!({"id": id, "collection": name, "deleted": true}),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/rag/collections", responses(
+    (status = 200, description = "`{object: \"list\", data: [{name, embedding_model, dimension, sparse, colbert, chunk_tokens, chunk_overlap, documents, chunks, bytes, created_at}]}`")))]
+pub async fn list_collections(
+    State(state): State<AppState>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let library = library(&state)?;
+    let data: Vec<Value> = library
+        .collections()
+        .await?
+        .into_iter()
+        .map(|(meta, stats)| {
+            json!({
+                "name": meta.name,
+                "embedding_model": meta.embedding_model,
+                "dimension": meta.dimension,
+                "sparse": meta.sparse,
+                "colbert": meta.colbert,
+                "chunk_tokens": meta.chunk.tokens,
+                "chunk_overlap": meta.chunk.overlap,
+                "documents": stats.documents,
+                "chunks": stats.chunks,
+                "bytes": stats.bytes,
+                "created_at": meta.created_at,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})))
+}
+
+#[utoipa::path(delete, path = "/v1/rag/collections/{name}", params(("name" = String, Path, description = "The collection")), responses(
+    (status = 200, description = "`{name, deleted: true}`"),
+    (status = 400, description = "Not a collection name", body = ErrorResponse),
+    (status = 404, description = "No such collection", body = ErrorResponse)))]
+pub async fn delete_collection(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let library = library(&state)?;
+    if !library.delete_collection(&name).await? {
+        return Err(library.existing(&name).unwrap_err().into());
+    }
+    Ok(axum::Json(json!({"name": name, "deleted": true})))
+}
+
+/// The search the request asks for, with the server's defaults.
+struct Retrieval {
+    collection: String,
+    query: String,
+    options: SearchOptions,
+}
+
+/// The search fields of a search or chat request.
+struct Asked<'a> {
+    collection: Option<&'a String>,
+    query: &'a str,
+    top_k: Option<usize>,
+    /// What the request calls `top_k`.
+    top_k_param: &'static str,
+    score_threshold: Option<f32>,
+    filter: Option<&'a Map<String, Value>>,
+    mode: Option<&'a str>,
+}
+
+impl Retrieval {
+    fn new(state: &AppState, asked: Asked<'_>) -> Result<Self, ApiError> {
+        let Asked {
+            collection,
+            query,
+            top_k,
+            top_k_param,
+            score_threshold,
+            filter,
+            mode,
+        } = asked;
+        let settings = &state.settings.rag;
+        let top_k = top_k.unwrap_or(settings.top_k);
+        if !(1..=MAX_TOP_K).contains(&top_k) {
+            return Err(ApiError::invalid(
+                top_k_param,
+                format!("{top_k_param} is 1 to {MAX_TOP_K}"),
+            ));
+        }
+        if let Some(t) = score_threshold.filter(|t| !t.is_finite()) {
+            return Err(ApiError::invalid(
+                "score_threshold",
+                format!("{t} is not a number"),
+            ));
+        }
+        let mode = match mode {
+            None | Some("hybrid") => Mode::Hybrid,
+            Some("dense") => Mode::Dense,
+            Some("sparse") => Mode::Sparse,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "mode",
+                    format!("mode {other:?}: use hybrid, dense or sparse"),
+                ))
+            }
+        };
+        if query.trim().is_empty() {
+            return Err(ApiError::invalid("query", "query is empty"));
+        }
+        let filter = match filter {
+            Some(object) => rag::Filter::from_object(object)?,
+            None => None,
+        };
+        Ok(Self {
+            collection: collection_name(collection).to_owned(),
+            query: query.to_owned(),
+            options: SearchOptions {
+                top_k,
+                score_threshold: Some(score_threshold.unwrap_or(settings.score_threshold)),
+                filter,
+                mode,
+                rerank: false,
+            },
+        })
+    }
+
+    /// The hits (none from a default collection nothing was ingested into
+    /// yet), and whether a reranker rescored them.
+    async fn run(
+        mut self,
+        state: &AppState,
+        headers: &HeaderMap,
+        rerank: Option<bool>,
+    ) -> Result<(Vec<rag::Hit>, bool), ApiError> {
+        let library = library(state)?;
+        if library.get(&self.collection).is_none() {
+            rag::Library::check_collection_name(&self.collection)?;
+            if self.collection == DEFAULT_COLLECTION {
+                return Ok((Vec::new(), false));
+            }
+            return Err(library.existing(&self.collection).unwrap_err().into());
+        }
+        let encoder = encoder(state, headers).await?;
+        let reranker = match rerank {
+            Some(false) => None,
+            _ => reranker(state, headers).await?,
+        };
+        if rerank == Some(true) && reranker.is_none() {
+            return Err(ApiError::invalid(
+                "rerank",
+                "no reranker is configured: set RERANKER_MODEL_PATH (the reranker tier) or \
+                 RAG_RERANK_MODEL",
+            ));
+        }
+        self.options.rerank = reranker.is_some();
+        let hits = library
+            .search(
+                &self.collection,
+                &encoder,
+                reranker.as_ref().map(|r| r as &dyn rag::Reranker),
+                &self.query,
+                &self.options,
+            )
+            .await?;
+        Ok((hits, self.options.rerank))
+    }
+}
+
+fn source(hit: rag::Hit) -> RagSource {
+    RagSource {
+        id: hit.id,
+        document_id: hit.document_id,
+        chunk: hit.chunk,
+        text: hit.text,
+        score: hit.score,
+        similarity: hit.similarity,
+        metadata: hit.metadata,
+    }
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Hybrid => "hybrid",
+        Mode::Dense => "dense",
+        Mode::Sparse => "sparse",
+    }
+}
+
+#[utoipa::path(post, path = "/v1/rag/search", request_body = RagSearchRequest, responses(
+    (status = 200, description = "The best chunks, best first", body = RagSearchAnswer),
+    (status = 400, description = "Bad parameters or filter", body = ErrorResponse),
+    (status = 404, description = "No such collection", body = ErrorResponse),
+    (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse)))]
+pub async fn search(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<RagSearchRequest>,
+) -> Result<axum::Json<RagSearchAnswer>, ApiError> {
+    let retrieval = Retrieval::new(
+        &state,
+        Asked {
+            collection: req.collection.as_ref(),
+            query: &req.query,
+            top_k: req.top_k,
+            top_k_param: "top_k",
+            score_threshold: req.score_threshold,
+            filter: req.filter.as_ref(),
+            mode: req.mode.as_deref(),
+        },
+    )?;
+    let (collection, mode) = (retrieval.collection.clone(), retrieval.options.mode);
+    let (hits, reranked) = retrieval.run(&state, &headers, req.rerank).await?;
+    Ok(axum::Json(RagSearchAnswer {
+        results: hits.into_iter().map(source).collect(),
+        collection,
+        mode: mode_name(mode).to_owned(),
+        reranked,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/rag/chat", request_body = RagChatRequest, responses(
+    (status = 200, description = "The answer and its numbered sources; with `stream: true`, SSE events `{type: \"sources\"}`, `{type: \"delta\"}`…, `{type: \"done\"}`, then `[DONE]`", content((RagChatAnswer = "application/json"), (String = "text/event-stream"))),
+    (status = 400, description = "Bad parameters", body = ErrorResponse),
+    (status = 404, description = "No such collection or chat model", body = ErrorResponse),
+    (status = 503, description = "A model is loading or the queue is full", body = ErrorResponse)))]
+pub async fn chat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    Json(req): Json<RagChatRequest>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let retrieval = Retrieval::new(
+        &state,
+        Asked {
+            collection: req.collection.as_ref(),
+            query: &req.query,
+            top_k: req.num_context_docs,
+            top_k_param: "num_context_docs",
+            score_threshold: req.score_threshold,
+            filter: req.filter.as_ref(),
+            mode: req.mode.as_deref(),
+        },
+    )?;
+    let model = req
+        .model
+        .clone()
+        .or_else(|| state.settings.rag.chat_model.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let history = req.messages.clone().unwrap_or_default();
+    let question = RagQuestion {
+        model: &model,
+        query: &req.query,
+        history: &history,
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+        stream: req.stream.unwrap_or(false),
+    };
+    // Checked before any retrieval, so a bad request costs no embedding.
+    chat_request(&question, String::new())?;
+    let (hits, _) = retrieval.run(&state, &headers, req.rerank).await?;
+    let chat = chat_request(&question, rag::prompt::system_message(&hits))?;
+    let sources: Vec<RagSource> = hits.into_iter().map(source).collect();
+    let (job, entry) = check(&state, &chat).await?;
+    let head = AnswerHead {
+        include_usage: false,
+        ..AnswerHead::new("rag", &model, &chat.sampling)
+    };
+    let cache_key = cache_key(&state, &entry, &chat, &job);
+    let delivery = Delivery {
+        state: state.clone(),
+        model_id: entry.id.clone(),
+        endpoint: "rag_chat",
+        cache_key: cache_key.clone(),
+        started,
+        keep: None,
+        caller,
+    };
+    if let Some(events) = cached_events(&state, cache_key.as_ref()).await {
+        let answer = RagAnswer::new(head, sources);
+        return respond(answer, replayed(events), delivery, Served::FromCache).await;
+    }
+    let engine = load(&state, &headers, &entry).await?;
+    let (events, _) = generate(&state, &entry, &engine, &chat, job, started).await?;
+    respond(
+        RagAnswer::new(head, sources),
+        events,
+        delivery,
+        Served::Generated,
+    )
+    .await
+}
+
+/// Store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, rag::RagError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => Ok(result?),
+        Err(error) => Err(ApiError::internal(format!(
+            "the document store failed: {error}"
+        ))),
+    }
+}

@@ -1,0 +1,201 @@
+//! Retrieval's models, served by our engines: the embedding model as a
+//! [`rag::Encoder`] (its inputs share the embedding worker's batches with
+//! `/v1/embeddings` traffic) and the reranker as a [`rag::Reranker`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use engine::{EmbedOutputs, Engine, EngineError};
+use rag::{BoxFuture, Encoded, Encoder, EncoderInfo, RagError, Reranker, Want};
+
+use crate::settings::RagSettings;
+
+pub struct EngineEncoder {
+    engine: Arc<Engine>,
+    info: EncoderInfo,
+    /// Tokens embedded so far (usage).
+    tokens: AtomicU64,
+}
+
+impl EngineEncoder {
+    /// The encoder for `engine`, whose model the registry calls `model_id`,
+    /// with dense vectors cut to `dimension` when that is narrower (Matryoshka
+    /// models, `EMBEDDING_DIMENSION`).
+    pub fn new(engine: Arc<Engine>, model_id: &str, dimension: Option<usize>) -> Self {
+        let model = engine.info();
+        let n_embd = model.n_embd as usize;
+        let width = dimension.map_or(n_embd, |d| d.min(n_embd));
+        let info = EncoderInfo {
+            model: model_id.to_owned(),
+            dimension: width,
+            sparse_head: model.has_sparse_head,
+            colbert_head: model.has_colbert_head,
+            max_tokens: model.max_input_tokens as usize,
+        };
+        Self {
+            engine,
+            info,
+            tokens: AtomicU64::new(0),
+        }
+    }
+
+    /// Tokens embedded through this encoder.
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+
+    /// Chunks of `RAG_CHUNK_TOKENS` (default 256), within the model's input
+    /// limit after its special tokens.
+    pub fn chunk_size(&self, settings: &RagSettings) -> Result<rag::chunk::ChunkSize, RagError> {
+        let room = self.info.max_tokens.saturating_sub(2);
+        let tokens = settings.chunk_tokens.unwrap_or(256).min(room);
+        rag::chunk::ChunkSize::new(tokens, settings.chunk_overlap.min(tokens / 4))
+    }
+}
+
+fn model_error(error: EngineError) -> RagError {
+    RagError::Model(Box::new(error))
+}
+
+impl Encoder for EngineEncoder {
+    fn info(&self) -> &EncoderInfo {
+        &self.info
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        self.engine.tokenize(text, false, false).len()
+    }
+
+    fn encode<'a>(
+        &'a self,
+        texts: &'a [String],
+        want: Want,
+    ) -> BoxFuture<'a, Result<Vec<Encoded>, RagError>> {
+        Box::pin(async move {
+            let engine = self.engine.clone();
+            let owned = texts.to_vec();
+            let inputs = tokio::task::spawn_blocking(move || {
+                owned
+                    .iter()
+                    .map(|text| {
+                        let mut tokens = engine.tokenize_input(text);
+                        engine.truncate_input(&mut tokens);
+                        tokens
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| RagError::Store(format!("tokenization failed: {e}")))?;
+            let outputs = EmbedOutputs {
+                dense: true,
+                sparse: want.sparse,
+                colbert: want.colbert,
+            };
+            let results = self
+                .engine
+                .embed(inputs, outputs)
+                .map_err(model_error)?
+                .wait()
+                .await
+                .map_err(model_error)?;
+            let tokens: u64 = results.iter().map(|r| u64::from(r.n_tokens)).sum();
+            self.tokens.fetch_add(tokens, Ordering::Relaxed);
+            Ok(results
+                .into_iter()
+                .map(|r| Encoded {
+                    dense: narrowed(r.dense.unwrap_or_default(), self.info.dimension),
+                    sparse: r.sparse.map(|weights| {
+                        weights
+                            .into_iter()
+                            .map(|(id, w)| (id.max(0) as u32, w))
+                            .collect()
+                    }),
+                    colbert: r.colbert,
+                })
+                .collect())
+        })
+    }
+}
+
+/// The first `width` values, L2-normalized again when cut.
+fn narrowed(mut vector: Vec<f32>, width: usize) -> Vec<f32> {
+    if vector.len() > width {
+        vector.truncate(width);
+        engine::normalize(&mut vector);
+    }
+    vector
+}
+
+pub struct EngineReranker {
+    engine: Arc<Engine>,
+    model: String,
+    tokens: AtomicU64,
+}
+
+impl EngineReranker {
+    pub fn new(engine: Arc<Engine>, model_id: &str) -> Self {
+        Self {
+            engine,
+            model: model_id.to_owned(),
+            tokens: AtomicU64::new(0),
+        }
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+}
+
+impl Reranker for EngineReranker {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn scores<'a>(
+        &'a self,
+        query: &'a str,
+        texts: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<f32>, RagError>> {
+        Box::pin(async move {
+            let engine = self.engine.clone();
+            let (query, owned) = (query.to_owned(), texts.to_vec());
+            let pairs = tokio::task::spawn_blocking(move || {
+                let query = engine.tokenize(&query, false, false);
+                owned
+                    .iter()
+                    .map(|text| {
+                        let document = engine.tokenize(text, false, false);
+                        let mut pair = engine.rerank_pair(&query, &document);
+                        engine.truncate_input(&mut pair);
+                        pair
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| RagError::Store(format!("tokenization failed: {e}")))?;
+            let outputs = EmbedOutputs {
+                dense: true,
+                ..Default::default()
+            };
+            let results = self
+                .engine
+                .embed(pairs, outputs)
+                .map_err(model_error)?
+                .wait()
+                .await
+                .map_err(model_error)?;
+            let tokens: u64 = results.iter().map(|r| u64::from(r.n_tokens)).sum();
+            self.tokens.fetch_add(tokens, Ordering::Relaxed);
+            Ok(results
+                .iter()
+                .map(|r| {
+                    r.dense
+                        .as_ref()
+                        .and_then(|s| s.first())
+                        .copied()
+                        .unwrap_or(f32::NEG_INFINITY)
+                })
+                .collect())
+        })
+    }
+}

@@ -1,0 +1,493 @@
+//! Retrieval on the real MiniLM encoder (embedded Qdrant on disk) and SmolLM2
+//! for answers: seed 003's requests as they are, replacement by id, filters,
+//! restarts, the model a collection remembers, and every client mistake.
+
+use serde_json::{json, Value};
+
+use crate::common::{error_of, shared_models, sse_payloads, TestApp};
+
+fn minilm() -> String {
+    shared_models()
+        .join("all-MiniLM-L6-v2-f16.gguf")
+        .display()
+        .to_string()
+}
+
+/// A server with MiniLM as its embedding tier, its data under `data_dir`.
+fn rag_app(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> TestApp {
+    let minilm = minilm();
+    let data = data_dir.display().to_string();
+    let mut env = vec![
+        ("EMBEDDING_MODEL_PATH", minilm.as_str()),
+        ("EMBEDDING_N_THREADS", "2"),
+        ("DATA_DIR", data.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    TestApp::new(&env)
+}
+
+const SEED_DOCUMENTS: [&str; 3] = [
+    "Docker is a containerization platform that packages applications.",
+    "Kubernetes orchestrates containerized applications at scale.",
+    "FastAPI is a modern Python web framework for building APIs.",
+];
+
+async fn ingest_seed(app: &TestApp) -> Value {
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/documents",
+            json!({
+                "texts": SEED_DOCUMENTS,
+                "metadata": [
+                    {"source": "docker-docs", "type": "definition"},
+                    {"source": "k8s-docs", "type": "definition"},
+                    {"source": "fastapi-docs", "type": "definition"}
+                ]
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn texts(results: &Value) -> Vec<String> {
+    results
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn seed_requests_work_and_answers_are_given_their_sources() {
+    let data = tempfile::tempdir().unwrap();
+    let app = rag_app(data.path(), &[]);
+    let body = ingest_seed(&app).await;
+    assert_eq!(body["collection"], "default");
+    assert_eq!(body["chunks"], 3);
+    assert!(body["embedded_tokens"].as_u64().unwrap() > 20, "{body}");
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": ["Test document content"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["documents"][0]["chunks"], 1);
+
+    // Every mode ranks the two container documents above the web framework.
+    for mode in ["hybrid", "dense", "sparse"] {
+        let (status, _, body) = app
+            .post(
+                "/v1/rag/search",
+                json!({"query": "How do Docker and Kubernetes work together?", "top_k": 2,
+                       "mode": mode, "score_threshold": 0.0}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["mode"], mode);
+        let found = texts(&body["results"]);
+        assert_eq!(found.len(), 2, "{mode}: {body}");
+        assert!(
+            found
+                .iter()
+                .all(|t| t.contains("Docker") || t.contains("Kubernetes")),
+            "{mode}: {found:?}"
+        );
+        if mode != "sparse" {
+            let similarity = body["results"][0]["similarity"].as_f64().unwrap();
+            assert!((0.2..=1.0).contains(&similarity), "{body}");
+        }
+    }
+
+    // Seed 003's chat request, verbatim.
+    let (status, _, answer) = app
+        .post(
+            "/v1/rag/chat",
+            json!({"query": "How do Docker and Kubernetes work together?",
+                   "max_tokens": 256, "num_context_docs": 3}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        !answer["answer"].as_str().unwrap().trim().is_empty(),
+        "{answer}"
+    );
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(answer["sources"].as_array().unwrap().len() <= 3);
+
+    // Greedy, streamed: the sources first, then the text, then the finish;
+    // the same answer as the whole one.
+    let request = json!({"query": "What is Docker?", "max_tokens": 40, "num_context_docs": 2,
+                         "temperature": 0, "score_threshold": 0.0});
+    let (status, _, whole) = app.post("/v1/rag/chat", request.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let sources = whole["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 2, "{whole}");
+    assert!(
+        sources[0]["text"].as_str().unwrap().contains("Docker"),
+        "{whole}"
+    );
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    let (status, headers, body) = app.post("/v1/rag/chat", streamed).await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let payloads = sse_payloads(body.as_str().unwrap());
+    assert_eq!(payloads.last().unwrap(), "[DONE]");
+    let events: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(events[0]["type"], "sources");
+    assert_eq!(events[0]["sources"], whole["sources"]);
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "done");
+    assert_eq!(done["finish_reason"], whole["finish_reason"]);
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, whole["answer"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn nothing_relevant_means_no_sources_and_the_model_is_told() {
+    let data = tempfile::tempdir().unwrap();
+    let app = rag_app(data.path(), &[]);
+    // Before any ingest: the default collection is empty, not an error.
+    let (status, _, body) = app
+        .post("/v1/rag/search", json!({"query": "anything"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"], json!([]));
+    ingest_seed(&app).await;
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/chat",
+            json!({"query": "What is the boiling point of water at sea level?",
+                   "max_tokens": 8, "score_threshold": 0.95}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sources"], json!([]));
+}
+
+#[tokio::test]
+async fn ids_replace_documents_and_filters_select_by_metadata() {
+    let data = tempfile::tempdir().unwrap();
+    let app = rag_app(data.path(), &[]);
+    let long: String = (0..120)
+        .map(|i| format!("Sentence number {i} talks about ships and harbours. "))
+        .collect();
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": [long, "Bread needs flour, water, salt and yeast."],
+                   "ids": ["ships", "bread"],
+                   "metadata": [{"source": "sea"}, {"source": "kitchen", "lang": "en"}],
+                   "collection": "notes"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let chunks = body["documents"][0]["chunks"].as_u64().unwrap();
+    assert!(chunks > 1, "a long text is several chunks: {body}");
+    assert_eq!(body["documents"][0]["replaced"], false);
+
+    let (status, doc) = app.get("/v1/rag/documents/ships?collection=notes").await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["chunks"].as_array().unwrap().len() as u64, chunks);
+    assert_eq!(doc["metadata"]["source"], "sea");
+
+    // Ingesting the id again replaces every chunk of the old document.
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": ["Ships sail between harbours."], "ids": ["ships"],
+                   "metadata": [{"source": "sea", "revised": true}], "collection": "notes"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["documents"][0]["replaced"], true);
+    let (_, doc) = app.get("/v1/rag/documents/ships?collection=notes").await;
+    assert_eq!(texts(&doc["chunks"]), ["Ships sail between harbours."]);
+    assert_eq!(doc["metadata"]["revised"], true);
+    let (status, list) = app.get("/v1/rag/documents?collection=notes").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+
+    // Filters: only documents whose metadata matches.
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/search",
+            json!({"query": "ships", "collection": "notes", "filter": {"source": "kitchen"},
+                   "score_threshold": 0.0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        texts(&body["results"]),
+        ["Bread needs flour, water, salt and yeast."]
+    );
+    let filter = urlencode(r#"{"source": ["sea", "lake"]}"#);
+    let (_, list) = app
+        .get(&format!(
+            "/v1/rag/documents?collection=notes&filter={filter}"
+        ))
+        .await;
+    assert_eq!(list["data"][0]["id"], "ships", "{list}");
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+
+    // Paging: one document per page, then the next.
+    let (_, first) = app.get("/v1/rag/documents?collection=notes&limit=1").await;
+    let next = first["next_offset"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let (_, second) = app
+        .get(&format!(
+            "/v1/rag/documents?collection=notes&limit=1&offset={next}"
+        ))
+        .await;
+    assert_ne!(first["data"][0]["id"], second["data"][0]["id"]);
+
+    // Deleting a document removes its chunks; deleting it again is a 404.
+    let request = |method: &str| {
+        axum::http::Request::builder()
+            .method(method)
+            .uri("/v1/rag/documents/bread?collection=notes")
+            .header(
+                "authorization",
+                format!("Bearer {}", crate::common::OPERATOR_KEY),
+            )
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let (status, _, body) = app.send(request("DELETE")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = app.send(request("DELETE")).await;
+    assert_eq!(status, 404, "{body}");
+    error_of(&body);
+    let (_, collections) = app.get("/v1/rag/collections").await;
+    let notes = &collections["data"][0];
+    assert_eq!(notes["name"], "notes");
+    assert_eq!(notes["documents"], 1);
+    assert_eq!(notes["chunks"], 1);
+    assert!(notes["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(notes["dimension"], 384);
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn collections_survive_restarts_and_remember_their_model() {
+    let data = tempfile::tempdir().unwrap();
+    let query = json!({"query": "container orchestration", "top_k": 3, "score_threshold": 0.0});
+    let before = {
+        let app = rag_app(data.path(), &[]);
+        ingest_seed(&app).await;
+        let (status, _, body) = app.post("/v1/rag/search", query.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    // A new server over the same data directory finds the same chunks.
+    let app = rag_app(data.path(), &[]);
+    let (status, _, after) = app.post("/v1/rag/search", query.clone()).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(texts(&after["results"]), texts(&before["results"]));
+
+    // Narrower vectors are another model's as far as the collection goes.
+    let narrow = rag_app(data.path(), &[("EMBEDDING_DIMENSION", "128")]);
+    let (status, _, body) = narrow.post("/v1/rag/search", query.clone()).await;
+    assert_eq!(status, 409, "{body}");
+    let error = error_of(&body);
+    assert_eq!(error["code"], "embedding_model_mismatch");
+    assert!(error["message"].as_str().unwrap().contains("384"), "{body}");
+    let (status, _, body) = narrow
+        .post("/v1/rag/documents", json!({"texts": ["more"]}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    // Another collection takes the narrower vectors.
+    let (status, _, body) = narrow
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": ["more"], "collection": "narrow"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Deleting a collection removes it and its files.
+    let request = axum::http::Request::delete("/v1/rag/collections/narrow")
+        .header(
+            "authorization",
+            format!("Bearer {}", crate::common::OPERATOR_KEY),
+        )
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let (status, _, body) = narrow.send(request).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!data.path().join("rag/narrow").exists());
+}
+
+#[tokio::test]
+async fn retrieval_mistakes_are_clear_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let app = rag_app(data.path(), &[]);
+    ingest_seed(&app).await;
+    let cases = [
+        ("/v1/rag/documents", json!({"texts": []}), 400, "texts"),
+        (
+            "/v1/rag/documents",
+            json!({"texts": ["a", " "]}),
+            400,
+            "texts",
+        ),
+        (
+            "/v1/rag/documents",
+            json!({"texts": ["a", "b"], "metadata": [{}]}),
+            400,
+            "metadata",
+        ),
+        (
+            "/v1/rag/documents",
+            json!({"texts": ["a", "b"], "ids": ["x", "x"]}),
+            400,
+            "ids",
+        ),
+        (
+            "/v1/rag/documents",
+            json!({"texts": ["a"], "ids": [""]}),
+            400,
+            "ids",
+        ),
+        (
+            "/v1/rag/documents",
+            json!({"texts": ["a"], "collection": "../etc"}),
+            400,
+            "collection",
+        ),
+        ("/v1/rag/documents", json!({"texts": "a"}), 400, "texts"),
+        ("/v1/rag/search", json!({"query": ""}), 400, "query"),
+        (
+            "/v1/rag/search",
+            json!({"query": "x", "mode": "fuzzy"}),
+            400,
+            "mode",
+        ),
+        (
+            "/v1/rag/search",
+            json!({"query": "x", "top_k": 0}),
+            400,
+            "top_k",
+        ),
+        (
+            "/v1/rag/search",
+            json!({"query": "x", "filter": {"a": {"b": 1}}}),
+            400,
+            "filter",
+        ),
+        (
+            "/v1/rag/search",
+            json!({"query": "x", "rerank": true}),
+            400,
+            "rerank",
+        ),
+        (
+            "/v1/rag/search",
+            json!({"query": "x", "collection": "nope"}),
+            404,
+            "collection",
+        ),
+        (
+            "/v1/rag/chat",
+            json!({"query": "x", "num_context_docs": 1000}),
+            400,
+            "num_context_docs",
+        ),
+        (
+            "/v1/rag/chat",
+            json!({"query": "x", "messages": [{"role": "system", "content": "y"}]}),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/rag/chat",
+            json!({"query": "x", "model": "nope"}),
+            404,
+            "model",
+        ),
+    ];
+    for (path, body, status, param) in cases {
+        let (got, _, answer) = app.post(path, body.clone()).await;
+        assert_eq!(got.as_u16(), status, "{path} {body}: {answer}");
+        let error = error_of(&answer);
+        if status == 400 {
+            assert_eq!(error["param"], param, "{path} {body}: {answer}");
+        }
+    }
+    for path in [
+        "/v1/rag/documents?limit=0",
+        "/v1/rag/documents?filter=notjson",
+        "/v1/rag/documents?offset=garbage",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        error_of(&body);
+    }
+    for path in [
+        "/v1/rag/documents/missing",
+        "/v1/rag/documents?collection=nope",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_reranker_rescores_the_candidates() {
+    // The synthetic reranker's scores are deterministic but not relevance:
+    // this checks the plumbing (scores as 0..1 relevance, best first).
+    let data = tempfile::tempdir().unwrap();
+    let reranker = shared_models()
+        .join("SYNTHETIC-minilm-l6-reranker-f16.gguf")
+        .display()
+        .to_string();
+    let app = rag_app(data.path(), &[("RERANKER_MODEL_PATH", reranker.as_str())]);
+    ingest_seed(&app).await;
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/search",
+            json!({"query": "containers", "top_k": 3, "score_threshold": 0.0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reranked"], true);
+    let scores: Vec<f64> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["score"].as_f64().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 3);
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)), "{scores:?}");
+    let (_, _, body) = app
+        .post(
+            "/v1/rag/search",
+            json!({"query": "containers", "rerank": false, "score_threshold": 0.0}),
+        )
+        .await;
+    assert_eq!(body["reranked"], false);
+}

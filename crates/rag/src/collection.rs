@@ -1,0 +1,693 @@
+//! One collection: a SQLite file holding its documents, their chunks with
+//! their embeddings, an FTS5 index of the chunks' text (BM25), and the record
+//! of which embedding model its vectors came from; plus the exact dense index
+//! in memory, rebuilt from the file on open.
+//!
+//! Every method blocks (disk I/O, scans): the server calls them off its async
+//! threads. Each document is written in one transaction, so a crash leaves
+//! it whole or absent; SQLite's WAL recovers the file on the next open.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::chunk::ChunkSize;
+use crate::dense::DenseIndex;
+use crate::{Encoded, EncoderInfo, Filter, RagError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    metadata TEXT NOT NULL,
+    chunks INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    document INTEGER NOT NULL,
+    chunk INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    dense BLOB NOT NULL,
+    colbert BLOB
+);
+CREATE INDEX IF NOT EXISTS chunks_document ON chunks(document);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    text, content='chunks', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TABLE IF NOT EXISTS sparse (chunk INTEGER NOT NULL, token INTEGER NOT NULL, weight REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sparse_token ON sparse(token);
+CREATE INDEX IF NOT EXISTS sparse_chunk ON sparse(chunk);
+CREATE TRIGGER IF NOT EXISTS chunks_added AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_removed AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    DELETE FROM sparse WHERE chunk = old.id;
+END;
+";
+
+/// Where a collection's sparse scores come from.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sparse {
+    /// BM25 over the chunks' words (FTS5: Porter stemming, Unicode folding),
+    /// its IDF from the collection's own statistics, current as documents
+    /// come and go.
+    Bm25,
+    /// The embedding model's learned lexical weights (BGE-M3's sparse head).
+    Model,
+}
+
+/// What a collection records about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionMeta {
+    pub name: String,
+    pub embedding_model: String,
+    pub dimension: usize,
+    pub sparse: Sparse,
+    pub colbert: bool,
+    pub chunk: ChunkSize,
+    pub created_at: i64,
+}
+
+impl CollectionMeta {
+    /// A new collection's record for vectors from `encoder`.
+    pub fn new(name: &str, encoder: &EncoderInfo, chunk: ChunkSize) -> Self {
+        Self {
+            name: name.to_owned(),
+            embedding_model: encoder.model.clone(),
+            dimension: encoder.dimension,
+            sparse: if encoder.sparse_head {
+                Sparse::Model
+            } else {
+                Sparse::Bm25
+            },
+            colbert: encoder.colbert_head,
+            chunk,
+            created_at: chrono::Utc::now().timestamp(),
+        }
+    }
+
+    /// A conflict unless `encoder` makes the vectors this collection holds.
+    pub fn check_encoder(&self, encoder: &EncoderInfo) -> Result<(), RagError> {
+        if self.embedding_model != encoder.model || self.dimension != encoder.dimension {
+            return Err(RagError::Conflict(format!(
+                "collection {:?} holds {}-dimensional vectors from {:?}, but the embedding \
+                 model now is {:?} ({} dimensions): mixing them would make search \
+                 meaningless; use another collection, or delete this one and ingest again",
+                self.name, self.dimension, self.embedding_model, encoder.model, encoder.dimension
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Counts for dashboards.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CollectionStats {
+    pub documents: u64,
+    pub chunks: u64,
+    /// Bytes on disk (the file and its WAL).
+    pub bytes: u64,
+}
+
+/// A document as listings show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DocumentSummary {
+    pub id: String,
+    pub chunks: u64,
+    pub metadata: Value,
+    pub created_at: i64,
+    /// The start of its first chunk.
+    pub preview: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DocumentPage {
+    pub documents: Vec<DocumentSummary>,
+    /// Pass as `offset` for the next page; `None` on the last page.
+    pub next_offset: Option<String>,
+}
+
+/// One chunk of a document, in order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChunkText {
+    pub id: String,
+    pub chunk: u64,
+    pub text: String,
+}
+
+/// A document ready to write: its chunks and their embeddings.
+pub(crate) struct Prepared {
+    pub id: String,
+    pub chunks: Vec<String>,
+    pub encoded: Vec<Encoded>,
+    pub metadata: Map<String, Value>,
+}
+
+/// A stored chunk as search reads it.
+pub(crate) struct StoredChunk {
+    pub id: i64,
+    pub chunk: u64,
+    pub text: String,
+    pub document_id: String,
+    pub metadata: Value,
+    pub colbert: Option<Vec<Vec<f32>>>,
+}
+
+pub struct Collection {
+    meta: CollectionMeta,
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    dense: RwLock<DenseIndex>,
+}
+
+impl std::fmt::Debug for Collection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collection")
+            .field("meta", &self.meta)
+            .finish()
+    }
+}
+
+fn sql_error(error: rusqlite::Error) -> RagError {
+    RagError::store(error)
+}
+
+fn connect(path: &Path) -> Result<Connection, RagError> {
+    let conn = Connection::open(path).map_err(sql_error)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+    )
+    .map_err(sql_error)?;
+    Ok(conn)
+}
+
+impl Collection {
+    /// Creates the collection's file at `path` (schema and record in one
+    /// transaction: a crash leaves no half-made collection).
+    pub(crate) fn create(path: &Path, meta: CollectionMeta) -> Result<Self, RagError> {
+        let mut conn = connect(path)?;
+        let tx = conn.transaction().map_err(sql_error)?;
+        tx.execute_batch(SCHEMA).map_err(sql_error)?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('collection', ?1)",
+            [serde_json::to_string(&meta).expect("serializes")],
+        )
+        .map_err(sql_error)?;
+        tx.commit().map_err(sql_error)?;
+        Ok(Self {
+            dense: RwLock::new(DenseIndex::new(meta.dimension)),
+            meta,
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Opens the collection in `path`; `None` if the file holds no record
+    /// (its creation never committed).
+    pub(crate) fn open(path: &Path) -> Result<Option<Self>, RagError> {
+        let conn = connect(path)?;
+        let record: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'collection'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .or_else(|e| match e {
+                rusqlite::Error::SqliteFailure(..) => Ok(None),
+                other => Err(other),
+            })
+            .map_err(sql_error)?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let meta: CollectionMeta = serde_json::from_str(&record).map_err(RagError::store)?;
+        let mut dense = DenseIndex::new(meta.dimension);
+        {
+            let mut rows = conn
+                .prepare("SELECT id, dense FROM chunks")
+                .map_err(sql_error)?;
+            let mut rows = rows.query([]).map_err(sql_error)?;
+            while let Some(row) = rows.next().map_err(sql_error)? {
+                let id: i64 = row.get(0).map_err(sql_error)?;
+                let blob: Vec<u8> = row.get(1).map_err(sql_error)?;
+                let vector = floats(&blob);
+                if vector.len() != meta.dimension {
+                    return Err(RagError::store(format!(
+                        "chunk {id} has {} dimensions, the collection {}",
+                        vector.len(),
+                        meta.dimension
+                    )));
+                }
+                dense.insert(id, &vector);
+            }
+        }
+        Ok(Some(Self {
+            meta,
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+            dense: RwLock::new(dense),
+        }))
+    }
+
+    pub fn meta(&self) -> &CollectionMeta {
+        &self.meta
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn dense(&self) -> std::sync::RwLockReadGuard<'_, DenseIndex> {
+        self.dense.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes a document in one transaction, replacing any document with its
+    /// id. Returns whether there was one.
+    pub(crate) fn write_document(&self, document: Prepared) -> Result<bool, RagError> {
+        for encoded in &document.encoded {
+            if encoded.dense.len() != self.meta.dimension {
+                return Err(RagError::Conflict(format!(
+                    "the encoder gave {} dimensions; collection {:?} holds {}",
+                    encoded.dense.len(),
+                    self.meta.name,
+                    self.meta.dimension
+                )));
+            }
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql_error)?;
+        let removed = remove_document(&tx, &document.id)?;
+        tx.execute(
+            "INSERT INTO documents (id, metadata, chunks, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                document.id,
+                Value::Object(document.metadata).to_string(),
+                document.chunks.len() as i64,
+                chrono::Utc::now().timestamp()
+            ],
+        )
+        .map_err(sql_error)?;
+        let seq = tx.last_insert_rowid();
+        let mut added = Vec::with_capacity(document.chunks.len());
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO chunks (document, chunk, text, dense, colbert) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(sql_error)?;
+            let mut sparse = tx
+                .prepare("INSERT INTO sparse (chunk, token, weight) VALUES (?1, ?2, ?3)")
+                .map_err(sql_error)?;
+            for (index, (text, encoded)) in document.chunks.iter().zip(document.encoded).enumerate()
+            {
+                let colbert = if self.meta.colbert {
+                    Some(rows_blob(encoded.colbert.as_deref().unwrap_or_default()))
+                } else {
+                    None
+                };
+                insert
+                    .execute(params![
+                        seq,
+                        index as i64,
+                        text,
+                        blob(&encoded.dense),
+                        colbert
+                    ])
+                    .map_err(sql_error)?;
+                let id = tx.last_insert_rowid();
+                if self.meta.sparse == Sparse::Model {
+                    for (token, weight) in encoded.sparse.unwrap_or_default() {
+                        sparse
+                            .execute(params![id, i64::from(token), f64::from(weight)])
+                            .map_err(sql_error)?;
+                    }
+                }
+                added.push((id, encoded.dense));
+            }
+        }
+        tx.commit().map_err(sql_error)?;
+        let mut dense = self.dense.write().unwrap_or_else(|e| e.into_inner());
+        for id in &removed {
+            dense.remove(*id);
+        }
+        for (id, vector) in &added {
+            dense.insert(*id, vector);
+        }
+        // A document has at least one chunk: none removed, none replaced.
+        Ok(!removed.is_empty())
+    }
+
+    /// Deletes a document; `false` if there was none.
+    pub fn delete_document(&self, id: &str) -> Result<bool, RagError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql_error)?;
+        let exists: bool = tx
+            .query_row("SELECT 1 FROM documents WHERE id = ?1", [id], |_| Ok(true))
+            .optional()
+            .map_err(sql_error)?
+            .unwrap_or(false);
+        if !exists {
+            return Ok(false);
+        }
+        let removed = remove_document(&tx, id)?;
+        tx.commit().map_err(sql_error)?;
+        let mut dense = self.dense.write().unwrap_or_else(|e| e.into_inner());
+        for chunk in removed {
+            dense.remove(chunk);
+        }
+        Ok(true)
+    }
+
+    pub fn stats(&self) -> Result<CollectionStats, RagError> {
+        let conn = self.conn();
+        let count = |sql: &str| -> Result<u64, RagError> {
+            conn.query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(sql_error)
+        };
+        let bytes = ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut name = self.path.clone().into_os_string();
+                name.push(suffix);
+                std::fs::metadata(name).ok()
+            })
+            .map(|m| m.len())
+            .sum();
+        Ok(CollectionStats {
+            documents: count("SELECT count(*) FROM documents")?,
+            chunks: count("SELECT count(*) FROM chunks")?,
+            bytes,
+        })
+    }
+
+    /// A page of documents, `limit` at most, after the cursor `offset` a
+    /// previous page returned.
+    pub fn documents(
+        &self,
+        filter: Option<&Filter>,
+        limit: usize,
+        offset: Option<&str>,
+    ) -> Result<DocumentPage, RagError> {
+        let after: i64 = match offset {
+            Some(text) => text.parse().map_err(|_| {
+                RagError::invalid(
+                    "offset",
+                    "offset must be a next_offset from an earlier page",
+                )
+            })?,
+            None => 0,
+        };
+        let (condition, mut values) = filter.map(|f| f.sql("d.metadata")).unwrap_or_default();
+        let condition = if condition.is_empty() {
+            String::new()
+        } else {
+            format!("AND {condition}")
+        };
+        let sql = format!(
+            "SELECT d.seq, d.id, d.metadata, d.chunks, d.created_at, \
+             (SELECT substr(c.text, 1, 200) FROM chunks c WHERE c.document = d.seq AND c.chunk = 0) \
+             FROM documents d WHERE d.seq > ? {condition} ORDER BY d.seq LIMIT ?"
+        );
+        values.insert(0, SqlValue::Integer(after));
+        values.push(SqlValue::Integer(limit as i64 + 1));
+        let conn = self.conn();
+        let mut statement = conn.prepare(&sql).map_err(sql_error)?;
+        let rows = statement
+            .query_map(params_from_iter(values), |r| {
+                let metadata: String = r.get(2)?;
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    DocumentSummary {
+                        id: r.get(1)?,
+                        metadata: serde_json::from_str(&metadata).unwrap_or_else(|_| json!({})),
+                        chunks: r.get::<_, i64>(3)? as u64,
+                        created_at: r.get(4)?,
+                        preview: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                    },
+                ))
+            })
+            .map_err(sql_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_error)?;
+        let more = rows.len() > limit;
+        let rows = &rows[..rows.len().min(limit)];
+        Ok(DocumentPage {
+            next_offset: more
+                .then(|| rows.last().map(|(seq, _)| seq.to_string()))
+                .flatten(),
+            documents: rows.iter().map(|(_, d)| d.clone()).collect(),
+        })
+    }
+
+    /// A document's metadata and chunks, in order; `None` if there is none.
+    pub fn document(&self, id: &str) -> Result<Option<(Value, Vec<ChunkText>)>, RagError> {
+        let conn = self.conn();
+        let found: Option<(i64, String)> = conn
+            .query_row(
+                "SELECT seq, metadata FROM documents WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql_error)?;
+        let Some((seq, metadata)) = found else {
+            return Ok(None);
+        };
+        let mut statement = conn
+            .prepare("SELECT id, chunk, text FROM chunks WHERE document = ?1 ORDER BY chunk")
+            .map_err(sql_error)?;
+        let chunks = statement
+            .query_map([seq], |r| {
+                Ok(ChunkText {
+                    id: r.get::<_, i64>(0)?.to_string(),
+                    chunk: r.get::<_, i64>(1)? as u64,
+                    text: r.get(2)?,
+                })
+            })
+            .map_err(sql_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_error)?;
+        let metadata = serde_json::from_str(&metadata).unwrap_or_else(|_| json!({}));
+        Ok(Some((metadata, chunks)))
+    }
+
+    /// Chunks whose document matches `filter`.
+    pub(crate) fn allowed(&self, filter: &Filter) -> Result<HashSet<i64>, RagError> {
+        let (condition, values) = filter.sql("d.metadata");
+        let sql = format!(
+            "SELECT c.id FROM chunks c JOIN documents d ON d.seq = c.document WHERE {condition}"
+        );
+        let conn = self.conn();
+        let mut statement = conn.prepare(&sql).map_err(sql_error)?;
+        let ids = statement
+            .query_map(params_from_iter(values), |r| r.get::<_, i64>(0))
+            .map_err(sql_error)?
+            .collect::<Result<HashSet<_>, _>>()
+            .map_err(sql_error)?;
+        Ok(ids)
+    }
+
+    /// The best `limit` chunks by BM25 for `query`'s words, best first.
+    pub(crate) fn bm25(
+        &self,
+        query: &str,
+        filter: Option<&Filter>,
+        limit: usize,
+    ) -> Result<Vec<(i64, f32)>, RagError> {
+        let Some(matching) = fts_query(query) else {
+            return Ok(Vec::new());
+        };
+        let (condition, mut values) = filter.map(|f| f.sql("d.metadata")).unwrap_or_default();
+        let condition = if condition.is_empty() {
+            String::new()
+        } else {
+            format!("AND {condition}")
+        };
+        let sql = format!(
+            "SELECT c.id, -bm25(chunks_fts) FROM chunks_fts \
+             JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.seq = c.document \
+             WHERE chunks_fts MATCH ? {condition} ORDER BY bm25(chunks_fts) LIMIT ?"
+        );
+        values.insert(0, SqlValue::Text(matching));
+        values.push(SqlValue::Integer(limit as i64));
+        self.scored(&sql, values)
+    }
+
+    /// The best `limit` chunks by the model's lexical weights, best first.
+    pub(crate) fn lexical(
+        &self,
+        weights: &[(u32, f32)],
+        filter: Option<&Filter>,
+        limit: usize,
+    ) -> Result<Vec<(i64, f32)>, RagError> {
+        if weights.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = vec!["(?, ?)"; weights.len()].join(", ");
+        let (condition, filter_values) = filter.map(|f| f.sql("d.metadata")).unwrap_or_default();
+        let condition = if condition.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {condition}")
+        };
+        let sql = format!(
+            "WITH q(token, weight) AS (VALUES {rows}) \
+             SELECT s.chunk, SUM(s.weight * q.weight) AS score FROM sparse s \
+             JOIN q ON q.token = s.token JOIN chunks c ON c.id = s.chunk \
+             JOIN documents d ON d.seq = c.document {condition} \
+             GROUP BY s.chunk ORDER BY score DESC LIMIT ?"
+        );
+        let mut values: Vec<SqlValue> = weights
+            .iter()
+            .flat_map(|&(t, w)| {
+                [
+                    SqlValue::Integer(i64::from(t)),
+                    SqlValue::Real(f64::from(w)),
+                ]
+            })
+            .collect();
+        values.extend(filter_values);
+        values.push(SqlValue::Integer(limit as i64));
+        self.scored(&sql, values)
+    }
+
+    fn scored(&self, sql: &str, values: Vec<SqlValue>) -> Result<Vec<(i64, f32)>, RagError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(sql).map_err(sql_error)?;
+        let rows = statement
+            .query_map(params_from_iter(values), |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)? as f32))
+            })
+            .map_err(sql_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_error)?;
+        Ok(rows)
+    }
+
+    /// The stored chunks with these ids (those still there), in no order.
+    pub(crate) fn chunks(
+        &self,
+        ids: &[i64],
+        with_colbert: bool,
+    ) -> Result<Vec<StoredChunk>, RagError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; ids.len()].join(", ");
+        let colbert = if with_colbert { "c.colbert" } else { "NULL" };
+        let sql = format!(
+            "SELECT c.id, c.chunk, c.text, d.id, d.metadata, {colbert} FROM chunks c \
+             JOIN documents d ON d.seq = c.document WHERE c.id IN ({marks})"
+        );
+        let dimension = self.meta.dimension;
+        let conn = self.conn();
+        let mut statement = conn.prepare(&sql).map_err(sql_error)?;
+        let rows = statement
+            .query_map(params_from_iter(ids.iter()), |r| {
+                let metadata: String = r.get(4)?;
+                let colbert: Option<Vec<u8>> = r.get(5)?;
+                Ok(StoredChunk {
+                    id: r.get(0)?,
+                    chunk: r.get::<_, i64>(1)? as u64,
+                    text: r.get(2)?,
+                    document_id: r.get(3)?,
+                    metadata: serde_json::from_str(&metadata).unwrap_or_else(|_| json!({})),
+                    colbert: colbert
+                        .map(|b| floats(&b).chunks(dimension).map(<[f32]>::to_vec).collect()),
+                })
+            })
+            .map_err(sql_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_error)?;
+        Ok(rows)
+    }
+}
+
+/// Deletes the document `id` and its chunks; returns the chunks' ids.
+fn remove_document(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Vec<i64>, RagError> {
+    let Some(seq) = tx
+        .query_row("SELECT seq FROM documents WHERE id = ?1", [id], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()
+        .map_err(sql_error)?
+    else {
+        return Ok(Vec::new());
+    };
+    let chunks = {
+        let mut statement = tx
+            .prepare("SELECT id FROM chunks WHERE document = ?1")
+            .map_err(sql_error)?;
+        let ids = statement
+            .query_map([seq], |r| r.get::<_, i64>(0))
+            .map_err(sql_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_error)?;
+        ids
+    };
+    tx.execute("DELETE FROM chunks WHERE document = ?1", [seq])
+        .map_err(sql_error)?;
+    tx.execute("DELETE FROM documents WHERE seq = ?1", [seq])
+        .map_err(sql_error)?;
+    Ok(chunks)
+}
+
+/// An FTS5 query matching any of the text's words (each quoted, so no word
+/// is read as query syntax); `None` when it has none.
+fn fts_query(text: &str) -> Option<String> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(64)
+        .map(|w| format!("\"{w}\""))
+        .collect();
+    (!words.is_empty()).then(|| words.join(" OR "))
+}
+
+fn blob(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn rows_blob(rows: &[Vec<f32>]) -> Vec<u8> {
+    rows.iter().flat_map(|r| blob(r)).collect()
+}
+
+fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_quote_every_word_and_drop_syntax() {
+        assert_eq!(
+            fts_query("How do Docker's \"NEAR\" work?").unwrap(),
+            "\"How\" OR \"do\" OR \"Docker\" OR \"s\" OR \"NEAR\" OR \"work\""
+        );
+        assert!(fts_query(" ?! ").is_none());
+    }
+
+    #[test]
+    fn vectors_round_trip_through_blobs() {
+        let v = vec![0.5, -1.25, 3.0];
+        assert_eq!(floats(&blob(&v)), v);
+    }
+}

@@ -1,0 +1,321 @@
+//! The collections under one directory, and the async operations the server
+//! calls: ingest (chunk, embed in shared batches, write), search (embed the
+//! query, retrieve, rerank, threshold) and the collection listing. Store
+//! calls run on tokio's blocking pool; a panic inside the store there becomes
+//! a [`RagError::Store`], never a crashed server.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::chunk::{self, ChunkSize};
+use crate::collection::Prepared;
+use crate::search::{above_threshold, candidates, relevance};
+use crate::{
+    Collection, CollectionMeta, CollectionStats, Encoder, Hit, Ingested, NewDocument, RagError,
+    Reranker, SearchOptions, Want,
+};
+
+/// Chunks embedded per encoder call: large enough to fill the encoder's
+/// batches, small enough that other requests' inputs interleave.
+const ENCODE_GROUP: usize = 64;
+
+/// Where collections live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Storage {
+    /// On disk under this directory, surviving restarts.
+    Disk(PathBuf),
+    /// In a temporary directory removed at exit (`QDRANT_USE_MEMORY=true`).
+    Memory,
+}
+
+pub struct Library {
+    root: PathBuf,
+    /// Keeps a memory library's directory until the library goes.
+    _temp: Option<tempfile::TempDir>,
+    collections: Mutex<BTreeMap<String, Arc<Collection>>>,
+}
+
+impl Library {
+    /// Opens every collection under the storage's directory. A collection
+    /// that cannot open is logged and left on disk, untouched.
+    pub fn open(storage: &Storage) -> Result<Self, RagError> {
+        let (root, temp) = match storage {
+            Storage::Disk(dir) => (dir.clone(), None),
+            Storage::Memory => {
+                let temp = tempfile::Builder::new()
+                    .prefix("llmservice-rag-")
+                    .tempdir()
+                    .map_err(RagError::store)?;
+                (temp.path().to_owned(), Some(temp))
+            }
+        };
+        fs::create_dir_all(&root).map_err(RagError::store)?;
+        let mut collections = BTreeMap::new();
+        for entry in fs::read_dir(&root).map_err(RagError::store)?.flatten() {
+            let path = entry.path();
+            let Some(name) = collection_of(&path) else {
+                continue;
+            };
+            match Collection::open(&path) {
+                Ok(Some(collection)) => {
+                    collections.insert(name, Arc::new(collection));
+                }
+                Ok(None) => {
+                    // Its creation never committed: nothing was ingested into it.
+                    tracing::warn!(file = %path.display(), "removing an unfinished collection");
+                    remove_files(&path);
+                }
+                Err(error) => {
+                    tracing::error!(file = %path.display(), %error, "a collection could not be opened; it is left as it is");
+                }
+            }
+        }
+        Ok(Self {
+            root,
+            _temp: temp,
+            collections: Mutex::new(collections),
+        })
+    }
+
+    /// Refuses names that cannot be collections (they are directory names).
+    pub fn check_collection_name(name: &str) -> Result<(), RagError> {
+        check_name(name)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Collection>>> {
+        self.collections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Collection>> {
+        self.map().get(name).cloned()
+    }
+
+    /// The collection, or a 404 naming it.
+    pub fn existing(&self, name: &str) -> Result<Arc<Collection>, RagError> {
+        self.get(name)
+            .ok_or_else(|| RagError::NotFound(format!("collection {name:?} does not exist")))
+    }
+
+    /// Every collection with its counts.
+    pub async fn collections(&self) -> Result<Vec<(CollectionMeta, CollectionStats)>, RagError> {
+        let all: Vec<Arc<Collection>> = self.map().values().cloned().collect();
+        blocking(move || {
+            all.iter()
+                .map(|c| Ok((c.meta().clone(), c.stats()?)))
+                .collect()
+        })
+        .await
+    }
+
+    /// Removes a collection and its files; `false` if there was none.
+    pub async fn delete_collection(&self, name: &str) -> Result<bool, RagError> {
+        check_name(name)?;
+        let Some(collection) = self.map().remove(name) else {
+            return Ok(false);
+        };
+        let path = collection.path().to_owned();
+        // Requests still using it keep their handle; the files go now.
+        blocking(move || {
+            drop(collection);
+            remove_files(&path);
+            Ok(())
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// The collection for vectors from `encoder`, created on first use.
+    async fn for_ingest(
+        &self,
+        name: &str,
+        encoder: &dyn Encoder,
+        chunk: ChunkSize,
+    ) -> Result<Arc<Collection>, RagError> {
+        check_name(name)?;
+        if let Some(existing) = self.get(name) {
+            existing.meta().check_encoder(encoder.info())?;
+            return Ok(existing);
+        }
+        let meta = CollectionMeta::new(name, encoder.info(), chunk);
+        let path = self.root.join(format!("{name}.sqlite"));
+        let created = blocking(move || {
+            // Left by a creation that failed midway, if anything.
+            remove_files(&path);
+            Collection::create(&path, meta).map(Arc::new)
+        });
+        let collection = created.await?;
+        // Two first ingests may race: the first one in wins, the other's
+        // files were never used.
+        let mut map = self.map();
+        Ok(map.entry(name.to_owned()).or_insert(collection).clone())
+    }
+
+    /// Chunks, embeds and writes documents into collection `name` (created on
+    /// first use). Each document is written whole; a document whose id is
+    /// already there replaces it.
+    pub async fn ingest(
+        &self,
+        name: &str,
+        encoder: &dyn Encoder,
+        documents: Vec<NewDocument>,
+        chunk_size: ChunkSize,
+    ) -> Result<Vec<Ingested>, RagError> {
+        let collection = self.for_ingest(name, encoder, chunk_size).await?;
+        let size = collection.meta().chunk;
+        let want = Want {
+            sparse: collection.meta().sparse == crate::Sparse::Model,
+            colbert: collection.meta().colbert,
+        };
+        // Every document's chunks first, embedded in shared groups; then the writes.
+        let mut pending: Vec<(String, Vec<String>, NewDocument)> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
+        for (index, document) in documents.into_iter().enumerate() {
+            let chunks = chunk::split(encoder, &document.text, size, document.markdown);
+            if chunks.is_empty() {
+                return Err(RagError::invalid(
+                    "texts",
+                    format!("document {index} has no text to index"),
+                ));
+            }
+            let id = match &document.id {
+                Some(id) => id.clone(),
+                None => uuid::Uuid::new_v4().to_string(),
+            };
+            texts.extend(chunks.iter().cloned());
+            pending.push((id, chunks, document));
+        }
+        let mut encoded = Vec::with_capacity(texts.len());
+        for group in texts.chunks(ENCODE_GROUP) {
+            encoded.extend(encoder.encode(group, want).await?);
+        }
+        if encoded.len() != texts.len() {
+            return Err(RagError::store(
+                "the encoder returned fewer embeddings than texts",
+            ));
+        }
+        let mut encoded = encoded.into_iter();
+        let mut writes = Vec::with_capacity(pending.len());
+        for (id, chunks, document) in pending {
+            let encoded: Vec<_> = encoded.by_ref().take(chunks.len()).collect();
+            writes.push(Prepared {
+                id,
+                chunks,
+                encoded,
+                metadata: document.metadata,
+            });
+        }
+        blocking(move || {
+            let mut ingested = Vec::with_capacity(writes.len());
+            for document in writes {
+                let (id, chunks) = (document.id.clone(), document.chunks.len());
+                let replaced = collection.write_document(document)?;
+                ingested.push(Ingested {
+                    id,
+                    chunks,
+                    replaced,
+                });
+            }
+            Ok(ingested)
+        })
+        .await
+    }
+
+    /// The chunks of collection `name` that best answer `query`.
+    pub async fn search(
+        &self,
+        name: &str,
+        encoder: &dyn Encoder,
+        reranker: Option<&dyn Reranker>,
+        query: &str,
+        options: &SearchOptions,
+    ) -> Result<Vec<Hit>, RagError> {
+        let collection = self.existing(name)?;
+        collection.meta().check_encoder(encoder.info())?;
+        if query.trim().is_empty() {
+            return Err(RagError::invalid("query", "query is empty"));
+        }
+        let want = Want {
+            sparse: collection.meta().sparse == crate::Sparse::Model,
+            colbert: collection.meta().colbert && options.mode == crate::Mode::Hybrid,
+        };
+        let texts = [query.to_owned()];
+        let encoded = encoder
+            .encode(&texts, want)
+            .await?
+            .pop()
+            .ok_or_else(|| RagError::store("the encoder returned no embedding"))?;
+        let limit = candidates(options);
+        let (text, mode, filter) = (query.to_owned(), options.mode, options.filter.clone());
+        let mut hits = blocking(move || {
+            collection.search_points(&text, &encoded, mode, filter.as_ref(), limit)
+        })
+        .await?;
+        if let Some(reranker) = reranker.filter(|_| options.rerank && !hits.is_empty()) {
+            let texts: Vec<String> = hits.iter().map(|h| h.text.clone()).collect();
+            let scores = reranker.scores(query, &texts).await?;
+            for (hit, score) in hits.iter_mut().zip(scores) {
+                hit.score = relevance(score);
+            }
+            hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+        }
+        let options = SearchOptions {
+            rerank: options.rerank && reranker.is_some(),
+            ..options.clone()
+        };
+        above_threshold(&mut hits, &options);
+        hits.truncate(options.top_k);
+        Ok(hits)
+    }
+}
+
+/// The collection a file holds, by its name (`<name>.sqlite`).
+fn collection_of(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".sqlite")?;
+    check_name(name).ok()?;
+    path.is_file().then(|| name.to_owned())
+}
+
+/// Removes a collection's file and SQLite's companions (`-wal`, `-shm`).
+fn remove_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let _ = fs::remove_file(name);
+    }
+}
+
+/// Runs store work on the blocking pool; a panic there is a store error.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RagError> + Send + 'static,
+) -> Result<T, RagError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) => Err(RagError::Store(format!("the vector store failed: {error}"))),
+    }
+}
+
+/// Collection names are directory names: letters, digits, `_` and `-`.
+pub(crate) fn check_name(name: &str) -> Result<(), RagError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(RagError::invalid(
+            "collection",
+            format!(
+                "collection names have 1 to 64 letters, digits, '_' or '-': {:?} does not",
+                name.chars().take(80).collect::<String>()
+            ),
+        ))
+    }
+}
