@@ -510,17 +510,23 @@ impl Collection {
         let Some(matching) = fts_query(query) else {
             return Ok(Vec::new());
         };
-        let (condition, mut values) = filter.map(|f| f.sql("d.metadata")).unwrap_or_default();
-        let condition = if condition.is_empty() {
-            String::new()
-        } else {
-            format!("AND {condition}")
+        let (sql, mut values) = match filter {
+            // FTS5 ranks by BM25 itself (`rank`) and stops at the limit.
+            None => (
+                "SELECT rowid, -rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?"
+                    .to_owned(),
+                Vec::new(),
+            ),
+            Some(filter) => {
+                let (condition, values) = filter.sql("d.metadata");
+                let sql = format!(
+                    "SELECT c.id, -bm25(chunks_fts) FROM chunks_fts \
+                     JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.seq = c.document \
+                     WHERE chunks_fts MATCH ? AND {condition} ORDER BY bm25(chunks_fts) LIMIT ?"
+                );
+                (sql, values)
+            }
         };
-        let sql = format!(
-            "SELECT c.id, -bm25(chunks_fts) FROM chunks_fts \
-             JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.seq = c.document \
-             WHERE chunks_fts MATCH ? {condition} ORDER BY bm25(chunks_fts) LIMIT ?"
-        );
         values.insert(0, SqlValue::Text(matching));
         values.push(SqlValue::Integer(limit as i64));
         self.scored(&sql, values)
@@ -645,16 +651,39 @@ fn remove_document(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Vec<i64>,
     Ok(chunks)
 }
 
+/// Words too common to tell chunks apart: BM25 gives them almost no weight,
+/// but an OR query over them would score nearly every chunk (the English
+/// list Lucene and Qdrant's BM25 start from, plus question words).
+const STOP_WORDS: &[&str] = &[
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "from",
+    "had", "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "me", "my", "no",
+    "not", "of", "on", "or", "our", "so", "such", "that", "the", "their", "then", "there", "these",
+    "they", "this", "to", "was", "we", "what", "when", "where", "which", "who", "why", "will",
+    "with", "would", "you", "your",
+];
+
 /// An FTS5 query matching any of the text's words (each quoted, so no word
-/// is read as query syntax); `None` when it has none.
+/// is read as query syntax), stop words left out unless nothing else is
+/// left; `None` when the text has no words.
 fn fts_query(text: &str) -> Option<String> {
-    let words: Vec<String> = text
+    let words: Vec<&str> = text
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
         .take(64)
-        .map(|w| format!("\"{w}\""))
         .collect();
-    (!words.is_empty()).then(|| words.join(" OR "))
+    let telling: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|w| !STOP_WORDS.contains(&w.to_lowercase().as_str()))
+        .collect();
+    let chosen = if telling.is_empty() { words } else { telling };
+    (!chosen.is_empty()).then(|| {
+        chosen
+            .iter()
+            .map(|w| format!("\"{w}\""))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    })
 }
 
 fn blob(values: &[f32]) -> Vec<u8> {
@@ -680,7 +709,11 @@ mod tests {
     fn queries_quote_every_word_and_drop_syntax() {
         assert_eq!(
             fts_query("How do Docker's \"NEAR\" work?").unwrap(),
-            "\"How\" OR \"do\" OR \"Docker\" OR \"s\" OR \"NEAR\" OR \"work\""
+            "\"Docker\" OR \"s\" OR \"NEAR\" OR \"work\""
+        );
+        assert_eq!(
+            fts_query("What is it?").unwrap(),
+            "\"What\" OR \"is\" OR \"it\""
         );
         assert!(fts_query(" ?! ").is_none());
     }

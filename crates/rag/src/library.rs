@@ -17,8 +17,9 @@ use crate::{
     Reranker, SearchOptions, Want,
 };
 
-/// Chunks embedded per encoder call: large enough to fill the encoder's
-/// batches, small enough that other requests' inputs interleave.
+/// Chunks embedded per encoder call (a group of whole documents reaching at
+/// least this many): large enough to fill the encoder's batches, small
+/// enough that other requests' inputs interleave and writes follow soon.
 const ENCODE_GROUP: usize = 64;
 
 /// Where collections live.
@@ -172,9 +173,10 @@ impl Library {
             sparse: collection.meta().sparse == crate::Sparse::Model,
             colbert: collection.meta().colbert,
         };
-        // Every document's chunks first, embedded in shared groups; then the writes.
-        let mut pending: Vec<(String, Vec<String>, NewDocument)> = Vec::new();
-        let mut texts: Vec<String> = Vec::new();
+        // Every document is chunked first (so a bad one fails the request
+        // before anything is written); then groups of documents are embedded
+        // together and written, each document in its own transaction.
+        let mut pending: Vec<Prepared> = Vec::with_capacity(documents.len());
         for (index, document) in documents.into_iter().enumerate() {
             let chunks = chunk::split(encoder, &document.text, size, document.markdown);
             if chunks.is_empty() {
@@ -183,47 +185,53 @@ impl Library {
                     format!("document {index} has no text to index"),
                 ));
             }
-            let id = match &document.id {
-                Some(id) => id.clone(),
-                None => uuid::Uuid::new_v4().to_string(),
-            };
-            texts.extend(chunks.iter().cloned());
-            pending.push((id, chunks, document));
-        }
-        let mut encoded = Vec::with_capacity(texts.len());
-        for group in texts.chunks(ENCODE_GROUP) {
-            encoded.extend(encoder.encode(group, want).await?);
-        }
-        if encoded.len() != texts.len() {
-            return Err(RagError::store(
-                "the encoder returned fewer embeddings than texts",
-            ));
-        }
-        let mut encoded = encoded.into_iter();
-        let mut writes = Vec::with_capacity(pending.len());
-        for (id, chunks, document) in pending {
-            let encoded: Vec<_> = encoded.by_ref().take(chunks.len()).collect();
-            writes.push(Prepared {
-                id,
+            pending.push(Prepared {
+                id: document
+                    .id
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 chunks,
-                encoded,
+                encoded: Vec::new(),
                 metadata: document.metadata,
             });
         }
-        blocking(move || {
-            let mut ingested = Vec::with_capacity(writes.len());
-            for document in writes {
-                let (id, chunks) = (document.id.clone(), document.chunks.len());
-                let replaced = collection.write_document(document)?;
-                ingested.push(Ingested {
-                    id,
-                    chunks,
-                    replaced,
-                });
+        let mut ingested = Vec::with_capacity(pending.len());
+        let mut pending = pending.into_iter().peekable();
+        while pending.peek().is_some() {
+            let mut group = Vec::new();
+            let mut texts = Vec::new();
+            while let Some(document) = pending.next_if(|_| texts.len() < ENCODE_GROUP) {
+                texts.extend(document.chunks.iter().cloned());
+                group.push(document);
             }
-            Ok(ingested)
-        })
-        .await
+            let mut encoded = encoder.encode(&texts, want).await?.into_iter();
+            if encoded.len() != texts.len() {
+                return Err(RagError::store(
+                    "the encoder returned fewer embeddings than texts",
+                ));
+            }
+            for document in &mut group {
+                document.encoded = encoded.by_ref().take(document.chunks.len()).collect();
+            }
+            let target = collection.clone();
+            ingested.extend(
+                blocking(move || {
+                    group
+                        .into_iter()
+                        .map(|document| {
+                            let (id, chunks) = (document.id.clone(), document.chunks.len());
+                            let replaced = target.write_document(document)?;
+                            Ok(Ingested {
+                                id,
+                                chunks,
+                                replaced,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, RagError>>()
+                })
+                .await?,
+            );
+        }
+        Ok(ingested)
     }
 
     /// The chunks of collection `name` that best answer `query`.
@@ -244,12 +252,18 @@ impl Library {
             sparse: collection.meta().sparse == crate::Sparse::Model,
             colbert: collection.meta().colbert && options.mode == crate::Mode::Hybrid,
         };
-        let texts = [query.to_owned()];
-        let encoded = encoder
-            .encode(&texts, want)
-            .await?
-            .pop()
-            .ok_or_else(|| RagError::store("the encoder returned no embedding"))?;
+        // BM25 alone needs no embedding of the query.
+        let bm25_only = options.mode == crate::Mode::Sparse && !want.sparse;
+        let encoded = if bm25_only {
+            crate::Encoded::default()
+        } else {
+            let texts = [query.to_owned()];
+            encoder
+                .encode(&texts, want)
+                .await?
+                .pop()
+                .ok_or_else(|| RagError::store("the encoder returned no embedding"))?
+        };
         let limit = candidates(options);
         let (text, mode, filter) = (query.to_owned(), options.mode, options.filter.clone());
         let mut hits = blocking(move || {

@@ -145,7 +145,10 @@ impl Collection {
                     chunk: chunk.chunk,
                     text: chunk.text,
                     score,
-                    similarity: index.vector(id).map(|v| dot(v, &query.dense)),
+                    similarity: index
+                        .vector(id)
+                        .filter(|_| !query.dense.is_empty())
+                        .map(|v| dot(v, &query.dense)),
                     metadata: chunk.metadata,
                 })
             })
