@@ -24,4 +24,8 @@ PY
     fi
     export LIGHT_MODEL_PATH="$PWD/$model"
 fi
+# Retrieval (/v1/rag) needs an embedding model: MiniLM when it is beside the repository.
+if [ -z "${EMBEDDING_MODEL_PATH:-}" ] && [ -f ../shared/models/all-MiniLM-L6-v2-f16.gguf ]; then
+    export EMBEDDING_MODEL_PATH="$PWD/../shared/models/all-MiniLM-L6-v2-f16.gguf"
+fi
 exec cargo run --release --locked -- serve "$@"

@@ -159,11 +159,12 @@ pub async fn replay_chat(
     key: Option<&CacheKey>,
     head: AnswerHead,
     shape: ChatShape,
+    sources: Option<Vec<crate::wire::RagSource>>,
 ) -> Option<Response> {
     let cached = serde_json::from_value(lookup(cache, key?).await?).ok()?;
     let stream = head.stream;
     let (answer, events) = ChatAnswer::replay(head, cached, shape);
-    Some(replay(answer, events, stream))
+    Some(replay(answer.with_sources(sources), events, stream))
 }
 
 /// The cached legacy completion under `key`, replayed as a new answer.

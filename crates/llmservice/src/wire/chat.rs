@@ -37,6 +37,10 @@ pub struct ChatCompletionRequest {
     /// Extra variables for the chat template (e.g. `enable_thinking`), as llama-server accepts.
     #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Answer from a document collection: retrieve for the last user message
+    /// and give the model the numbered sources (`/v1/rag/chat` for any OpenAI
+    /// client); the answer carries them in `sources`.
+    pub rag: Option<super::RagOptions>,
 }
 
 /// A call in an answer: `{id, type: "function", function: {name, arguments}}`.
@@ -126,6 +130,9 @@ pub struct ChatCompletion {
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
     pub system_fingerprint: Option<String>,
+    /// The retrieved sources the answer was given (requests with `rag`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<super::RagSource>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
@@ -160,6 +167,9 @@ pub struct ChatCompletionChunk {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Usage>)]
     pub usage: Option<Option<Usage>>,
+    /// On the first chunk of an answer to a request with `rag`: its sources.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<super::RagSource>>,
 }
 
 impl From<&engine::chat::ToolCall> for ToolCall {

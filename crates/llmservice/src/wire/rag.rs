@@ -155,3 +155,16 @@ pub struct RagListQuery {
 pub struct RagCollectionQuery {
     pub collection: Option<String>,
 }
+
+/// `rag` on a chat completion request: which collection to answer from, and
+/// how to search it (the fields of `/v1/rag/search`).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct RagOptions {
+    pub collection: Option<String>,
+    pub top_k: Option<usize>,
+    pub score_threshold: Option<f32>,
+    #[schema(value_type = Option<Object>)]
+    pub filter: Option<Map<String, Value>>,
+    pub mode: Option<String>,
+    pub rerank: Option<bool>,
+}

@@ -491,3 +491,60 @@ async fn a_reranker_rescores_the_candidates() {
         .await;
     assert_eq!(body["reranked"], false);
 }
+
+#[tokio::test]
+async fn chat_completions_answer_from_a_collection_with_rag() {
+    let data = tempfile::tempdir().unwrap();
+    let app = rag_app(data.path(), &[]);
+    ingest_seed(&app).await;
+    let request = json!({
+        "model": "light", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "What is Docker?"}],
+        "rag": {"top_k": 2, "score_threshold": 0.0},
+    });
+    let (status, _, whole) = app.post("/v1/chat/completions", request.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    let sources = whole["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 2, "{whole}");
+    assert!(sources[0]["text"].as_str().unwrap().contains("Docker"));
+    // The prompt grew by the sources: more prompt tokens than without `rag`.
+    let mut plain = request.clone();
+    plain.as_object_mut().unwrap().remove("rag");
+    let (_, _, without) = app.post("/v1/chat/completions", plain).await;
+    assert!(without.get("sources").is_none());
+    assert!(
+        whole["usage"]["prompt_tokens"].as_u64() > without["usage"]["prompt_tokens"].as_u64(),
+        "{whole} vs {without}"
+    );
+    // Streamed: the first chunk carries the sources, the text is the same.
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    let (status, _, body) = app.post("/v1/chat/completions", streamed).await;
+    assert_eq!(status, 200);
+    let payloads = sse_payloads(body.as_str().unwrap());
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["sources"], whole["sources"]);
+    assert!(chunks[1..].iter().all(|c| c.get("sources").is_none()));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    // Nothing to retrieve for: a clear 400.
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "messages": [{"role": "system", "content": "x"}], "rag": {}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_of(&body)["param"], "rag");
+}

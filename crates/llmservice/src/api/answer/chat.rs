@@ -15,6 +15,8 @@ pub struct ChatAnswer {
     head: AnswerHead,
     shape: ChatShape,
     records: Vec<ChoiceRecord>,
+    /// Retrieved sources the answer was given (requests with `rag`).
+    sources: Option<Vec<crate::wire::RagSource>>,
 }
 
 /// What the request asked of the answer's shape.
@@ -32,7 +34,14 @@ impl ChatAnswer {
             head,
             shape,
             records: vec![ChoiceRecord::default(); n],
+            sources: None,
         }
+    }
+
+    /// The answer with the sources retrieval gave the model.
+    pub fn with_sources(mut self, sources: Option<Vec<crate::wire::RagSource>>) -> Self {
+        self.sources = sources;
+        self
     }
 
     /// A cached answer as a new answer to this request, with the events that
@@ -119,6 +128,7 @@ impl ChatAnswer {
             choices,
             system_fingerprint: None,
             usage: self.head.include_usage.then_some(None),
+            sources: None,
         }
     }
 
@@ -254,6 +264,13 @@ impl Answer for ChatAnswer {
                 };
                 self.choice_chunk(index, role, None, None)
             })
+            .enumerate()
+            .map(|(i, mut chunk)| {
+                if i == 0 {
+                    chunk.sources = self.sources.clone();
+                }
+                chunk
+            })
             .collect()
     }
 
@@ -306,6 +323,7 @@ impl Answer for ChatAnswer {
             choices,
             usage: self.usage().into(),
             system_fingerprint: None,
+            sources: self.sources.clone(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod responses;
 pub mod tokens;
 
 mod pipeline;
+mod retrieval;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -4,25 +4,26 @@
 //! the `rag` crate; the models behind it are our engines (`crate::retrieval`).
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use engine::ModelKind;
-use rag::{Library, Mode, SearchOptions};
+use rag::Mode;
 use serde_json::{json, Map, Value};
 
 use super::pipeline::{cache_key, cached_events, check, generate, load, replayed};
-use super::{require_kind, respond, wants_to_wait, Delivery};
+use super::retrieval::{
+    collection_name, encoder, library, source, Asked, Retrieval, DEFAULT_COLLECTION,
+};
+use super::{respond, Delivery};
 use crate::api::answer::{AnswerHead, RagAnswer};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::response_cache::Served;
 use crate::chat::rag::{chat_request, RagQuestion};
 use crate::keys::Caller;
-use crate::retrieval::{EngineEncoder, EngineReranker};
+use crate::retrieval::EngineEncoder;
 use crate::state::AppState;
 use crate::wire::{
     ErrorResponse, IngestedDocument, RagChatAnswer, RagChatRequest, RagCollectionQuery,
@@ -30,85 +31,8 @@ use crate::wire::{
     RagSource,
 };
 
-const DEFAULT_COLLECTION: &str = "default";
 /// Most texts one ingest request may carry.
 const MAX_TEXTS: usize = 2048;
-/// Most results a search may ask for.
-const MAX_TOP_K: usize = 100;
-
-fn library(state: &AppState) -> Result<&Library, ApiError> {
-    state.rag.as_ref().as_ref().map_err(|reason| {
-        ApiError::unavailable(format!("the document store is unavailable: {reason}"))
-            .with_code("rag_unavailable")
-    })
-}
-
-fn collection_name(name: Option<&String>) -> &str {
-    name.map_or(DEFAULT_COLLECTION, String::as_str)
-}
-
-/// The embedding model retrieval uses, loaded.
-async fn encoder(state: &AppState, headers: &HeaderMap) -> Result<EngineEncoder, ApiError> {
-    let settings = &state.settings.rag;
-    let entry = match &settings.embedding_model {
-        Some(name) => state.registry.resolve_async(name).await?,
-        None => {
-            let hinted = match &settings.embedding_model_hint {
-                Some(name) => state.registry.resolve_async(name).await.ok(),
-                None => None,
-            };
-            let all = state.registry.list();
-            hinted
-                .filter(|e| e.kind == ModelKind::Embedding)
-                .or_else(|| {
-                    let embedding =
-                        |e: &&Arc<crate::models::ModelEntry>| e.kind == ModelKind::Embedding;
-                    all.iter()
-                        .filter(|e| e.tier == Some(crate::settings::Tier::Embedding))
-                        .find(embedding)
-                        .or_else(|| all.iter().find(embedding))
-                        .cloned()
-                })
-                .ok_or_else(|| {
-                    ApiError::unavailable(
-                        "retrieval needs an embedding model: set EMBEDDING_MODEL_PATH (the \
-                         embedding tier), or RAG_EMBEDDING_MODEL to a model in MODELS_DIR",
-                    )
-                    .with_code("no_embedding_model")
-                })?
-        }
-    };
-    require_kind(&entry, ModelKind::Embedding, "retrieval")?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(headers))
-        .await?;
-    Ok(EngineEncoder::new(engine, &entry.id, settings.dimension))
-}
-
-/// The reranker, loaded, when one is configured (`RAG_RERANK_MODEL` or the
-/// reranker tier).
-async fn reranker(
-    state: &AppState,
-    headers: &HeaderMap,
-) -> Result<Option<EngineReranker>, ApiError> {
-    let entry = match &state.settings.rag.rerank_model {
-        Some(name) => state.registry.resolve_async(name).await?,
-        None => match state.registry.list().into_iter().find(|e| {
-            e.tier == Some(crate::settings::Tier::Reranker) && e.kind == ModelKind::Reranker
-        }) {
-            Some(entry) => entry,
-            None => return Ok(None),
-        },
-    };
-    require_kind(&entry, ModelKind::Reranker, "reranking")?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(headers))
-        .await?;
-    Ok(Some(EngineReranker::new(engine, &entry.id)))
-}
-
 #[utoipa::path(post, path = "/v1/rag/documents", request_body = RagDocumentsRequest, responses(
     (status = 200, description = "Each text's document id and chunk count", body = RagDocumentsAnswer),
     (status = 400, description = "No texts, metadata or ids not one per text, a bad collection name", body = ErrorResponse),
@@ -353,135 +277,6 @@ pub async fn delete_collection(
         return Err(library.existing(&name).unwrap_err().into());
     }
     Ok(axum::Json(json!({"name": name, "deleted": true})))
-}
-
-/// The search the request asks for, with the server's defaults.
-struct Retrieval {
-    collection: String,
-    query: String,
-    options: SearchOptions,
-}
-
-/// The search fields of a search or chat request.
-struct Asked<'a> {
-    collection: Option<&'a String>,
-    query: &'a str,
-    top_k: Option<usize>,
-    /// What the request calls `top_k`.
-    top_k_param: &'static str,
-    score_threshold: Option<f32>,
-    filter: Option<&'a Map<String, Value>>,
-    mode: Option<&'a str>,
-}
-
-impl Retrieval {
-    fn new(state: &AppState, asked: Asked<'_>) -> Result<Self, ApiError> {
-        let Asked {
-            collection,
-            query,
-            top_k,
-            top_k_param,
-            score_threshold,
-            filter,
-            mode,
-        } = asked;
-        let settings = &state.settings.rag;
-        let top_k = top_k.unwrap_or(settings.top_k);
-        if !(1..=MAX_TOP_K).contains(&top_k) {
-            return Err(ApiError::invalid(
-                top_k_param,
-                format!("{top_k_param} is 1 to {MAX_TOP_K}"),
-            ));
-        }
-        if let Some(t) = score_threshold.filter(|t| !t.is_finite()) {
-            return Err(ApiError::invalid(
-                "score_threshold",
-                format!("{t} is not a number"),
-            ));
-        }
-        let mode = match mode {
-            None | Some("hybrid") => Mode::Hybrid,
-            Some("dense") => Mode::Dense,
-            Some("sparse") => Mode::Sparse,
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    "mode",
-                    format!("mode {other:?}: use hybrid, dense or sparse"),
-                ))
-            }
-        };
-        if query.trim().is_empty() {
-            return Err(ApiError::invalid("query", "query is empty"));
-        }
-        let filter = match filter {
-            Some(object) => rag::Filter::from_object(object)?,
-            None => None,
-        };
-        Ok(Self {
-            collection: collection_name(collection).to_owned(),
-            query: query.to_owned(),
-            options: SearchOptions {
-                top_k,
-                score_threshold: Some(score_threshold.unwrap_or(settings.score_threshold)),
-                filter,
-                mode,
-                rerank: false,
-            },
-        })
-    }
-
-    /// The hits (none from a default collection nothing was ingested into
-    /// yet), and whether a reranker rescored them.
-    async fn run(
-        mut self,
-        state: &AppState,
-        headers: &HeaderMap,
-        rerank: Option<bool>,
-    ) -> Result<(Vec<rag::Hit>, bool), ApiError> {
-        let library = library(state)?;
-        if library.get(&self.collection).is_none() {
-            rag::Library::check_collection_name(&self.collection)?;
-            if self.collection == DEFAULT_COLLECTION {
-                return Ok((Vec::new(), false));
-            }
-            return Err(library.existing(&self.collection).unwrap_err().into());
-        }
-        let encoder = encoder(state, headers).await?;
-        let reranker = match rerank {
-            Some(false) => None,
-            _ => reranker(state, headers).await?,
-        };
-        if rerank == Some(true) && reranker.is_none() {
-            return Err(ApiError::invalid(
-                "rerank",
-                "no reranker is configured: set RERANKER_MODEL_PATH (the reranker tier) or \
-                 RAG_RERANK_MODEL",
-            ));
-        }
-        self.options.rerank = reranker.is_some();
-        let hits = library
-            .search(
-                &self.collection,
-                &encoder,
-                reranker.as_ref().map(|r| r as &dyn rag::Reranker),
-                &self.query,
-                &self.options,
-            )
-            .await?;
-        Ok((hits, self.options.rerank))
-    }
-}
-
-fn source(hit: rag::Hit) -> RagSource {
-    RagSource {
-        id: hit.id,
-        document_id: hit.document_id,
-        chunk: hit.chunk,
-        text: hit.text,
-        score: hit.score,
-        similarity: hit.similarity,
-        metadata: hit.metadata,
-    }
 }
 
 fn mode_name(mode: Mode) -> &'static str {
