@@ -78,8 +78,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/rag/documents/{id}",
             get(rag::get_document).delete(rag::delete_document),
         )
-        .route("/v1/rag/search", post(rag::search))
-        .route("/v1/rag/chat", post(rag::chat))
+        .route("/v1/rag/search", post(rag::rag_search))
+        .route("/v1/rag/chat", post(rag::rag_chat))
         .route("/v1/rag/collections", get(rag::list_collections))
         .route("/v1/rag/collections/{name}", delete(rag::delete_collection))
         .route("/v1/rerank", post(rerank::rerank))

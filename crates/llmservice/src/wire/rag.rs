@@ -140,6 +140,7 @@ pub enum RagChatEvent {
 
 /// `GET /v1/rag/documents` query string.
 #[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RagListQuery {
     pub collection: Option<String>,
     /// At most this many documents (default 20, at most 1000).
@@ -152,6 +153,7 @@ pub struct RagListQuery {
 
 /// `collection` in a query string.
 #[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RagCollectionQuery {
     pub collection: Option<String>,
 }

@@ -441,6 +441,7 @@ async fn retrieval_mistakes_are_clear_errors() {
         "/v1/rag/documents?limit=0",
         "/v1/rag/documents?filter=notjson",
         "/v1/rag/documents?offset=garbage",
+        "/v1/rag/documents?limit=-1",
     ] {
         let (status, body) = app.get(path).await;
         assert_eq!(status, 400, "{path}: {body}");

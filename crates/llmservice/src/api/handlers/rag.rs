@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -154,8 +155,9 @@ fn new_documents(req: &RagDocumentsRequest) -> Result<Vec<rag::NewDocument>, Api
     (status = 404, description = "No such collection", body = ErrorResponse)))]
 pub async fn list_documents(
     State(state): State<AppState>,
-    Query(query): Query<RagListQuery>,
+    query: Result<Query<RagListQuery>, QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
     let library = library(&state)?;
     let limit = query.limit.unwrap_or(20);
     if !(1..=1000).contains(&limit) {
@@ -195,8 +197,9 @@ pub async fn list_documents(
 pub async fn get_document(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(query): Query<RagCollectionQuery>,
+    query: Result<Query<RagCollectionQuery>, QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
     let library = library(&state)?;
     let name = collection_name(query.collection.as_ref()).to_owned();
     let collection = library.existing(&name)?;
@@ -221,8 +224,9 @@ fn no_document(id: &str, collection: &str) -> ApiError {
 pub async fn delete_document(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(query): Query<RagCollectionQuery>,
+    query: Result<Query<RagCollectionQuery>, QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
     let library = library(&state)?;
     let name = collection_name(query.collection.as_ref()).to_owned();
     let collection = library.existing(&name)?;
@@ -291,8 +295,9 @@ fn mode_name(mode: Mode) -> &'static str {
     (status = 200, description = "The best chunks, best first", body = RagSearchAnswer),
     (status = 400, description = "Bad parameters or filter", body = ErrorResponse),
     (status = 404, description = "No such collection", body = ErrorResponse),
-    (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse)))]
-pub async fn search(
+    (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse),
+    (status = 503, description = "No embedding model, or it is loading or its queue is full", body = ErrorResponse)))]
+pub async fn rag_search(
     State(state): State<AppState>,
     headers: HeaderMap,
     Json(req): Json<RagSearchRequest>,
@@ -323,8 +328,9 @@ pub async fn search(
     (status = 200, description = "The answer and its numbered sources; with `stream: true`, SSE events `{type: \"sources\"}`, `{type: \"delta\"}`…, `{type: \"done\"}`, then `[DONE]`", content((RagChatAnswer = "application/json"), (String = "text/event-stream"))),
     (status = 400, description = "Bad parameters", body = ErrorResponse),
     (status = 404, description = "No such collection or chat model", body = ErrorResponse),
+    (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse),
     (status = 503, description = "A model is loading or the queue is full", body = ErrorResponse)))]
-pub async fn chat(
+pub async fn rag_chat(
     State(state): State<AppState>,
     headers: HeaderMap,
     caller: Caller,
@@ -390,6 +396,11 @@ pub async fn chat(
         Served::Generated,
     )
     .await
+}
+
+/// A query string that does not parse, in our error shape.
+fn bad_query(rejection: QueryRejection) -> ApiError {
+    ApiError::invalid("query", rejection.body_text())
 }
 
 /// Store work off the async threads.
