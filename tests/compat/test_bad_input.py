@@ -27,6 +27,9 @@ ROUTES = {
     "/api/embeddings": "ollama",
     "/api/show": "ollama",
     "/api/pull": "ollama",
+    "/v1/rag/documents": "openai",
+    "/v1/rag/search": "openai",
+    "/v1/rag/chat": "openai",
 }
 
 MILLION = "x" * 1_000_000
@@ -133,13 +136,54 @@ def bodies_for(route: str) -> dict[str, dict]:
             "raw": {"raw": True},
             "context_overflow": {"prompt": MILLION},
         }
+    elif route == "/v1/rag/documents":
+        base = {"texts": ["hi"]}
+        bad = {
+            "texts_string": {"texts": "hi"},
+            "texts_empty": {"texts": []},
+            "text_blank": {"texts": [" \n"]},
+            "metadata_mismatch": {"metadata": [{}, {}]},
+            "metadata_number": {"metadata": [5]},
+            "ids_number": {"ids": [5]},
+            "ids_control": {"ids": ["a\u0000b"]},
+            "too_many": {"texts": ["x"] * 3000},
+            "markdown_string": {"markdown": "yes"},
+        }
+    elif route == "/v1/rag/search":
+        base = {"query": "hi"}
+        bad = {
+            "query_number": {"query": 5},
+            "query_empty": {"query": ""},
+            "top_k_huge": {"top_k": 10**9},
+            "top_k_negative": {"top_k": -1},
+            "threshold_string": {"score_threshold": "high"},
+            "mode_garbage": {"mode": "psychic"},
+            "filter_nested": {"filter": {"a": {"b": 1}}},
+            "filter_string": {"filter": "source=x"},
+            "filter_path": {"filter": {"../x": "y"}},
+            "rerank_string": {"rerank": "yes"},
+        }
+    elif route == "/v1/rag/chat":
+        base = {"query": "hi", "max_tokens": 1}
+        bad = {
+            "query_empty": {"query": " "},
+            "messages_tool": {"messages": [{"role": "tool", "content": "x"}]},
+            "num_context_docs_huge": {"num_context_docs": 10**9},
+            "max_tokens_negative": {"max_tokens": -1},
+            "temperature_infinite": {"temperature": 1e400},
+            "model_unknown": {"model": "../../etc/passwd"},
+        }
     else:  # Ollama's show, pull and legacy embeddings
         base = {"model": "embedding", "prompt": "hi"}
         bad = {"model_number": {"model": 5, "name": 5, "prompt": 5}}
     cases = {name: {**base, **change} for name, change in bad.items()}
     cases = {name: {k: v for k, v in body.items() if v is not None} for name, body in cases.items()}
     for i, model in enumerate(BAD_MODELS):
-        cases[f"model_{i}"] = {**base, "model": model, "name": model}
+        if route.startswith("/v1/rag/"):
+            # Retrieval names collections: the same hostile names go there.
+            cases[f"collection_{i}"] = {**base, "collection": model}
+        else:
+            cases[f"model_{i}"] = {**base, "model": model, "name": model}
     return cases
 
 
