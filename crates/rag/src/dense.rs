@@ -212,6 +212,8 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The dot product of two code rows, in integers (sixteen running sums).
+/// Each product fits 16 bits (|-128 × 127| < 2^15), so the multiplies are
+/// 16-bit lanes, twice as many per instruction as 32-bit ones.
 fn dot_codes(a: &[i8], b: &[i8]) -> i32 {
     let mut sums = [0i32; 16];
     let chunks = a.len() / 16 * 16;
@@ -220,7 +222,7 @@ fn dot_codes(a: &[i8], b: &[i8]) -> i32 {
         .zip(b[..chunks].chunks_exact(16))
     {
         for i in 0..16 {
-            sums[i] += i32::from(x[i]) * i32::from(y[i]);
+            sums[i] += i32::from(i16::from(x[i]) * i16::from(y[i]));
         }
     }
     let tail: i32 = a[chunks..]
