@@ -23,14 +23,14 @@ use crate::{Encoded, EncoderInfo, Filter, RagError};
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS documents (
-    seq INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     metadata TEXT NOT NULL,
     chunks INTEGER NOT NULL,
     created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     document INTEGER NOT NULL,
     chunk INTEGER NOT NULL,
     text TEXT NOT NULL,
@@ -184,7 +184,8 @@ fn sql_error(error: rusqlite::Error) -> RagError {
 fn connect(path: &Path) -> Result<Connection, RagError> {
     let conn = Connection::open(path).map_err(sql_error)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+        // FULL: a document acknowledged is on disk, power loss included.
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
     )
     .map_err(sql_error)?;
     Ok(conn)
@@ -221,7 +222,12 @@ impl Collection {
             })
             .optional()
             .or_else(|e| match e {
-                rusqlite::Error::SqliteFailure(..) => Ok(None),
+                // Only a file whose creation never committed lacks the table.
+                rusqlite::Error::SqliteFailure(_, Some(ref message))
+                    if message.starts_with("no such table") =>
+                {
+                    Ok(None)
+                }
                 other => Err(other),
             })
             .map_err(sql_error)?;
@@ -278,7 +284,7 @@ impl Collection {
     pub(crate) fn write_document(&self, document: Prepared) -> Result<bool, RagError> {
         for encoded in &document.encoded {
             if encoded.dense.len() != self.meta.dimension {
-                return Err(RagError::Conflict(format!(
+                return Err(RagError::Store(format!(
                     "the encoder gave {} dimensions; collection {:?} holds {}",
                     encoded.dense.len(),
                     self.meta.name,
@@ -598,7 +604,6 @@ impl Collection {
             "SELECT c.id, c.chunk, c.text, d.id, d.metadata, {colbert} FROM chunks c \
              JOIN documents d ON d.seq = c.document WHERE c.id IN ({marks})"
         );
-        let dimension = self.meta.dimension;
         let conn = self.conn();
         let mut statement = conn.prepare(&sql).map_err(sql_error)?;
         let rows = statement
@@ -611,8 +616,7 @@ impl Collection {
                     text: r.get(2)?,
                     document_id: r.get(3)?,
                     metadata: serde_json::from_str(&metadata).unwrap_or_else(|_| json!({})),
-                    colbert: colbert
-                        .map(|b| floats(&b).chunks(dimension).map(<[f32]>::to_vec).collect()),
+                    colbert: colbert.map(|b| colbert_rows(&b)),
                 })
             })
             .map_err(sql_error)?
@@ -690,8 +694,26 @@ fn blob(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// ColBERT rows as a blob: their width (u32, little-endian), then the values.
 fn rows_blob(rows: &[Vec<f32>]) -> Vec<u8> {
-    rows.iter().flat_map(|r| blob(r)).collect()
+    let width = rows.first().map_or(0, Vec::len) as u32;
+    let mut bytes = width.to_le_bytes().to_vec();
+    bytes.extend(rows.iter().flat_map(|r| blob(r)));
+    bytes
+}
+
+fn colbert_rows(bytes: &[u8]) -> Vec<Vec<f32>> {
+    let Some((width, values)) = bytes.split_first_chunk::<4>() else {
+        return Vec::new();
+    };
+    let width = u32::from_le_bytes(*width) as usize;
+    if width == 0 {
+        return Vec::new();
+    }
+    floats(values)
+        .chunks_exact(width)
+        .map(<[f32]>::to_vec)
+        .collect()
 }
 
 fn floats(bytes: &[u8]) -> Vec<f32> {
@@ -722,5 +744,9 @@ mod tests {
     fn vectors_round_trip_through_blobs() {
         let v = vec![0.5, -1.25, 3.0];
         assert_eq!(floats(&blob(&v)), v);
+        let rows = vec![vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 6.0]];
+        assert_eq!(colbert_rows(&rows_blob(&rows)), rows);
+        assert!(colbert_rows(&rows_blob(&[])).is_empty());
+        assert!(colbert_rows(&[1, 2]).is_empty());
     }
 }

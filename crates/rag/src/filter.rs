@@ -8,6 +8,11 @@ use serde_json::{Map, Value};
 
 use crate::RagError;
 
+/// Most fields, and values over all fields, in one filter (SQLite binds at
+/// most 32,766 parameters per statement).
+const MAX_FIELDS: usize = 32;
+const MAX_VALUES: usize = 1_000;
+
 /// A checked metadata filter.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Filter {
@@ -19,6 +24,16 @@ impl Filter {
     /// A filter from a client's object; field names are top-level metadata
     /// fields, values strings, integers, booleans or non-empty lists of one kind.
     pub fn from_object(filter: &Map<String, Value>) -> Result<Option<Filter>, RagError> {
+        let values: usize = filter
+            .values()
+            .map(|v| v.as_array().map_or(1, Vec::len))
+            .sum();
+        if filter.len() > MAX_FIELDS || values > MAX_VALUES {
+            return Err(RagError::invalid(
+                "filter",
+                format!("a filter has at most {MAX_FIELDS} fields and {MAX_VALUES} values"),
+            ));
+        }
         let mut fields = Vec::with_capacity(filter.len());
         for (key, value) in filter {
             let plain = !key.is_empty()
@@ -121,6 +136,7 @@ mod tests {
             json!({"x": []}),
             json!({"x": [1, "a"]}),
             json!({"x": null}),
+            json!({"x": (0..1001).collect::<Vec<_>>()}),
         ] {
             assert!(
                 matches!(

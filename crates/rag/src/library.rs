@@ -36,6 +36,11 @@ pub struct Library {
     /// Keeps a memory library's directory until the library goes.
     _temp: Option<tempfile::TempDir>,
     collections: Mutex<BTreeMap<String, Arc<Collection>>>,
+    /// Collections whose files are there but would not open: never created
+    /// over, never deleted (an operator looks at them first).
+    broken: Mutex<BTreeMap<String, String>>,
+    /// Creations take turns, so two first ingests cannot both make the file.
+    creating: tokio::sync::Mutex<()>,
 }
 
 impl Library {
@@ -54,6 +59,7 @@ impl Library {
         };
         fs::create_dir_all(&root).map_err(RagError::store)?;
         let mut collections = BTreeMap::new();
+        let mut broken = BTreeMap::new();
         for entry in fs::read_dir(&root).map_err(RagError::store)?.flatten() {
             let path = entry.path();
             let Some(name) = collection_of(&path) else {
@@ -70,6 +76,7 @@ impl Library {
                 }
                 Err(error) => {
                     tracing::error!(file = %path.display(), %error, "a collection could not be opened; it is left as it is");
+                    broken.insert(name, error.to_string());
                 }
             }
         }
@@ -77,6 +84,8 @@ impl Library {
             root,
             _temp: temp,
             collections: Mutex::new(collections),
+            broken: Mutex::new(broken),
+            creating: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -99,8 +108,23 @@ impl Library {
 
     /// The collection, or a 404 naming it.
     pub fn existing(&self, name: &str) -> Result<Arc<Collection>, RagError> {
-        self.get(name)
-            .ok_or_else(|| RagError::NotFound(format!("collection {name:?} does not exist")))
+        self.get(name).ok_or_else(|| Self::not_found(name))
+    }
+
+    /// The error for a collection that does not exist.
+    pub fn not_found(name: &str) -> RagError {
+        RagError::NotFound(format!("collection {name:?} does not exist"))
+    }
+
+    /// A store error if the collection's file is there but would not open.
+    fn check_not_broken(&self, name: &str) -> Result<(), RagError> {
+        let broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        match broken.get(name) {
+            Some(reason) => Err(RagError::Store(format!(
+                "collection {name:?} is on disk but could not be opened ({reason}); it is left untouched"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Every collection with its counts.
@@ -117,6 +141,7 @@ impl Library {
     /// Removes a collection and its files; `false` if there was none.
     pub async fn delete_collection(&self, name: &str) -> Result<bool, RagError> {
         check_name(name)?;
+        self.check_not_broken(name)?;
         let Some(collection) = self.map().remove(name) else {
             return Ok(false);
         };
@@ -143,18 +168,24 @@ impl Library {
             existing.meta().check_encoder(encoder.info())?;
             return Ok(existing);
         }
+        self.check_not_broken(name)?;
+        let _turn = self.creating.lock().await;
+        // Another first ingest may have made it while this one waited.
+        if let Some(existing) = self.get(name) {
+            existing.meta().check_encoder(encoder.info())?;
+            return Ok(existing);
+        }
         let meta = CollectionMeta::new(name, encoder.info(), chunk);
         let path = self.root.join(format!("{name}.sqlite"));
         let created = blocking(move || {
-            // Left by a creation that failed midway, if anything.
+            // Only what a creation that never committed left: a collection
+            // that exists is in the map, a broken one was refused above.
             remove_files(&path);
             Collection::create(&path, meta).map(Arc::new)
         });
         let collection = created.await?;
-        // Two first ingests may race: the first one in wins, the other's
-        // files were never used.
-        let mut map = self.map();
-        Ok(map.entry(name.to_owned()).or_insert(collection).clone())
+        self.map().insert(name.to_owned(), collection.clone());
+        Ok(collection)
     }
 
     /// Chunks, embeds and writes documents into collection `name` (created on
@@ -203,12 +234,17 @@ impl Library {
                 texts.extend(document.chunks.iter().cloned());
                 group.push(document);
             }
-            let mut encoded = encoder.encode(&texts, want).await?.into_iter();
+            // At most a group's worth of chunks per call, even from one long document.
+            let mut encoded = Vec::with_capacity(texts.len());
+            for slice in texts.chunks(ENCODE_GROUP) {
+                encoded.extend(encoder.encode(slice, want).await?);
+            }
             if encoded.len() != texts.len() {
                 return Err(RagError::store(
                     "the encoder returned fewer embeddings than texts",
                 ));
             }
+            let mut encoded = encoded.into_iter();
             for document in &mut group {
                 document.encoded = encoded.by_ref().take(document.chunks.len()).collect();
             }

@@ -121,9 +121,8 @@ impl Collection {
             .colbert
             .as_ref()
             .filter(|_| mode == Mode::Hybrid && self.meta().colbert);
-        if colbert.is_none() {
-            ranked.truncate(limit);
-        }
+        // ColBERT rows are large: rescore only the candidates asked for.
+        ranked.truncate(limit);
         let ids: Vec<i64> = ranked.iter().map(|r| r.0).collect();
         let mut stored: HashMap<i64, _> = self
             .chunks(&ids, colbert.is_some())?
@@ -155,7 +154,6 @@ impl Collection {
             .collect();
         if colbert.is_some() {
             hits.sort_by(|a, b| b.score.total_cmp(&a.score));
-            hits.truncate(limit);
         }
         Ok(hits)
     }

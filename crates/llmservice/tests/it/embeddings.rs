@@ -334,7 +334,7 @@ async fn concurrent_requests_share_decodes() {
 
 /// A folder holding the MiniLM GGUF with BGE-M3-style heads beside it, one in
 /// each file format and naming scheme.
-fn m3_model_dir() -> tempfile::TempDir {
+pub(crate) fn m3_model_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let heads = shared_models().join("m3-heads");
     std::os::unix::fs::symlink(minilm(), dir.path().join("m3-minilm.gguf")).unwrap();

@@ -549,3 +549,84 @@ async fn chat_completions_answer_from_a_collection_with_rag() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(error_of(&body)["param"], "rag");
 }
+
+#[tokio::test]
+async fn two_first_ingests_into_a_new_collection_both_keep_their_documents() {
+    let data = tempfile::tempdir().unwrap();
+    {
+        let app = rag_app(data.path(), &[]);
+        let first = app.post(
+            "/v1/rag/documents",
+            json!({"texts": ["Owls hunt at night."], "ids": ["owls"], "collection": "race"}),
+        );
+        let second = app.post(
+            "/v1/rag/documents",
+            json!({"texts": ["Larks sing at dawn."], "ids": ["larks"], "collection": "race"}),
+        );
+        let ((s1, _, b1), (s2, _, b2)) = tokio::join!(first, second);
+        assert_eq!((s1.as_u16(), s2.as_u16()), (200, 200), "{b1} {b2}");
+        let (_, list) = app.get("/v1/rag/documents?collection=race").await;
+        assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+    }
+    // Both are on disk: a new server finds them.
+    let app = rag_app(data.path(), &[]);
+    let (_, list) = app.get("/v1/rag/documents?collection=race").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+    for path in [
+        "/v1/rag/documents/owls?collection=../x",
+        "/v1/rag/documents?collection=a.b",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(error_of(&body)["param"], "collection");
+    }
+}
+
+#[tokio::test]
+async fn bge_m3_heads_give_learned_sparse_weights_and_colbert_rescoring() {
+    // The synthetic BGE-M3 heads on MiniLM: the sparse leg uses the model's
+    // lexical weights instead of BM25, and hybrid results are rescored by
+    // ColBERT MaxSim (plumbing: the heads are untrained).
+    let heads = crate::embeddings::m3_model_dir();
+    let model = heads.path().join("m3-minilm.gguf").display().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let app = rag_app(data.path(), &[("EMBEDDING_MODEL_PATH", model.as_str())]);
+    ingest_seed(&app).await;
+    let (_, collections) = app.get("/v1/rag/collections").await;
+    assert_eq!(collections["data"][0]["sparse"], "model", "{collections}");
+    assert_eq!(collections["data"][0]["colbert"], true);
+    for mode in ["sparse", "hybrid", "dense"] {
+        let (status, _, body) = app
+            .post(
+                "/v1/rag/search",
+                json!({"query": "Kubernetes orchestrates containers", "mode": mode,
+                       "top_k": 3, "score_threshold": -1.0}),
+            )
+            .await;
+        assert_eq!(status, 200, "{mode}: {body}");
+        let results = body["results"].as_array().unwrap();
+        assert!(!results.is_empty(), "{mode}: {body}");
+        let scores: Vec<f64> = results
+            .iter()
+            .map(|r| r["score"].as_f64().unwrap())
+            .collect();
+        assert!(
+            scores.windows(2).all(|w| w[0] >= w[1]),
+            "{mode}: {scores:?}"
+        );
+    }
+    // The Kubernetes sentence shares the query's words: the learned weights find it.
+    let (_, _, body) = app
+        .post(
+            "/v1/rag/search",
+            json!({"query": "Kubernetes orchestrates containerized applications", "mode": "sparse", "top_k": 1}),
+        )
+        .await;
+    assert!(
+        body["results"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Kubernetes"),
+        "{body}"
+    );
+}

@@ -173,13 +173,14 @@ pub async fn list_documents(
         None => None,
     };
     let name = collection_name(query.collection.as_ref());
+    rag::Library::check_collection_name(name)?;
     let Some(collection) = library.get(name) else {
         if name == DEFAULT_COLLECTION {
             return Ok(axum::Json(
                 json!({"object": "list", "data": [], "next_offset": null}),
             ));
         }
-        return Err(library.existing(name).unwrap_err().into());
+        return Err(rag::Library::not_found(name).into());
     };
     let offset = query.offset.clone();
     let page =
@@ -193,6 +194,7 @@ pub async fn list_documents(
 
 #[utoipa::path(get, path = "/v1/rag/documents/{id}", params(("id" = String, Path, description = "The document's id"), RagCollectionQuery), responses(
     (status = 200, description = "`{id, collection, metadata, chunks: [{id, chunk, text}]}`"),
+    (status = 400, description = "Not a collection name, or a bad query string", body = ErrorResponse),
     (status = 404, description = "No such document or collection", body = ErrorResponse)))]
 pub async fn get_document(
     State(state): State<AppState>,
@@ -202,6 +204,7 @@ pub async fn get_document(
     let Query(query) = query.map_err(bad_query)?;
     let library = library(&state)?;
     let name = collection_name(query.collection.as_ref()).to_owned();
+    rag::Library::check_collection_name(&name)?;
     let collection = library.existing(&name)?;
     let wanted = id.clone();
     let found = blocking(move || collection.document(&wanted)).await?;
@@ -220,6 +223,7 @@ fn no_document(id: &str, collection: &str) -> ApiError {
 
 #[utoipa::path(delete, path = "/v1/rag/documents/{id}", params(("id" = String, Path, description = "The document's id"), RagCollectionQuery), responses(
     (status = 200, description = "`{id, collection, deleted: true}`"),
+    (status = 400, description = "Not a collection name, or a bad query string", body = ErrorResponse),
     (status = 404, description = "No such document or collection", body = ErrorResponse)))]
 pub async fn delete_document(
     State(state): State<AppState>,
@@ -229,6 +233,7 @@ pub async fn delete_document(
     let Query(query) = query.map_err(bad_query)?;
     let library = library(&state)?;
     let name = collection_name(query.collection.as_ref()).to_owned();
+    rag::Library::check_collection_name(&name)?;
     let collection = library.existing(&name)?;
     let wanted = id.clone();
     if !blocking(move || collection.delete_document(&wanted)).await? {
@@ -278,7 +283,7 @@ pub async fn delete_collection(
 ) -> Result<axum::Json<Value>, ApiError> {
     let library = library(&state)?;
     if !library.delete_collection(&name).await? {
-        return Err(library.existing(&name).unwrap_err().into());
+        return Err(rag::Library::not_found(&name).into());
     }
     Ok(axum::Json(json!({"name": name, "deleted": true})))
 }
@@ -400,7 +405,7 @@ pub async fn rag_chat(
 
 /// A query string that does not parse, in our error shape.
 fn bad_query(rejection: QueryRejection) -> ApiError {
-    ApiError::invalid("query", rejection.body_text())
+    ApiError::bad_request(rejection.body_text()).with_code("invalid_query_string")
 }
 
 /// Store work off the async threads.

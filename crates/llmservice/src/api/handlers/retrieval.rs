@@ -185,7 +185,7 @@ impl Retrieval {
             if self.collection == DEFAULT_COLLECTION {
                 return Ok((Vec::new(), false));
             }
-            return Err(library.existing(&self.collection).unwrap_err().into());
+            return Err(rag::Library::not_found(&self.collection).into());
         }
         let encoder = encoder(state, headers).await?;
         let reranker = match rerank {
