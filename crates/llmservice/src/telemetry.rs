@@ -23,6 +23,7 @@ pub struct Metrics {
     queue: IntGaugeVec,
     loaded: IntGaugeVec,
     cache: IntGaugeVec,
+    rag: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -114,6 +115,11 @@ impl Metrics {
                 "Response cache counters (hits, misses, entries, evictions, bytes)",
                 &["stat"],
             ),
+            rag: gauge(
+                "rag_collection",
+                "Retrieval collections: documents, chunks and bytes on disk",
+                &["collection", "stat"],
+            ),
             registry,
         }
     }
@@ -150,8 +156,15 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the gauges read from the models and the cache now.
-    pub fn render(&self, models: &ModelRegistry, cache: &ResponseCache) -> String {
+    /// The text exposition, with the gauges read from the models, the cache
+    /// and the retrieval collections now (this reads disk: call it off the
+    /// async threads).
+    pub fn render(
+        &self,
+        models: &ModelRegistry,
+        cache: &ResponseCache,
+        rag: Option<&rag::Library>,
+    ) -> String {
         self.queue.reset();
         self.loaded.reset();
         for entry in models.loaded() {
@@ -180,6 +193,20 @@ impl Metrics {
             ("bytes", cache.bytes),
         ] {
             self.cache.with_label_values(&[stat]).set(value as i64);
+        }
+        self.rag.reset();
+        for collection in rag.map(rag::Library::all).unwrap_or_default() {
+            let Ok(stats) = collection.stats() else {
+                continue;
+            };
+            let name = &collection.meta().name;
+            for (stat, value) in [
+                ("documents", stats.documents),
+                ("chunks", stats.chunks),
+                ("bytes", stats.bytes),
+            ] {
+                self.rag.with_label_values(&[name, stat]).set(value as i64);
+            }
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

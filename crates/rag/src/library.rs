@@ -102,6 +102,11 @@ impl Library {
         self.collections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Every open collection.
+    pub fn all(&self) -> Vec<Arc<Collection>> {
+        self.map().values().cloned().collect()
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Collection>> {
         self.map().get(name).cloned()
     }

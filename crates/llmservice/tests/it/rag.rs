@@ -280,6 +280,12 @@ async fn ids_replace_documents_and_filters_select_by_metadata() {
     assert_eq!(notes["chunks"], 1);
     assert!(notes["bytes"].as_u64().unwrap() > 0);
     assert_eq!(notes["dimension"], 384);
+    let metrics = crate::common::GetText::oneshot_get(app.router(), "/metrics").await;
+    assert!(
+        metrics.contains(r#"llmservice_rag_collection{collection="notes",stat="documents"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"llmservice_rag_collection{collection="notes",stat="chunks"} 1"#));
 }
 
 fn urlencode(text: &str) -> String {

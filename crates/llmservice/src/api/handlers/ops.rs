@@ -8,10 +8,12 @@ use crate::state::AppState;
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     // Rendering reads the cache's stats, which may touch its disk tier.
-    let body =
-        tokio::task::spawn_blocking(move || state.metrics.render(&state.registry, &state.cache))
-            .await
-            .unwrap_or_default();
+    let body = tokio::task::spawn_blocking(move || {
+        let rag = state.rag.as_ref().as_ref().ok();
+        state.metrics.render(&state.registry, &state.cache, rag)
+    })
+    .await
+    .unwrap_or_default();
     (
         [(
             axum::http::header::CONTENT_TYPE,
