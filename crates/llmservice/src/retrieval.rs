@@ -57,6 +57,29 @@ fn model_error(error: EngineError) -> RagError {
     RagError::Model(Box::new(error))
 }
 
+/// One batch through an encoder model: `inputs` tokenizes off the async
+/// threads, the engine computes `outputs`, and `tokens` counts what it read.
+async fn run(
+    engine: &Arc<Engine>,
+    tokens: &AtomicU64,
+    inputs: impl FnOnce(&Engine) -> Vec<Vec<engine::TokenId>> + Send + 'static,
+    outputs: EmbedOutputs,
+) -> Result<Vec<engine::Embedding>, RagError> {
+    let tokenizer = engine.clone();
+    let inputs = tokio::task::spawn_blocking(move || inputs(&tokenizer))
+        .await
+        .map_err(|e| RagError::Store(format!("tokenization failed: {e}")))?;
+    let results = engine
+        .embed(inputs, outputs)
+        .map_err(model_error)?
+        .wait()
+        .await
+        .map_err(model_error)?;
+    let read: u64 = results.iter().map(|r| u64::from(r.n_tokens)).sum();
+    tokens.fetch_add(read, Ordering::Relaxed);
+    Ok(results)
+}
+
 impl Encoder for EngineEncoder {
     fn info(&self) -> &EncoderInfo {
         &self.info
@@ -72,9 +95,8 @@ impl Encoder for EngineEncoder {
         want: Want,
     ) -> BoxFuture<'a, Result<Vec<Encoded>, RagError>> {
         Box::pin(async move {
-            let engine = self.engine.clone();
             let owned = texts.to_vec();
-            let inputs = tokio::task::spawn_blocking(move || {
+            let inputs = move |engine: &Engine| {
                 owned
                     .iter()
                     .map(|text| {
@@ -82,24 +104,14 @@ impl Encoder for EngineEncoder {
                         engine.truncate_input(&mut tokens);
                         tokens
                     })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .map_err(|e| RagError::Store(format!("tokenization failed: {e}")))?;
+                    .collect()
+            };
             let outputs = EmbedOutputs {
                 dense: true,
                 sparse: want.sparse,
                 colbert: want.colbert,
             };
-            let results = self
-                .engine
-                .embed(inputs, outputs)
-                .map_err(model_error)?
-                .wait()
-                .await
-                .map_err(model_error)?;
-            let tokens: u64 = results.iter().map(|r| u64::from(r.n_tokens)).sum();
-            self.tokens.fetch_add(tokens, Ordering::Relaxed);
+            let results = run(&self.engine, &self.tokens, inputs, outputs).await?;
             Ok(results
                 .into_iter()
                 .map(|r| Encoded {
@@ -157,9 +169,8 @@ impl Reranker for EngineReranker {
         texts: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<f32>, RagError>> {
         Box::pin(async move {
-            let engine = self.engine.clone();
             let (query, owned) = (query.to_owned(), texts.to_vec());
-            let pairs = tokio::task::spawn_blocking(move || {
+            let pairs = move |engine: &Engine| {
                 let query = engine.tokenize(&query, false, false);
                 owned
                     .iter()
@@ -169,23 +180,13 @@ impl Reranker for EngineReranker {
                         engine.truncate_input(&mut pair);
                         pair
                     })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .map_err(|e| RagError::Store(format!("tokenization failed: {e}")))?;
+                    .collect()
+            };
             let outputs = EmbedOutputs {
                 dense: true,
                 ..Default::default()
             };
-            let results = self
-                .engine
-                .embed(pairs, outputs)
-                .map_err(model_error)?
-                .wait()
-                .await
-                .map_err(model_error)?;
-            let tokens: u64 = results.iter().map(|r| u64::from(r.n_tokens)).sum();
-            self.tokens.fetch_add(tokens, Ordering::Relaxed);
+            let results = run(&self.engine, &self.tokens, pairs, outputs).await?;
             Ok(results
                 .iter()
                 .map(|r| {

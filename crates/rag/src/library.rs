@@ -134,7 +134,7 @@ impl Library {
 
     /// Every collection with its counts.
     pub async fn collections(&self) -> Result<Vec<(CollectionMeta, CollectionStats)>, RagError> {
-        let all: Vec<Arc<Collection>> = self.map().values().cloned().collect();
+        let all = self.all();
         blocking(move || {
             all.iter()
                 .map(|c| Ok((c.meta().clone(), c.stats()?)))

@@ -282,5 +282,5 @@ async fn off_async<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
         .await
-        .unwrap_or_else(|e| Err(ApiError::internal(format!("tokenization failed: {e}"))))
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("a worker thread failed: {e}"))))
 }

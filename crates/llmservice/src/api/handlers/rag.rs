@@ -17,7 +17,7 @@ use super::pipeline::{cache_key, cached_events, check, generate, load, replayed}
 use super::retrieval::{
     collection_name, encoder, library, source, Asked, Retrieval, DEFAULT_COLLECTION,
 };
-use super::{respond, Delivery};
+use super::{off_async, respond, Delivery};
 use crate::api::answer::{AnswerHead, RagAnswer};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
@@ -184,7 +184,8 @@ pub async fn list_documents(
     };
     let offset = query.offset.clone();
     let page =
-        blocking(move || collection.documents(filter.as_ref(), limit, offset.as_deref())).await?;
+        off_async(move || Ok(collection.documents(filter.as_ref(), limit, offset.as_deref())?))
+            .await?;
     Ok(axum::Json(json!({
         "object": "list",
         "data": page.documents,
@@ -201,13 +202,9 @@ pub async fn get_document(
     Path(id): Path<String>,
     query: Result<Query<RagCollectionQuery>, QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let Query(query) = query.map_err(bad_query)?;
-    let library = library(&state)?;
-    let name = collection_name(query.collection.as_ref()).to_owned();
-    rag::Library::check_collection_name(&name)?;
-    let collection = library.existing(&name)?;
+    let (name, collection) = named_collection(&state, query)?;
     let wanted = id.clone();
-    let found = blocking(move || collection.document(&wanted)).await?;
+    let found = off_async(move || Ok(collection.document(&wanted)?)).await?;
     let (metadata, chunks) = found.ok_or_else(|| no_document(&id, &name))?;
     Ok(axum::Json(json!({
         "id": id,
@@ -215,6 +212,19 @@ pub async fn get_document(
         "metadata": metadata,
         "chunks": chunks,
     })))
+}
+
+/// The collection a document route's query string names (`default` when
+/// it names none), which must exist.
+fn named_collection(
+    state: &AppState,
+    query: Result<Query<RagCollectionQuery>, QueryRejection>,
+) -> Result<(String, std::sync::Arc<rag::Collection>), ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    let name = collection_name(query.collection.as_ref()).to_owned();
+    rag::Library::check_collection_name(&name)?;
+    let collection = library(state)?.existing(&name)?;
+    Ok((name, collection))
 }
 
 fn no_document(id: &str, collection: &str) -> ApiError {
@@ -230,13 +240,9 @@ pub async fn delete_document(
     Path(id): Path<String>,
     query: Result<Query<RagCollectionQuery>, QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let Query(query) = query.map_err(bad_query)?;
-    let library = library(&state)?;
-    let name = collection_name(query.collection.as_ref()).to_owned();
-    rag::Library::check_collection_name(&name)?;
-    let collection = library.existing(&name)?;
+    let (name, collection) = named_collection(&state, query)?;
     let wanted = id.clone();
-    if !blocking(move || collection.delete_document(&wanted)).await? {
+    if !off_async(move || Ok(collection.delete_document(&wanted)?)).await? {
         return Err(no_document(&id, &name));
     }
     Ok(axum::Json(
@@ -406,16 +412,4 @@ pub async fn rag_chat(
 /// A query string that does not parse, in our error shape.
 fn bad_query(rejection: QueryRejection) -> ApiError {
     ApiError::bad_request(rejection.body_text()).with_code("invalid_query_string")
-}
-
-/// Store work off the async threads.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, rag::RagError> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => Ok(result?),
-        Err(error) => Err(ApiError::internal(format!(
-            "the document store failed: {error}"
-        ))),
-    }
 }
