@@ -26,6 +26,34 @@ pub enum Command {
     Models(ServeArgs),
     /// Measure single-stream decode speed: the server path vs. a plain llama.cpp loop.
     Bench(BenchArgs),
+    /// Download a GGUF model from the Hugging Face Hub into the models directory.
+    Pull(PullArgs),
+}
+
+/// Flags for `pull`. The Hub is `HF_ENDPOINT` (default https://huggingface.co),
+/// with `HF_TOKEN` for gated and private repositories.
+#[derive(Debug, Clone, Args)]
+pub struct PullArgs {
+    /// owner/name, owner/name/FILE, owner/name:QUANT, or a Hub link to a file
+    pub model: String,
+    /// Pick the file with this quantization, e.g. Q4_K_M (the default when the repository has several)
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// Branch, tag or commit to download from [default: main]
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Directory the file lands in [env: MODELS_DIR, LLM_SERVICE_MODELS_DIR, MODEL_DIR] [default: ~/.llmservice/models]
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+}
+
+impl PullArgs {
+    pub fn serve_args(&self) -> ServeArgs {
+        ServeArgs {
+            models_dir: self.models_dir.clone(),
+            ..ServeArgs::default()
+        }
+    }
 }
 
 /// Flags for `serve`. Each falls back to the environment under the names the

@@ -11,15 +11,19 @@
 //! `cli` and `settings` turn flags and environment into `Settings`; `state`
 //! is what handlers share; `server` binds and shuts down.
 
+pub mod analytics;
 pub mod api;
 pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod cli;
+pub mod downloads;
 pub mod error;
 pub mod generation;
+pub mod hub;
 pub mod keys;
 pub mod models;
+pub mod pull;
 pub mod response_store;
 pub mod retrieval;
 pub mod server;

@@ -2,7 +2,7 @@ use clap::Parser;
 
 use llmservice::cli::{Cli, Command, ServeArgs};
 use llmservice::settings::{ProcessEnv, Settings};
-use llmservice::{bench, models, server};
+use llmservice::{bench, models, pull, server};
 
 fn main() -> std::process::ExitCode {
     // `.env` fills in what the environment does not set; flags override both.
@@ -12,6 +12,7 @@ fn main() -> std::process::ExitCode {
     let args = match &command {
         Command::Serve(a) | Command::Models(a) => a.clone(),
         Command::Bench(b) => b.serve_args(),
+        Command::Pull(p) => p.serve_args(),
     };
     let settings = match Settings::resolve(&args, &ProcessEnv) {
         Ok(s) => s,
@@ -23,7 +24,7 @@ fn main() -> std::process::ExitCode {
     init_tracing(&settings.log_level);
     // The bench client is light and must not compete with the server it measures.
     let runtime = match &command {
-        Command::Bench(_) => tokio::runtime::Builder::new_current_thread()
+        Command::Bench(_) | Command::Pull(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         _ => tokio::runtime::Runtime::new(),
@@ -42,6 +43,7 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::Bench(args) => runtime.block_on(bench::run(args, settings)),
+        Command::Pull(args) => runtime.block_on(pull::run(args, settings)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -13,10 +13,19 @@ use crate::settings::Settings;
 /// How long in-flight requests may run on after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How often counted requests are written to the analytics store.
+const ANALYTICS_FLUSH: Duration = Duration::from_secs(10);
+
 /// The file clients read to find the port (`.port` in the working directory).
 const PORT_FILE: &str = ".port";
 
-pub async fn serve(settings: Settings) -> Result<(), String> {
+pub async fn serve(mut settings: Settings) -> Result<(), String> {
+    if let Some(reference) = settings.startup_model.clone() {
+        let path = crate::pull::startup_model(&settings, &reference)
+            .await
+            .map_err(|e| format!("MODEL_REPO_ID: {e}"))?;
+        settings.default_model_file = Some(path);
+    }
     let settings = Arc::new(settings);
     let listener = bind(&settings.host, settings.port).await?;
     let addr = listener
@@ -36,6 +45,16 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         tracing::info!(id = %entry.id, kind = entry.kind.as_str(), path = %entry.path.display(), "model available");
     }
     let cache = state.cache.clone();
+    let analytics = state.analytics.clone();
+    let flusher = state.analytics.clone();
+    // Analytics reach their SQLite file every few seconds (and at exit).
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(ANALYTICS_FLUSH).await;
+            let analytics = flusher.clone();
+            let _ = tokio::task::spawn_blocking(move || analytics.flush()).await;
+        }
+    });
     let watched = state.clone();
     let reaper = state.registry.clone();
     // Keep-alive: unload models idle past their `{TIER}_KEEP_ALIVE`.
@@ -65,8 +84,13 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         result = server => result.map_err(|e| format!("server error: {e}"))?,
         () = forced => tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting anyway"),
     }
-    // The disk cache must hold everything answered before exit.
-    let _ = tokio::task::spawn_blocking(move || cache.flush()).await;
+    // The disk cache must hold everything answered before exit, and the
+    // analytics everything counted.
+    let _ = tokio::task::spawn_blocking(move || {
+        cache.flush();
+        analytics.flush();
+    })
+    .await;
     drop(port_file);
     tracing::info!("llmservice stopped");
     Ok(())

@@ -120,6 +120,16 @@ pub struct Settings {
     pub cors_allow_origins: Option<Vec<String>>,
     /// Retrieval: where collections live and how answers use them.
     pub rag: RagSettings,
+    /// Where models are downloaded from (`HF_ENDPOINT`, `HF_TOKEN`).
+    pub hub: crate::hub::HubSettings,
+    /// Seed 003's `MODEL_REPO_ID` (+ `MODEL_FILENAME`): fetched into the
+    /// models directory at start when missing.
+    pub startup_model: Option<crate::hub::ModelRef>,
+    /// The file `"model": "default"` names when no chat tier is configured
+    /// (the start-up model, once it is here).
+    pub default_model_file: Option<PathBuf>,
+    /// How long the dashboard's analytics are kept (`ANALYTICS_RETENTION_DAYS`).
+    pub analytics_retention: Duration,
 }
 
 /// Retrieval's settings (seed 003's names where it had them).
@@ -353,23 +363,7 @@ impl Settings {
             }
         }
         let cache = CacheSettings::from_env(|n| env.get(n), &data_dir)?;
-        let responses = crate::response_store::StoreSettings {
-            dir: data_dir.clone(),
-            max_entries: parse_positive(
-                env,
-                "RESPONSES_MAX_STORED",
-                "send store: false to keep none",
-            )?
-            .unwrap_or(10_000),
-            ttl: Duration::from_secs(
-                parse_positive(
-                    env,
-                    "RESPONSES_TTL_SECONDS",
-                    "send store: false to keep none",
-                )?
-                .unwrap_or(30 * 24 * 3600),
-            ),
-        };
+        let responses = response_store(env, &data_dir)?;
         let keys = crate::keys::KeySettings {
             keys: ["API_KEY", "LLM_SERVICE_API_KEY"]
                 .iter()
@@ -383,6 +377,14 @@ impl Settings {
             .map(|value| list(&value))
             .filter(|origins| !origins.iter().any(|o| o == "*"));
         Ok(Settings {
+            hub: crate::hub::HubSettings::from_env(|name| env.get(name)),
+            startup_model: startup_model(env)?,
+            default_model_file: None,
+            analytics_retention: Duration::from_secs(
+                86400
+                    * parse_positive(env, "ANALYTICS_RETENTION_DAYS", "days of charts kept")?
+                        .unwrap_or(7),
+            ),
             rag: RagSettings::from_env(env, &data_dir)?,
             keys,
             cors_allow_origins,
@@ -416,21 +418,64 @@ impl Settings {
                 &["MAX_LOADED_MODELS", "LLM_SERVICE_MAX_LOADED_MODELS"],
             )?
             .filter(|&n| n > 0),
-            shutdown_timeout: match parse::<f64>(
-                env,
-                &["SHUTDOWN_TIMEOUT", "LLM_SERVICE_SHUTDOWN_TIMEOUT"],
-            )? {
-                None => None,
-                Some(s) if s <= 0.0 => None,
-                Some(s) => Some(
-                    Duration::try_from_secs_f64(s)
-                        .map_err(|e| ConfigError::new("SHUTDOWN_TIMEOUT", &s.to_string(), e))?,
-                ),
-            },
+            shutdown_timeout: shutdown_timeout(env)?,
             dir_engine: EngineConfig::default(),
             dir_defaults: GenerationDefaults::default(),
         })
     }
+}
+
+/// Where and how long Responses API answers are kept.
+fn response_store(
+    env: &dyn Env,
+    data_dir: &std::path::Path,
+) -> Result<crate::response_store::StoreSettings, ConfigError> {
+    let hint = "send store: false to keep none";
+    Ok(crate::response_store::StoreSettings {
+        dir: data_dir.to_owned(),
+        max_entries: parse_positive(env, "RESPONSES_MAX_STORED", hint)?.unwrap_or(10_000),
+        ttl: Duration::from_secs(
+            parse_positive(env, "RESPONSES_TTL_SECONDS", hint)?.unwrap_or(30 * 24 * 3600),
+        ),
+    })
+}
+
+/// `SHUTDOWN_TIMEOUT` seconds; 0 or negative is never.
+fn shutdown_timeout(env: &dyn Env) -> Result<Option<Duration>, ConfigError> {
+    match parse::<f64>(env, &["SHUTDOWN_TIMEOUT", "LLM_SERVICE_SHUTDOWN_TIMEOUT"])? {
+        None => Ok(None),
+        Some(s) if s <= 0.0 => Ok(None),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .map(Some)
+            .map_err(|e| ConfigError::new("SHUTDOWN_TIMEOUT", &s.to_string(), e)),
+    }
+}
+
+/// Seed 003's model: `MODEL_REPO_ID`, with `MODEL_FILENAME` naming the file
+/// (else the repository's one GGUF, or its Q4_K_M).
+fn startup_model(env: &dyn Env) -> Result<Option<crate::hub::ModelRef>, ConfigError> {
+    let Some(repo) = env.get("MODEL_REPO_ID") else {
+        if let Some(file) = env.get("MODEL_FILENAME") {
+            tracing::warn!(MODEL_FILENAME = %file, "MODEL_FILENAME is set without MODEL_REPO_ID and is ignored");
+        }
+        return Ok(None);
+    };
+    let reference = match env.get("MODEL_FILENAME") {
+        Some(file) => format!("{}/{}", repo.trim().trim_end_matches('/'), file.trim()),
+        None => repo.clone(),
+    };
+    let parsed = crate::hub::ModelRef::parse(&reference)
+        .map_err(|e| ConfigError::new("MODEL_REPO_ID", &repo, e))?;
+    if let Some(file) = &parsed.file {
+        if !file.to_ascii_lowercase().ends_with(".gguf") {
+            return Err(ConfigError::new(
+                "MODEL_FILENAME",
+                file,
+                "llmservice serves GGUF models (llama.cpp's format); name a .gguf file, e.g. from a GGUF conversion of this model",
+            ));
+        }
+    }
+    Ok(Some(parsed))
 }
 
 /// A comma-separated list, trimmed, without empty items.
@@ -628,6 +673,28 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.name, "LIGHT_KEEP_ALIVE");
+    }
+
+    #[test]
+    fn seed_003_names_its_model_on_the_hub() {
+        let env = [
+            ("MODEL_REPO_ID", "TheBloke/Llama-2-7B-Chat-GGUF"),
+            ("MODEL_FILENAME", "llama-2-7b-chat.Q4_K_M.gguf"),
+        ];
+        let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        let model = s.startup_model.unwrap();
+        assert_eq!(model.repo, "TheBloke/Llama-2-7B-Chat-GGUF");
+        assert_eq!(model.file.as_deref(), Some("llama-2-7b-chat.Q4_K_M.gguf"));
+        // The seed's second example is a PyTorch checkpoint: said plainly.
+        let env = [
+            ("MODEL_REPO_ID", "microsoft/DialoGPT-medium"),
+            ("MODEL_FILENAME", "pytorch_model.bin"),
+        ];
+        let err = Settings::resolve(&ServeArgs::default(), &env).unwrap_err();
+        assert_eq!(err.name, "MODEL_FILENAME");
+        let err =
+            Settings::resolve(&ServeArgs::default(), &[("MODEL_REPO_ID", "../x")]).unwrap_err();
+        assert_eq!(err.name, "MODEL_REPO_ID");
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::analytics::Analytics;
 use crate::cache::ResponseCache;
+use crate::downloads::Downloads;
 use crate::keys::Keys;
 use crate::models::Registry;
 use crate::response_store::ResponseStore;
@@ -23,6 +25,12 @@ pub struct AppState {
     /// Responses API answers kept for `previous_response_id` and `GET`.
     pub responses: Arc<ResponseStore>,
     pub metrics: Arc<Metrics>,
+    /// Requests, tokens and latencies per minute, model and key (the dashboard's charts).
+    pub analytics: Arc<Analytics>,
+    /// Model downloads started from the dashboard.
+    pub downloads: Arc<Downloads>,
+    /// When the server started (the dashboard's uptime).
+    pub started: std::time::Instant,
     /// Retrieval's collections, or why they could not be opened (reported on
     /// every retrieval request, never silently bypassed).
     pub rag: Arc<Result<rag::Library, String>>,
@@ -44,6 +52,15 @@ impl AppState {
                 &settings.data_dir,
             )),
             metrics: Arc::new(Metrics::new()),
+            analytics: Arc::new(Analytics::open(
+                &settings.data_dir,
+                settings.analytics_retention,
+            )),
+            downloads: Arc::new(Downloads::new(
+                crate::hub::Hub::new(settings.hub.clone()),
+                settings.models_dir.clone(),
+            )),
+            started: std::time::Instant::now(),
             rag: Arc::new(rag::Library::open(&settings.rag.storage).map_err(|e| {
                 tracing::error!(error = %e, "the document store could not be opened");
                 e.to_string()

@@ -153,6 +153,7 @@ impl Metrics {
             inter_token: self.inter_token_seconds.with_label_values(&[model]),
             started,
             last: None,
+            ledger: crate::analytics::Ledger::current(),
         }
     }
 
@@ -225,15 +226,21 @@ pub struct TokenTimer {
     inter_token: prometheus::Histogram,
     started: Instant,
     last: Option<Instant>,
+    /// The request's analytics, when the timer was made while it was handled.
+    ledger: Option<std::sync::Arc<crate::analytics::Ledger>>,
 }
 
 impl TokenTimer {
     pub fn text(&mut self) {
         let now = Instant::now();
         match self.last {
-            None => self
-                .ttft
-                .observe(now.duration_since(self.started).as_secs_f64()),
+            None => {
+                let elapsed = now.duration_since(self.started);
+                self.ttft.observe(elapsed.as_secs_f64());
+                if let Some(ledger) = &self.ledger {
+                    ledger.note_first_token(elapsed);
+                }
+            }
             Some(last) => self
                 .inter_token
                 .observe(now.duration_since(last).as_secs_f64()),

@@ -30,11 +30,33 @@ fn access(method: &Method, path: &str) -> Access {
     match path {
         "/health" | "/openapi.json" => Access::Open,
         _ if path == "/docs" || path.starts_with("/docs/") => Access::Open,
+        // The dashboard's page and scripts hold no data; what they show
+        // comes from `/admin/api`, with the key the operator types in.
+        "/admin" | "/admin/" => Access::Open,
+        _ if path.starts_with("/admin/assets/") => Access::Open,
         _ if path.starts_with("/admin") || path.starts_with("/internal/") => Access::Operator,
         // `POST /v1/models/{id}/load` and `/unload`.
         _ if path.starts_with("/v1/models/") && method == Method::POST => Access::Operator,
         _ => Access::Api,
     }
+}
+
+/// Whether a request is for one of the operator's routes (which browsers
+/// may not call from other origins). A preflight asks on behalf of a POST
+/// (the only method that makes `/v1/models/{id}/...` an operator route).
+pub fn is_operator_route(method: &Method, path: &str) -> bool {
+    let method = if method == Method::OPTIONS {
+        &Method::POST
+    } else {
+        method
+    };
+    access(method, path) == Access::Operator
+}
+
+/// Whether a request on `path` counts in the dashboard's analytics: the API
+/// routes clients call, not the operator's, the open ones, or scrapes.
+pub fn counts_in_analytics(path: &str) -> bool {
+    access(&Method::GET, path) == Access::Api && path != "/metrics"
 }
 
 /// The key a request carries, if any.
@@ -75,6 +97,13 @@ pub async fn authorize(
     };
     if let Caller::Named(_) = caller {
         record(&state, caller.clone(), 1, 0);
+    }
+    if let Some(ledger) = crate::analytics::Ledger::current() {
+        ledger.note_key(match &caller {
+            Caller::Anonymous => "anonymous",
+            Caller::Operator => "operator",
+            Caller::Named(id) => id,
+        });
     }
     request.extensions_mut().insert(caller);
     next.run(request).await
@@ -160,6 +189,10 @@ mod tests {
         assert_eq!(access(&post, "/v1/models/light/load"), Access::Operator);
         assert_eq!(access(&get, "/internal/cache/stats"), Access::Operator);
         assert_eq!(access(&get, "/admin/api/keys"), Access::Operator);
+        assert_eq!(access(&get, "/admin"), Access::Open);
+        assert_eq!(access(&get, "/admin/assets/app.js"), Access::Open);
+        assert_eq!(access(&get, "/admin/api/assets/x"), Access::Operator);
+        assert_eq!(access(&get, "/adminx"), Access::Operator);
         assert_eq!(access(&post, "/api/chat"), Access::Api);
     }
 

@@ -8,6 +8,7 @@
 
 mod answer;
 mod auth;
+mod dashboard;
 pub mod error;
 mod handlers;
 mod json;
@@ -15,8 +16,12 @@ mod openapi;
 mod response_cache;
 mod sse;
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -26,6 +31,7 @@ use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
 
+use crate::analytics::{Analytics, Ledger};
 use error::ApiError;
 use handlers::{
     admin, chat, completions, embeddings, functions, messages, models, ollama, ops, rag, rerank,
@@ -36,6 +42,24 @@ pub use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
+    Router::new()
+        .merge(api_routes())
+        .merge(operator_routes())
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
+        .layer(cors(&state.settings.cors_allow_origins))
+        .layer(middleware::from_fn_with_state(state.clone(), trace_request))
+        .with_state(state)
+}
+
+/// What clients call: the OpenAI, Anthropic and Ollama APIs, retrieval, the
+/// tokenizer, health and metrics.
+fn api_routes() -> Router<AppState> {
     Router::new()
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url(
             "/openapi.json",
@@ -84,39 +108,62 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rag/collections/{name}", delete(rag::delete_collection))
         .route("/v1/rerank", post(rerank::rerank))
         .route("/rerank", post(rerank::rerank))
-        .route(
-            "/admin/api/keys",
-            get(admin::list_keys).post(admin::create_key),
-        )
-        .route("/admin/api/keys/{id}", delete(admin::revoke_key))
-        .route("/internal/cache/stats", get(ops::cache_stats))
         .route("/metrics", get(ops::metrics))
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
-        .fallback(unknown_route)
-        .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authorize,
-        ))
-        .layer(cors(&state.settings.cors_allow_origins))
-        .layer(middleware::from_fn_with_state(state.clone(), trace_request))
-        .with_state(state)
 }
 
-/// Browsers may call from any origin unless `CORS_ALLOW_ORIGINS` lists
-/// them (preflight requests are answered here, before any key check).
+/// The operator's routes: the dashboard and its JSON API, the cache's
+/// statistics.
+fn operator_routes() -> Router<AppState> {
+    use admin::{analytics, downloads, keys, models as admin_models, status};
+    Router::new()
+        .route("/admin", get(dashboard::index))
+        .route("/admin/", get(dashboard::index))
+        .route("/admin/assets/{file}", get(dashboard::asset))
+        .route("/admin/api/status", get(status::status))
+        .route("/admin/api/settings", get(status::settings))
+        .route("/admin/api/cache/flush", post(status::flush_cache))
+        .route(
+            "/admin/api/keys",
+            get(keys::list_keys).post(keys::create_key),
+        )
+        .route("/admin/api/keys/{id}", delete(keys::revoke_key))
+        .route("/admin/api/models", get(admin_models::list))
+        .route(
+            "/admin/api/models/{*path}",
+            get(admin_models::get)
+                .post(admin_models::action)
+                .put(admin_models::put_settings),
+        )
+        .route(
+            "/admin/api/downloads",
+            get(downloads::list).post(downloads::start),
+        )
+        .route(
+            "/admin/api/downloads/{id}",
+            get(downloads::get).delete(downloads::cancel),
+        )
+        .route("/admin/api/downloads/{id}/events", get(downloads::events))
+        .route("/admin/api/analytics", get(analytics::report))
+        .route("/internal/cache/stats", get(ops::cache_stats))
+}
+
+/// Browsers may call the API from any origin unless `CORS_ALLOW_ORIGINS`
+/// lists them; the operator's routes from none (a page elsewhere must not
+/// drive the console with a key it has seen). Preflight requests are
+/// answered here, before any key check.
 fn cors(origins: &Option<Vec<String>>) -> CorsLayer {
-    let Some(origins) = origins else {
-        return CorsLayer::permissive();
-    };
-    let origins: Vec<HeaderValue> = origins
-        .iter()
-        .filter_map(|origin| HeaderValue::from_str(origin).ok())
-        .collect();
+    let origins: Option<Vec<HeaderValue>> = origins.as_ref().map(|list| {
+        list.iter()
+            .filter_map(|origin| HeaderValue::from_str(origin).ok())
+            .collect()
+    });
     CorsLayer::new()
-        .allow_origin(AllowOrigin::list(origins))
+        .allow_origin(AllowOrigin::predicate(move |origin, request| {
+            !auth::is_operator_route(&request.method, request.uri.path())
+                && origins.as_ref().is_none_or(|list| list.contains(origin))
+        }))
         .allow_methods(Any)
         .allow_headers(Any)
         .expose_headers(Any)
@@ -165,14 +212,73 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
     let started = Instant::now();
-    let mut response = next.run(request).instrument(span.clone()).await;
-    tracing::info!(parent: &span, status = response.status().as_u16(), latency_ms = started.elapsed().as_millis() as u64, "response");
+    // Requests for routes that do not exist are not the API's traffic.
+    let counted = route != "other" && auth::counts_in_analytics(request.uri().path());
+    let ledger = Arc::new(Ledger::default());
+    let mut response = ledger
+        .clone()
+        .scope(next.run(request))
+        .instrument(span.clone())
+        .await;
+    let status = response.status().as_u16();
+    tracing::info!(parent: &span, status, latency_ms = started.elapsed().as_millis() as u64, "response");
     state
         .metrics
-        .observe_request(&route, response.status().as_u16(), started.elapsed());
+        .observe_request(&route, status, started.elapsed());
     state.touch();
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
+    if counted {
+        // The request ends when its body has been sent (or dropped): a
+        // stream's tokens and latency are known only then.
+        let done = RecordWhenDropped {
+            analytics: state.analytics.clone(),
+            ledger,
+            status,
+            started,
+        };
+        response = response.map(|inner| Body::new(Tracked { inner, _done: done }));
+    }
     response.into_response()
+}
+
+/// A response body that records its request's analytics when dropped.
+struct Tracked {
+    inner: Body,
+    _done: RecordWhenDropped,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+struct RecordWhenDropped {
+    analytics: Arc<Analytics>,
+    ledger: Arc<Ledger>,
+    status: u16,
+    started: Instant,
+}
+
+impl Drop for RecordWhenDropped {
+    fn drop(&mut self) {
+        self.analytics
+            .record(&self.ledger.outcome(self.status, self.started));
+    }
 }

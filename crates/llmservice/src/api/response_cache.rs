@@ -37,11 +37,12 @@ pub fn key_for(
         return None;
     }
     let file = file_identity(entry)?;
+    let config = entry.engine_config();
     Some(CacheKey::new(&json!({
         "endpoint": endpoint,
         "model": file,
-        "context": entry.engine_config.n_ctx,
-        "chat_template": entry.engine_config.chat_template,
+        "context": config.n_ctx,
+        "chat_template": config.chat_template,
         "payload": payload,
         "temperature": temperature,
         "top_p": sampling.top_p.unwrap_or(defaults.top_p),
@@ -89,11 +90,12 @@ pub fn key_for_deterministic(
     if !cache.is_enabled() {
         return None;
     }
+    let config = entry.engine_config();
     Some(CacheKey::new(&json!({
         "endpoint": endpoint,
         "model": file_identity(entry)?,
-        "context": entry.engine_config.n_ctx,
-        "batch": entry.engine_config.n_batch,
+        "context": config.n_ctx,
+        "batch": config.n_batch,
         "payload": payload,
     })))
 }

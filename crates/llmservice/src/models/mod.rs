@@ -7,6 +7,7 @@
 //! tried (never waited on) while those are held, and `dir_cache` is never held
 //! while an `engine` lock is taken.
 
+mod overrides;
 mod routing;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use engine::{Engine, EngineConfig, EngineError, ModelKind};
 
 use crate::settings::{GenerationDefaults, Settings, Tier};
 
+pub use overrides::{InvalidOverride, ModelOverrides, OverrideStore};
 pub use routing::tier_for_name;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +77,14 @@ pub struct ModelEntry {
     pub kind: ModelKind,
     /// Unix seconds of the file's modification time (OpenAI's `created`).
     pub created: i64,
-    pub engine_config: EngineConfig,
-    pub defaults: GenerationDefaults,
+    /// What the configuration (environment, defaults) says, before the
+    /// operator's overrides.
+    configured: (EngineConfig, GenerationDefaults),
+    /// With the overrides: the engine settings of the next load, and the
+    /// sampling defaults of the next request.
+    effective: std::sync::RwLock<(EngineConfig, GenerationDefaults)>,
+    /// The engine settings the loaded engine was loaded with.
+    loaded_with: Mutex<Option<EngineConfig>>,
     /// Held for the whole load, so concurrent first requests load once.
     engine: Arc<tokio::sync::Mutex<Option<Arc<Engine>>>>,
     /// The loaded engine for readers that must never wait or miss it because a
@@ -118,8 +126,9 @@ impl ModelEntry {
             path,
             kind,
             created,
-            engine_config,
-            defaults,
+            effective: std::sync::RwLock::new((engine_config.clone(), defaults.clone())),
+            configured: (engine_config, defaults),
+            loaded_with: Mutex::new(None),
             engine: Default::default(),
             loaded: std::sync::RwLock::new(None),
             state: AtomicU8::new(0),
@@ -132,6 +141,36 @@ impl ModelEntry {
 
     fn touch(&self) {
         self.last_used.store(now_millis(), Ordering::Relaxed);
+    }
+
+    /// The engine settings the next load uses.
+    pub fn engine_config(&self) -> EngineConfig {
+        self.effective
+            .read()
+            .map_or_else(|e| e.into_inner().0.clone(), |c| c.0.clone())
+    }
+
+    /// The sampling defaults a request's own values override.
+    pub fn defaults(&self) -> GenerationDefaults {
+        self.effective
+            .read()
+            .map_or_else(|e| e.into_inner().1.clone(), |c| c.1.clone())
+    }
+
+    /// Whether the loaded engine runs with other engine settings than the
+    /// next load would use (the operator changed them since).
+    pub fn reload_needed(&self) -> bool {
+        let loaded_with = self.loaded_with.lock().ok().and_then(|c| c.clone());
+        self.loaded_engine().is_some() && loaded_with.is_some_and(|c| c != self.engine_config())
+    }
+
+    /// The configured settings with `overrides` put in, from now on.
+    pub fn apply_overrides(&self, overrides: &ModelOverrides) {
+        let (engine, defaults) =
+            overrides.apply(self.configured.0.clone(), self.configured.1.clone());
+        if let Ok(mut effective) = self.effective.write() {
+            *effective = (engine, defaults);
+        }
     }
 
     /// How long since the model last served or was asked for.
@@ -261,8 +300,12 @@ impl ModelEntry {
             }
             self.set_state(ModelState::Loading);
             let entry = self.clone();
+            let config = self.engine_config();
+            if let Ok(mut loaded_with) = self.loaded_with.lock() {
+                *loaded_with = Some(config.clone());
+            }
             let loaded = tokio::task::spawn_blocking(move || {
-                Engine::load(&entry.path, entry.engine_config.clone()).map(Arc::new)
+                Engine::load(&entry.path, config).map(Arc::new)
             })
             .await
             .unwrap_or_else(|e| {
@@ -359,10 +402,13 @@ pub struct Registry {
     dir_cache: Mutex<DirCache>,
     /// Held by the load in progress when `MAX_LOADED_MODELS` is set.
     load_turn: Arc<tokio::sync::Mutex<()>>,
+    /// The operator's per-model settings.
+    overrides: OverrideStore,
 }
 
 impl Registry {
     pub fn new(settings: Arc<Settings>) -> Self {
+        let overrides = OverrideStore::open(&settings.data_dir);
         let tiers = settings
             .tiers
             .iter()
@@ -384,6 +430,7 @@ impl Registry {
                 );
                 entry.keep_alive = t.keep_alive;
                 entry.embedding_dimension = t.embedding_dimension;
+                entry.apply_overrides(&overrides.get(&entry.id));
                 Arc::new(entry)
             })
             .collect();
@@ -398,7 +445,25 @@ impl Registry {
             tier_paths,
             dir_cache: Mutex::new(DirCache::default()),
             load_turn: Default::default(),
+            overrides,
         }
+    }
+
+    /// The operator's overrides of a model's settings.
+    pub fn overrides(&self, entry: &ModelEntry) -> ModelOverrides {
+        self.overrides.get(&entry.id)
+    }
+
+    /// Keeps new overrides for a model and applies them (engine settings at
+    /// its next load). Blocking: it writes the settings file.
+    pub fn set_overrides(
+        &self,
+        entry: &ModelEntry,
+        overrides: ModelOverrides,
+    ) -> Result<(), String> {
+        self.overrides.set(&entry.id, overrides.clone())?;
+        entry.apply_overrides(&overrides);
+        Ok(())
     }
 
     /// Every servable model: the tiers, then the models directory's files that
@@ -583,12 +648,19 @@ impl Registry {
     }
 
     /// What `"model": "default"` names: the first chat tier of light,
-    /// medium and heavy, else the first chat model of the models directory.
+    /// medium and heavy, else the start-up model (`MODEL_REPO_ID`), else the
+    /// first chat model of the models directory.
     fn default_chat<'a>(&self, all: &'a [Arc<ModelEntry>]) -> Option<&'a Arc<ModelEntry>> {
         let chat = |e: &&Arc<ModelEntry>| e.kind == ModelKind::Chat;
+        // The start-up model's path is built as the directory scan builds its own.
+        let startup = self.settings.default_model_file.as_deref();
         all.iter()
             .filter(|e| e.tier.is_some())
             .find(chat)
+            .or_else(|| {
+                let startup = startup?;
+                all.iter().filter(chat).find(|e| e.path == startup)
+            })
             .or_else(|| all.iter().find(chat))
     }
 
@@ -651,6 +723,7 @@ impl Registry {
                     self.settings.dir_defaults.clone(),
                 );
                 entry.keep_alive = self.settings.dir_keep_alive;
+                entry.apply_overrides(&self.overrides.get(&entry.id));
                 let entry = Arc::new(entry);
                 cache.files.insert(path, (mtime, len, entry.clone()));
                 Some(entry)

@@ -60,7 +60,10 @@ impl TestApp {
         ];
         for (k, v) in extra {
             env.retain(|(name, _)| name != k);
-            env.push((k.to_string(), v.to_string()));
+            // An empty value unsets the default (`LIGHT_MODEL_PATH` for no tier).
+            if !v.is_empty() {
+                env.push((k.to_string(), v.to_string()));
+            }
         }
         let settings = Arc::new(Settings::resolve(&ServeArgs::default(), &env).unwrap());
         Self {

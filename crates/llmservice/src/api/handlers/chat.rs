@@ -9,6 +9,7 @@ use axum::response::Response;
 use super::pipeline::{cache_key, check, generate, load};
 use super::retrieval::{source, Asked, Retrieval};
 use super::{respond, Delivery};
+use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, ChatAnswer, ChatShape};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
@@ -52,6 +53,7 @@ pub async fn chat_completions(
         started,
         keep: None,
         caller,
+        ledger: Ledger::current(),
     };
     respond(answer, events, delivery, Served::Generated).await
 }

@@ -8,6 +8,7 @@ use axum::response::Response;
 use engine::{Engine, EventStream, TokenId};
 
 use super::{respond, text_model, wants_to_wait, Delivery};
+use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, TextAnswer};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
@@ -50,7 +51,7 @@ pub async fn completions(
         "completions",
         &entry,
         &req.sampling,
-        &entry.defaults,
+        &entry.defaults(),
         serde_json::json!({"prompt": serde_json::to_value(&req.prompt).unwrap_or_default(), "echo": req.echo}),
     );
     let replayed = response_cache::replay_completion(
@@ -79,6 +80,7 @@ pub async fn completions(
         started,
         keep: None,
         caller,
+        ledger: Ledger::current(),
     };
     respond(answer, events, delivery, response_cache::Served::Generated).await
 }
@@ -108,7 +110,7 @@ fn submit(
     let mut echoes = Vec::with_capacity(prompts.len() * n as usize);
     for (tokens, text) in prompts {
         let request =
-            generation::build_request(&req.sampling, &entry.defaults, engine, tokens, logprobs)
+            generation::build_request(&req.sampling, &entry.defaults(), engine, tokens, logprobs)
                 .map_err(|e| ApiError::from(e).for_prompt_param("prompt"))?;
         streams.extend(
             engine

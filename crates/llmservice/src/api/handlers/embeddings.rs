@@ -43,7 +43,7 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (encoding, kind, outputs) = read_options(&req)?;
-    let entry = state.registry.resolve_async(&req.model).await?;
+    let entry = super::resolve(&state, &req.model).await?;
     require_kind(&entry, ModelKind::Embedding, "/v1/embeddings")?;
     let dimensions = req.dimensions.or(entry.embedding_dimension);
     let cache_key = response_cache::key_for_deterministic(

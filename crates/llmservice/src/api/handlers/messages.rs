@@ -14,6 +14,7 @@ use super::pipeline::{
     replayed_prompt_tokens,
 };
 use super::{off_async, respond, Delivery};
+use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, MessagesAnswer};
 use crate::api::error::{AnthropicError, ApiError};
 use crate::api::json::Json;
@@ -56,6 +57,7 @@ pub async fn messages(
         started,
         keep: None,
         caller,
+        ledger: Ledger::current(),
     };
     if let Some(events) = cached_events(&state, cache_key.as_ref()).await {
         let answer = MessagesAnswer::new(head, replayed_prompt_tokens(&events), stops);

@@ -33,6 +33,7 @@ use super::auth;
 use super::error::ApiError;
 use super::response_cache::{self, Served};
 use super::sse::sse;
+use crate::analytics::Ledger;
 use crate::cache::CacheKey;
 use crate::error::RequestError;
 use crate::generation::ChoiceEvent;
@@ -41,10 +42,19 @@ use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::PromptField;
 
+/// The model a request names, noted as the request's model for analytics.
+async fn resolve(state: &AppState, name: &str) -> Result<Arc<ModelEntry>, ApiError> {
+    let entry = state.registry.resolve_async(name).await?;
+    if let Some(ledger) = Ledger::current() {
+        ledger.note_model(&entry.id);
+    }
+    Ok(entry)
+}
+
 /// The text-generating model a request names; embedding and reranker models
 /// are the client's mistake.
 async fn text_model(state: &AppState, name: &str) -> Result<Arc<ModelEntry>, ApiError> {
-    let entry = state.registry.resolve_async(name).await?;
+    let entry = resolve(state, name).await?;
     if entry.kind != engine::ModelKind::Chat {
         return Err(ApiError::invalid(
             "model",
@@ -78,6 +88,9 @@ struct Delivery {
     keep: Option<Box<dyn FnOnce(serde_json::Value) + Send>>,
     /// Whose key the tokens count against.
     caller: Caller,
+    /// The request's analytics (taken when the delivery is made, while
+    /// the handler runs; a stream finishes after it returns).
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl Delivery {
@@ -94,6 +107,10 @@ impl Delivery {
             response_cache::store(&self.state.cache, key, answer.cache_body());
         }
         let usage = answer.usage();
+        if let Some(ledger) = &self.ledger {
+            ledger.note_model(&self.model_id);
+            ledger.note_tokens(usage.prompt_tokens, usage.completion_tokens);
+        }
         crate::generation::log_done(
             &self.state.metrics,
             &self.model_id,
@@ -195,6 +212,10 @@ fn log_encoded(
     started: Instant,
 ) {
     auth::record(state, caller, 0, u64::from(prompt_tokens));
+    if let Some(ledger) = Ledger::current() {
+        ledger.note_model(model);
+        ledger.note_tokens(prompt_tokens, 0);
+    }
     state.metrics.observe_usage(
         model,
         &engine::Usage {

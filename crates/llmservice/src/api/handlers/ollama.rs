@@ -18,6 +18,7 @@ use super::pipeline::{cache_key, cached_events, check, generate, load, replayed}
 use super::{
     log_encoded, require_kind, respond, text_model, tokenize_inputs, wants_to_wait, Delivery,
 };
+use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, OllamaAnswer};
 use crate::api::error::{ApiError, OllamaError};
 use crate::api::json::Json;
@@ -252,7 +253,7 @@ async fn embed_texts(
             "dimensions must be at least 1",
         ));
     }
-    let entry = state.registry.resolve_async(model_name(model)).await?;
+    let entry = super::resolve(state, model_name(model)).await?;
     require_kind(&entry, engine::ModelKind::Embedding, "/api/embed")?;
     let engine = state
         .registry
@@ -359,6 +360,7 @@ async fn answer(
         started,
         keep: None,
         caller,
+        ledger: Ledger::current(),
     };
     let response = match cached_events(&state, cache_key.as_ref()).await {
         Some(events) => respond(answer, replayed(events), delivery, Served::FromCache).await?,

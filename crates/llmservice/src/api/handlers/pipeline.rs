@@ -61,7 +61,7 @@ pub(super) fn cache_key(
         "chat",
         entry,
         &chat.sampling,
-        &entry.defaults,
+        &entry.defaults(),
         payload,
     )
 }
@@ -118,7 +118,7 @@ pub(super) async fn generate(
         let rounds = Rounds {
             metrics: state.metrics.clone(),
             model_id: entry.id.clone(),
-            defaults: entry.defaults.clone(),
+            defaults: entry.defaults(),
             engine: engine.clone(),
             format,
             plan: job.plan.expect("built-in rounds come with a plan"),
@@ -142,8 +142,13 @@ pub(super) async fn generate(
     let plan = job.active_plan();
     let tokens = prompt.tokens(engine, &job.messages, plan)?;
     let prompt_tokens = tokens.len() as u32;
-    let mut request =
-        generation::build_request(&req.sampling, &entry.defaults, engine, tokens, job.logprobs)?;
+    let mut request = generation::build_request(
+        &req.sampling,
+        &entry.defaults(),
+        engine,
+        tokens,
+        job.logprobs,
+    )?;
     request.constraint = constraint;
     request.special_text = plan.is_some();
     let streams = engine.submit_n(request, job.n)?;

@@ -18,6 +18,7 @@ use super::retrieval::{
     collection_name, encoder, library, source, Asked, Retrieval, DEFAULT_COLLECTION,
 };
 use super::{off_async, respond, Delivery};
+use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, RagAnswer};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
@@ -393,6 +394,7 @@ pub async fn rag_chat(
         started,
         keep: None,
         caller,
+        ledger: Ledger::current(),
     };
     if let Some(events) = cached_events(&state, cache_key.as_ref()).await {
         let answer = RagAnswer::new(head, sources);

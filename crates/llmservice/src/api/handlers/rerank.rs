@@ -35,7 +35,7 @@ pub async fn rerank(
     let started = Instant::now();
     check(&req)?;
     let model = req.model.as_deref().unwrap_or("reranker");
-    let entry = state.registry.resolve_async(model).await?;
+    let entry = super::resolve(&state, model).await?;
     require_kind(&entry, ModelKind::Reranker, "/v1/rerank")?;
     let cache_key = response_cache::key_for_deterministic(
         &state.cache,

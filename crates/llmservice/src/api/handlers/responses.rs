@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::pipeline::{cache_key, cached_events, check, generate, load, replayed};
 use super::{respond, Delivery};
+use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, ResponsesAnswer};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
@@ -58,6 +59,7 @@ pub async fn create_response(
         started,
         keep,
         caller,
+        ledger: Ledger::current(),
     };
     if let Some(events) = cached_events(&state, cache_key.as_ref()).await {
         return respond(answer, replayed(events), delivery, Served::FromCache).await;

@@ -1,6 +1,5 @@
-//! The operator's JSON API under `/admin/api`: named API keys, created
-//! (their secret shown once), listed with their use, and revoked. Every
-//! route here needs an operator key (see `api::auth`).
+//! Named API keys: created (their secret shown once), listed with their
+//! use, and revoked.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -80,12 +79,5 @@ async fn with_keys<T: Send + 'static>(
     f: impl FnOnce(&Keys) -> Result<T, String> + Send + 'static,
 ) -> Result<T, ApiError> {
     let keys = state.keys.clone();
-    tokio::task::spawn_blocking(move || f(&keys))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|message| ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: Some("key_store_unavailable"),
-            ..ApiError::internal(message)
-        })
+    super::blocking("key_store_unavailable", move || f(&keys)).await
 }
