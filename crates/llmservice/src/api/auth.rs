@@ -55,8 +55,8 @@ pub fn is_operator_route(method: &Method, path: &str) -> bool {
 
 /// Whether a request on `path` counts in the dashboard's analytics: the API
 /// routes clients call, not the operator's, the open ones, or scrapes.
-pub fn counts_in_analytics(path: &str) -> bool {
-    access(&Method::GET, path) == Access::Api && path != "/metrics"
+pub fn counts_in_analytics(method: &Method, path: &str) -> bool {
+    access(method, path) == Access::Api && path != "/metrics"
 }
 
 /// The key a request carries, if any.

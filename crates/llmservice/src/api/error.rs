@@ -7,6 +7,7 @@ use engine::EngineError;
 use serde_json::json;
 
 use crate::error::RequestError;
+use crate::hub::HubError;
 use crate::models::ModelError;
 
 #[derive(Debug, Clone)]
@@ -312,5 +313,36 @@ impl<E: Into<ApiError>> From<E> for OllamaError {
 impl IntoResponse for OllamaError {
     fn into_response(self) -> Response {
         respond_with(&self.0, ollama_body(&self.0))
+    }
+}
+
+/// A Hub download that cannot be done: the client's reference (400, 404),
+/// the Hub's refusal (403), or the Hub out of reach (502).
+impl From<HubError> for ApiError {
+    fn from(error: HubError) -> Self {
+        let message = error.to_string();
+        let (status, code) = match &error {
+            HubError::InvalidReference { .. } => (StatusCode::BAD_REQUEST, "invalid_value"),
+            HubError::Ambiguous { .. } | HubError::NoGguf { .. } => {
+                (StatusCode::BAD_REQUEST, "no_single_gguf")
+            }
+            HubError::RepoNotFound { .. } | HubError::FileNotFound { .. } => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            HubError::AccessDenied { .. } => (StatusCode::FORBIDDEN, "hub_access_denied"),
+            HubError::Exists { .. } => (StatusCode::CONFLICT, "file_exists"),
+            HubError::Http { .. } | HubError::Network { .. } | HubError::Transfer { .. } => {
+                (StatusCode::BAD_GATEWAY, "hub_unavailable")
+            }
+            HubError::Checksum { .. } => (StatusCode::BAD_GATEWAY, "checksum_mismatch"),
+            HubError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "io_error"),
+            HubError::Cancelled => (StatusCode::CONFLICT, "cancelled"),
+        };
+        ApiError {
+            status,
+            code: Some(code),
+            param: matches!(error, HubError::InvalidReference { .. }).then(|| "model".to_owned()),
+            ..ApiError::bad_request(message)
+        }
     }
 }

@@ -213,7 +213,8 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
     let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
     let started = Instant::now();
     // Requests for routes that do not exist are not the API's traffic.
-    let counted = route != "other" && auth::counts_in_analytics(request.uri().path());
+    let counted =
+        route != "other" && auth::counts_in_analytics(request.method(), request.uri().path());
     let ledger = Arc::new(Ledger::default());
     let mut response = ledger
         .clone()

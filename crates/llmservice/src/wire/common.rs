@@ -81,6 +81,17 @@ impl From<engine::Usage> for Usage {
     }
 }
 
+/// One event of a `text/event-stream` answer, as the OpenAPI document
+/// describes each item of the stream: its `data` is the JSON payload (or
+/// OpenAI's closing `[DONE]`), `event` the name where an API names them.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SseEvent {
+    pub data: String,
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub retry: Option<u64>,
+}
+
 /// OpenAI's error body.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ErrorResponse {

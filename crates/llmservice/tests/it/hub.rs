@@ -703,3 +703,77 @@ async fn the_pull_command_resumes_after_being_killed() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a model reference"));
 }
+
+/// Seed 003's `MODEL_REPO_ID` + `MODEL_FILENAME`: the server fetches the
+/// model before it listens, serves it as the default, and a second start
+/// finds it there.
+#[tokio::test]
+async fn model_repo_id_is_fetched_before_the_server_listens() {
+    let smol = std::fs::read(smollm()).unwrap();
+    let (hub, url) = FakeHub::start(vec![(
+        "TheBloke/Smol-Chat-GGUF",
+        vec![("smol-chat.Q4_K_M.gguf", smol)],
+        false,
+    )])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_llmservice"));
+        command
+            .args(["serve", "--port", "0"])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("MODELS_DIR", dir.path().join("models"))
+            .env("HF_ENDPOINT", &url)
+            .env("MODEL_REPO_ID", "TheBloke/Smol-Chat-GGUF")
+            .env("MODEL_FILENAME", "smol-chat.Q4_K_M.gguf")
+            .env("API_KEY", OPERATOR_KEY)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command.spawn().unwrap()
+    };
+    let port_file = dir.path().join(".port");
+    let wait_for_port = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<u16>().ok())
+            {
+                return port;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut first = start();
+    let port = wait_for_port().await;
+    // It listens only once the file is whole and checked.
+    assert_eq!(
+        dir_names(&dir.path().join("models")),
+        ["smol-chat.Q4_K_M.gguf"]
+    );
+    let client = reqwest::Client::new();
+    let answer: Value = client
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .json(&json!({"model": "default", "max_tokens": 3,
+                      "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    first.kill().await.unwrap();
+    let _ = std::fs::remove_file(&port_file);
+    let mut second = start();
+    wait_for_port().await;
+    second.kill().await.unwrap();
+    assert_eq!(hub.ranges().len(), 1, "the second start downloaded again");
+}

@@ -16,9 +16,9 @@ use crate::api::json::Json;
 use crate::api::response_cache::{self, Served};
 use crate::keys::Caller;
 use crate::state::AppState;
-use crate::wire::{ChatCompletion, ChatCompletionRequest, ErrorResponse, RagSource};
+use crate::wire::{ChatCompletion, ChatCompletionRequest, ErrorResponse, RagSource, SseEvent};
 
-#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest, responses((status = 200, description = "A completion, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending with `data: [DONE]`", content((ChatCompletion = "application/json"), (String = "text/event-stream"))), (status = 400, description = "Bad parameters, a schema or grammar that cannot be compiled, or context overflow", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, queue timeout, or model loading (with Retry-After)", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest, responses((status = 200, description = "A completion, or with `stream: true` an SSE stream of `chat.completion.chunk` objects ending with `data: [DONE]`", content((ChatCompletion = "application/json"), (SseEvent = "text/event-stream"))), (status = 400, description = "Bad parameters, a schema or grammar that cannot be compiled, or context overflow", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, queue timeout, or model loading (with Retry-After)", body = ErrorResponse)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,

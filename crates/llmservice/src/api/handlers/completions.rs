@@ -17,12 +17,14 @@ use crate::generation;
 use crate::keys::Caller;
 use crate::models::ModelEntry;
 use crate::state::AppState;
-use crate::wire::{Completion, CompletionRequest, ErrorResponse, PromptField, SamplingFields};
+use crate::wire::{
+    Completion, CompletionRequest, ErrorResponse, PromptField, SamplingFields, SseEvent,
+};
 
 /// Most prompts one request may batch.
 const MAX_PROMPTS: usize = 64;
 
-#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest, responses((status = 200, description = "A legacy completion, or an SSE stream of them", content((Completion = "application/json"), (String = "text/event-stream"))), (status = 400, description = "Bad parameters or context overflow", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, queue timeout, or model loading (with Retry-After)", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest, responses((status = 200, description = "A legacy completion, or an SSE stream of them", content((Completion = "application/json"), (SseEvent = "text/event-stream"))), (status = 400, description = "Bad parameters or context overflow", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, queue timeout, or model loading (with Retry-After)", body = ErrorResponse)))]
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,

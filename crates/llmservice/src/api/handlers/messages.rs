@@ -24,10 +24,10 @@ use crate::chat::ChatPrompt;
 use crate::keys::Caller;
 use crate::state::AppState;
 use crate::wire::{
-    CountTokensAnswer, CountTokensRequest, Message, MessagesErrorBody, MessagesRequest,
+    CountTokensAnswer, CountTokensRequest, Message, MessagesErrorBody, MessagesRequest, SseEvent,
 };
 
-#[utoipa::path(post, path = "/v1/messages", request_body = MessagesRequest, responses((status = 200, description = "A message, or with `stream: true` named SSE events (`message_start`, `content_block_start`, `content_block_delta`, `content_block_stop`, `message_delta`, `message_stop`)", content((Message = "application/json"), (String = "text/event-stream"))), (status = 400, description = "Bad parameters or blocks, in Anthropic's error shape", body = MessagesErrorBody), (status = 404, description = "Unknown model", body = MessagesErrorBody), (status = 503, description = "Queue full or model loading", body = MessagesErrorBody)))]
+#[utoipa::path(post, path = "/v1/messages", request_body = MessagesRequest, responses((status = 200, description = "A message, or with `stream: true` named SSE events (`message_start`, `content_block_start`, `content_block_delta`, `content_block_stop`, `message_delta`, `message_stop`)", content((Message = "application/json"), (SseEvent = "text/event-stream"))), (status = 400, description = "Bad parameters or blocks, in Anthropic's error shape", body = MessagesErrorBody), (status = 404, description = "Unknown model", body = MessagesErrorBody), (status = 503, description = "Queue full or model loading", body = MessagesErrorBody)))]
 pub async fn messages(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -30,7 +30,7 @@ use crate::state::AppState;
 use crate::wire::{
     ErrorResponse, IngestedDocument, RagChatAnswer, RagChatRequest, RagCollectionQuery,
     RagDocumentsAnswer, RagDocumentsRequest, RagListQuery, RagSearchAnswer, RagSearchRequest,
-    RagSource,
+    RagSource, SseEvent,
 };
 
 /// Most texts one ingest request may carry.
@@ -337,7 +337,7 @@ pub async fn rag_search(
 }
 
 #[utoipa::path(post, path = "/v1/rag/chat", request_body = RagChatRequest, responses(
-    (status = 200, description = "The answer and its numbered sources; with `stream: true`, SSE events `{type: \"sources\"}`, `{type: \"delta\"}`…, `{type: \"done\"}`, then `[DONE]`", content((RagChatAnswer = "application/json"), (String = "text/event-stream"))),
+    (status = 200, description = "The answer and its numbered sources; with `stream: true`, SSE events `{type: \"sources\"}`, `{type: \"delta\"}`…, `{type: \"done\"}`, then `[DONE]`", content((RagChatAnswer = "application/json"), (SseEvent = "text/event-stream"))),
     (status = 400, description = "Bad parameters", body = ErrorResponse),
     (status = 404, description = "No such collection or chat model", body = ErrorResponse),
     (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse),

@@ -24,9 +24,9 @@ use crate::chat::responses::{self, Translated};
 use crate::keys::Caller;
 use crate::response_store::{now_ms, ResponseStore, Stored};
 use crate::state::AppState;
-use crate::wire::{ErrorResponse, ResponseDeleted, ResponseObject, ResponsesRequest};
+use crate::wire::{ErrorResponse, ResponseDeleted, ResponseObject, ResponsesRequest, SseEvent};
 
-#[utoipa::path(post, path = "/v1/responses", request_body = ResponsesRequest, responses((status = 200, description = "A response, or with `stream: true` typed SSE events (`response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`/`.done`, `response.function_call_arguments.delta`/`.done`, `response.content_part.done`, `response.output_item.done`, `response.completed` or `response.incomplete`), each with a `sequence_number`", content((ResponseObject = "application/json"), (String = "text/event-stream"))), (status = 400, description = "Bad parameters or items, or an unknown previous_response_id", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, model loading, or the response store unavailable", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/v1/responses", request_body = ResponsesRequest, responses((status = 200, description = "A response, or with `stream: true` typed SSE events (`response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`/`.done`, `response.function_call_arguments.delta`/`.done`, `response.content_part.done`, `response.output_item.done`, `response.completed` or `response.incomplete`), each with a `sequence_number`", content((ResponseObject = "application/json"), (SseEvent = "text/event-stream"))), (status = 400, description = "Bad parameters or items, or an unknown previous_response_id", body = ErrorResponse), (status = 404, description = "Unknown model", body = ErrorResponse), (status = 503, description = "Queue full, model loading, or the response store unavailable", body = ErrorResponse)))]
 pub async fn create_response(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -33,7 +33,7 @@ pub struct AnalyticsReport {
     pub key_names: HashMap<String, String>,
 }
 
-#[utoipa::path(get, path = "/admin/api/analytics", security(("bearer" = []), ("x_api_key" = [])), params(AnalyticsQuery), responses((status = 200, description = "A time series and totals per model and per key", body = AnalyticsReport), (status = 400, description = "An unknown range", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(get, path = "/admin/api/analytics", operation_id = "admin_analytics", security(("bearer" = []), ("x_api_key" = [])), params(AnalyticsQuery), responses((status = 200, description = "A time series and totals per model and per key", body = AnalyticsReport), (status = 400, description = "An unknown range", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn report(
     State(state): State<AppState>,
     Query(query): Query<AnalyticsQuery>,

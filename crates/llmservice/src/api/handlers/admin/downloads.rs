@@ -5,7 +5,7 @@ use std::convert::Infallible;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -13,9 +13,9 @@ use utoipa::ToSchema;
 use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::downloads::{DownloadState, DownloadStatus};
-use crate::hub::{HubError, ModelRef};
+use crate::hub::ModelRef;
 use crate::state::AppState;
-use crate::wire::ErrorResponse;
+use crate::wire::{ErrorResponse, SseEvent};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -33,36 +33,7 @@ pub struct DownloadList {
     pub data: Vec<DownloadState>,
 }
 
-impl From<HubError> for ApiError {
-    fn from(error: HubError) -> Self {
-        let message = error.to_string();
-        let (status, code) = match &error {
-            HubError::InvalidReference { .. } => (StatusCode::BAD_REQUEST, "invalid_value"),
-            HubError::Ambiguous { .. } | HubError::NoGguf { .. } => {
-                (StatusCode::BAD_REQUEST, "no_single_gguf")
-            }
-            HubError::RepoNotFound { .. } | HubError::FileNotFound { .. } => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
-            HubError::AccessDenied { .. } => (StatusCode::FORBIDDEN, "hub_access_denied"),
-            HubError::Exists { .. } => (StatusCode::CONFLICT, "file_exists"),
-            HubError::Http { .. } | HubError::Network { .. } | HubError::Transfer { .. } => {
-                (StatusCode::BAD_GATEWAY, "hub_unavailable")
-            }
-            HubError::Checksum { .. } => (StatusCode::BAD_GATEWAY, "checksum_mismatch"),
-            HubError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "io_error"),
-            HubError::Cancelled => (StatusCode::CONFLICT, "cancelled"),
-        };
-        ApiError {
-            status,
-            code: Some(code),
-            param: matches!(error, HubError::InvalidReference { .. }).then(|| "model".to_owned()),
-            ..ApiError::bad_request(message)
-        }
-    }
-}
-
-#[utoipa::path(post, path = "/admin/api/downloads", security(("bearer" = []), ("x_api_key" = [])), request_body = DownloadRequest, responses((status = 202, description = "The download started (or the same one already running)", body = DownloadState), (status = 400, description = "Not a model reference, no GGUF file, or several to choose from (the message lists them)", body = ErrorResponse), (status = 403, description = "A gated or private repository and no token with access (HF_TOKEN)", body = ErrorResponse), (status = 404, description = "No such repository or file on the Hub", body = ErrorResponse), (status = 502, description = "The Hub could not be reached", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/admin/api/downloads", operation_id = "admin_start_download", security(("bearer" = []), ("x_api_key" = [])), request_body = DownloadRequest, responses((status = 202, description = "The download started (or the same one already running)", body = DownloadState), (status = 400, description = "Not a model reference, no GGUF file, or several to choose from (the message lists them)", body = ErrorResponse), (status = 403, description = "A gated or private repository and no token with access (HF_TOKEN)", body = ErrorResponse), (status = 404, description = "No such repository or file on the Hub", body = ErrorResponse), (status = 502, description = "The Hub could not be reached", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn start(
     State(state): State<AppState>,
     Json(req): Json<DownloadRequest>,
@@ -85,7 +56,7 @@ pub async fn start(
     Ok((StatusCode::ACCEPTED, axum::Json(started)))
 }
 
-#[utoipa::path(get, path = "/admin/api/downloads", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Running and recent downloads, newest first", body = DownloadList), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(get, path = "/admin/api/downloads", operation_id = "admin_list_downloads", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Running and recent downloads, newest first", body = DownloadList), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn list(State(state): State<AppState>) -> axum::Json<DownloadList> {
     axum::Json(DownloadList {
         data: state.downloads.list(),
@@ -96,7 +67,7 @@ fn unknown(id: &str) -> ApiError {
     ApiError::not_found(format!("no download has id '{id}'")).with_code("not_found")
 }
 
-#[utoipa::path(get, path = "/admin/api/downloads/{id}", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "The download's id")), responses((status = 200, description = "Its progress", body = DownloadState), (status = 404, description = "No such download", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(get, path = "/admin/api/downloads/{id}", operation_id = "admin_get_download", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "The download's id")), responses((status = 200, description = "Its progress", body = DownloadState), (status = 404, description = "No such download", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -108,7 +79,7 @@ pub async fn get(
         .ok_or_else(|| unknown(&id))
 }
 
-#[utoipa::path(delete, path = "/admin/api/downloads/{id}", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "The download's id")), responses((status = 200, description = "Cancelled (its partial files are removed); a finished download is answered as it is", body = DownloadState), (status = 404, description = "No such download", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(delete, path = "/admin/api/downloads/{id}", operation_id = "admin_cancel_download", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "The download's id")), responses((status = 200, description = "Cancelled (its partial files are removed); a finished download is answered as it is", body = DownloadState), (status = 404, description = "No such download", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -127,7 +98,7 @@ pub async fn cancel(
     Ok(axum::Json(state))
 }
 
-#[utoipa::path(get, path = "/admin/api/downloads/{id}/events", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "The download's id")), responses((status = 200, description = "Server-sent events: the download's state on every change (at most five a second) until it ends", content_type = "text/event-stream", body = DownloadState), (status = 404, description = "No such download", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(get, path = "/admin/api/downloads/{id}/events", operation_id = "admin_download_events", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "The download's id")), responses((status = 200, description = "Server-sent events: the download's state on every change (at most five a second) until it ends", content_type = "text/event-stream", body = SseEvent), (status = 404, description = "No such download", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let Some(mut watch) = state.downloads.watch(&id) else {
         return unknown(&id).into_response();
@@ -137,7 +108,7 @@ pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Re
             let current = watch.borrow_and_update().clone();
             let finished = current.status != DownloadStatus::Running;
             let json = serde_json::to_string(&current).unwrap_or_default();
-            yield Ok::<_, Infallible>(SseEvent::default().data(json));
+            yield Ok::<_, Infallible>(Event::default().data(json));
             if finished || watch.changed().await.is_err() {
                 break;
             }

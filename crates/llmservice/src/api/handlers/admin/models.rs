@@ -85,7 +85,7 @@ fn admin_model(state: &AppState, entry: &ModelEntry) -> AdminModel {
     }
 }
 
-#[utoipa::path(get, path = "/admin/api/models", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Every model (tiers, then the models directory) with kind, state, file, settings and overrides", body = Vec<AdminModel>), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(get, path = "/admin/api/models", operation_id = "admin_list_models", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Every model (tiers, then the models directory) with kind, state, file, settings and overrides", body = Vec<AdminModel>), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn list(State(state): State<AppState>) -> Result<axum::Json<Vec<AdminModel>>, ApiError> {
     let models = super::blocking("models_unavailable", move || {
         Ok(state
@@ -138,7 +138,7 @@ async fn describe(
     Ok(axum::Json(model))
 }
 
-#[utoipa::path(get, path = "/admin/api/models/{id}", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "Model id, e.g. light/SmolLM2-135M-Instruct-Q4_1")), responses((status = 200, description = "The model", body = AdminModel), (status = 404, description = "No model has this id", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(get, path = "/admin/api/models/{id}", operation_id = "admin_get_model", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "Model id, e.g. light/SmolLM2-135M-Instruct-Q4_1")), responses((status = 200, description = "The model", body = AdminModel), (status = 404, description = "No model has this id", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -147,7 +147,7 @@ pub async fn get(
     describe(state, entry).await
 }
 
-#[utoipa::path(post, path = "/admin/api/models/{id}/{action}", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "Model id"), ("action" = String, Path, description = "`load` or `unload`")), responses((status = 200, description = "The model after the action", body = AdminModel), (status = 404, description = "No model has this id, or no such action", body = ErrorResponse), (status = 409, description = "Unloading a model that is serving requests", body = ErrorResponse), (status = 500, description = "The model failed to load (its error says why)", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/admin/api/models/{id}/{action}", operation_id = "admin_model_action", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "Model id"), ("action" = String, Path, description = "`load` or `unload`")), responses((status = 200, description = "The model after the action", body = AdminModel), (status = 404, description = "No model has this id, or no such action", body = ErrorResponse), (status = 409, description = "Unloading a model that is serving requests", body = ErrorResponse), (status = 500, description = "The model failed to load (its error says why)", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn action(
     State(state): State<AppState>,
     Path(path): Path<String>,
@@ -163,7 +163,7 @@ pub async fn action(
     describe(state, entry).await
 }
 
-#[utoipa::path(put, path = "/admin/api/models/{id}/settings", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "Model id")), request_body = ModelOverrides, responses((status = 200, description = "The model with its new settings (engine settings apply at its next load, sampling defaults at once)", body = AdminModel), (status = 400, description = "A value out of range, or an unknown field", body = ErrorResponse), (status = 404, description = "No model has this id", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(put, path = "/admin/api/models/{id}/settings", operation_id = "admin_put_model_settings", security(("bearer" = []), ("x_api_key" = [])), params(("id" = String, Path, description = "Model id")), request_body = ModelOverrides, responses((status = 200, description = "The model with its new settings (engine settings apply at its next load, sampling defaults at once)", body = AdminModel), (status = 400, description = "A value out of range, or an unknown field", body = ErrorResponse), (status = 404, description = "No model has this id", body = ErrorResponse), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn put_settings(
     State(state): State<AppState>,
     Path(path): Path<String>,

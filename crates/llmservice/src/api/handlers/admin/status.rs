@@ -63,7 +63,7 @@ pub struct CollectionStatus {
     pub bytes: u64,
 }
 
-#[utoipa::path(get, path = "/admin/api/status", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Uptime, memory, loaded models with their queues, cache, collections, the last hour's traffic", body = Status), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(get, path = "/admin/api/status", operation_id = "admin_status", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Uptime, memory, loaded models with their queues, cache, collections, the last hour's traffic", body = Status), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn status(State(state): State<AppState>) -> Result<axum::Json<Status>, ApiError> {
     let loaded = state
         .registry
@@ -166,7 +166,7 @@ pub struct ServerSettings {
     pub analytics_retention_days: u64,
 }
 
-#[utoipa::path(get, path = "/admin/api/settings", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "The server's settings as it runs with them (no secrets)", body = ServerSettings), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(get, path = "/admin/api/settings", operation_id = "admin_settings", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "The server's settings as it runs with them (no secrets)", body = ServerSettings), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn settings(State(state): State<AppState>) -> axum::Json<ServerSettings> {
     let s = &state.settings;
     axum::Json(ServerSettings {
@@ -187,7 +187,7 @@ pub async fn settings(State(state): State<AppState>) -> axum::Json<ServerSetting
     })
 }
 
-#[utoipa::path(post, path = "/admin/api/cache/flush", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Every cached answer dropped, from memory and disk; the counters since start are kept"), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/admin/api/cache/flush", operation_id = "admin_flush_cache", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Every cached answer dropped, from memory and disk; the counters since start are kept"), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn flush_cache(
     State(state): State<AppState>,
 ) -> Result<axum::Json<CacheStats>, ApiError> {
