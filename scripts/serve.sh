@@ -5,6 +5,44 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The first build compiles llama.cpp: it needs cmake, libclang (bindgen) and a
+# C++ compiler. Say what is missing before cargo fails deep in a build script,
+# and install it where that is safe to do unasked (root with apt, as in a container).
+missing_prerequisites() {
+    local missing=()
+    command -v cargo >/dev/null 2>&1 || missing+=(cargo)
+    command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+    command -v c++ >/dev/null 2>&1 || missing+=(c++)
+    if [ "$(uname -s)" = Linux ] && ! compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null \
+        && ! compgen -G "/usr/lib*/libclang*.so*" >/dev/null && ! compgen -G "/usr/lib/*/libclang*.so*" >/dev/null; then
+        missing+=(libclang)
+    fi
+    echo "${missing[@]:-}"
+}
+if [ ! -x target/release/llmservice ]; then
+    missing=$(missing_prerequisites)
+    if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [[ "$missing" != *cargo* ]]; then
+        echo "serve.sh: installing the build's prerequisites ($missing) with apt-get" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake libclang-dev clang g++ >/dev/null
+        missing=$(missing_prerequisites)
+    fi
+    if [ -n "$missing" ]; then
+        echo "serve.sh: the first build compiles llama.cpp and needs: $missing" >&2
+        case "$missing" in *cargo*) echo "  Rust:     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh" >&2 ;; esac
+        if command -v apt-get >/dev/null 2>&1; then
+            echo "  install:  sudo apt-get install cmake libclang-dev clang g++" >&2
+        elif command -v dnf >/dev/null 2>&1; then
+            echo "  install:  sudo dnf install cmake clang-devel gcc-c++" >&2
+        elif command -v brew >/dev/null 2>&1; then
+            echo "  install:  xcode-select --install && brew install cmake" >&2
+        else
+            echo "  install cmake, libclang and a C++ compiler with your system's package manager" >&2
+        fi
+        exit 1
+    fi
+fi
+
 if [ -z "${LIGHT_MODEL_PATH:-}" ]; then
     model=models/SmolLM2-135M-Instruct-Q4_1.gguf
     if [ ! -f "$model" ] && [ -f ../shared/models/SmolLM2-135M-Instruct-Q4_1.gguf ]; then

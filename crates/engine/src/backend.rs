@@ -42,6 +42,9 @@ pub struct EngineConfig {
     pub queue_timeout: std::time::Duration,
     /// Jinja chat template to use instead of the GGUF's own (required for models without one).
     pub chat_template: Option<String>,
+    /// Serve a generative (decoder) model as an embedding model: its
+    /// hidden states mean-pooled and normalized (`{TIER}_EMBEDDING_MODE`).
+    pub embedding_mode: bool,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +62,7 @@ impl Default for EngineConfig {
             max_queue: 64,
             queue_timeout: std::time::Duration::from_secs(300),
             chat_template: None,
+            embedding_mode: false,
         }
     }
 }
@@ -281,6 +285,10 @@ impl Engine {
             path: path.to_owned(),
             reason: "not a readable GGUF file".to_owned(),
         })?;
+        let mut summary = summary;
+        if config.embedding_mode && summary.kind == ModelKind::Chat {
+            summary.kind = ModelKind::Embedding;
+        }
         let mut config = config;
         if let Some(train) = summary.context_length {
             // Past its training context a model degrades silently: never go beyond it.

@@ -19,6 +19,9 @@ mod scheduler;
 mod sequence;
 
 pub use backend::{Engine, EngineConfig, ModelInfo};
+
+/// Whether this build can offload layers to a GPU.
+pub const GPU_BUILD: bool = cfg!(any(feature = "cuda", feature = "vulkan", feature = "metal"));
 pub use constraint::{with_json_options, CompiledConstraint, Constraint};
 pub use embed::{normalize, EmbedOutputs, Embedding, PendingEmbeddings, Pooling};
 pub use error::EngineError;

@@ -22,6 +22,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     init_tracing(&settings.log_level);
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
     // The bench client is light and must not compete with the server it measures.
     let runtime = match &command {
         Command::Bench(_) | Command::Pull(_) => tokio::runtime::Builder::new_current_thread()

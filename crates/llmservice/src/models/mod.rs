@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use engine::{Engine, EngineConfig, EngineError, ModelKind};
 
-use crate::settings::{GenerationDefaults, Settings, Tier};
+use crate::settings::{Backend, GenerationDefaults, Settings, Tier};
 
 pub use overrides::{InvalidOverride, ModelOverrides, OverrideStore};
 pub use routing::tier_for_name;
@@ -96,6 +96,8 @@ pub struct ModelEntry {
     pub keep_alive: Option<std::time::Duration>,
     /// Default `dimensions` for embeddings (`{TIER}_EMBEDDING_DIMENSION`).
     pub embedding_dimension: Option<u32>,
+    /// What serves it (llama.cpp here, unless a tier says otherwise).
+    pub backend: Backend,
     /// Milliseconds since the Unix epoch of the last use.
     last_used: std::sync::atomic::AtomicU64,
 }
@@ -135,6 +137,7 @@ impl ModelEntry {
             last_error: Mutex::new(None),
             keep_alive: None,
             embedding_dimension: None,
+            backend: Backend::LlamaCpp,
             last_used: std::sync::atomic::AtomicU64::new(now_millis()),
         }
     }
@@ -230,6 +233,21 @@ impl ModelEntry {
         self.state.store(state as u8, Ordering::Release);
     }
 
+    /// Whether this machine can run the model's backend; why not if it
+    /// cannot (told at load time, so a seed's `.env` still starts).
+    fn backend_available(&self) -> Result<(), String> {
+        match self.backend {
+            Backend::LlamaCpp => Ok(()),
+            Backend::Mlx => Err(format!(
+                "{} is configured with the mlx backend, which runs on Apple Silicon only \
+                 (this machine is {}/{}): set its BACKEND to llamacpp and its MODEL_PATH to a GGUF file",
+                self.id,
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            )),
+        }
+    }
+
     /// The loaded engine, if it is loaded and alive; never waits on a load.
     pub fn loaded_engine(&self) -> Option<Arc<Engine>> {
         self.loaded
@@ -299,6 +317,16 @@ impl ModelEntry {
                 registry.make_room_for(&self).await;
             }
             self.set_state(ModelState::Loading);
+            if let Err(reason) = self.backend_available() {
+                self.set_state(ModelState::Failed);
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(reason.clone());
+                }
+                return Err(ModelError::Load(EngineError::LoadFailed {
+                    path: self.path.clone(),
+                    reason,
+                }));
+            }
             let entry = self.clone();
             let config = self.engine_config();
             if let Ok(mut loaded_with) = self.loaded_with.lock() {
@@ -413,13 +441,23 @@ impl Registry {
             .tiers
             .iter()
             .map(|t| {
-                let kind = engine::inspect(&t.model_path).map_or_else(
-                    || {
-                        tracing::warn!(tier = t.tier.as_str(), path = %t.model_path.display(), "tier model is not a readable GGUF file");
-                        tier_kind(t.tier)
-                    },
-                    |s| s.kind,
-                );
+                let kind = match t.backend {
+                    // An MLX model is a directory or a Hub name, not a GGUF.
+                    Backend::Mlx => tier_kind(t.tier),
+                    Backend::LlamaCpp => engine::inspect(&t.model_path).map_or_else(
+                        || {
+                            tracing::warn!(tier = t.tier.as_str(), path = %t.model_path.display(), "tier model is not a readable GGUF file");
+                            tier_kind(t.tier)
+                        },
+                        |s| s.kind,
+                    ),
+                };
+                // `{TIER}_EMBEDDING_MODE`: a generative model served for embeddings.
+                let kind = if t.engine.embedding_mode && kind == ModelKind::Chat {
+                    ModelKind::Embedding
+                } else {
+                    kind
+                };
                 let mut entry = ModelEntry::new(
                     format!("{}/{}", t.tier.as_str(), file_stem(&t.model_path)),
                     Some(t.tier),
@@ -430,6 +468,7 @@ impl Registry {
                 );
                 entry.keep_alive = t.keep_alive;
                 entry.embedding_dimension = t.embedding_dimension;
+                entry.backend = t.backend.clone();
                 entry.apply_overrides(&overrides.get(&entry.id));
                 Arc::new(entry)
             })
@@ -636,6 +675,12 @@ impl Registry {
                 })
             })
             .or_else(|| {
+                // `llama-2-7b-chat` for `llama-2-7b-chat.Q4_K_M.gguf`, as seed
+                // 003's clients name its model.
+                all.iter()
+                    .find(|e| without_quant(&file_stem(&e.path)).eq_ignore_ascii_case(name))
+            })
+            .or_else(|| {
                 (name == DEFAULT_MODEL)
                     .then(|| self.default_chat(all))
                     .flatten()
@@ -688,7 +733,8 @@ impl Registry {
                 let is_gguf = path
                     .extension()
                     .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-                let meta = d.metadata().ok()?;
+                // Follows symlinks: models are often linked in from elsewhere.
+                let meta = std::fs::metadata(&path).ok()?;
                 (is_gguf && meta.is_file() && !is_later_split_part(&path)).then(|| {
                     (
                         path,
@@ -738,6 +784,27 @@ fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
 }
 
+/// A file stem without its quantization tag: `llama-2-7b-chat.Q4_K_M` →
+/// `llama-2-7b-chat`, `SmolLM2-135M-Instruct-Q4_1` → `SmolLM2-135M-Instruct`.
+fn without_quant(stem: &str) -> &str {
+    let Some(at) = stem.rfind(['.', '-']) else {
+        return stem;
+    };
+    let tag = stem[at + 1..].to_ascii_lowercase();
+    let digit_after = |prefix: &str| {
+        tag.strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
+    let is_quant = matches!(tag.as_str(), "f16" | "f32" | "bf16" | "fp16" | "fp32")
+        || digit_after("q")
+        || digit_after("iq");
+    if is_quant && at > 0 {
+        &stem[..at]
+    } else {
+        stem
+    }
+}
+
 /// `model-00002-of-00003.gguf`: only the first part of a split model is servable.
 fn is_later_split_part(path: &Path) -> bool {
     let stem = file_stem(path);
@@ -749,4 +816,25 @@ fn is_later_split_part(path: &Path) -> bool {
         .next()
         .and_then(|n| n.parse::<u32>().ok())
         .is_some_and(|n| n > 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_quant;
+
+    #[test]
+    fn quantization_tags_come_off_file_stems() {
+        for (stem, base) in [
+            ("llama-2-7b-chat.Q4_K_M", "llama-2-7b-chat"),
+            ("Qwen3-4B-Instruct-2507-Q4_K_M", "Qwen3-4B-Instruct-2507"),
+            ("SmolLM2-135M-Instruct-Q4_1", "SmolLM2-135M-Instruct"),
+            ("all-MiniLM-L6-v2-f16", "all-MiniLM-L6-v2"),
+            ("model-IQ2_XXS", "model"),
+            ("qwen2.5-0.5b", "qwen2.5-0.5b"),
+            ("mistral-7b-v0.3", "mistral-7b-v0.3"),
+            ("Q4_0", "Q4_0"),
+        ] {
+            assert_eq!(without_quant(stem), base, "{stem}");
+        }
+    }
 }

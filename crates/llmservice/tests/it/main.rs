@@ -16,5 +16,6 @@ mod generation;
 mod hub;
 mod models;
 mod rag;
+mod seeds;
 mod streaming;
 mod structured;

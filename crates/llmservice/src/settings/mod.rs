@@ -3,6 +3,8 @@
 //! names) becomes a validated [`Settings`]; everything after start-up reads
 //! only `Settings`.
 
+mod tier;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,86 +13,7 @@ use engine::EngineConfig;
 use crate::cache::CacheSettings;
 use crate::cli::ServeArgs;
 
-/// The five model tiers of the seeds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tier {
-    Light,
-    Medium,
-    Heavy,
-    Embedding,
-    Reranker,
-}
-
-impl Tier {
-    pub const ALL: [Tier; 5] = [
-        Tier::Light,
-        Tier::Medium,
-        Tier::Heavy,
-        Tier::Embedding,
-        Tier::Reranker,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Light => "light",
-            Tier::Medium => "medium",
-            Tier::Heavy => "heavy",
-            Tier::Embedding => "embedding",
-            Tier::Reranker => "reranker",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Tier> {
-        Tier::ALL
-            .into_iter()
-            .find(|t| t.as_str().eq_ignore_ascii_case(name))
-    }
-
-    fn env_prefix(self) -> String {
-        self.as_str().to_ascii_uppercase()
-    }
-}
-
-/// Defaults a request's own values override.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationDefaults {
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: i32,
-    pub min_p: f32,
-    pub repeat_penalty: f32,
-    pub max_tokens: u32,
-}
-
-impl Default for GenerationDefaults {
-    fn default() -> Self {
-        // The seeds' documented defaults. The repeat penalty stays on (1.1):
-        // without it SmolLM2's greedy `json_object` answers loop until
-        // `max_tokens` under today's compact JSON grammar; it costs what its
-        // 64-token window costs (`engine::sampling::Penalties`), not a walk of
-        // the vocabulary.
-        Self {
-            temperature: 0.7,
-            top_p: 0.95,
-            top_k: 40,
-            min_p: 0.05,
-            repeat_penalty: 1.1,
-            max_tokens: 1000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TierSettings {
-    pub tier: Tier,
-    pub model_path: PathBuf,
-    pub engine: EngineConfig,
-    pub defaults: GenerationDefaults,
-    /// Unload after this long unused; `None`: stay loaded.
-    pub keep_alive: Option<Duration>,
-    /// Default `dimensions` of the tier's embeddings (`{TIER}_EMBEDDING_DIMENSION`).
-    pub embedding_dimension: Option<u32>,
-}
+pub use tier::{Backend, GenerationDefaults, Tier, TierSettings, DEFAULT_TIER};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -130,6 +53,8 @@ pub struct Settings {
     pub default_model_file: Option<PathBuf>,
     /// How long the dashboard's analytics are kept (`ANALYTICS_RETENTION_DAYS`).
     pub analytics_retention: Duration,
+    /// Settings read but not honoured as written, said once the log is up.
+    pub warnings: Vec<String>,
 }
 
 /// Retrieval's settings (seed 003's names where it had them).
@@ -356,12 +281,16 @@ impl Settings {
                     .map(|(_, v)| v.into())
             })
             .unwrap_or_else(|| data_dir.join("models"));
+        let mut warnings = Vec::new();
         let mut tiers = Vec::new();
         for tier in Tier::ALL {
-            if let Some(t) = tier_settings(tier, env)? {
+            if let Some(t) = tier::tier_settings(tier, env, &mut warnings)? {
                 tiers.push(t);
             }
         }
+        // The models directory's files take the seeds' unprefixed settings.
+        let (dir_engine, dir_defaults) =
+            tier::TierEnv { env, tier: None }.engine_and_defaults(&mut Vec::new())?;
         let cache = CacheSettings::from_env(|n| env.get(n), &data_dir)?;
         let responses = response_store(env, &data_dir)?;
         let keys = crate::keys::KeySettings {
@@ -378,7 +307,7 @@ impl Settings {
             .filter(|origins| !origins.iter().any(|o| o == "*"));
         Ok(Settings {
             hub: crate::hub::HubSettings::from_env(|name| env.get(name)),
-            startup_model: startup_model(env)?,
+            startup_model: startup_model(env, &mut warnings)?,
             default_model_file: None,
             analytics_retention: Duration::from_secs(
                 86400
@@ -403,6 +332,11 @@ impl Settings {
                 .log_level
                 .clone()
                 .or_else(|| env.get("LOG_LEVEL"))
+                // Seed 002's VERBOSE=true.
+                .or_else(|| {
+                    (parse_bool(env, "VERBOSE").ok().flatten() == Some(true))
+                        .then(|| "debug".to_owned())
+                })
                 .unwrap_or_else(|| "info".to_owned())
                 .to_ascii_lowercase(),
             max_body_bytes: match args.max_body_bytes {
@@ -419,8 +353,9 @@ impl Settings {
             )?
             .filter(|&n| n > 0),
             shutdown_timeout: shutdown_timeout(env)?,
-            dir_engine: EngineConfig::default(),
-            dir_defaults: GenerationDefaults::default(),
+            dir_engine,
+            dir_defaults,
+            warnings,
         })
     }
 }
@@ -453,10 +388,15 @@ fn shutdown_timeout(env: &dyn Env) -> Result<Option<Duration>, ConfigError> {
 
 /// Seed 003's model: `MODEL_REPO_ID`, with `MODEL_FILENAME` naming the file
 /// (else the repository's one GGUF, or its Q4_K_M).
-fn startup_model(env: &dyn Env) -> Result<Option<crate::hub::ModelRef>, ConfigError> {
+fn startup_model(
+    env: &dyn Env,
+    warnings: &mut Vec<String>,
+) -> Result<Option<crate::hub::ModelRef>, ConfigError> {
     let Some(repo) = env.get("MODEL_REPO_ID") else {
         if let Some(file) = env.get("MODEL_FILENAME") {
-            tracing::warn!(MODEL_FILENAME = %file, "MODEL_FILENAME is set without MODEL_REPO_ID and is ignored");
+            warnings.push(format!(
+                "MODEL_FILENAME={file} is ignored: it names a file of MODEL_REPO_ID, which is not set"
+            ));
         }
         return Ok(None);
     };
@@ -513,87 +453,8 @@ fn keep_alive(env: &dyn Env, name: &str) -> Result<Option<Duration>, ConfigError
         .map_err(|e| ConfigError::new(name, &raw, e))
 }
 
-/// A tier exists when `{TIER}_MODEL_PATH` is set; its other settings fall back to defaults.
-fn tier_settings(tier: Tier, env: &dyn Env) -> Result<Option<TierSettings>, ConfigError> {
-    let p = tier.env_prefix();
-    let name = |suffix: &str| format!("{p}_{suffix}");
-    let Some(model_path) = env.get(&name("MODEL_PATH")) else {
-        return Ok(None);
-    };
-    if let Some(backend) = env.get(&name("BACKEND")) {
-        if !backend.eq_ignore_ascii_case("llamacpp") {
-            return Err(ConfigError::new(
-                name("BACKEND"),
-                &backend,
-                "only `llamacpp` is available in this build",
-            ));
-        }
-    }
-    let mut engine = EngineConfig::default();
-    if let Some(v) = parse(env, &[&name("N_CTX")])? {
-        engine.n_ctx = v;
-    }
-    if let Some(v) = parse(env, &[&name("N_BATCH")])? {
-        engine.n_batch = v;
-    }
-    if let Some(v) = parse::<i32>(env, &[&name("N_THREADS")])? {
-        engine.n_threads = v;
-        engine.n_threads_batch = v;
-    }
-    if let Some(v) = parse(env, &[&name("N_GPU_LAYERS")])? {
-        engine.n_gpu_layers = v;
-    }
-    if let Some(v) = parse_bool(env, &name("USE_MMAP"))? {
-        engine.use_mmap = v;
-    }
-    if let Some(v) = parse_bool(env, &name("USE_MLOCK"))? {
-        engine.use_mlock = v;
-    }
-    if let Some(v) = parse(env, &[&name("PARALLEL")])? {
-        engine.parallel = v;
-    }
-    if let Some(v) = parse(env, &[&name("MAX_QUEUE")])? {
-        engine.max_queue = v;
-    }
-    if let Some(secs) = parse::<f64>(env, &[&name("QUEUE_TIMEOUT")])? {
-        engine.queue_timeout = std::time::Duration::try_from_secs_f64(secs)
-            .map_err(|e| ConfigError::new(name("QUEUE_TIMEOUT"), &secs.to_string(), e))?;
-    }
-    if let Some(v) = env.get(&name("CHAT_TEMPLATE")) {
-        // A path to a template file, or the template itself.
-        engine.chat_template = Some(match std::fs::read_to_string(&v) {
-            Ok(source) => source,
-            Err(_) => v,
-        });
-    }
-    let mut defaults = GenerationDefaults::default();
-    if let Some(v) = parse(env, &[&name("TEMPERATURE")])? {
-        defaults.temperature = v;
-    }
-    if let Some(v) = parse(env, &[&name("TOP_P")])? {
-        defaults.top_p = v;
-    }
-    if let Some(v) = parse(env, &[&name("TOP_K")])? {
-        defaults.top_k = v;
-    }
-    if let Some(v) = parse(env, &[&name("MIN_P")])? {
-        defaults.min_p = v;
-    }
-    if let Some(v) = parse(env, &[&name("REPEAT_PENALTY")])? {
-        defaults.repeat_penalty = v;
-    }
-    if let Some(v) = parse(env, &[&name("MAX_TOKENS")])? {
-        defaults.max_tokens = v;
-    }
-    Ok(Some(TierSettings {
-        tier,
-        model_path: PathBuf::from(model_path),
-        engine,
-        defaults,
-        keep_alive: keep_alive(env, &name("KEEP_ALIVE"))?,
-        embedding_dimension: parse::<u32>(env, &[&name("EMBEDDING_DIMENSION")])?.filter(|&d| d > 0),
-    }))
-}
+#[cfg(test)]
+mod seed_tests;
 
 #[cfg(test)]
 mod tests {

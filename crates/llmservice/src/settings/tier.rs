@@ -1,0 +1,274 @@
+//! The model tiers and their settings: `{TIER}_*` (seed 000), with the
+//! seeds' unprefixed names (`MODEL_PATH`, `N_CTX`, `CONTEXT_LENGTH`,
+//! `N_THREADS`, ... of seeds 002 and 003) as the default tier's fallbacks
+//! and the models directory's settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use engine::EngineConfig;
+
+use super::{keep_alive, parse, parse_bool, ConfigError, Env};
+
+/// The five model tiers of the seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Light,
+    Medium,
+    Heavy,
+    Embedding,
+    Reranker,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 5] = [
+        Tier::Light,
+        Tier::Medium,
+        Tier::Heavy,
+        Tier::Embedding,
+        Tier::Reranker,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Light => "light",
+            Tier::Medium => "medium",
+            Tier::Heavy => "heavy",
+            Tier::Embedding => "embedding",
+            Tier::Reranker => "reranker",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Tier> {
+        Tier::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(name))
+    }
+
+    fn env_prefix(self) -> String {
+        self.as_str().to_ascii_uppercase()
+    }
+}
+
+/// Defaults a request's own values override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationDefaults {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub max_tokens: u32,
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        // The seeds' documented defaults. The repeat penalty stays on (1.1):
+        // without it SmolLM2's greedy `json_object` answers loop until
+        // `max_tokens` under today's compact JSON grammar; it costs what its
+        // 64-token window costs (`engine::sampling::Penalties`), not a walk of
+        // the vocabulary.
+        Self {
+            temperature: 0.7,
+            top_p: 0.95,
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            max_tokens: 1000,
+        }
+    }
+}
+
+/// What serves a tier.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    /// llama.cpp in this process (`llamacpp`, the default).
+    LlamaCpp,
+    /// MLX through `mlx_lm.server` (`mlx`, seeds 000, 001 and 004): Apple
+    /// Silicon only, said when the tier is first loaded.
+    Mlx,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierSettings {
+    pub tier: Tier,
+    pub model_path: PathBuf,
+    pub backend: Backend,
+    pub engine: EngineConfig,
+    pub defaults: GenerationDefaults,
+    /// Unload after this long unused; `None`: stay loaded.
+    pub keep_alive: Option<Duration>,
+    /// Default `dimensions` of the tier's embeddings (`{TIER}_EMBEDDING_DIMENSION`).
+    pub embedding_dimension: Option<u32>,
+}
+
+/// The default tier: the one the seeds' single-model names configure.
+pub const DEFAULT_TIER: Tier = Tier::Light;
+
+/// Looks a setting up under a tier's names: `{TIER}_{NAME}`, then (for the
+/// default tier, and for the models directory) the seeds' unprefixed name.
+pub(super) struct TierEnv<'a> {
+    pub env: &'a dyn Env,
+    /// `None` for the models directory's settings (unprefixed names only).
+    pub tier: Option<Tier>,
+}
+
+impl TierEnv<'_> {
+    /// The names a setting goes by, in the order they are read.
+    fn names(&self, suffix: &str) -> Vec<String> {
+        let unprefixed: &[&str] = match suffix {
+            // Seed 003 calls the context CONTEXT_LENGTH.
+            "N_CTX" => &["N_CTX", "CONTEXT_LENGTH"],
+            "MODEL_PATH" | "N_BATCH" | "N_THREADS" | "N_GPU_LAYERS" | "USE_MMAP"
+            | "TEMPERATURE" | "MAX_TOKENS" => &[suffix],
+            _ => &[],
+        };
+        let mut names = Vec::new();
+        if let Some(tier) = self.tier {
+            names.push(format!("{}_{suffix}", tier.env_prefix()));
+        }
+        if self.tier.is_none_or(|t| t == DEFAULT_TIER) {
+            names.extend(unprefixed.iter().map(|n| (*n).to_owned()));
+        }
+        names
+    }
+
+    pub fn get(&self, suffix: &str) -> Option<(String, String)> {
+        self.names(suffix)
+            .into_iter()
+            .find_map(|name| self.env.get(&name).map(|v| (name, v)))
+    }
+
+    pub fn parse<T: std::str::FromStr>(&self, suffix: &str) -> Result<Option<T>, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let names = self.names(suffix);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        parse(self.env, &names)
+    }
+
+    pub fn flag(&self, suffix: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(suffix) {
+            None => Ok(None),
+            Some((name, _)) => parse_bool(self.env, &name),
+        }
+    }
+
+    /// The engine settings and request defaults these names give.
+    pub fn engine_and_defaults(
+        &self,
+        warnings: &mut Vec<String>,
+    ) -> Result<(EngineConfig, GenerationDefaults), ConfigError> {
+        let mut engine = EngineConfig::default();
+        if let Some(v) = self.parse("N_CTX")? {
+            engine.n_ctx = v;
+        }
+        if let Some(v) = self.parse("N_BATCH")? {
+            engine.n_batch = v;
+        }
+        if let Some(v) = self.parse::<i32>("N_THREADS")? {
+            engine.n_threads = v;
+            engine.n_threads_batch = v;
+        }
+        if let Some(v) = self.parse::<i32>("N_GPU_LAYERS")? {
+            engine.n_gpu_layers = v;
+            if v != 0 && !engine::GPU_BUILD {
+                let (name, _) = self.get("N_GPU_LAYERS").unwrap_or_default();
+                warnings.push(format!(
+                    "{name}={v} has no effect: this build runs on the CPU only (build with \
+                     --features cuda, vulkan or metal to offload layers)"
+                ));
+            }
+        }
+        if let Some(v) = self.flag("USE_MMAP")? {
+            engine.use_mmap = v;
+        }
+        if let Some(v) = self.flag("USE_MLOCK")? {
+            engine.use_mlock = v;
+        }
+        if let Some(v) = self.parse("PARALLEL")? {
+            engine.parallel = v;
+        }
+        if let Some(v) = self.parse("MAX_QUEUE")? {
+            engine.max_queue = v;
+        }
+        if let Some(secs) = self.parse::<f64>("QUEUE_TIMEOUT")? {
+            engine.queue_timeout = Duration::try_from_secs_f64(secs).map_err(|e| {
+                ConfigError::new(self.names("QUEUE_TIMEOUT")[0].clone(), &secs.to_string(), e)
+            })?;
+        }
+        if let Some((_, v)) = self.get("CHAT_TEMPLATE") {
+            // A path to a template file, or the template itself.
+            engine.chat_template = Some(std::fs::read_to_string(&v).unwrap_or(v));
+        }
+        if let Some(v) = self.flag("EMBEDDING_MODE")? {
+            engine.embedding_mode = v;
+        }
+        let mut defaults = GenerationDefaults::default();
+        if let Some(v) = self.parse("TEMPERATURE")? {
+            defaults.temperature = v;
+        }
+        if let Some(v) = self.parse("TOP_P")? {
+            defaults.top_p = v;
+        }
+        if let Some(v) = self.parse("TOP_K")? {
+            defaults.top_k = v;
+        }
+        if let Some(v) = self.parse("MIN_P")? {
+            defaults.min_p = v;
+        }
+        if let Some(v) = self.parse("REPEAT_PENALTY")? {
+            defaults.repeat_penalty = v;
+        }
+        if let Some(v) = self.parse("MAX_TOKENS")? {
+            defaults.max_tokens = v;
+        }
+        Ok((engine, defaults))
+    }
+}
+
+/// A tier exists when `{TIER}_MODEL_PATH` (for the default tier, also
+/// `MODEL_PATH`) is set; its other settings fall back to defaults.
+pub(super) fn tier_settings(
+    tier: Tier,
+    env: &dyn Env,
+    warnings: &mut Vec<String>,
+) -> Result<Option<TierSettings>, ConfigError> {
+    let names = TierEnv {
+        env,
+        tier: Some(tier),
+    };
+    let name = |suffix: &str| format!("{}_{suffix}", tier.env_prefix());
+    let Some((path_name, model_path)) = names.get("MODEL_PATH") else {
+        return Ok(None);
+    };
+    if path_name != "MODEL_PATH" && env.get("MODEL_PATH").is_some() {
+        warnings.push(format!(
+            "MODEL_PATH is ignored: {path_name} names the {} tier's model",
+            tier.as_str()
+        ));
+    }
+    let backend = match env.get(&name("BACKEND")) {
+        None => Backend::LlamaCpp,
+        Some(b) if b.trim().eq_ignore_ascii_case("llamacpp") => Backend::LlamaCpp,
+        Some(b) if b.trim().eq_ignore_ascii_case("mlx") => Backend::Mlx,
+        Some(other) => {
+            return Err(ConfigError::new(
+                name("BACKEND"),
+                &other,
+                "expected llamacpp or mlx",
+            ))
+        }
+    };
+    let (engine, defaults) = names.engine_and_defaults(warnings)?;
+    Ok(Some(TierSettings {
+        tier,
+        model_path: PathBuf::from(model_path),
+        backend,
+        engine,
+        defaults,
+        keep_alive: keep_alive(env, &name("KEEP_ALIVE"))?,
+        embedding_dimension: parse::<u32>(env, &[&name("EMBEDDING_DIMENSION")])?.filter(|&d| d > 0),
+    }))
+}
