@@ -16,6 +16,9 @@ pub enum RequestError {
     Unsupported { param: String, message: String },
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
+    /// What an upstream server said or failed to say.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
 }
 
 impl RequestError {
@@ -38,7 +41,7 @@ impl RequestError {
     pub fn param(&self) -> Option<&str> {
         match self {
             Self::Invalid { param, .. } | Self::Unsupported { param, .. } => Some(param),
-            Self::Engine(_) => None,
+            Self::Engine(_) | Self::Upstream(_) => None,
         }
     }
 

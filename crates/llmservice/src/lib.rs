@@ -30,4 +30,5 @@ pub mod server;
 pub mod settings;
 pub mod state;
 pub mod telemetry;
+pub mod upstream;
 pub mod wire;

@@ -43,6 +43,10 @@ pub async fn serve(mut settings: Settings) -> Result<(), String> {
     );
     for entry in &models {
         tracing::info!(id = %entry.id, kind = entry.kind.as_str(), path = %entry.path.display(), "model available");
+        // A managed child's checks start with the child.
+        if let Some(upstream) = entry.upstream.as_ref().filter(|_| entry.managed.is_none()) {
+            upstream.start_health_checks();
+        }
     }
     let cache = state.cache.clone();
     let analytics = state.analytics.clone();
@@ -56,6 +60,7 @@ pub async fn serve(mut settings: Settings) -> Result<(), String> {
         }
     });
     let watched = state.clone();
+    let children = state.registry.clone();
     let reaper = state.registry.clone();
     // Keep-alive: unload models idle past their `{TIER}_KEEP_ALIVE`.
     tokio::spawn(async move {
@@ -84,6 +89,8 @@ pub async fn serve(mut settings: Settings) -> Result<(), String> {
         result = server => result.map_err(|e| format!("server error: {e}"))?,
         () = forced => tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting anyway"),
     }
+    // Servers we started (managed tiers) stop with us.
+    children.stop_children().await;
     // The disk cache must hold everything answered before exit, and the
     // analytics everything counted.
     let _ = tokio::task::spawn_blocking(move || {

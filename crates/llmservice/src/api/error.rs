@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::error::RequestError;
 use crate::hub::HubError;
 use crate::models::ModelError;
+use crate::upstream::UpstreamError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -222,6 +223,60 @@ impl From<ModelError> for ApiError {
                 )
             },
             ModelError::Load(e) => e.into(),
+            ModelError::Upstream(id) => Self {
+                param: Some("model".to_owned()),
+                code: Some("upstream_model"),
+                ..Self::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    format!(
+                        "model '{id}' is served by an upstream server ({{TIER}}_BACKEND=openai) \
+                         and this route needs a model loaded here"
+                    ),
+                )
+            },
+        }
+    }
+}
+
+/// An upstream's refusal keeps its status and its own error; its failure is
+/// ours to report as a bad gateway; no replica at all is a 503.
+impl From<UpstreamError> for ApiError {
+    fn from(error: UpstreamError) -> Self {
+        match error {
+            UpstreamError::Refused {
+                status,
+                message,
+                param,
+                code,
+                ..
+            } => Self {
+                param,
+                // Codes are static in our errors; the upstream's is in its message.
+                code: code.map(|_| "upstream_refused"),
+                ..Self::new(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                    "invalid_request_error",
+                    message,
+                )
+            },
+            UpstreamError::Failed(message) => Self {
+                code: Some("upstream_failed"),
+                ..Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    format!("the upstream failed: {message}"),
+                )
+            },
+            UpstreamError::Unavailable(message) => Self {
+                code: Some("upstream_unavailable"),
+                retry_after_secs: Some(5),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    format!("no upstream replica is reachable ({message})"),
+                )
+            },
         }
     }
 }
@@ -236,6 +291,7 @@ impl From<RequestError> for ApiError {
             } => ApiError::invalid(&param, message).with_code(code),
             RequestError::Unsupported { param, message } => ApiError::unsupported(&param, message),
             RequestError::Engine(error) => error.into(),
+            RequestError::Upstream(error) => error.into(),
         }
     }
 }

@@ -68,6 +68,9 @@ pub fn key_for(
 /// The model file's identity, not just its name: a replaced model must not
 /// answer from the old one's cache.
 fn file_identity(entry: &ModelEntry) -> Option<Value> {
+    if let Some(upstream) = &entry.upstream {
+        return Some(upstream.identity());
+    }
     let m = std::fs::metadata(&entry.path).ok()?;
     let modified = m
         .modified()

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use engine::{Engine, EngineConfig, EngineError, ModelKind};
 
-use crate::settings::{Backend, GenerationDefaults, Settings, Tier};
+use crate::settings::{Backend, GenerationDefaults, ManagedKind, Settings, Tier};
 
 pub use overrides::{InvalidOverride, ModelOverrides, OverrideStore};
 pub use routing::tier_for_name;
@@ -67,6 +67,9 @@ pub enum ModelError {
     InUse(String),
     #[error(transparent)]
     Load(#[from] EngineError),
+    /// The model is served upstream; the route needs one loaded here.
+    #[error("model '{0}' is served upstream")]
+    Upstream(String),
 }
 
 /// One servable model file and, once loaded, its engine.
@@ -98,6 +101,11 @@ pub struct ModelEntry {
     pub embedding_dimension: Option<u32>,
     /// What serves it (llama.cpp here, unless a tier says otherwise).
     pub backend: Backend,
+    /// The OpenAI-compatible servers that answer for it (`openai` tiers,
+    /// and the child of a managed one).
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
+    /// The child process serving it (`vllm`, `mlx`, `{TIER}_COMMAND` tiers).
+    pub managed: Option<Arc<crate::upstream::Supervisor>>,
     /// Milliseconds since the Unix epoch of the last use.
     last_used: std::sync::atomic::AtomicU64,
 }
@@ -138,6 +146,8 @@ impl ModelEntry {
             keep_alive: None,
             embedding_dimension: None,
             backend: Backend::LlamaCpp,
+            upstream: None,
+            managed: None,
             last_used: std::sync::atomic::AtomicU64::new(now_millis()),
         }
     }
@@ -185,14 +195,67 @@ impl ModelEntry {
 
     /// Whether a loaded engine has work or is held by a request in flight.
     pub fn is_busy(&self) -> bool {
+        if let Some(upstream) = &self.upstream {
+            return upstream.in_flight() > 0;
+        }
         // Our clone, the load slot's and the published one: anything more is a request.
         self.loaded_engine().is_some_and(|e| in_use(&e, 3))
+    }
+
+    /// The upstream that serves this model (a managed child started first,
+    /// and waited for unless `wait` is false); `None` for a model run here.
+    pub async fn ready_upstream(
+        &self,
+        wait: bool,
+    ) -> Option<Result<Arc<crate::upstream::Upstream>, ModelError>> {
+        let upstream = self.upstream.clone()?;
+        self.touch();
+        let Some(managed) = &self.managed else {
+            return Some(Ok(upstream));
+        };
+        if let Err(reason) = self.backend_available() {
+            return Some(Err(self.failed_load(reason)));
+        }
+        if matches!(managed.state(), crate::upstream::ChildState::Running { .. }) {
+            return Some(Ok(upstream));
+        }
+        let start = {
+            let managed = managed.clone();
+            async move { managed.ensure_running().await }
+        };
+        if !wait {
+            tokio::spawn(start);
+            return Some(Err(ModelError::Loading(self.id.clone())));
+        }
+        Some(match start.await {
+            Ok(()) => Ok(upstream),
+            Err(reason) => Err(self.failed_load(reason)),
+        })
+    }
+
+    fn failed_load(&self, reason: String) -> ModelError {
+        self.set_state(ModelState::Failed);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(reason.clone());
+        }
+        ModelError::Load(EngineError::LoadFailed {
+            path: self.path.clone(),
+            reason,
+        })
     }
 
     /// Unloads the model if nothing is using it: its memory is returned when the
     /// engine thread has finished (joined off the async threads). `Ok(false)` when
     /// it was not loaded.
     pub async fn unload(&self) -> Result<bool, ModelError> {
+        if let Some(managed) = &self.managed {
+            if self.is_busy() {
+                return Err(ModelError::InUse(self.id.clone()));
+            }
+            let stopped = managed.stop().await;
+            self.set_state(ModelState::Available);
+            return Ok(stopped);
+        }
         let Ok(mut slot) = self.engine.try_lock() else {
             return Err(ModelError::Loading(self.id.clone()));
         };
@@ -222,10 +285,38 @@ impl ModelEntry {
     }
 
     pub fn state(&self) -> ModelState {
+        if let Some(managed) = &self.managed {
+            use crate::upstream::ChildState;
+            return match managed.state() {
+                ChildState::Stopped => ModelState::from_u8(self.state.load(Ordering::Acquire)),
+                ChildState::Starting => ModelState::Loading,
+                ChildState::Running { .. } => ModelState::Loaded,
+                ChildState::Failed(_) => ModelState::Failed,
+            };
+        }
+        if let Some(upstream) = &self.upstream {
+            // Served as long as some replica answers.
+            return if upstream.any_healthy() {
+                ModelState::Loaded
+            } else {
+                ModelState::Failed
+            };
+        }
         ModelState::from_u8(self.state.load(Ordering::Acquire))
     }
 
     pub fn last_error(&self) -> Option<String> {
+        if let Some(crate::upstream::ChildState::Failed(why)) =
+            self.managed.as_ref().map(|m| m.state())
+        {
+            return Some(why);
+        }
+        if let Some(upstream) = self.upstream.as_ref().filter(|_| self.managed.is_none()) {
+            return upstream
+                .replicas()
+                .into_iter()
+                .find_map(|(_, _, _, error)| error);
+        }
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
@@ -236,16 +327,35 @@ impl ModelEntry {
     /// Whether this machine can run the model's backend; why not if it
     /// cannot (told at load time, so a seed's `.env` still starts).
     fn backend_available(&self) -> Result<(), String> {
-        match self.backend {
-            Backend::LlamaCpp => Ok(()),
-            Backend::Mlx => Err(format!(
+        let Backend::Managed(managed) = &self.backend else {
+            return Ok(());
+        };
+        let apple_silicon = cfg!(all(target_os = "macos", target_arch = "aarch64"));
+        if managed.kind == ManagedKind::Mlx && managed.default_command && !apple_silicon {
+            return Err(format!(
                 "{} is configured with the mlx backend, which runs on Apple Silicon only \
                  (this machine is {}/{}): set its BACKEND to llamacpp and its MODEL_PATH to a GGUF file",
                 self.id,
                 std::env::consts::OS,
                 std::env::consts::ARCH
-            )),
+            ));
         }
+        let program = managed
+            .command
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        if managed.default_command && !on_path(program) {
+            let install = match managed.kind {
+                ManagedKind::Vllm => "pip install vllm",
+                _ => "pip install mlx-lm",
+            };
+            return Err(format!(
+                "{} needs `{program}`, which is not on PATH ({install}), or a {{TIER}}_COMMAND",
+                self.id
+            ));
+        }
+        Ok(())
     }
 
     /// The loaded engine, if it is loaded and alive; never waits on a load.
@@ -277,6 +387,9 @@ impl ModelEntry {
         registry: Option<Arc<Registry>>,
     ) -> Result<Arc<Engine>, ModelError> {
         self.touch();
+        if self.upstream.is_some() {
+            return Err(ModelError::Upstream(self.id.clone()));
+        }
         if let Some(engine) = self.loaded_engine() {
             return Ok(engine);
         }
@@ -442,8 +555,9 @@ impl Registry {
             .iter()
             .map(|t| {
                 let kind = match t.backend {
-                    // An MLX model is a directory or a Hub name, not a GGUF.
-                    Backend::Mlx => tier_kind(t.tier),
+                    // An MLX model is a directory or a Hub name, not a GGUF;
+                    // an upstream's is elsewhere.
+                    Backend::Managed(_) | Backend::OpenAi(_) => tier_kind(t.tier),
                     Backend::LlamaCpp => engine::inspect(&t.model_path).map_or_else(
                         || {
                             tracing::warn!(tier = t.tier.as_str(), path = %t.model_path.display(), "tier model is not a readable GGUF file");
@@ -469,6 +583,20 @@ impl Registry {
                 entry.keep_alive = t.keep_alive;
                 entry.embedding_dimension = t.embedding_dimension;
                 entry.backend = t.backend.clone();
+                match &t.backend {
+                    Backend::OpenAi(upstream) => match crate::upstream::Upstream::new(upstream.clone()) {
+                        Ok(upstream) => entry.upstream = Some(upstream),
+                        Err(error) => tracing::error!(tier = t.tier.as_str(), %error, "upstream unusable"),
+                    },
+                    Backend::Managed(managed) => match managed_child(&entry.id, &t.model_path, managed) {
+                        Ok((upstream, supervisor)) => {
+                            entry.upstream = Some(upstream);
+                            entry.managed = Some(supervisor);
+                        }
+                        Err(error) => tracing::error!(tier = t.tier.as_str(), %error, "upstream child unusable"),
+                    },
+                    Backend::LlamaCpp => {}
+                }
                 entry.apply_overrides(&overrides.get(&entry.id));
                 Arc::new(entry)
             })
@@ -538,6 +666,50 @@ impl Registry {
         loaded
     }
 
+    /// The upstream that serves `entry`, its managed child started first
+    /// (making room under `MAX_LOADED_MODELS` as a load here would); `None`
+    /// for a model run here. Without `wait` a child that is not serving yet
+    /// is started and the request told to come back.
+    pub async fn upstream(
+        &self,
+        entry: &Arc<ModelEntry>,
+        wait: bool,
+    ) -> Result<Option<Arc<crate::upstream::Upstream>>, ModelError> {
+        if entry.managed.is_some() && entry.state() != ModelState::Loaded {
+            self.make_room_for(entry).await;
+        }
+        entry.ready_upstream(wait).await.transpose()
+    }
+
+    /// Stops every managed tier's child (at exit), whatever it is doing.
+    pub async fn stop_children(&self) {
+        let children = self.tiers.iter().filter_map(|e| e.managed.clone());
+        futures_util::future::join_all(children.map(|c| async move { c.stop().await })).await;
+    }
+
+    /// Loads (`load`) or unloads a model on an operator's word: an engine
+    /// here, a managed child started or stopped, or an upstream's replicas
+    /// checked at once (they are "loaded" while they answer).
+    pub async fn operate(
+        self: &Arc<Self>,
+        entry: &Arc<ModelEntry>,
+        load: bool,
+    ) -> Result<(), ModelError> {
+        match (&entry.upstream, &entry.managed, load) {
+            (Some(upstream), None, _) => upstream.check_all().await,
+            (Some(_), Some(_), true) => {
+                self.upstream(entry, true).await?;
+            }
+            (None, _, true) => {
+                self.engine(entry, true).await?;
+            }
+            (_, _, false) => {
+                entry.unload().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The model's engine, loading it if needed; when that would exceed
     /// `MAX_LOADED_MODELS`, the least recently used idle model is unloaded first.
     pub async fn engine(
@@ -567,7 +739,10 @@ impl Registry {
             let others: Vec<_> = self
                 .loaded()
                 .into_iter()
-                .filter(|e| Some(e.id.as_str()) != keep)
+                // Upstream tiers hold no memory here; managed children do.
+                .filter(|e| {
+                    Some(e.id.as_str()) != keep && (e.upstream.is_none() || e.managed.is_some())
+                })
                 .collect();
             if others.len() <= room {
                 return 0;
@@ -778,6 +953,47 @@ impl Registry {
         cache.entries = entries.clone();
         entries
     }
+}
+
+/// A managed tier's child: a free loopback port for it, its command with
+/// the model and port filled in, and the upstream that reaches it there.
+fn managed_child(
+    id: &str,
+    model: &Path,
+    settings: &crate::settings::ManagedSettings,
+) -> Result<
+    (
+        Arc<crate::upstream::Upstream>,
+        Arc<crate::upstream::Supervisor>,
+    ),
+    String,
+> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port for the child: {e}"))?
+        .port();
+    let model = model.display().to_string();
+    let quoted = format!("'{}'", model.replace('\'', r"'\''"));
+    let command = settings
+        .command
+        .replace("{model}", &quoted)
+        .replace("{port}", &port.to_string());
+    let mut upstream = settings.upstream.clone();
+    upstream.base_urls = vec![format!("http://127.0.0.1:{port}/v1")];
+    upstream.model.get_or_insert(model);
+    let upstream = crate::upstream::Upstream::new(upstream)?;
+    let supervisor =
+        crate::upstream::Supervisor::new(id, command, settings.start_timeout, upstream.clone());
+    Ok((upstream, supervisor))
+}
+
+/// Whether `program` is an executable on PATH (or a path to one).
+fn on_path(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 fn canonical(path: &Path) -> PathBuf {

@@ -13,7 +13,10 @@ use engine::EngineConfig;
 use crate::cache::CacheSettings;
 use crate::cli::ServeArgs;
 
-pub use tier::{Backend, GenerationDefaults, Tier, TierSettings, DEFAULT_TIER};
+pub use tier::{
+    Backend, GenerationDefaults, ManagedKind, ManagedSettings, Tier, TierSettings,
+    UpstreamSettings, DEFAULT_TIER,
+};
 
 #[derive(Debug, Clone)]
 pub struct Settings {

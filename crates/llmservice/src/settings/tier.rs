@@ -84,9 +84,63 @@ impl Default for GenerationDefaults {
 pub enum Backend {
     /// llama.cpp in this process (`llamacpp`, the default).
     LlamaCpp,
-    /// MLX through `mlx_lm.server` (`mlx`, seeds 000, 001 and 004): Apple
-    /// Silicon only, said when the tier is first loaded.
+    /// OpenAI-compatible servers elsewhere (`openai`): vLLM, llama-server,
+    /// another llmservice, OpenAI itself.
+    OpenAi(UpstreamSettings),
+    /// A server we start and supervise (`vllm`, `mlx`, or `{TIER}_COMMAND`),
+    /// then talk to as an OpenAI-compatible upstream on loopback.
+    Managed(ManagedSettings),
+}
+
+/// A supervised upstream child.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManagedSettings {
+    pub kind: ManagedKind,
+    /// The command line, with `{model}` and `{port}` to fill in
+    /// (`{TIER}_COMMAND`, else the kind's own).
+    pub command: String,
+    /// Whether the command is the kind's default (so its program must exist).
+    pub default_command: bool,
+    /// `{TIER}_START_TIMEOUT`: how long it may take to answer after starting.
+    pub start_timeout: Duration,
+    /// How it is talked to once running (its base URL is filled in at start).
+    pub upstream: UpstreamSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagedKind {
+    /// `vllm serve` (seed 004, Linux GPUs).
+    Vllm,
+    /// `mlx_lm.server` (seeds 000, 001, 004; Apple Silicon).
     Mlx,
+    /// Only `{TIER}_COMMAND`: any OpenAI-compatible server.
+    Command,
+}
+
+impl ManagedKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ManagedKind::Vllm => "vllm",
+            ManagedKind::Mlx => "mlx",
+            ManagedKind::Command => "command",
+        }
+    }
+}
+
+/// Where an `openai` tier's requests go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    /// `{TIER}_BASE_URL`: base URLs as OpenAI clients take them
+    /// (`http://gpu-1:8000/v1`), one per replica.
+    pub base_urls: Vec<String>,
+    /// `{TIER}_API_KEY`, sent as `Authorization: Bearer`.
+    pub api_key: Option<String>,
+    /// `{TIER}_UPSTREAM_MODEL`: the model name the upstream knows; else the
+    /// name the client sent.
+    pub model: Option<String>,
+    /// `{TIER}_TIMEOUT`: how long an upstream may stay silent (to connect,
+    /// to answer, between streamed chunks).
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -240,27 +294,31 @@ pub(super) fn tier_settings(
         tier: Some(tier),
     };
     let name = |suffix: &str| format!("{}_{suffix}", tier.env_prefix());
-    let Some((path_name, model_path)) = names.get("MODEL_PATH") else {
-        return Ok(None);
+    let backend = backend(tier, env)?;
+    let model_path = names.get("MODEL_PATH");
+    let (path_name, model_path) = match (&backend, model_path) {
+        (_, Some(found)) => found,
+        // An upstream tier needs no file: it is named by its upstream model
+        // (so is a command's, which may name its model itself).
+        (Backend::OpenAi(up), None) => (
+            String::new(),
+            up.model.clone().unwrap_or_else(|| "upstream".to_owned()),
+        ),
+        (Backend::Managed(m), None) if m.kind == ManagedKind::Command => (
+            String::new(),
+            m.upstream
+                .model
+                .clone()
+                .unwrap_or_else(|| "upstream".to_owned()),
+        ),
+        (_, None) => return Ok(None),
     };
-    if path_name != "MODEL_PATH" && env.get("MODEL_PATH").is_some() {
+    if path_name != "MODEL_PATH" && tier == DEFAULT_TIER && env.get("MODEL_PATH").is_some() {
         warnings.push(format!(
             "MODEL_PATH is ignored: {path_name} names the {} tier's model",
             tier.as_str()
         ));
     }
-    let backend = match env.get(&name("BACKEND")) {
-        None => Backend::LlamaCpp,
-        Some(b) if b.trim().eq_ignore_ascii_case("llamacpp") => Backend::LlamaCpp,
-        Some(b) if b.trim().eq_ignore_ascii_case("mlx") => Backend::Mlx,
-        Some(other) => {
-            return Err(ConfigError::new(
-                name("BACKEND"),
-                &other,
-                "expected llamacpp or mlx",
-            ))
-        }
-    };
     let (engine, defaults) = names.engine_and_defaults(warnings)?;
     Ok(Some(TierSettings {
         tier,
@@ -271,4 +329,100 @@ pub(super) fn tier_settings(
         keep_alive: keep_alive(env, &name("KEEP_ALIVE"))?,
         embedding_dimension: parse::<u32>(env, &[&name("EMBEDDING_DIMENSION")])?.filter(|&d| d > 0),
     }))
+}
+
+/// `{TIER}_BACKEND` and, for `openai`, where the upstream is.
+fn backend(tier: Tier, env: &dyn Env) -> Result<Backend, ConfigError> {
+    let name = |suffix: &str| format!("{}_{suffix}", tier.env_prefix());
+    let base_urls: Vec<String> = env
+        .get(&name("BASE_URL"))
+        .map(|v| super::list(&v))
+        .unwrap_or_default();
+    let kind = env
+        .get(&name("BACKEND"))
+        .map(|b| b.trim().to_ascii_lowercase());
+    let command = env.get(&name("COMMAND"));
+    let managed = match (kind.as_deref(), &command) {
+        (Some("vllm"), _) => Some(ManagedKind::Vllm),
+        (Some("mlx"), _) => Some(ManagedKind::Mlx),
+        (None, Some(_)) => Some(ManagedKind::Command),
+        _ => None,
+    };
+    if let Some(managed) = managed {
+        let timeout = parse::<f64>(env, &[&name("TIMEOUT")])?.unwrap_or(600.0);
+        let start = parse::<f64>(env, &[&name("START_TIMEOUT")])?.unwrap_or(600.0);
+        let seconds = |value: f64, suffix: &str| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| {
+                    ConfigError::new(name(suffix), &value.to_string(), "seconds, above 0")
+                })
+        };
+        let default = match managed {
+            ManagedKind::Vllm => "vllm serve {model} --host 127.0.0.1 --port {port}",
+            ManagedKind::Mlx => "mlx_lm.server --model {model} --host 127.0.0.1 --port {port}",
+            ManagedKind::Command => "",
+        };
+        return Ok(Backend::Managed(ManagedSettings {
+            kind: managed,
+            default_command: command.is_none(),
+            command: command.unwrap_or_else(|| default.to_owned()),
+            start_timeout: seconds(start, "START_TIMEOUT")?,
+            upstream: UpstreamSettings {
+                base_urls: Vec::new(),
+                api_key: env.get(&name("API_KEY")),
+                model: env.get(&name("UPSTREAM_MODEL")),
+                timeout: seconds(timeout, "TIMEOUT")?,
+            },
+        }));
+    }
+    match kind.as_deref() {
+        None if base_urls.is_empty() => Ok(Backend::LlamaCpp),
+        Some("llamacpp") => Ok(Backend::LlamaCpp),
+        None | Some("openai") => {
+            if base_urls.is_empty() {
+                return Err(ConfigError::new(
+                    name("BACKEND"),
+                    "openai",
+                    format!(
+                        "an openai tier needs {} (e.g. http://gpu-1:8000/v1)",
+                        name("BASE_URL")
+                    ),
+                ));
+            }
+            for url in &base_urls {
+                let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                    && reqwest::Url::parse(url).is_ok();
+                if !ok {
+                    return Err(ConfigError::new(
+                        name("BASE_URL"),
+                        url,
+                        "not an http(s) URL",
+                    ));
+                }
+            }
+            let timeout = parse::<f64>(env, &[&name("TIMEOUT")])?.unwrap_or(600.0);
+            let timeout = Duration::try_from_secs_f64(timeout)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| {
+                    ConfigError::new(name("TIMEOUT"), &timeout.to_string(), "seconds, above 0")
+                })?;
+            Ok(Backend::OpenAi(UpstreamSettings {
+                base_urls: base_urls
+                    .into_iter()
+                    .map(|u| u.trim_end_matches('/').to_owned())
+                    .collect(),
+                api_key: env.get(&name("API_KEY")),
+                model: env.get(&name("UPSTREAM_MODEL")),
+                timeout,
+            }))
+        }
+        Some(other) => Err(ConfigError::new(
+            name("BACKEND"),
+            other,
+            "expected llamacpp, openai, vllm or mlx",
+        )),
+    }
 }

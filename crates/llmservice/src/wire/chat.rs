@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use super::common::{SamplingFields, Usage};
 use super::FinishReason;
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
     #[schema(value_type = Vec<Object>)]

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use super::common::{PromptField, SamplingFields, Usage};
 use super::FinishReason;
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptField,

@@ -160,7 +160,7 @@ pub struct RagCollectionQuery {
 
 /// `rag` on a chat completion request: which collection to answer from, and
 /// how to search it (the fields of `/v1/rag/search`).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 pub struct RagOptions {
     pub collection: Option<String>,
     pub top_k: Option<usize>,

@@ -114,13 +114,19 @@ impl TestApp {
 
     /// Serves on a real loopback socket (port 0) for protocol details like SSE and disconnects.
     pub async fn spawn(&self) -> String {
+        self.spawn_killable().await.0
+    }
+
+    /// [`TestApp::spawn`], with the server's task: aborting it closes the
+    /// listener and every connection at once, as a killed process would.
+    pub async fn spawn_killable(&self) -> (String, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = self.router();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        format!("http://{addr}")
+        (format!("http://{addr}"), task)
     }
 }
 

@@ -19,3 +19,4 @@ mod rag;
 mod seeds;
 mod streaming;
 mod structured;
+mod upstream;

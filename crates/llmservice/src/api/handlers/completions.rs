@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use futures_util::StreamExt as _;
+
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -65,15 +67,27 @@ pub async fn completions(
     if let Some(response) = replayed.await {
         return Ok(response);
     }
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
     let n = req.sampling.n.unwrap_or(1);
-    let (streams, echoes) = submit(&engine, &entry, &req, logprobs)?;
-    let choices = generation::start(streams, &state.metrics, &entry.id, started).await?;
+    let upstream = state
+        .registry
+        .upstream(&entry, wants_to_wait(&headers))
+        .await?;
+    let (events, echoes) = match &upstream {
+        Some(upstream) => {
+            let events = upstream_events(&state, &entry, upstream, &req, logprobs, started).await?;
+            (events.right_stream(), vec![String::new(); n as usize])
+        }
+        None => {
+            let engine = state
+                .registry
+                .engine(&entry, wants_to_wait(&headers))
+                .await?;
+            let (streams, echoes) = submit(&engine, &entry, &req, logprobs)?;
+            let choices = generation::start(streams, &state.metrics, &entry.id, started).await?;
+            (generation::merge(choices, || None).left_stream(), echoes)
+        }
+    };
     let answer = TextAnswer::new(head, echoes, n as usize, logprobs.is_some());
-    let events = generation::merge(choices, || None);
     let delivery = Delivery {
         state,
         model_id: entry.id.clone(),
@@ -85,6 +99,40 @@ pub async fn completions(
         ledger: Ledger::current(),
     };
     respond(answer, events, delivery, response_cache::Served::Generated).await
+}
+
+/// A completion from an upstream tier: one text prompt, forwarded under the
+/// upstream's model name (echo and legacy logprobs are read from our own
+/// tokens, which an upstream does not share).
+async fn upstream_events(
+    state: &AppState,
+    entry: &ModelEntry,
+    upstream: &std::sync::Arc<crate::upstream::Upstream>,
+    req: &CompletionRequest,
+    logprobs: Option<u32>,
+    started: Instant,
+) -> Result<
+    impl futures_util::Stream<
+            Item = (
+                u32,
+                Result<generation::ChoiceEvent, crate::error::RequestError>,
+            ),
+        > + Send
+        + 'static,
+    ApiError,
+> {
+    if !matches!(req.prompt, PromptField::Text(_)) || req.echo == Some(true) || logprobs.is_some() {
+        return Err(ApiError::unsupported(
+            "prompt",
+            "an upstream tier completes one text prompt, without echo or logprobs",
+        ));
+    }
+    let mut body = serde_json::to_value(req)
+        .map_err(|e| ApiError::internal(format!("cannot forward the request: {e}")))?;
+    body["model"] = upstream.model_for(&req.model).into();
+    let n = req.sampling.n.unwrap_or(1);
+    let timer = state.metrics.token_timer(&entry.id, started);
+    Ok(crate::upstream::completion_events(upstream, body, n, timer).await?)
 }
 
 /// Queues every prompt's `n` choices, prompt-major (prompt p, choice c has

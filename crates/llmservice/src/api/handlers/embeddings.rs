@@ -65,10 +65,91 @@ pub async fn embeddings(
     if let Some(response) = replayed.await {
         return Ok(response);
     }
-    let engine = state
+    let upstream = state
         .registry
-        .engine(&entry, wants_to_wait(&headers))
+        .upstream(&entry, wants_to_wait(&headers))
         .await?;
+    let body = match &upstream {
+        Some(upstream) => upstream_embeddings(upstream, &req, kind, dimensions).await?,
+        None => {
+            embed_here(
+                &state,
+                &headers,
+                &entry,
+                &req,
+                (encoding, kind, outputs),
+                dimensions,
+            )
+            .await?
+        }
+    };
+    let prompt_tokens = body["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32;
+    log_encoded(
+        &state,
+        caller,
+        &entry.id,
+        "embeddings",
+        prompt_tokens,
+        started,
+    );
+    if let Some(key) = cache_key {
+        response_cache::store(&state.cache, key, body.clone());
+    }
+    Ok(response_cache::mark(
+        axum::Json(body).into_response(),
+        Served::Generated,
+    ))
+}
+
+/// Embeddings from an upstream tier: the request forwarded under the
+/// upstream's model name, its answer under the client's. BGE-M3's sparse
+/// and ColBERT outputs are this server's own.
+async fn upstream_embeddings(
+    upstream: &std::sync::Arc<crate::upstream::Upstream>,
+    req: &EmbeddingRequest,
+    kind: EmbeddingType,
+    dimensions: Option<u32>,
+) -> Result<Value, ApiError> {
+    if kind != EmbeddingType::Dense || req.return_sparse == Some(true) {
+        return Err(ApiError::unsupported(
+            "embedding_type",
+            "sparse and ColBERT embeddings come from models loaded here, not from an upstream tier",
+        ));
+    }
+    let mut body = json!({
+        "model": upstream.model_for(&req.model),
+        "input": serde_json::to_value(&req.input).unwrap_or_default(),
+    });
+    if let Some(d) = dimensions {
+        body["dimensions"] = d.into();
+    }
+    if let Some(format) = &req.encoding_format {
+        body["encoding_format"] = format.clone().into();
+    }
+    let (response, _place) = upstream
+        .post("/embeddings", &body)
+        .await
+        .map_err(ApiError::from)?;
+    let mut answer: Value = response.json().await.map_err(|e| {
+        ApiError::from(crate::upstream::UpstreamError::Failed(format!(
+            "not an embeddings answer: {}",
+            e.without_url()
+        )))
+    })?;
+    answer["model"] = req.model.clone().into();
+    Ok(answer)
+}
+
+/// Embeddings from the model loaded here.
+async fn embed_here(
+    state: &AppState,
+    headers: &HeaderMap,
+    entry: &std::sync::Arc<crate::models::ModelEntry>,
+    req: &EmbeddingRequest,
+    (encoding, kind, outputs): (Encoding, EmbeddingType, EmbedOutputs),
+    dimensions: Option<u32>,
+) -> Result<Value, ApiError> {
+    let engine = state.registry.engine(entry, wants_to_wait(headers)).await?;
     let n_embd = engine.info().n_embd;
     if let Some(d) = req.dimensions.filter(|&d| d > n_embd) {
         return Err(ApiError::invalid(
@@ -91,27 +172,12 @@ pub async fn embeddings(
         .enumerate()
         .map(|(index, r)| embedding_item(index, r, encoding, dimensions))
         .collect();
-    let body = json!({
+    Ok(json!({
         "object": "list",
         "data": data,
         "model": req.model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    });
-    log_encoded(
-        &state,
-        caller,
-        &entry.id,
-        "embeddings",
-        prompt_tokens,
-        started,
-    );
-    if let Some(key) = cache_key {
-        response_cache::store(&state.cache, key, body.clone());
-    }
-    Ok(response_cache::mark(
-        axum::Json(body).into_response(),
-        Served::Generated,
-    ))
+    }))
 }
 
 /// What the request asks for: its encoding, which embedding, and the outputs

@@ -84,7 +84,12 @@ pub async fn count_tokens(
     };
     let chat = anthropic::count_request(&req.model, &parts)?;
     let (job, entry) = check(&state, &chat).await?;
-    let engine = load(&state, &headers, &entry).await?;
+    // Counting needs the model's own tokenizer and template.
+    let engine = state
+        .registry
+        .engine(&entry, super::wants_to_wait(&headers))
+        .await
+        .map_err(ApiError::from)?;
     let input_tokens = off_async(move || {
         let prompt = ChatPrompt {
             template: chat_template(engine.info())?,

@@ -128,13 +128,6 @@ pub async fn model_action(
             ))
         })?;
     let entry = state.registry.resolve_async(id).await?;
-    match action {
-        "load" => {
-            state.registry.engine(&entry, true).await?;
-        }
-        _ => {
-            entry.unload().await?;
-        }
-    }
+    state.registry.operate(&entry, action == "load").await?;
     Ok(Json(model_object(&entry)))
 }

@@ -19,6 +19,7 @@ use crate::error::RequestError;
 use crate::generation::{self, ChoiceEvent};
 use crate::models::ModelEntry;
 use crate::state::AppState;
+use crate::upstream::Upstream;
 use crate::wire::ChatCompletionRequest;
 
 /// A chat request checked, and the model it names: the job and the model's
@@ -32,13 +33,24 @@ pub(super) async fn check(
     Ok((job, entry))
 }
 
-/// The model's engine, loading it if need be.
+/// What runs a model: its engine here, or the upstream servers of an
+/// `openai` tier.
+pub(super) enum Runner {
+    Engine(Arc<Engine>),
+    Upstream(Arc<Upstream>),
+}
+
+/// The model's runner, loading its engine if need be.
 pub(super) async fn load(
     state: &AppState,
     headers: &HeaderMap,
     entry: &Arc<ModelEntry>,
-) -> Result<Arc<Engine>, ApiError> {
-    Ok(state.registry.engine(entry, wants_to_wait(headers)).await?)
+) -> Result<Runner, ApiError> {
+    let wait = wants_to_wait(headers);
+    if let Some(upstream) = state.registry.upstream(entry, wait).await? {
+        return Ok(Runner::Upstream(upstream));
+    }
+    Ok(Runner::Engine(state.registry.engine(entry, wait).await?))
 }
 
 /// The response cache's key for a chat request, or `None` when its answer
@@ -103,6 +115,54 @@ type Events = (u32, Result<ChoiceEvent, RequestError>);
 /// With the events comes the prompt's length in tokens (0 for built-in rounds,
 /// whose prompt grows round by round).
 pub(super) async fn generate(
+    state: &AppState,
+    entry: &ModelEntry,
+    runner: &Runner,
+    req: &ChatCompletionRequest,
+    job: ChatJob,
+    started: Instant,
+) -> Result<(impl Stream<Item = Events> + Send + 'static, u32), ApiError> {
+    match runner {
+        Runner::Engine(engine) => {
+            let (events, prompt_tokens) =
+                generate_here(state, entry, engine, req, job, started).await?;
+            Ok((events.left_stream(), prompt_tokens))
+        }
+        Runner::Upstream(upstream) => {
+            let events = generate_upstream(state, entry, upstream, req, &job, started).await?;
+            Ok((events.right_stream(), 0))
+        }
+    }
+}
+
+/// The request as the upstream takes it: as the client sent it, under the
+/// upstream's model name. Its prompt's length is known only at the end.
+async fn generate_upstream(
+    state: &AppState,
+    entry: &ModelEntry,
+    upstream: &Arc<Upstream>,
+    req: &ChatCompletionRequest,
+    job: &ChatJob,
+    started: Instant,
+) -> Result<impl Stream<Item = Events> + Send + 'static, ApiError> {
+    if job.builtins {
+        return Err(ApiError::unsupported(
+            "execute_builtin_functions",
+            "built-in function rounds run on models loaded here, not on an upstream tier",
+        ));
+    }
+    let mut body = serde_json::to_value(req)
+        .map_err(|e| ApiError::internal(format!("cannot forward the request: {e}")))?;
+    body["model"] = upstream.model_for(&req.model).into();
+    if let Some(map) = body.as_object_mut() {
+        map.remove("execute_builtin_functions");
+        map.remove("rag");
+    }
+    let timer = state.metrics.token_timer(&entry.id, started);
+    Ok(crate::upstream::chat_events(upstream, body, job.n, timer).await?)
+}
+
+async fn generate_here(
     state: &AppState,
     entry: &ModelEntry,
     engine: &Arc<Engine>,

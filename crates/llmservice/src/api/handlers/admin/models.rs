@@ -33,6 +33,46 @@ pub struct AdminModel {
     /// Loaded with other engine settings than `settings`: unload and load
     /// to apply them.
     pub reload_needed: bool,
+    /// Served elsewhere: the upstream's replicas (and the child we run for
+    /// a managed tier). Absent for a model run here.
+    pub upstream: Option<UpstreamStatus>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UpstreamStatus {
+    pub replicas: Vec<ReplicaStatus>,
+    /// The process id of a managed tier's child while it runs.
+    pub child_pid: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicaStatus {
+    pub base_url: String,
+    pub healthy: bool,
+    pub in_flight: usize,
+    pub last_error: Option<String>,
+}
+
+fn upstream_status(entry: &ModelEntry) -> Option<UpstreamStatus> {
+    let upstream = entry.upstream.as_ref()?;
+    let child_pid = match entry.managed.as_ref().map(|m| m.state()) {
+        Some(crate::upstream::ChildState::Running { pid }) => Some(pid),
+        _ => None,
+    };
+    let replicas = upstream
+        .replicas()
+        .into_iter()
+        .map(|(base_url, healthy, in_flight, last_error)| ReplicaStatus {
+            base_url,
+            healthy,
+            in_flight,
+            last_error,
+        })
+        .collect();
+    Some(UpstreamStatus {
+        replicas,
+        child_pid,
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -82,6 +122,7 @@ fn admin_model(state: &AppState, entry: &ModelEntry) -> AdminModel {
         },
         overrides: state.registry.overrides(entry),
         reload_needed: entry.reload_needed(),
+        upstream: upstream_status(entry),
     }
 }
 
@@ -154,12 +195,8 @@ pub async fn action(
 ) -> Result<axum::Json<AdminModel>, ApiError> {
     let (id, action) = split(&path, &["load", "unload"])?;
     let entry = by_id(&state, id).await?;
-    if action == "load" {
-        state.registry.engine(&entry, true).await?;
-        tracing::info!(model = %entry.id, "model loaded by the operator");
-    } else {
-        entry.unload().await?;
-    }
+    state.registry.operate(&entry, action == "load").await?;
+    tracing::info!(model = %entry.id, action, "model action by the operator");
     describe(state, entry).await
 }
 

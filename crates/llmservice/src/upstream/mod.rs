@@ -1,0 +1,336 @@
+//! Tiers served by OpenAI-compatible servers elsewhere (`{TIER}_BACKEND=openai`):
+//! vLLM with tensor parallelism, a fleet of llama-servers, another
+//! llmservice. Requests go to the healthy replica with the fewest in
+//! flight; a replica that refuses connections or answers 502/503/504 is
+//! skipped (the request moves to the next one, as long as nothing has been
+//! streamed yet) and checked again with a growing pause. Everything that does
+//! not need our engine stays in front: routing, keys, the response cache,
+//! metrics and analytics, the translated APIs, retrieval's answers.
+
+mod chat;
+mod managed;
+mod sse;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+pub use chat::{chat_events, completion_events, strip_nulls};
+pub use managed::{ChildState, Supervisor};
+
+use crate::settings::UpstreamSettings;
+
+/// How often replicas are checked (`GET {base}/models`), and the longest
+/// pause before a failed one is tried again.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why an upstream request did not give an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream refused the request (a 4xx): its status and its own
+    /// error, passed on.
+    #[error("{message}")]
+    Refused {
+        status: u16,
+        message: String,
+        kind: Option<String>,
+        param: Option<String>,
+        code: Option<String>,
+    },
+    /// The upstream failed while answering (a 5xx, a stream cut short).
+    #[error("the upstream failed: {0}")]
+    Failed(String),
+    /// No replica could be reached.
+    #[error("no upstream replica is reachable ({0})")]
+    Unavailable(String),
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    failures: u32,
+    /// When a failed replica may be tried again.
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Replica {
+    base: String,
+    in_flight: AtomicUsize,
+    health: Mutex<Health>,
+}
+
+impl Replica {
+    fn healthy(&self) -> bool {
+        self.health.lock().is_ok_and(|h| h.failures == 0)
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.health
+            .lock()
+            .is_ok_and(|h| h.retry_at.is_none_or(|at| at <= now))
+    }
+
+    fn succeeded(&self) {
+        if let Ok(mut h) = self.health.lock() {
+            if h.failures > 0 {
+                tracing::info!(upstream = %self.base, "upstream replica is back");
+            }
+            *h = Health::default();
+        }
+    }
+
+    fn failed(&self, error: &str) {
+        if let Ok(mut h) = self.health.lock() {
+            h.failures += 1;
+            let pause = Duration::from_millis(500u64 << h.failures.min(6)).min(MAX_BACKOFF);
+            h.retry_at = Some(Instant::now() + pause);
+            if h.failures == 1 {
+                tracing::warn!(upstream = %self.base, %error, "upstream replica failed; skipping it");
+            }
+            h.last_error = Some(error.to_owned());
+        }
+    }
+}
+
+/// One request's place on a replica; the count drops with it (it travels
+/// inside the answer's stream).
+#[derive(Debug)]
+pub struct InFlight(Arc<Replica>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    settings: UpstreamSettings,
+    replicas: Vec<Arc<Replica>>,
+    http: reqwest::Client,
+    checking: AtomicBool,
+    /// Turns through equally loaded replicas.
+    turn: AtomicUsize,
+}
+
+impl Upstream {
+    pub fn new(settings: UpstreamSettings) -> Result<Arc<Self>, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+            .read_timeout(settings.timeout)
+            .user_agent(concat!("llmservice/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot start an HTTP client: {e}"))?;
+        Ok(Arc::new(Self {
+            replicas: settings
+                .base_urls
+                .iter()
+                .map(|base| {
+                    Arc::new(Replica {
+                        base: base.clone(),
+                        in_flight: AtomicUsize::new(0),
+                        health: Mutex::new(Health::default()),
+                    })
+                })
+                .collect(),
+            settings,
+            http,
+            checking: AtomicBool::new(false),
+            turn: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The model name to send: `{TIER}_UPSTREAM_MODEL`, else the client's.
+    pub fn model_for(&self, requested: &str) -> String {
+        self.settings
+            .model
+            .clone()
+            .unwrap_or_else(|| requested.to_owned())
+    }
+
+    /// What identifies the answers of this upstream (for the response cache).
+    pub fn identity(&self) -> Value {
+        serde_json::json!({"upstream": self.settings.base_urls, "model": self.settings.model})
+    }
+
+    /// Requests under way on all replicas.
+    pub fn in_flight(&self) -> usize {
+        self.replicas
+            .iter()
+            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Whether some replica answered its last check or request.
+    pub fn any_healthy(&self) -> bool {
+        self.replicas.iter().any(|r| r.healthy())
+    }
+
+    /// Each replica's base URL, health, requests in flight and last error.
+    pub fn replicas(&self) -> Vec<(String, bool, usize, Option<String>)> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let error = r.health.lock().ok().and_then(|h| h.last_error.clone());
+                (
+                    r.base.clone(),
+                    r.healthy(),
+                    r.in_flight.load(Ordering::Relaxed),
+                    error,
+                )
+            })
+            .collect()
+    }
+
+    /// Replicas in the order to try: those due (healthy, or past their
+    /// pause) by fewest in flight, then the rest by how soon they are due.
+    fn order(&self) -> Vec<Arc<Replica>> {
+        let now = Instant::now();
+        let n = self.replicas.len().max(1);
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) % n;
+        let (mut due, waiting): (Vec<_>, Vec<_>) = self
+            .replicas
+            .iter()
+            .cloned()
+            .enumerate()
+            .partition(|(_, r)| r.due(now));
+        due.sort_by_key(|(i, r)| {
+            (
+                !r.healthy(),
+                r.in_flight.load(Ordering::Relaxed),
+                (i + n - turn) % n,
+            )
+        });
+        let mut due: Vec<Arc<Replica>> = due.into_iter().map(|(_, r)| r).collect();
+        let mut waiting: Vec<Arc<Replica>> = waiting.into_iter().map(|(_, r)| r).collect();
+        waiting.sort_by_key(|r| r.health.lock().ok().and_then(|h| h.retry_at));
+        due.extend(waiting);
+        due
+    }
+
+    /// POSTs `body` to `path` (under the base URL) on the best replica,
+    /// moving on to the next while replicas cannot be reached or are
+    /// overloaded; answers the response head and the request's place.
+    pub async fn post(
+        self: &Arc<Self>,
+        path: &str,
+        body: &Value,
+    ) -> Result<(reqwest::Response, InFlight), UpstreamError> {
+        self.start_health_checks();
+        let mut last = String::from("no replica configured");
+        for replica in self.order() {
+            replica.in_flight.fetch_add(1, Ordering::Relaxed);
+            let place = InFlight(replica.clone());
+            let mut request = self.http.post(format!("{}{path}", replica.base)).json(body);
+            if let Some(key) = &self.settings.api_key {
+                request = request.bearer_auth(key);
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(error) => {
+                    last = format!("{}: {}", replica.base, error.without_url());
+                    replica.failed(&last);
+                    continue;
+                }
+            };
+            let status = response.status();
+            if matches!(
+                status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ) {
+                last = format!("{} answered {status}", replica.base);
+                replica.failed(&last);
+                continue;
+            }
+            replica.succeeded();
+            if status.is_success() {
+                return Ok((response, place));
+            }
+            let body = response.text().await.unwrap_or_default();
+            return Err(match refusal(status, body) {
+                UpstreamError::Refused { message, .. } if status.is_server_error() => {
+                    UpstreamError::Failed(format!("{status}: {message}"))
+                }
+                refused => refused,
+            });
+        }
+        Err(UpstreamError::Unavailable(last))
+    }
+
+    /// Checks every replica now (`GET {base}/models`).
+    pub async fn check_all(&self) {
+        let checks = self.replicas.iter().map(|replica| async move {
+            let mut request = self
+                .http
+                .get(format!("{}/models", replica.base))
+                .timeout(self.settings.timeout.min(Duration::from_secs(5)));
+            if let Some(key) = &self.settings.api_key {
+                request = request.bearer_auth(key);
+            }
+            match request.send().await {
+                Ok(r) if r.status().is_success() => replica.succeeded(),
+                Ok(r) => replica.failed(&format!("{} answered {}", replica.base, r.status())),
+                Err(e) => replica.failed(&format!("{}: {}", replica.base, e.without_url())),
+            }
+        });
+        futures_util::future::join_all(checks).await;
+    }
+
+    /// Starts the periodic checks once (on the first request, or at start).
+    pub fn start_health_checks(self: &Arc<Self>) {
+        if self.checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.checking.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                let Some(upstream) = weak.upgrade() else {
+                    return;
+                };
+                upstream.check_all().await;
+                drop(upstream);
+                tokio::time::sleep(HEALTH_EVERY).await;
+            }
+        });
+    }
+}
+
+/// An upstream's 4xx as our error, with its own message (OpenAI's shape,
+/// or whatever text it sent).
+fn refusal(status: StatusCode, body: String) -> UpstreamError {
+    let parsed: Option<Value> = serde_json::from_str(&body).ok();
+    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    let field = |name: &str| {
+        error
+            .and_then(|e| e.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let message = field("message")
+        .or_else(|| error.and_then(Value::as_str).map(str::to_owned))
+        .or_else(|| {
+            parsed
+                .as_ref()
+                .and_then(|v| v.get("detail"))
+                .map(|d| d.to_string())
+        })
+        .unwrap_or_else(|| body.chars().take(500).collect());
+    UpstreamError::Refused {
+        status: status.as_u16(),
+        message: format!("upstream: {message}"),
+        kind: field("type"),
+        param: field("param"),
+        code: field("code"),
+    }
+}
