@@ -18,3 +18,11 @@ if ! cmp -s tests/compat/requirements.txt .venv/requirements.installed; then
     cp tests/compat/requirements.txt .venv/requirements.installed
 fi
 .venv/bin/pytest -q tests/compat
+# The chat, streaming, tools and embeddings cases again, through a second
+# llmservice whose tiers are served by the first ({TIER}_BACKEND=openai): every
+# answer must pass through unchanged. (The two long grammar sweeps test our
+# engine, not the proxy, and ran above.)
+LLMSERVICE_VIA_UPSTREAM=1 .venv/bin/pytest -q \
+    tests/compat/test_chat.py tests/compat/test_embeddings.py \
+    tests/compat/test_structured.py tests/compat/test_completions.py \
+    -k "not test_200_random_schemas and not test_required_tool_choice_always"

@@ -7,6 +7,9 @@ starts it.
 Environment:
   LLMSERVICE_BIN          server binary (default <repo>/target/release/llmservice)
   LLMSERVICE_TEST_MODEL   GGUF model (default <repo>/../shared/models/SmolLM2-135M-Instruct-Q4_1.gguf)
+  LLMSERVICE_VIA_UPSTREAM 1: the tests talk to a second llmservice whose light and
+                          embedding tiers are `{TIER}_BACKEND=openai` upstreams served by
+                          the first (the proxy must pass every answer through unchanged)
   The embedding and reranker tiers use the MiniLM encoder and the synthetic reranker
   found beside that model, when they are there.
 """
@@ -140,6 +143,39 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+def _launch(binary: Path, workdir: Path, env: dict[str, str], name: str) -> tuple[subprocess.Popen, int]:
+    """Starts `llmservice serve` on a free port in `workdir`; its logs go beside it."""
+    stderr_path = workdir / f"{name}.stderr.log"
+    stdout_path = workdir / f"{name}.stdout.log"
+    _SERVER_LOGS[f"{name} stderr"] = stderr_path
+    _SERVER_LOGS[f"{name} stdout"] = stdout_path
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            [str(binary), "serve", "--host", "127.0.0.1", "--port", "0"],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        return proc, _wait_until_ready(proc, workdir / ".port", stderr_path)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _proxy_env(env: dict[str, str], upstream_port: int, workdir: Path) -> dict[str, str]:
+    """The same tiers, the light and embedding ones served by the upstream."""
+    env = dict(env, MODELS_DIR=str(workdir / "models"), DATA_DIR=str(workdir / "data"))
+    for tier, name in (("LIGHT", "light"), ("EMBEDDING", "embedding")):
+        if f"{tier}_MODEL_PATH" in env:
+            env[f"{tier}_BACKEND"] = "openai"
+            env[f"{tier}_BASE_URL"] = f"http://127.0.0.1:{upstream_port}/v1"
+            env[f"{tier}_UPSTREAM_MODEL"] = name
+    return env
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory):
     model = _resolve_model()
@@ -148,10 +184,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("llmservice")
     models_dir = workdir / "models"
     models_dir.mkdir()
-    stderr_path = workdir / "server.stderr.log"
-    stdout_path = workdir / "server.stdout.log"
-    _SERVER_LOGS["stderr"] = stderr_path
-    _SERVER_LOGS["stdout"] = stdout_path
 
     env = os.environ.copy()
     env.update(
@@ -173,26 +205,26 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         current = os.environ.get(var, "")
         mp.setenv(var, ",".join(filter(None, [current, "127.0.0.1", "localhost"])))
 
-    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            [str(binary), "serve", "--host", "127.0.0.1", "--port", "0"],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-        )
+    started: list[subprocess.Popen] = []
     try:
-        port = _wait_until_ready(proc, workdir / ".port", stderr_path)
+        proc, port = _launch(binary, workdir, env, "llmservice")
+        started.append(proc)
+        if os.environ.get("LLMSERVICE_VIA_UPSTREAM") == "1":
+            front = tmp_path_factory.mktemp("llmservice-proxy")
+            (front / "models").mkdir()
+            proc, port = _launch(binary, front, _proxy_env(env, port, front), "proxy")
+            started.append(proc)
+            workdir = front
         yield Server(
             port=port,
             base_url=f"http://127.0.0.1:{port}",
             workdir=workdir,
-            stderr_path=stderr_path,
+            stderr_path=workdir / ("proxy.stderr.log" if len(started) > 1 else "llmservice.stderr.log"),
             proc=proc,
         )
     finally:
-        _stop(proc)
+        for proc in reversed(started):
+            _stop(proc)
         mp.undo()
 
 
@@ -222,16 +254,14 @@ def http(base_url: str):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    stderr_path = _SERVER_LOGS.get("stderr")
-    if stderr_path is None:
-        return  # server never started (e.g. --collect-only)
+    if not _SERVER_LOGS:
+        return  # no server started (e.g. --collect-only)
     stats = terminalreporter.stats
     if not (stats.get("failed") or stats.get("error")):
         return
-    terminalreporter.section("llmservice stderr (tail)")
-    terminalreporter.write_line(f"full log: {stderr_path}")
-    terminalreporter.write_line(_tail(stderr_path))
-    stdout_path = _SERVER_LOGS.get("stdout")
-    if stdout_path is not None and stdout_path.exists() and stdout_path.stat().st_size:
-        terminalreporter.section("llmservice stdout (tail)")
-        terminalreporter.write_line(_tail(stdout_path, 5_000))
+    for name, path in _SERVER_LOGS.items():
+        if not path.exists() or not path.stat().st_size:
+            continue
+        terminalreporter.section(f"{name} (tail)")
+        terminalreporter.write_line(f"full log: {path}")
+        terminalreporter.write_line(_tail(path, LOG_TAIL_CHARS if "stderr" in name else 5_000))

@@ -241,6 +241,27 @@ impl From<ModelError> for ApiError {
 
 /// An upstream's refusal keeps its status and its own error; its failure is
 /// ours to report as a bad gateway; no replica at all is a 503.
+/// An error code of OpenAI's API or of ours, as a static name.
+fn known_code(code: &str) -> Option<&'static str> {
+    const KNOWN: &[&str] = &[
+        "context_length_exceeded",
+        "invalid_api_key",
+        "invalid_value",
+        "invalid_grammar",
+        "model_not_found",
+        "model_loading",
+        "model_load_failed",
+        "queue_full",
+        "queue_timeout",
+        "rate_limit_exceeded",
+        "insufficient_quota",
+        "string_above_max_length",
+        "unsupported_parameter",
+        "unsupported_value",
+    ];
+    KNOWN.iter().copied().find(|k| *k == code)
+}
+
 impl From<UpstreamError> for ApiError {
     fn from(error: UpstreamError) -> Self {
         match error {
@@ -252,8 +273,9 @@ impl From<UpstreamError> for ApiError {
                 ..
             } => Self {
                 param,
-                // Codes are static in our errors; the upstream's is in its message.
-                code: code.map(|_| "upstream_refused"),
+                // OpenAI's codes (and ours) keep their meaning for clients that
+                // branch on them; any other is named in the message.
+                code: code.map(|c| known_code(&c).unwrap_or("upstream_refused")),
                 ..Self::new(
                     StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
                     "invalid_request_error",

@@ -65,21 +65,58 @@ pub fn key_for(
     })))
 }
 
-/// The model file's identity, not just its name: a replaced model must not
-/// answer from the old one's cache.
+/// The model file's identity by content, not by name or place: a replaced
+/// model must not answer from the old one's cache, and replicas sharing a
+/// cache (`CACHE_URL`) must agree on the key wherever their copy lies and
+/// whenever it was written. Its length and a SHA-256 of its first and last
+/// MiB (metadata, tokenizer and weights at both ends), read once per file
+/// version and remembered.
 fn file_identity(entry: &ModelEntry) -> Option<Value> {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+    type Version = (std::path::PathBuf, u64, std::time::SystemTime);
+    static SEEN: LazyLock<Mutex<HashMap<Version, String>>> = LazyLock::new(Default::default);
+
     if let Some(upstream) = &entry.upstream {
         return Some(upstream.identity());
     }
     let m = std::fs::metadata(&entry.path).ok()?;
-    let modified = m
-        .modified()
+    let version = (entry.path.clone(), m.len(), m.modified().ok()?);
+    let known = SEEN
+        .lock()
         .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    Some(
-        json!({"path": entry.path.display().to_string(), "len": m.len(), "modified": modified.to_string()}),
-    )
+        .and_then(|seen| seen.get(&version).cloned());
+    let digest = match known {
+        Some(digest) => digest,
+        None => {
+            let digest = sample_digest(&entry.path, m.len())?;
+            if let Ok(mut seen) = SEEN.lock() {
+                seen.insert(version, digest.clone());
+            }
+            digest
+        }
+    };
+    Some(json!({"len": m.len(), "sha256_ends": digest}))
+}
+
+/// SHA-256 of a file's first and last MiB (all of it when smaller).
+fn sample_digest(path: &std::path::Path, len: u64) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    const END: u64 = 1 << 20;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hasher = Sha256::new();
+    let mut buf = Vec::with_capacity(END as usize);
+    file.by_ref().take(END).read_to_end(&mut buf).ok()?;
+    hasher.update(&buf);
+    if len > END {
+        buf.clear();
+        file.seek(SeekFrom::Start(len.saturating_sub(END).max(END)))
+            .ok()?;
+        file.take(END).read_to_end(&mut buf).ok()?;
+        hasher.update(&buf);
+    }
+    Some(format!("{:x}", hasher.finalize()))
 }
 
 /// The key for a deterministic request (embeddings, rerank): the model file and

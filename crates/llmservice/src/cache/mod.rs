@@ -15,6 +15,7 @@
 //! `tokio::task::spawn_blocking` (hold the cache in an `Arc`).
 
 mod disk;
+mod redis;
 #[cfg(test)]
 mod tests;
 
@@ -32,6 +33,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use disk::DiskTier;
+pub use redis::RedisState;
+use redis::RedisTier;
 
 /// Cache configuration, from the environment names the earlier services used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +51,9 @@ pub struct CacheSettings {
     pub dir: PathBuf,
     /// `CACHE_ALL` (default false): also cache sampled (non-deterministic) requests.
     pub cache_all: bool,
+    /// `CACHE_URL` (`redis://...`): a cache shared by several replicas,
+    /// behind the memory tier.
+    pub url: Option<String>,
 }
 
 /// Whether a request may be served from (and stored in) the cache: only when
@@ -167,6 +173,8 @@ pub struct CacheStats {
     /// Serialized JSON bytes held by the memory tier.
     pub bytes: u64,
     pub disk: DiskState,
+    /// The shared tier (`CACHE_URL`).
+    pub redis: RedisState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -237,6 +245,8 @@ pub struct ResponseCache {
     memory: Option<Cache<String, Arc<MemEntry>>>,
     /// `None` when persistence is off; present but disabled after an error.
     disk: Option<DiskTier>,
+    /// `None` without `CACHE_URL`.
+    shared: Option<RedisTier>,
     counters: Arc<Counters>,
 }
 
@@ -264,10 +274,22 @@ impl ResponseCache {
         } else {
             (None, None)
         };
+        let shared = settings
+            .url
+            .as_deref()
+            .filter(|_| settings.enabled)
+            .and_then(|url| match RedisTier::open(url, settings.ttl) {
+                Ok(tier) => Some(tier),
+                Err(error) => {
+                    tracing::error!(%error, "response cache: CACHE_URL unusable; no shared tier");
+                    None
+                }
+            });
         ResponseCache {
             settings,
             memory,
             disk,
+            shared,
             counters,
         }
     }
@@ -280,12 +302,19 @@ impl ResponseCache {
         self.memory.is_some()
     }
 
-    /// The stored answer for `key`, from memory or else from disk.
+    /// The stored answer for `key`, from memory, else Redis, else disk.
     pub fn get(&self, key: &CacheKey) -> Option<CachedResponse> {
         let memory = self.memory.as_ref()?;
         if let Some(entry) = memory.get(key.as_str()) {
             self.counters.hits.fetch_add(1, Relaxed);
             return Some(entry.response.clone());
+        }
+        if let Some(found) = self
+            .shared
+            .as_ref()
+            .and_then(|r| self.get_from_redis(memory, r, key))
+        {
+            return Some(found);
         }
         if let Some(found) = self
             .disk
@@ -329,7 +358,37 @@ impl ResponseCache {
         Some(response)
     }
 
-    /// Stores `value` under `key` in both tiers (a no-op when disabled).
+    fn get_from_redis(
+        &self,
+        memory: &Cache<String, Arc<MemEntry>>,
+        shared: &RedisTier,
+        key: &CacheKey,
+    ) -> Option<CachedResponse> {
+        let (value, left_ms) = shared.get(key.as_str())?;
+        let Ok(response) = serde_json::from_slice::<CachedResponse>(&value) else {
+            // Another build's format, or not ours: a miss.
+            tracing::warn!(key = %key, "response cache: undecodable Redis value ignored");
+            return None;
+        };
+        let size = value.len() as u64;
+        self.counters.bytes.fetch_add(size, Relaxed);
+        // Kept in memory for what it has left in Redis, not a fresh TTL.
+        let ttl_ms = i64::try_from(self.settings.ttl.as_millis()).unwrap_or(i64::MAX);
+        let left_ms = i64::try_from(left_ms).unwrap_or(ttl_ms).min(ttl_ms);
+        memory.insert(
+            key.as_str().to_owned(),
+            Arc::new(MemEntry {
+                response: response.clone(),
+                size,
+                stored_ms: now_ms() - (ttl_ms - left_ms),
+            }),
+        );
+        self.counters.hits.fetch_add(1, Relaxed);
+        shared.hits.fetch_add(1, Relaxed);
+        Some(response)
+    }
+
+    /// Stores `value` under `key` in every tier (a no-op when disabled).
     pub fn put(&self, key: &CacheKey, value: CachedResponse) {
         let Some(memory) = &self.memory else { return };
         let bytes = match serde_json::to_vec(&value) {
@@ -339,6 +398,11 @@ impl ResponseCache {
                 return;
             }
         };
+        // Shared first: once the memory tier shows the entry, the other
+        // replicas can read it too.
+        if let Some(shared) = &self.shared {
+            shared.put(key.as_str(), &bytes);
+        }
         let now = now_ms();
         let size = bytes.len() as u64;
         // Counted before the insert: moka may evict the new entry inside
@@ -355,6 +419,11 @@ impl ResponseCache {
         if let Some(disk) = &self.disk {
             disk.put(key.as_str(), &bytes, now);
         }
+    }
+
+    /// The shared tier's URL (password hidden), without touching any tier.
+    pub fn shared_url(&self) -> Option<String> {
+        self.shared.as_ref().and_then(|r| r.state().url)
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -389,6 +458,16 @@ impl ResponseCache {
             evictions: self.counters.evictions.load(Relaxed),
             bytes: self.counters.bytes.load(Relaxed),
             disk,
+            redis: self.shared.as_ref().map_or(
+                RedisState {
+                    enabled: false,
+                    url: None,
+                    error: None,
+                    hits: 0,
+                    errors: 0,
+                },
+                RedisTier::state,
+            ),
         }
     }
 
@@ -403,7 +482,7 @@ impl ResponseCache {
         }
     }
 
-    /// Drops every entry from both tiers. Counters are kept: they describe the
+    /// Drops every entry from every tier (Redis's too: the replicas share it). Counters are kept: they describe the
     /// process, not the current contents.
     pub fn clear(&self) {
         if let Some(memory) = &self.memory {
@@ -412,6 +491,9 @@ impl ResponseCache {
         }
         if let Some(disk) = &self.disk {
             disk.clear();
+        }
+        if let Some(shared) = &self.shared {
+            shared.clear();
         }
     }
 }

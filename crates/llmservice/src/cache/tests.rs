@@ -16,6 +16,7 @@ pub(super) fn settings(dir: &Path) -> CacheSettings {
         persist_to_disk: true,
         dir: dir.to_path_buf(),
         cache_all: false,
+        url: None,
     }
 }
 
@@ -120,6 +121,7 @@ fn settings_defaults() {
             persist_to_disk: false,
             dir: PathBuf::from("/data/cache"),
             cache_all: false,
+            url: None,
         }
     );
     // Empty values are treated as unset.

@@ -681,10 +681,34 @@ impl Registry {
         entry.ready_upstream(wait).await.transpose()
     }
 
+    /// The tiers served upstream (`openai`, and managed children).
+    pub fn upstream_tiers(&self) -> Vec<Arc<ModelEntry>> {
+        self.tiers
+            .iter()
+            .filter(|e| e.upstream.is_some())
+            .cloned()
+            .collect()
+    }
+
     /// Stops every managed tier's child (at exit), whatever it is doing.
     pub async fn stop_children(&self) {
         let children = self.tiers.iter().filter_map(|e| e.managed.clone());
         futures_util::future::join_all(children.map(|c| async move { c.stop().await })).await;
+    }
+
+    /// Makes the model ready to serve: its engine loaded here, or its
+    /// upstream (a managed child started).
+    pub async fn ready(
+        self: &Arc<Self>,
+        entry: &Arc<ModelEntry>,
+        wait: bool,
+    ) -> Result<(), ModelError> {
+        if entry.upstream.is_some() {
+            self.upstream(entry, wait).await?;
+        } else {
+            self.engine(entry, wait).await?;
+        }
+        Ok(())
     }
 
     /// Loads (`load`) or unloads a model on an operator's word: an engine

@@ -259,6 +259,23 @@ impl CacheSettings {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| data_dir.join("cache")),
             cache_all: parse_bool(&env, "CACHE_ALL")?.unwrap_or(false),
+            url: match env.get("CACHE_URL").filter(|u| !u.trim().is_empty()) {
+                Some(url) => {
+                    let url = url.trim().to_owned();
+                    if !url.starts_with("redis://")
+                        && !url.starts_with("redis+unix://")
+                        && !url.starts_with("unix://")
+                    {
+                        return Err(ConfigError::new(
+                            "CACHE_URL",
+                            &url,
+                            "a redis:// URL (redis://host:6379/0); TLS (rediss://) is not built in",
+                        ));
+                    }
+                    Some(url)
+                }
+                None => None,
+            },
         })
     }
 }

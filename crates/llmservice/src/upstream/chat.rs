@@ -60,6 +60,7 @@ async fn events(
     deltas: Deltas,
 ) -> Result<impl Stream<Item = Events> + Send + 'static, UpstreamError> {
     let mut body = strip_nulls(body);
+    let stops = stop_list(&body);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     let (response, place) = upstream.post(path, &body).await?;
@@ -106,7 +107,7 @@ async fn events(
                     yield (index as u32, Ok(ChoiceEvent::Delta(delta, Vec::new())));
                 }
                 if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-                    finish[index] = Some(if reason == "length" { FinishReason::Length } else { FinishReason::Stop });
+                    finish[index] = Some(finish_reason(reason, choice, &stops));
                 }
             }
         }
@@ -122,6 +123,33 @@ async fn events(
             yield (index as u32, Ok(ChoiceEvent::Done(reason.unwrap_or(FinishReason::Stop), usage)));
         }
     })
+}
+
+/// The request's stop strings (`stop`: one or a list).
+fn stop_list(body: &Value) -> Vec<String> {
+    match body.get("stop") {
+        Some(Value::String(one)) => vec![one.clone()],
+        Some(Value::Array(many)) => many
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A choice's finish. Which stop string ended it is known when the upstream
+/// says so as vLLM does (`stop_reason`: the string); Anthropic's Messages API
+/// names it.
+fn finish_reason(reason: &str, choice: &Value, stops: &[String]) -> FinishReason {
+    if reason == "length" {
+        return FinishReason::Length;
+    }
+    choice
+        .get("stop_reason")
+        .and_then(Value::as_str)
+        .and_then(|matched| stops.iter().position(|s| s == matched))
+        .map_or(FinishReason::Stop, FinishReason::StopString)
 }
 
 fn usage_of(u: &Value) -> Usage {
@@ -218,6 +246,21 @@ mod tests {
         );
         let legacy = json!({"delta": {"function_call": {"name": "f", "arguments": "{}"}}});
         assert_eq!(chat_deltas(&legacy, &mut HashSet::new()).len(), 2);
+    }
+
+    #[test]
+    fn a_stop_string_named_by_the_upstream_is_kept() {
+        let body = json!({"stop": ["never", "e"]});
+        let stops = stop_list(&body);
+        let vllm = json!({"finish_reason": "stop", "stop_reason": "e"});
+        assert_eq!(
+            finish_reason("stop", &vllm, &stops),
+            FinishReason::StopString(1)
+        );
+        let eos = json!({"finish_reason": "stop", "stop_reason": null});
+        assert_eq!(finish_reason("stop", &eos, &stops), FinishReason::Stop);
+        assert_eq!(finish_reason("length", &vllm, &stops), FinishReason::Length);
+        assert_eq!(stop_list(&json!({"stop": "x"})), ["x"]);
     }
 
     #[test]

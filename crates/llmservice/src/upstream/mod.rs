@@ -264,6 +264,28 @@ impl Upstream {
         Err(UpstreamError::Unavailable(last))
     }
 
+    /// `POST /embeddings` for `requested` (the client's model name): the
+    /// upstream's answer as it is.
+    pub async fn embeddings(
+        self: &Arc<Self>,
+        requested: &str,
+        input: Value,
+        dimensions: Option<u32>,
+        encoding_format: Option<&str>,
+    ) -> Result<Value, UpstreamError> {
+        let mut body = serde_json::json!({"model": self.model_for(requested), "input": input});
+        if let Some(d) = dimensions {
+            body["dimensions"] = d.into();
+        }
+        if let Some(format) = encoding_format {
+            body["encoding_format"] = format.into();
+        }
+        let (response, _place) = self.post("/embeddings", &body).await?;
+        response.json().await.map_err(|e| {
+            UpstreamError::Failed(format!("not an embeddings answer: {}", e.without_url()))
+        })
+    }
+
     /// Checks every replica now (`GET {base}/models`).
     pub async fn check_all(&self) {
         let checks = self.replicas.iter().map(|replica| async move {

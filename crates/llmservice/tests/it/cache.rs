@@ -278,3 +278,137 @@ async fn the_disk_tier_survives_a_restart_and_a_corrupt_file_is_bypassed() {
         "the memory tier still works"
     );
 }
+
+/// A `redis-server` of the test's own on a free loopback port (Debian's
+/// package; `.ci/run` installs it), without persistence.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(port: Option<u16>) -> Self {
+        let port = port.unwrap_or_else(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        });
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server is needed for the shared cache's tests (apt install redis-server)",
+            );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Seed 003's scaling note: replicas behind a load balancer share answers
+/// through Redis (`CACHE_URL`), each with its memory tier in front; Redis
+/// going away costs speed, never a request.
+#[tokio::test]
+async fn replicas_share_answers_through_redis_and_an_outage_costs_only_speed() {
+    let mut redis = Redis::start(None);
+    let url = redis.url();
+    let replica = || TestApp::new(&[("ENABLE_CACHE", "true"), ("CACHE_URL", &url)]);
+    let (a, b) = (replica(), replica());
+    let (status, headers, first) = a.post("/v1/chat/completions", greedy()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(headers["x-llmservice-cache"], "miss");
+    wait_for_entries(&a, 1).await;
+    // The other replica answers from Redis without generating.
+    let (status, headers, shared) = b.post("/v1/chat/completions", greedy()).await;
+    assert_eq!(status, 200, "{shared}");
+    assert_eq!(headers["x-llmservice-cache"], "hit");
+    assert_eq!(shared["choices"], first["choices"]);
+    assert!(
+        b.state
+            .registry
+            .resolve("light")
+            .unwrap()
+            .loaded_engine()
+            .is_none(),
+        "b never loaded the model"
+    );
+    let (_, stats) = b.get("/internal/cache/stats").await;
+    assert_eq!(stats["redis"]["hits"], 1, "{stats}");
+    assert_eq!(stats["redis"]["url"], url);
+
+    // Redis goes away: b answers from its memory tier, a new question is
+    // generated and cached locally, and no request fails.
+    redis.stop();
+    let (_, headers, _) = b.post("/v1/chat/completions", greedy()).await;
+    assert_eq!(headers["x-llmservice-cache"], "hit");
+    let mut other = greedy();
+    other["messages"][0]["content"] = json!("Name three animals.");
+    for expected in ["miss", "hit"] {
+        let (status, headers, answer) = a.post("/v1/chat/completions", other.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(headers["x-llmservice-cache"], expected);
+    }
+    let (_, stats) = a.get("/internal/cache/stats").await;
+    assert!(stats["redis"]["error"].is_string(), "{stats}");
+
+    // Back again (after the tier's pause), it is shared again.
+    let _redis = Redis::start(Some(redis.port));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut third = greedy();
+    third["messages"][0]["content"] = json!("Name three fruits.");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut asked = 2;
+    loop {
+        let (status, _, answer) = a.post("/v1/chat/completions", third.clone()).await;
+        asked += 1;
+        assert_eq!(status, 200, "{answer}");
+        let (_, stats) = a.get("/internal/cache/stats").await;
+        if stats["redis"]["error"].is_null() {
+            break;
+        }
+        // Still paused: a fresh question finds out whether Redis is back.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis never came back: {stats}"
+        );
+        third["messages"][0]["content"] = json!(format!(
+            "{} Again.",
+            third["messages"][0]["content"].as_str().unwrap()
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Stored after the answer went out: in Redis once a's memory has it.
+    wait_for_entries(&a, asked).await;
+    let (_, headers, _) = b.post("/v1/chat/completions", third).await;
+    let (_, stats_b) = b.get("/internal/cache/stats").await;
+    let (_, stats_a) = a.get("/internal/cache/stats").await;
+    assert_eq!(
+        headers["x-llmservice-cache"], "hit",
+        "shared again after the outage: {stats_a} {stats_b} {asked}"
+    );
+}

@@ -228,6 +228,12 @@ async fn replicas_share_the_load_and_a_dead_one_is_skipped() {
         medium["state"], "loaded",
         "one replica still answers: {medium}"
     );
+    let (_, health) = front.get("/health").await;
+    let upstream = &health["upstreams"][0];
+    assert_eq!(upstream["state"], "loaded", "{health}");
+    assert_eq!(upstream["replicas"], 2);
+    assert_eq!(upstream["healthy_replicas"], 1);
+    assert!(upstream["error"].as_str().is_some(), "{health}");
 }
 
 #[tokio::test]
@@ -341,6 +347,9 @@ async fn a_managed_child_starts_on_use_restarts_when_killed_and_stops_on_unload(
     let pid = listed["upstream"]["child_pid"]
         .as_u64()
         .expect("a running child");
+    let (_, health) = front.get("/health").await;
+    assert_eq!(health["upstreams"][0]["managed"], true, "{health}");
+    assert_eq!(health["upstreams"][0]["state"], "loaded", "{health}");
     let alive = |pid: u64| {
         std::path::Path::new(&format!("/proc/{pid}")).exists()
             && !std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -116,26 +116,15 @@ async fn upstream_embeddings(
             "sparse and ColBERT embeddings come from models loaded here, not from an upstream tier",
         ));
     }
-    let mut body = json!({
-        "model": upstream.model_for(&req.model),
-        "input": serde_json::to_value(&req.input).unwrap_or_default(),
-    });
-    if let Some(d) = dimensions {
-        body["dimensions"] = d.into();
-    }
-    if let Some(format) = &req.encoding_format {
-        body["encoding_format"] = format.clone().into();
-    }
-    let (response, _place) = upstream
-        .post("/embeddings", &body)
-        .await
-        .map_err(ApiError::from)?;
-    let mut answer: Value = response.json().await.map_err(|e| {
-        ApiError::from(crate::upstream::UpstreamError::Failed(format!(
-            "not an embeddings answer: {}",
-            e.without_url()
-        )))
-    })?;
+    let input = serde_json::to_value(&req.input).unwrap_or_default();
+    let mut answer = upstream
+        .embeddings(
+            &req.model,
+            input,
+            dimensions,
+            req.encoding_format.as_deref(),
+        )
+        .await?;
     answer["model"] = req.model.clone().into();
     Ok(answer)
 }

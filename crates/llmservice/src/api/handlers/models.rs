@@ -21,11 +21,36 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         .iter()
         .map(|e| json!({"id": e.id, "kind": e.kind.as_str()}))
         .collect();
-    Json(json!({
+    let mut health = json!({
         "status": "healthy",
         "timestamp": chrono::Local::now().naive_local().format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
         "models": loaded,
-    }))
+    });
+    // Tiers served elsewhere: whether their replicas (or our child) answer.
+    let upstreams: Vec<Value> = state
+        .registry
+        .upstream_tiers()
+        .iter()
+        .map(|e| {
+            let replicas = e
+                .upstream
+                .as_ref()
+                .map(|u| u.replicas())
+                .unwrap_or_default();
+            json!({
+                "id": e.id,
+                "state": e.state().as_str(),
+                "managed": e.managed.is_some(),
+                "replicas": replicas.len(),
+                "healthy_replicas": replicas.iter().filter(|r| r.1).count(),
+                "error": e.last_error(),
+            })
+        })
+        .collect();
+    if !upstreams.is_empty() {
+        health["upstreams"] = upstreams.into();
+    }
+    Json(health)
 }
 
 fn model_object(entry: &ModelEntry) -> ModelObject {

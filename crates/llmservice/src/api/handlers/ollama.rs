@@ -89,6 +89,9 @@ pub async fn show(
         .or(req.name)
         .ok_or_else(|| ApiError::invalid("model", "model is required"))?;
     let entry = state.registry.resolve_async(model_name(&name)).await?;
+    if entry.upstream.is_some() {
+        return show_upstream(&state, &headers, entry).await;
+    }
     let engine = state
         .registry
         .engine(&entry, wants_to_wait(&headers))
@@ -126,6 +129,30 @@ pub async fn show(
             "context_length": info.n_ctx,
             "embedding_length": info.n_embd,
         }),
+        capabilities,
+        modified_at: modified_at(&entry),
+    }))
+}
+
+/// `/api/show` for a model served upstream: what is known here (its
+/// template and weights are the upstream's own).
+async fn show_upstream(
+    state: &AppState,
+    headers: &HeaderMap,
+    entry: Arc<ModelEntry>,
+) -> Result<axum::Json<OllamaShow>, OllamaError> {
+    state.registry.ready(&entry, wants_to_wait(headers)).await?;
+    let capabilities = match entry.kind {
+        // Tools are passed through; the upstream answers for them.
+        engine::ModelKind::Chat => vec!["completion", "tools"],
+        engine::ModelKind::Embedding | engine::ModelKind::Reranker => vec!["embedding"],
+    };
+    Ok(axum::Json(OllamaShow {
+        modelfile: String::new(),
+        parameters: String::new(),
+        template: String::new(),
+        details: details(&entry),
+        model_info: json!({"general.architecture": "upstream"}),
         capabilities,
         modified_at: modified_at(&entry),
     }))
@@ -255,6 +282,25 @@ async fn embed_texts(
     }
     let entry = super::resolve(state, model_name(model)).await?;
     require_kind(&entry, engine::ModelKind::Embedding, "/api/embed")?;
+    if let Some(upstream) = state
+        .registry
+        .upstream(&entry, wants_to_wait(headers))
+        .await?
+    {
+        let input = serde_json::to_value(input).unwrap_or_default();
+        let answer = upstream
+            .embeddings(model_name(model), input, dimensions, None)
+            .await?;
+        let vectors = answer["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| serde_json::from_value::<Vec<f32>>(d["embedding"].clone()).unwrap_or_default())
+            .collect();
+        let tokens = answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32;
+        log_encoded(state, caller, &entry.id, "ollama_embed", tokens, started);
+        return Ok((vectors, tokens));
+    }
     let engine = state
         .registry
         .engine(&entry, wants_to_wait(headers))
@@ -292,7 +338,7 @@ async fn embed_texts(
     Ok((vectors, tokens))
 }
 
-#[utoipa::path(post, path = "/api/pull", request_body = OllamaShowRequest, responses((status = 200, description = "The model is here already: `{status: \"success\"}` (an NDJSON line unless `stream: false`)"), (status = 400, description = "No model named: `{error}`"), (status = 404, description = "Not here: `{error}` says where models come from (downloads from the Hub are not served yet)")))]
+#[utoipa::path(post, path = "/api/pull", request_body = OllamaShowRequest, responses((status = 200, description = "The model is here already: `{status: \"success\"}` (an NDJSON line unless `stream: false`)"), (status = 400, description = "No model named: `{error}`"), (status = 404, description = "Not here: `{error}` says where models come from (`llmservice pull` and the dashboard download from the Hub)")))]
 pub async fn pull(
     State(state): State<AppState>,
     body: Result<Json<OllamaShowRequest>, ApiError>,
@@ -305,8 +351,9 @@ pub async fn pull(
     // Clients pull before they use a model: one already here is a success.
     if let Err(error) = state.registry.resolve_async(model_name(&name)).await {
         let message = format!(
-            "{}; downloading models is not supported yet: put GGUF files in MODELS_DIR \
-             (or set {{TIER}}_MODEL_PATH) and they are listed by /api/tags",
+            "{}; Ollama's library is not served here: download a GGUF from the Hugging Face Hub \
+             with `llmservice pull OWNER/REPO:QUANT` or the dashboard's Models page, or put \
+             GGUF files in MODELS_DIR (or set {{TIER}}_MODEL_PATH); they are listed by /api/tags",
             ApiError::from(error).message
         );
         return Err(ApiError {
@@ -404,7 +451,7 @@ async fn load_or_unload(
     } else {
         state
             .registry
-            .engine(&entry, wants_to_wait(&headers))
+            .ready(&entry, wants_to_wait(&headers))
             .await?;
         "load"
     };

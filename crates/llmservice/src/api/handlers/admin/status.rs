@@ -162,6 +162,8 @@ pub struct ServerSettings {
     pub cache_max_entries: u64,
     pub cache_ttl_seconds: u64,
     pub cache_persist_to_disk: bool,
+    /// The shared tier (`CACHE_URL`, its password hidden), if any.
+    pub cache_shared: Option<String>,
     pub max_loaded_models: Option<usize>,
     pub analytics_retention_days: u64,
 }
@@ -182,12 +184,13 @@ pub async fn settings(State(state): State<AppState>) -> axum::Json<ServerSetting
         cache_max_entries: s.cache.max_entries,
         cache_ttl_seconds: s.cache.ttl.as_secs(),
         cache_persist_to_disk: s.cache.persist_to_disk,
+        cache_shared: state.cache.shared_url(),
         max_loaded_models: s.max_loaded_models,
         analytics_retention_days: s.analytics_retention.as_secs() / 86400,
     })
 }
 
-#[utoipa::path(post, path = "/admin/api/cache/flush", operation_id = "admin_flush_cache", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Every cached answer dropped, from memory and disk; the counters since start are kept"), (status = 401, description = "No operator key", body = ErrorResponse)))]
+#[utoipa::path(post, path = "/admin/api/cache/flush", operation_id = "admin_flush_cache", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Every cached answer dropped, from memory, disk and the shared Redis; the counters since start are kept"), (status = 401, description = "No operator key", body = ErrorResponse)))]
 pub async fn flush_cache(
     State(state): State<AppState>,
 ) -> Result<axum::Json<CacheStats>, ApiError> {
