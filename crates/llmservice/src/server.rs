@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
@@ -73,6 +74,14 @@ pub async fn serve(mut settings: Settings) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let idle_limit = settings.shutdown_timeout;
+    // Answers go out in several writes (headers, then SSE events): without
+    // TCP_NODELAY, Nagle's algorithm holds each small write until the
+    // client's delayed ACK, up to 40 ms a response.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set on a connection");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         tokio::select! {
             () = shutdown_signal() => {},

@@ -41,6 +41,11 @@ pub struct ChatCompletionRequest {
     /// and give the model the numbered sources (`/v1/rag/chat` for any OpenAI
     /// client); the answer carries them in `sources`.
     pub rag: Option<super::RagOptions>,
+    /// Fields this server does not read: ignored here, passed on to an
+    /// upstream tier (vLLM's `guided_json`, `top_a`, ...).
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// A call in an answer: `{id, type: "function", function: {name, arguments}}`.
@@ -225,5 +230,30 @@ impl ChatLogprobs {
                     .collect(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::ChatCompletionRequest;
+
+    /// What an upstream tier is sent: the client's fields, ours and those we
+    /// do not know alike (sampling fields stay in `sampling`).
+    #[test]
+    fn fields_we_do_not_read_are_kept_for_an_upstream() {
+        let sent = json!({"model": "m", "messages": [], "temperature": 0.5,
+                          "grammar": "root ::= \"a\"", "guided_json": {"type": "object"}, "top_a": 0.1});
+        let req: ChatCompletionRequest = serde_json::from_value(sent).unwrap();
+        assert_eq!(req.sampling.temperature, Some(0.5));
+        assert_eq!(
+            req.extra.keys().collect::<Vec<_>>(),
+            ["guided_json", "top_a"]
+        );
+        let forwarded = serde_json::to_value(&req).unwrap();
+        assert_eq!(forwarded["guided_json"], json!({"type": "object"}));
+        assert_eq!(forwarded["grammar"], "root ::= \"a\"");
+        assert_eq!(forwarded["temperature"], 0.5);
     }
 }

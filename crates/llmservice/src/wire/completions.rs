@@ -19,6 +19,11 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<u32>,
+    /// Fields this server does not read: ignored here, passed on to an
+    /// upstream tier.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
 }
 
 /// OpenAI's legacy logprobs: parallel arrays, offsets into the choice's text.

@@ -56,7 +56,12 @@ pub async fn completions(
         &entry,
         &req.sampling,
         &entry.defaults(),
-        serde_json::json!({"prompt": serde_json::to_value(&req.prompt).unwrap_or_default(), "echo": req.echo}),
+        serde_json::json!({
+            "prompt": serde_json::to_value(&req.prompt).unwrap_or_default(),
+            "echo": req.echo,
+            // Fields we do not read change an upstream's answer, not ours.
+            "upstream_fields": entry.upstream.as_ref().map(|_| &req.extra),
+        }),
     );
     let replayed = response_cache::replay_completion(
         &state.cache,

@@ -67,7 +67,11 @@ pub(super) fn cache_key(
     if job.builtins {
         return None;
     }
-    let payload = job.cache_payload(chat);
+    let mut payload = job.cache_payload(chat);
+    // Fields we do not read change an upstream's answer, not ours.
+    if entry.upstream.is_some() && !chat.extra.is_empty() {
+        payload["upstream_fields"] = chat.extra.clone().into();
+    }
     response_cache::key_for(
         &state.cache,
         "chat",
