@@ -13,6 +13,7 @@
 
 pub mod analytics;
 pub mod api;
+pub mod backoff;
 pub mod bench;
 pub mod cache;
 pub mod chat;

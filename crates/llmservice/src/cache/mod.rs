@@ -458,16 +458,11 @@ impl ResponseCache {
             evictions: self.counters.evictions.load(Relaxed),
             bytes: self.counters.bytes.load(Relaxed),
             disk,
-            redis: self.shared.as_ref().map_or(
-                RedisState {
-                    enabled: false,
-                    url: None,
-                    error: None,
-                    hits: 0,
-                    errors: 0,
-                },
-                RedisTier::state,
-            ),
+            redis: self
+                .shared
+                .as_ref()
+                .map(RedisTier::state)
+                .unwrap_or_default(),
         }
     }
 

@@ -13,6 +13,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use redis::{Client, Connection, RedisResult};
+
+use crate::backoff::Backoff;
 use serde::Serialize;
 
 /// What a cache lookup may cost at most before it counts as a miss: far below
@@ -20,12 +22,10 @@ use serde::Serialize;
 const TIMEOUT: Duration = Duration::from_millis(250);
 /// Idle connections kept for reuse (one per concurrent cache call).
 const MAX_IDLE: usize = 16;
-/// The longest pause before a Redis that failed is tried again.
-const MAX_PAUSE: Duration = Duration::from_secs(30);
 const PREFIX: &str = "llmservice:cache:";
 
 /// For `GET /internal/cache/stats`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RedisState {
     /// Configured (the tier may still be down: see `error`).
     pub enabled: bool,
@@ -39,13 +39,6 @@ pub struct RedisState {
     pub errors: u64,
 }
 
-#[derive(Default)]
-struct Health {
-    failures: u32,
-    retry_at: Option<Instant>,
-    error: Option<String>,
-}
-
 pub struct RedisTier {
     client: Client,
     url: String,
@@ -54,7 +47,7 @@ pub struct RedisTier {
     /// timeout and PINGs on every checkout, both wrong for a cache that must
     /// never hold a request up.
     idle: Mutex<Vec<Connection>>,
-    health: Mutex<Health>,
+    health: Mutex<Backoff>,
     pub(super) hits: AtomicU64,
     errors: AtomicU64,
 }
@@ -69,7 +62,7 @@ impl RedisTier {
             url: redacted(url),
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1),
             idle: Mutex::new(Vec::new()),
-            health: Mutex::new(Health::default()),
+            health: Mutex::new(Backoff::default()),
             hits: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         })
@@ -119,7 +112,11 @@ impl RedisTier {
     }
 
     pub fn state(&self) -> RedisState {
-        let error = self.health.lock().ok().and_then(|h| h.error.clone());
+        let error = self
+            .health
+            .lock()
+            .ok()
+            .and_then(|h| h.last_error().map(str::to_owned));
         RedisState {
             enabled: true,
             url: Some(self.url.clone()),
@@ -135,11 +132,7 @@ impl RedisTier {
     /// once before that counts as a failure.
     fn call<T>(&self, f: impl Fn(&mut Connection) -> RedisResult<T>) -> Option<T> {
         let now = Instant::now();
-        if self
-            .health
-            .lock()
-            .is_ok_and(|h| h.retry_at.is_some_and(|at| now < at))
-        {
+        if self.health.lock().is_ok_and(|h| !h.due(now)) {
             return None;
         }
         let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
@@ -182,11 +175,8 @@ impl RedisTier {
     }
 
     fn succeeded(&self) {
-        if let Ok(mut h) = self.health.lock() {
-            if h.failures > 0 {
-                tracing::info!(url = %self.url, "response cache: Redis is back");
-                *h = Health::default();
-            }
+        if self.health.lock().is_ok_and(|mut h| h.succeeded()) {
+            tracing::info!(url = %self.url, "response cache: Redis is back");
         }
     }
 
@@ -196,14 +186,8 @@ impl RedisTier {
         if let Ok(mut idle) = self.idle.lock() {
             idle.clear();
         }
-        if let Ok(mut h) = self.health.lock() {
-            h.failures += 1;
-            let pause = Duration::from_millis(500u64 << h.failures.min(6)).min(MAX_PAUSE);
-            h.retry_at = Some(Instant::now() + pause);
-            if h.failures == 1 {
-                tracing::warn!(url = %self.url, %error, "response cache: Redis failed; serving from the local tiers");
-            }
-            h.error = Some(error.to_owned());
+        if self.health.lock().is_ok_and(|mut h| h.failed(error)) {
+            tracing::warn!(url = %self.url, %error, "response cache: Redis failed; serving from the local tiers");
         }
     }
 }

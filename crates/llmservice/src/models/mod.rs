@@ -213,11 +213,12 @@ impl ModelEntry {
         let Some(managed) = &self.managed else {
             return Some(Ok(upstream));
         };
-        if let Err(reason) = self.backend_available() {
-            return Some(Err(self.failed_load(reason)));
-        }
         if matches!(managed.state(), crate::upstream::ChildState::Running { .. }) {
             return Some(Ok(upstream));
+        }
+        // Read only when a start is due (it looks through PATH).
+        if let Err(reason) = self.backend_available() {
+            return Some(Err(self.failed_load(reason)));
         }
         let start = {
             let managed = managed.clone();
@@ -719,15 +720,10 @@ impl Registry {
         entry: &Arc<ModelEntry>,
         load: bool,
     ) -> Result<(), ModelError> {
-        match (&entry.upstream, &entry.managed, load) {
-            (Some(upstream), None, _) => upstream.check_all().await,
-            (Some(_), Some(_), true) => {
-                self.upstream(entry, true).await?;
-            }
-            (None, _, true) => {
-                self.engine(entry, true).await?;
-            }
-            (_, _, false) => {
+        match (&entry.upstream, &entry.managed) {
+            (Some(upstream), None) => upstream.check_all().await,
+            _ if load => self.ready(entry, true).await?,
+            _ => {
                 entry.unload().await?;
             }
         }

@@ -21,12 +21,11 @@ use serde_json::Value;
 pub use chat::{chat_events, completion_events, strip_nulls};
 pub use managed::{ChildState, Supervisor};
 
+use crate::backoff::Backoff;
 use crate::settings::UpstreamSettings;
 
-/// How often replicas are checked (`GET {base}/models`), and the longest
-/// pause before a failed one is tried again.
+/// How often replicas are checked (`GET {base}/models`).
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Why an upstream request did not give an answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -49,50 +48,31 @@ pub enum UpstreamError {
     Unavailable(String),
 }
 
-#[derive(Debug, Default)]
-struct Health {
-    failures: u32,
-    /// When a failed replica may be tried again.
-    retry_at: Option<Instant>,
-    last_error: Option<String>,
-}
-
 #[derive(Debug)]
 struct Replica {
     base: String,
     in_flight: AtomicUsize,
-    health: Mutex<Health>,
+    health: Mutex<Backoff>,
 }
 
 impl Replica {
     fn healthy(&self) -> bool {
-        self.health.lock().is_ok_and(|h| h.failures == 0)
+        self.health.lock().is_ok_and(|h| h.healthy())
     }
 
     fn due(&self, now: Instant) -> bool {
-        self.health
-            .lock()
-            .is_ok_and(|h| h.retry_at.is_none_or(|at| at <= now))
+        self.health.lock().is_ok_and(|h| h.due(now))
     }
 
     fn succeeded(&self) {
-        if let Ok(mut h) = self.health.lock() {
-            if h.failures > 0 {
-                tracing::info!(upstream = %self.base, "upstream replica is back");
-            }
-            *h = Health::default();
+        if self.health.lock().is_ok_and(|mut h| h.succeeded()) {
+            tracing::info!(upstream = %self.base, "upstream replica is back");
         }
     }
 
     fn failed(&self, error: &str) {
-        if let Ok(mut h) = self.health.lock() {
-            h.failures += 1;
-            let pause = Duration::from_millis(500u64 << h.failures.min(6)).min(MAX_BACKOFF);
-            h.retry_at = Some(Instant::now() + pause);
-            if h.failures == 1 {
-                tracing::warn!(upstream = %self.base, %error, "upstream replica failed; skipping it");
-            }
-            h.last_error = Some(error.to_owned());
+        if self.health.lock().is_ok_and(|mut h| h.failed(error)) {
+            tracing::warn!(upstream = %self.base, %error, "upstream replica failed; skipping it");
         }
     }
 }
@@ -134,7 +114,7 @@ impl Upstream {
                     Arc::new(Replica {
                         base: base.clone(),
                         in_flight: AtomicUsize::new(0),
-                        health: Mutex::new(Health::default()),
+                        health: Mutex::new(Backoff::default()),
                     })
                 })
                 .collect(),
@@ -176,7 +156,11 @@ impl Upstream {
         self.replicas
             .iter()
             .map(|r| {
-                let error = r.health.lock().ok().and_then(|h| h.last_error.clone());
+                let error = r
+                    .health
+                    .lock()
+                    .ok()
+                    .and_then(|h| h.last_error().map(str::to_owned));
                 (
                     r.base.clone(),
                     r.healthy(),
@@ -208,7 +192,7 @@ impl Upstream {
         });
         let mut due: Vec<Arc<Replica>> = due.into_iter().map(|(_, r)| r).collect();
         let mut waiting: Vec<Arc<Replica>> = waiting.into_iter().map(|(_, r)| r).collect();
-        waiting.sort_by_key(|r| r.health.lock().ok().and_then(|h| h.retry_at));
+        waiting.sort_by_key(|r| r.health.lock().ok().and_then(|h| h.retry_at()));
         due.extend(waiting);
         due
     }
