@@ -45,6 +45,8 @@ pub struct EngineConfig {
     /// Serve a generative (decoder) model as an embedding model: its
     /// hidden states mean-pooled and normalized (`{TIER}_EMBEDDING_MODE`).
     pub embedding_mode: bool,
+    /// How greedy sequences guess ahead (`{TIER}_SPECULATIVE`).
+    pub speculation: crate::Speculation,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +65,7 @@ impl Default for EngineConfig {
             queue_timeout: std::time::Duration::from_secs(300),
             chat_template: None,
             embedding_mode: false,
+            speculation: crate::Speculation::default(),
         }
     }
 }
@@ -129,6 +132,7 @@ pub struct Engine {
     /// Where requests go; `None` once the engine is shutting down.
     queue: Option<Queue>,
     queue_timeout: std::time::Duration,
+    speculation: crate::Speculation,
     capacity: Arc<Semaphore>,
     capacity_total: usize,
     stats: Arc<SchedulerStats>,
@@ -296,6 +300,7 @@ impl Engine {
         }
         let parallel = config.parallel.max(1);
         let queue_timeout = config.queue_timeout;
+        let speculation = config.speculation;
         let capacity_total = parallel as usize + config.max_queue;
         let (queue, inbox) = if summary.kind == ModelKind::Chat {
             let (tx, rx) = mpsc::channel(capacity_total);
@@ -350,6 +355,7 @@ impl Engine {
             model,
             queue: Some(queue),
             queue_timeout,
+            speculation,
             capacity: Arc::new(Semaphore::new(capacity_total)),
             capacity_total,
             stats,
@@ -528,6 +534,13 @@ impl Engine {
         seq.special_text = request.special_text;
         seq.logprobs = request.logprobs;
         seq.reuse_prefix = request.sampling.seed.is_none();
+        let greedy = request.sampling.temperature <= 0.0;
+        let guessing =
+            self.speculation == crate::Speculation::Ngram || !request.prediction.is_empty();
+        if greedy && request.speculative && guessing {
+            let prediction = request.prediction.iter().map(|&t| LlamaToken(t)).collect();
+            seq.drafter = Some(crate::speculation::Drafter::with_prediction(prediction));
+        }
         if n > 1 {
             seq.group = Some(crate::sequence::Group {
                 id: first_arrival,

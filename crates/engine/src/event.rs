@@ -21,6 +21,10 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Prompt tokens whose KV was reused from an earlier request instead of recomputed.
     pub cached_tokens: u32,
+    /// Tokens guessed by speculation and checked, and how many of them were kept
+    /// (each kept one is a generated token that needed no step of its own).
+    pub draft_tokens: u32,
+    pub accepted_draft_tokens: u32,
 }
 
 /// A generated token's log-probability under the model, and the most likely alternatives.

@@ -17,6 +17,7 @@ mod request;
 mod sampling;
 mod scheduler;
 mod sequence;
+mod speculation;
 
 pub use backend::{Engine, EngineConfig, ModelInfo};
 
@@ -29,3 +30,4 @@ pub use event::{Event, EventStream, FinishReason, TokenLogprob, Usage};
 pub use gguf::{inspect, GgufSummary, ModelKind};
 pub use request::{GenerateRequest, SamplingParams, TokenId};
 pub use scheduler::SchedulerStats;
+pub use speculation::Speculation;

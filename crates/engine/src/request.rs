@@ -58,6 +58,13 @@ pub struct GenerateRequest {
     pub special_text: bool,
     /// What the output must match, compiled with [`crate::Engine::compile_constraint`].
     pub constraint: Option<crate::CompiledConstraint>,
+    /// Whether this request may use the model's speculation (which never changes
+    /// its tokens; only greedy requests speculate). False opts out.
+    pub speculative: bool,
+    /// Tokens the output is expected to repeat (OpenAI's predicted outputs):
+    /// a greedy request guesses from them whatever the model's speculation
+    /// setting, unless it opted out.
+    pub prediction: Vec<TokenId>,
     /// The request's tracing span: engine-side logs for it are recorded inside it.
     pub span: tracing::Span,
 }

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
@@ -13,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::sequence::Sequence;
+use crate::speculation::{Payoff, TIMED_STREAMS};
 use crate::{EngineError, FinishReason, TokenLogprob};
 
 mod llama;
@@ -35,6 +37,10 @@ pub struct SchedulerStats {
     pub timed_out: AtomicU64,
     /// Choices that copied their prompt's KV from a sibling instead of computing it.
     pub forks: AtomicU64,
+    /// Speculation: guesses checked, tokens guessed, and tokens kept.
+    pub verifications: AtomicU64,
+    pub drafted: AtomicU64,
+    pub draft_accepted: AtomicU64,
 }
 
 /// What the scheduler asks of the model: one batch under construction, the
@@ -97,8 +103,28 @@ pub(crate) struct Scheduler<D: Decoder> {
     /// Set after a preemption: admit nothing new until some sequence frees KV,
     /// or the preempted one would be re-admitted and preempted again forever.
     kv_pressure: bool,
+    /// Whether sequences with a drafter may put guesses in the batch: false for
+    /// the rest of the run once the KV cache could not drop a rejected guess,
+    /// and for one step after a batch with guesses found no KV room.
+    speculate: bool,
+    skip_drafts: bool,
+    /// Whether guesses have been paying for their rows (timed steps).
+    payoff: Payoff,
+    /// The batch being decoded: its generating sequences, and whether it
+    /// also holds prompt rows (such steps are not timed for `payoff`).
+    batch_streams: usize,
+    batch_has_prompt: bool,
     stats: Arc<SchedulerStats>,
 }
+
+/// Rows of a step that guesses may fill, less [`ROWS_PER_STREAM`] for each
+/// generating sequence: one stream guesses up to 16 tokens, four share 4, and
+/// from five streams on the step is busy enough that guesses would cost more
+/// than they save. Below that, [`Payoff`] times the steps and stops guesses
+/// that cost more than they save.
+const SPECULATION_ROWS: usize = 20;
+const ROWS_PER_STREAM: usize = 4;
+const _: () = assert!(SPECULATION_ROWS / ROWS_PER_STREAM == TIMED_STREAMS + 1);
 
 impl<D: Decoder> Scheduler<D> {
     pub fn new(decoder: D, parallel: usize, stats: Arc<SchedulerStats>) -> Self {
@@ -119,6 +145,11 @@ impl<D: Decoder> Scheduler<D> {
             n_ctx,
             clock: 0,
             kv_pressure: false,
+            speculate: true,
+            skip_drafts: false,
+            payoff: Payoff::default(),
+            batch_streams: 0,
+            batch_has_prompt: false,
             stats,
         }
     }
@@ -314,8 +345,15 @@ impl<D: Decoder> Scheduler<D> {
         if !self.fill_batch() {
             return;
         }
+        let started = Instant::now();
+        let guessed = self.has_drafts();
         match self.decoder.decode() {
             Ok(()) => {}
+            Err(DecodeError::NoKvCacheSlot) if self.has_drafts() => {
+                // Guesses are never worth a preemption: retry without them.
+                self.skip_drafts = true;
+                return;
+            }
             Err(DecodeError::NoKvCacheSlot) => return self.make_kv_room(),
             Err(error) => return self.fail_batch(&error.to_string()),
         }
@@ -323,6 +361,7 @@ impl<D: Decoder> Scheduler<D> {
 
         // Leaders that just computed their prompt, to copy to their followers.
         let mut forks = Vec::new();
+        let mut produced = 0;
         for i in 0..self.slots.len() {
             let seq_id = self.slots[i].seq_id;
             let Some(seq) = self.slots[i].active.as_mut() else {
@@ -341,10 +380,25 @@ impl<D: Decoder> Scheduler<D> {
                     cached: seq.cached_tokens,
                 });
             }
+            let drafts = std::mem::take(&mut seq.drafts);
+            let drafts_at = seq.drafts_at;
             self.sample(i, index);
+            produced += 1;
+            if !drafts.is_empty() {
+                produced += self.verify(i, &drafts, drafts_at);
+            }
         }
         for fork in forks {
             self.fork_followers(&fork);
+        }
+        if !self.batch_has_prompt {
+            let losses = self.payoff.losses;
+            let secs = started.elapsed().as_secs_f64();
+            self.payoff
+                .record(self.batch_streams, guessed, secs, produced);
+            if self.payoff.losses > losses {
+                tracing::debug!("guesses cost more than they saved: pausing speculation");
+            }
         }
     }
 
@@ -354,6 +408,26 @@ impl<D: Decoder> Scheduler<D> {
     fn fill_batch(&mut self) -> bool {
         self.decoder.batch_clear();
         let mut budget = self.n_batch;
+        let generating = self
+            .slots
+            .iter()
+            .filter_map(|s| s.active.as_ref())
+            .filter(|s| s.pending() == 1 && !s.awaiting_fork)
+            .count();
+        let could_guess = self.speculate
+            && !self.skip_drafts
+            && self
+                .slots
+                .iter()
+                .filter_map(|s| s.active.as_ref())
+                .any(|s| s.drafter.is_some());
+        let mut guess_rows = if could_guess && self.payoff.allows(generating) {
+            SPECULATION_ROWS.saturating_sub(generating * ROWS_PER_STREAM)
+        } else {
+            0
+        };
+        self.batch_streams = generating;
+        self.skip_drafts = false;
         // Generating sequences first: one token each keeps every stream moving.
         for slot in &mut self.slots {
             let Some(seq) = slot.active.as_mut() else {
@@ -361,11 +435,17 @@ impl<D: Decoder> Scheduler<D> {
             };
             seq.in_batch = 0;
             seq.logits_at = None;
+            seq.drafts.clear();
             if seq.pending() == 1 && !seq.awaiting_fork && budget > 0 {
                 add(&mut self.decoder, seq, slot.seq_id, 1);
                 budget -= 1;
+                let rows = guess_rows.min(budget);
+                let guessed = add_drafts(&mut self.decoder, seq, slot.seq_id, self.n_ctx, rows);
+                budget -= guessed;
+                guess_rows -= guessed;
             }
         }
+        self.batch_has_prompt = false;
         // Then prompt chunks, oldest request first, within what is left of the budget.
         let mut prefilling: Vec<usize> = (0..self.slots.len())
             .filter(|&i| {
@@ -385,6 +465,7 @@ impl<D: Decoder> Scheduler<D> {
             let take = seq.pending().min(budget);
             add(&mut self.decoder, seq, slot.seq_id, take);
             budget -= take;
+            self.batch_has_prompt = true;
         }
         budget < self.n_batch
     }
@@ -447,6 +528,82 @@ impl<D: Decoder> Scheduler<D> {
             tracing::debug!(parent: &seq.span, ?reason, generated = seq.n_generated, "finished");
             self.release(slot_idx, seq);
         }
+    }
+
+    /// Checks the guesses that followed the pending token of the sequence in
+    /// `slot_idx`, whose own token has just been drawn: while the token drawn
+    /// equals the guess at its position, that guess's KV is what plain decoding
+    /// would have computed, so the next token is drawn from the guess's logits.
+    /// The KV of the guesses not kept is dropped.
+    /// Checks the guesses of the sequence in `slot_idx` against what it draws,
+    /// keeps the agreeing prefix and drops the rest's KV; returns how many held.
+    fn verify(&mut self, slot_idx: usize, drafts: &[LlamaToken], drafts_at: i32) -> usize {
+        let seq_id = self.slots[slot_idx].seq_id;
+        let mut accepted = 0;
+        // Positions [.., kv_end) hold KV now: the pending token's and every guess's.
+        let kv_end = match self.slots[slot_idx].active.as_mut() {
+            Some(seq) => {
+                if let Some(drafter) = seq.drafter.as_mut() {
+                    drafter.drafted += drafts.len() as u32;
+                }
+                seq.n_past + drafts.len()
+            }
+            None => self.slots[slot_idx].cached.len() + drafts.len(),
+        };
+        for (j, &draft) in drafts.iter().enumerate() {
+            let Some(seq) = self.slots[slot_idx].active.as_mut() else {
+                break;
+            };
+            if seq.tokens.get(seq.n_past) != Some(&draft) {
+                break;
+            }
+            seq.n_past += 1;
+            accepted += 1;
+            if let Some(drafter) = seq.drafter.as_mut() {
+                drafter.accepted += 1;
+            }
+            self.sample(slot_idx, drafts_at + j as i32);
+        }
+        self.stats.verifications.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .drafted
+            .fetch_add(drafts.len() as u64, Ordering::Relaxed);
+        self.stats
+            .draft_accepted
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+        let slot = &mut self.slots[slot_idx];
+        let kept = match slot.active.as_mut() {
+            Some(seq) => {
+                if let Some(drafter) = seq.drafter.as_mut() {
+                    drafter.adapt(drafts.len(), accepted);
+                }
+                seq.n_past
+            }
+            // It ended: `release` kept exactly the tokens whose KV is valid.
+            None => slot.cached.len(),
+        };
+        if kept < kv_end && !self.decoder.kv_seq_rm(seq_id, Some(kept as u32)) {
+            // This memory cannot drop part of a sequence (recurrent state): start
+            // the sequence's KV afresh (it is recomputed from its tokens) and stop
+            // guessing on this model.
+            tracing::warn!(
+                "the KV cache cannot drop rejected guesses: speculation is off for this model"
+            );
+            self.speculate = false;
+            self.decoder.kv_seq_rm(seq_id, None);
+            match slot.active.as_mut() {
+                Some(seq) => seq.n_past = 0,
+                None => slot.cached.clear(),
+            }
+        }
+        accepted
+    }
+
+    fn has_drafts(&self) -> bool {
+        self.slots
+            .iter()
+            .filter_map(|s| s.active.as_ref())
+            .any(|s| !s.drafts.is_empty())
     }
 
     /// The KV cache is full: free the least valuable space and retry next step.
@@ -562,6 +719,40 @@ fn add<D: Decoder>(decoder: &mut D, seq: &mut Sequence, seq_id: i32, count: usiz
         }
     }
     seq.in_batch = count;
+}
+
+/// Appends up to `rows` guessed tokens after the pending token `add` just put
+/// in the batch for `seq`, each with logits; returns how many. Guesses stop
+/// short of the context's end and of the sequence's token budget (a guess past
+/// the last token it may generate could never be used).
+fn add_drafts<D: Decoder>(
+    decoder: &mut D,
+    seq: &mut Sequence,
+    seq_id: i32,
+    n_ctx: usize,
+    rows: usize,
+) -> usize {
+    // The first token of a request's choices is drawn before followers fork.
+    if rows == 0 || (seq.group.is_some() && seq.n_generated == 0) {
+        return 0;
+    }
+    let Some(drafter) = seq.drafter.as_mut() else {
+        return 0;
+    };
+    let first = seq.n_past + 1;
+    let left = (seq.max_tokens - seq.n_generated) as usize;
+    let limit = rows
+        .min(n_ctx.saturating_sub(first + 1))
+        .min(left.saturating_sub(1));
+    let drafts = drafter.propose(&seq.tokens, seq.n_generated as usize, limit);
+    for (j, &token) in drafts.iter().enumerate() {
+        let index = decoder.batch_add(token, first + j, seq_id, true);
+        if j == 0 {
+            seq.drafts_at = index;
+        }
+    }
+    seq.drafts = drafts;
+    seq.drafts.len()
 }
 
 fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {

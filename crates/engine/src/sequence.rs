@@ -66,6 +66,12 @@ pub(crate) struct Sequence {
     pub in_batch: usize,
     /// Index of this sequence's logits in the batch being decoded, if it asked for them.
     pub logits_at: Option<i32>,
+    /// Prompt-lookup speculation, for a greedy sequence of a model that speculates.
+    pub drafter: Option<crate::speculation::Drafter>,
+    /// Guessed tokens in the batch being decoded, placed after this sequence's
+    /// pending token; their logits are at consecutive indices from `drafts_at`.
+    pub drafts: Vec<LlamaToken>,
+    pub drafts_at: i32,
 }
 
 impl Sequence {
@@ -106,6 +112,9 @@ impl Sequence {
             arrival,
             in_batch: 0,
             logits_at: None,
+            drafter: None,
+            drafts: Vec::new(),
+            drafts_at: 0,
         }
     }
 
@@ -189,6 +198,8 @@ impl Sequence {
             prompt_tokens: self.n_prompt as u32,
             completion_tokens: self.n_generated,
             cached_tokens: self.cached_tokens,
+            draft_tokens: self.drafter.as_ref().map_or(0, |d| d.drafted),
+            accepted_draft_tokens: self.drafter.as_ref().map_or(0, |d| d.accepted),
         }
     }
 

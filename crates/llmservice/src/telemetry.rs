@@ -21,6 +21,7 @@ pub struct Metrics {
     ttft_seconds: HistogramVec,
     inter_token_seconds: HistogramVec,
     queue: IntGaugeVec,
+    speculation: IntCounterVec,
     loaded: IntGaugeVec,
     cache: IntGaugeVec,
     rag: IntGaugeVec,
@@ -105,6 +106,13 @@ impl Metrics {
                 "Sequences per loaded model, by state (active, waiting)",
                 &["model", "state"],
             ),
+            speculation: counter(
+                "speculative_tokens_total",
+                "Speculative decoding per loaded model: guesses checked (checks), tokens \
+                 guessed (drafted) and kept (accepted); accepted / checks is the tokens each \
+                 check saved",
+                &["model", "outcome"],
+            ),
             loaded: gauge(
                 "model_loaded",
                 "1 for each loaded model",
@@ -167,6 +175,7 @@ impl Metrics {
         rag: Option<&rag::Library>,
     ) -> String {
         self.queue.reset();
+        self.speculation.reset();
         self.loaded.reset();
         for entry in models.loaded() {
             self.loaded
@@ -183,6 +192,16 @@ impl Metrics {
                 self.queue
                     .with_label_values(&[&entry.id, "waiting"])
                     .set(load(&stats.waiting));
+                // The engine keeps these counts; a counter here shows them as they are.
+                for (outcome, count) in [
+                    ("checks", &stats.verifications),
+                    ("drafted", &stats.drafted),
+                    ("accepted", &stats.draft_accepted),
+                ] {
+                    self.speculation
+                        .with_label_values(&[&entry.id, outcome])
+                        .inc_by(count.load(std::sync::atomic::Ordering::Relaxed));
+                }
             }
         }
         let cache = cache.stats();

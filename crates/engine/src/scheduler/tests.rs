@@ -49,6 +49,9 @@ enum Draw {
     Fail,
 }
 
+/// A fake language model: the token drawn after a sequence's KV prefix.
+type Language = Box<dyn Fn(&[i32]) -> i32>;
+
 struct Fake {
     n_ctx: usize,
     n_batch: usize,
@@ -68,6 +71,14 @@ struct Fake {
     script: HashMap<u64, VecDeque<Draw>>,
     /// Every draw: (arrival, batch index of the logits, token).
     samples: Vec<(u64, i32, i32)>,
+    /// A language model instead of the script: the token drawn at a position is
+    /// a function of the sequence's KV up to and including that position.
+    model: Option<Language>,
+    /// The KV cache cannot drop part of a sequence (recurrent memory).
+    whole_sequences_only: bool,
+    /// What a decode takes: a fixed cost per step plus a cost per row.
+    step_cost: Duration,
+    row_cost: Duration,
 }
 
 impl Fake {
@@ -83,6 +94,10 @@ impl Fake {
             ops: Vec::new(),
             script: HashMap::new(),
             samples: Vec::new(),
+            model: None,
+            whole_sequences_only: false,
+            step_cost: Duration::ZERO,
+            row_cost: Duration::ZERO,
         }
     }
 
@@ -136,6 +151,10 @@ impl Decoder for Fake {
             held.push(e.token);
         }
         self.decoded.push(self.batch.clone());
+        let cost = self.step_cost + self.row_cost * self.batch.len() as u32;
+        if !cost.is_zero() {
+            std::thread::sleep(cost);
+        }
         Ok(())
     }
 
@@ -146,6 +165,9 @@ impl Decoder for Fake {
 
     fn kv_seq_rm(&mut self, seq_id: i32, from: Option<u32>) -> bool {
         self.ops.push(KvOp::Rm { seq: seq_id, from });
+        if self.whole_sequences_only && from.is_some_and(|f| f > 0) {
+            return false;
+        }
         let held = self.kv.entry(seq_id).or_default();
         held.truncate(from.unwrap_or(0) as usize);
         true
@@ -165,13 +187,17 @@ impl Decoder for Fake {
             batch[index as usize].logits,
             "logits read at {index}, where none were asked for"
         );
-        let draw = self
-            .script
-            .get_mut(&seq.arrival)
-            .and_then(VecDeque::pop_front)
-            .unwrap_or(Draw::Token(
-                1000 * (seq.arrival as i32 + 1) + seq.n_generated as i32,
-            ));
+        let entry = batch[index as usize];
+        let draw = match &self.model {
+            Some(model) => Draw::Token(model(&self.kv[&entry.seq][..=entry.pos])),
+            None => self
+                .script
+                .get_mut(&seq.arrival)
+                .and_then(VecDeque::pop_front)
+                .unwrap_or(Draw::Token(
+                    1000 * (seq.arrival as i32 + 1) + seq.n_generated as i32,
+                )),
+        };
         let (token, grammar_complete) = match draw {
             Draw::Token(t) => (t, false),
             Draw::Completing(t) => (t, true),
@@ -623,6 +649,7 @@ fn a_completed_grammar_or_an_end_token_ends_the_sequence_and_a_failed_one_fails_
                 prompt_tokens: 2,
                 completion_tokens,
                 cached_tokens: 0,
+                ..Usage::default()
             },
         ))
     };
@@ -669,4 +696,226 @@ fn a_failed_decode_fails_the_sequences_in_the_batch_and_drops_their_kv() {
         .slots
         .iter()
         .all(|slot| slot.active.is_none() && slot.cached.is_empty()));
+}
+
+/// A small deterministic language over tokens 3..=10: the next token follows
+/// from the last two, except at positions where `seed` says otherwise (so
+/// guesses copied from earlier text are sometimes wrong), and now and then it
+/// is the end token.
+fn language(seed: u64) -> Language {
+    let mix = |mut x: u64| {
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51afd7ed558ccd);
+        x ^= x >> 33;
+        x
+    };
+    Box::new(move |prefix: &[i32]| {
+        let n = prefix.len();
+        let last = prefix[n - 1] as u64;
+        let before = if n > 1 { prefix[n - 2] as u64 } else { 0 };
+        let h = mix(seed ^ last.wrapping_mul(31) ^ before.wrapping_mul(1009));
+        if h % 61 == 0 {
+            EOG
+        } else if mix(seed.wrapping_add(n as u64)) % 5 == 0 {
+            3 + ((h >> 8) % 8) as i32
+        } else {
+            3 + (h % 8) as i32
+        }
+    })
+}
+
+/// Runs `requests` (prompt, max tokens, stop strings) to the end on a fake
+/// model speaking `language(seed)`, with guesses or without; returns what each
+/// client got and the scheduler's counters.
+fn speak(
+    seed: u64,
+    parallel: usize,
+    kv_cells: usize,
+    requests: &[(Vec<i32>, u32, Vec<String>)],
+    guess: bool,
+    setup: impl FnOnce(&mut Fake),
+) -> (Vec<Received>, Arc<SchedulerStats>) {
+    let stats = Arc::new(SchedulerStats::default());
+    let mut fake = Fake::new(64, kv_cells);
+    fake.model = Some(language(seed));
+    setup(&mut fake);
+    let mut s = Scheduler::new(fake, parallel, stats.clone());
+    let mut clients = Vec::new();
+    for (arrival, (prompt, max_tokens, stops)) in requests.iter().enumerate() {
+        let (tx, rx) = mpsc::channel(*max_tokens as usize + 2);
+        let mut seq = Sequence::new(
+            prompt.iter().map(|&t| LlamaToken(t)).collect(),
+            *max_tokens,
+            stops.clone(),
+            LlamaSampler::greedy(),
+            tx,
+            tracing::Span::none(),
+            arrival as u64,
+        );
+        if guess {
+            seq.drafter = Some(crate::speculation::Drafter::default());
+        }
+        s.waiting.push_back(seq);
+        clients.push(Client(rx));
+    }
+    let mut ticks = 0;
+    while s.has_work() {
+        s.tick();
+        ticks += 1;
+        assert!(ticks < 10_000, "the scheduler does not finish");
+    }
+    let received = clients.iter_mut().map(Client::received).collect();
+    (received, stats)
+}
+
+/// What must not change with guessing: the text, how it ended, the token counts.
+fn outcome(received: &[Received]) -> Vec<(String, Option<FinishReason>, Option<u32>)> {
+    received
+        .iter()
+        .map(|r| {
+            assert_eq!(r.error, None);
+            (
+                r.text.clone(),
+                r.done.map(|(finish, _)| finish),
+                r.done.map(|(_, usage)| usage.completion_tokens),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn guesses_from_the_sequences_own_text_save_steps_and_change_no_token() {
+    // A prompt that states a passage the answer repeats.
+    let passage: Vec<i32> = (0..30).map(|i| 3 + (i % 8)).collect();
+    let requests = vec![(passage, 120, Vec::new())];
+    // A language that is one fixed cycle, so earlier text predicts the rest.
+    let cycle = |prefix: &[i32]| 3 + (prefix[prefix.len() - 1] - 3 + 1) % 8;
+    // Steps that cost about the same whatever their rows (weights streamed
+    // from memory): guesses pay.
+    let run = |guess| {
+        speak(0, 1, 1000, &requests, guess, |fake| {
+            fake.model = Some(Box::new(cycle));
+            fake.step_cost = Duration::from_millis(2);
+            fake.row_cost = Duration::from_micros(20);
+        })
+    };
+    let (plain, plain_stats) = run(false);
+    let (guessed, stats) = run(true);
+    assert_eq!(outcome(&guessed), outcome(&plain));
+    assert_eq!(outcome(&plain)[0].2, Some(120));
+    let steps = |s: &SchedulerStats| s.steps.load(Ordering::Relaxed);
+    assert_eq!(
+        steps(&plain_stats),
+        120,
+        "one step per token, the first with the prompt"
+    );
+    // Each step checks up to one period of the cycle (8 tokens) after its own.
+    assert!(steps(&stats) <= 20, "{} steps with guesses", steps(&stats));
+    let accepted = stats.draft_accepted.load(Ordering::Relaxed);
+    assert!(accepted >= 100, "{accepted} accepted");
+    let usage = guessed[0].done.unwrap().1;
+    assert_eq!(usage.accepted_draft_tokens as u64, accepted);
+    assert_eq!(
+        usage.draft_tokens as u64,
+        stats.drafted.load(Ordering::Relaxed)
+    );
+    assert_eq!(plain[0].done.unwrap().1.draft_tokens, 0);
+}
+
+#[test]
+fn a_batch_of_guesses_without_kv_room_is_retried_without_them_and_preempts_nobody() {
+    let prompt: Vec<i32> = (0..12).map(|i| 3 + (i % 4)).collect();
+    let requests = vec![
+        (prompt.clone(), 30, Vec::new()),
+        (prompt[2..].to_vec(), 30, Vec::new()),
+    ];
+    // A cycle that guesses always predict; room for both sequences' tokens
+    // (22 + 60) but not for a full set of guesses on top near the end.
+    let setup = |fake: &mut Fake| {
+        fake.model = Some(Box::new(|p: &[i32]| 3 + (p[p.len() - 1] - 3 + 1) % 4));
+        fake.step_cost = Duration::from_micros(500);
+    };
+    let (plain, _) = speak(7, 2, 88, &requests, false, setup);
+    let (guessed, stats) = speak(7, 2, 88, &requests, true, setup);
+    assert_eq!(outcome(&guessed), outcome(&plain));
+    assert_eq!(outcome(&plain)[1].2, Some(30));
+    assert_eq!(stats.preemptions.load(Ordering::Relaxed), 0);
+    assert!(
+        stats.draft_accepted.load(Ordering::Relaxed) > 0,
+        "it guessed"
+    );
+}
+
+#[test]
+fn guesses_that_cost_more_than_they_save_are_paused() {
+    // A model whose tokens depend on the position only, so earlier text
+    // predicts some guesses and not others. Every row costs as much as a step (a small model on
+    // few cores), so guessing only loses.
+    let mix = |n: usize| (n as u64).wrapping_mul(0x9e3779b97f4a7c15) >> 61;
+    let noise = move |prefix: &[i32]| 3 + mix(prefix.len()) as i32;
+    let prompt: Vec<i32> = (0..40).map(|i| 3 + mix(i) as i32).collect();
+    let requests = vec![(prompt, 300, Vec::new())];
+    let run = |guess| {
+        speak(0, 1, 1000, &requests, guess, |fake| {
+            fake.model = Some(Box::new(noise));
+            fake.row_cost = Duration::from_micros(500);
+        })
+    };
+    let (plain, plain_stats) = run(false);
+    let (guessed, stats) = run(true);
+    assert_eq!(outcome(&guessed), outcome(&plain));
+    let steps = |s: &SchedulerStats| s.steps.load(Ordering::Relaxed);
+    let verifications = stats.verifications.load(Ordering::Relaxed);
+    // Six timed steps with guesses, a pause of 64, six more, a pause of 128...
+    assert!(verifications <= 24, "{verifications} steps with guesses");
+    assert!(verifications >= 6, "{verifications}: it tried");
+    assert!(steps(&stats) <= steps(&plain_stats));
+}
+
+#[test]
+fn a_cache_that_cannot_drop_rejected_guesses_turns_guessing_off_and_recomputes() {
+    let prompt: Vec<i32> = (0..16).map(|i| 3 + (i * 3 % 5)).collect();
+    let requests = vec![(prompt, 60, Vec::new())];
+    let (plain, _) = speak(11, 1, 1000, &requests, false, |_| {});
+    let (guessed, stats) = speak(11, 1, 1000, &requests, true, |fake| {
+        fake.whole_sequences_only = true;
+    });
+    assert_eq!(outcome(&guessed), outcome(&plain));
+    // Guesses were checked once (and one was rejected), never again.
+    assert_eq!(stats.verifications.load(Ordering::Relaxed), 1);
+}
+
+mod guessing {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn requests() -> impl Strategy<Value = Vec<(Vec<i32>, u32, Vec<String>)>> {
+        let stops = prop::collection::vec((3..=10i32, 3..=10i32), 0..=1).prop_map(|pairs| {
+            pairs
+                .into_iter()
+                .map(|(a, b)| format!("<{a}><{b}>"))
+                .collect::<Vec<_>>()
+        });
+        let one = (prop::collection::vec(3..=10i32, 1..24), 1..60u32, stops);
+        prop::collection::vec(one, 1..5)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Any prompts, budgets, stop strings and slot counts: the same text,
+        /// end and token count with guesses as without, and the fake's KV
+        /// checks (each position written once, in order) hold throughout.
+        #[test]
+        fn greedy_output_never_changes(
+            seed in any::<u64>(),
+            parallel in 1..4usize,
+            requests in requests(),
+        ) {
+            let (plain, _) = speak(seed, parallel, 4000, &requests, false, |_| {});
+            let (guessed, _) = speak(seed, parallel, 4000, &requests, true, |_| {});
+            prop_assert_eq!(outcome(&guessed), outcome(&plain));
+        }
+    }
 }

@@ -125,6 +125,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 4,
                 cached_tokens: 1,
+                ..Default::default()
             },
         );
         assert_eq!(record.output.content, "Hello");

@@ -124,6 +124,8 @@ pub fn total_usage(usages: &[Usage], choices_per_prompt: usize) -> Usage {
             total.cached_tokens += u.cached_tokens;
         }
         total.completion_tokens += u.completion_tokens;
+        total.draft_tokens += u.draft_tokens;
+        total.accepted_draft_tokens += u.accepted_draft_tokens;
     }
     total
 }

@@ -35,6 +35,8 @@ pub fn log_done(metrics: &Metrics, model: &str, endpoint: &str, usage: &Usage, s
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
         cached_tokens = usage.cached_tokens,
+        draft_tokens = usage.draft_tokens,
+        accepted_draft_tokens = usage.accepted_draft_tokens,
         latency_ms = started.elapsed().as_millis() as u64,
         "generation finished"
     );

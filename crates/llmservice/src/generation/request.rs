@@ -80,6 +80,11 @@ pub fn validate(sampling: &SamplingFields) -> Result<(), RequestError> {
             check_range("logit_bias", Some(*bias), -100.0, 100.0)?;
         }
     }
+    if let Some(prediction) = &sampling.prediction {
+        prediction
+            .text()
+            .map_err(|message| RequestError::invalid("prediction", message))?;
+    }
     stops(sampling).map(|_| ())
 }
 
@@ -170,6 +175,13 @@ pub fn build_request(
         ignore_eos: sampling.ignore_eos.unwrap_or(false),
         logprobs,
         constraint: None,
+        speculative: sampling.speculative.unwrap_or(true),
+        prediction: sampling
+            .prediction
+            .as_ref()
+            .and_then(|p| p.text().ok())
+            .map(|text| engine.tokenize(&text, false, false))
+            .unwrap_or_default(),
         special_text: false,
         span: tracing::Span::current(),
     })

@@ -490,6 +490,39 @@ mod tests {
     }
 
     #[test]
+    fn speculation_is_off_unless_a_tier_asks() {
+        let resolve = |value: &str| {
+            let env = [
+                ("LIGHT_MODEL_PATH", "/m/light.gguf"),
+                ("HEAVY_MODEL_PATH", "/m/heavy.gguf"),
+                ("HEAVY_SPECULATIVE", value),
+            ];
+            Settings::resolve(&ServeArgs::default(), &env)
+        };
+        let speculation = |s: &Settings, tier: Tier| {
+            s.tiers
+                .iter()
+                .find(|t| t.tier == tier)
+                .unwrap()
+                .engine
+                .speculation
+        };
+        let s = resolve("ngram").unwrap();
+        assert_eq!(speculation(&s, Tier::Light), engine::Speculation::Off);
+        assert_eq!(speculation(&s, Tier::Heavy), engine::Speculation::Ngram);
+        for (value, expected) in [
+            ("on", engine::Speculation::Ngram),
+            (" OFF ", engine::Speculation::Off),
+        ] {
+            assert_eq!(speculation(&resolve(value).unwrap(), Tier::Heavy), expected);
+        }
+        for bad in ["draft", "eagle"] {
+            let error = resolve(bad).err().unwrap().to_string();
+            assert!(error.contains("HEAVY_SPECULATIVE"), "{error}");
+        }
+    }
+
+    #[test]
     fn tier_repeat_penalties_are_honoured() {
         let env = [
             ("LIGHT_MODEL_PATH", "/m/light.gguf"),

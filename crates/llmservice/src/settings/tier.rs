@@ -259,6 +259,20 @@ impl TierEnv<'_> {
         if let Some(v) = self.flag("EMBEDDING_MODE")? {
             engine.embedding_mode = v;
         }
+        if let Some((name, v)) = self.get("SPECULATIVE") {
+            engine.speculation = match v.trim().to_ascii_lowercase().as_str() {
+                "off" | "false" | "0" | "none" => engine::Speculation::Off,
+                "ngram" | "on" | "true" | "1" => engine::Speculation::Ngram,
+                "draft" => {
+                    return Err(ConfigError::new(
+                        name,
+                        &v,
+                        "`draft` (a draft model) is not available yet: use `ngram` or `off`",
+                    ))
+                }
+                _ => return Err(ConfigError::new(name, &v, "`off` or `ngram`")),
+            };
+        }
         let mut defaults = GenerationDefaults::default();
         if let Some(v) = self.parse("TEMPERATURE")? {
             defaults.temperature = v;

@@ -158,6 +158,9 @@ fn usage_of(u: &Value) -> Usage {
         prompt_tokens: n(u.get("prompt_tokens")),
         completion_tokens: n(u.get("completion_tokens")),
         cached_tokens: n(u.pointer("/prompt_tokens_details/cached_tokens")),
+        accepted_draft_tokens: n(u.pointer("/completion_tokens_details/accepted_prediction_tokens")),
+        draft_tokens: n(u.pointer("/completion_tokens_details/accepted_prediction_tokens"))
+            + n(u.pointer("/completion_tokens_details/rejected_prediction_tokens")),
     }
 }
 

@@ -38,6 +38,46 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     /// llama-server's extension: generate through end-of-generation tokens.
     pub ignore_eos: Option<bool>,
+    /// Extension: `false` opts this request out of the model's speculative
+    /// decoding (`{TIER}_SPECULATIVE`), which never changes the tokens generated
+    /// and applies only at temperature 0.
+    pub speculative: Option<bool>,
+    /// OpenAI's predicted outputs: text the answer is expected to repeat
+    /// (a file being edited). Greedy requests guess from it.
+    pub prediction: Option<Prediction>,
+}
+
+/// `prediction`: `{"type": "content", "content": "..."}`, the content a string
+/// or a list of text parts.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct Prediction {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[schema(value_type = Object)]
+    pub content: Value,
+}
+
+impl Prediction {
+    /// The predicted text, or what is wrong with the field.
+    pub fn text(&self) -> Result<String, &'static str> {
+        if self.kind != "content" {
+            return Err("prediction.type must be \"content\"");
+        }
+        let shape = "prediction.content must be a string or a list of {\"type\": \"text\", \"text\": ...} parts";
+        match &self.content {
+            Value::String(text) => Ok(text.clone()),
+            Value::Array(parts) => parts
+                .iter()
+                .map(|part| match (part.get("type"), part.get("text")) {
+                    (Some(Value::String(kind)), Some(Value::String(text))) if kind == "text" => {
+                        Ok(text.as_str())
+                    }
+                    _ => Err(shape),
+                })
+                .collect::<Result<String, _>>(),
+            _ => Err(shape),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
@@ -61,11 +101,32 @@ pub struct Usage {
     pub completion_tokens: u32,
     pub total_tokens: u32,
     pub prompt_tokens_details: PromptTokensDetails,
+    /// Present when the answer was decoded with speculation: OpenAI's fields
+    /// for predicted outputs, counting the guessed tokens that were kept and
+    /// those that were checked and thrown away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PromptTokensDetails {
     pub cached_tokens: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CompletionTokensDetails {
+    pub accepted_prediction_tokens: u32,
+    pub rejected_prediction_tokens: u32,
+}
+
+impl CompletionTokensDetails {
+    /// The details of `u`, or `None` when nothing was guessed.
+    pub fn of(u: &engine::Usage) -> Option<Self> {
+        (u.draft_tokens > 0).then(|| Self {
+            accepted_prediction_tokens: u.accepted_draft_tokens,
+            rejected_prediction_tokens: u.draft_tokens - u.accepted_draft_tokens,
+        })
+    }
 }
 
 impl From<engine::Usage> for Usage {
@@ -77,6 +138,7 @@ impl From<engine::Usage> for Usage {
             prompt_tokens_details: PromptTokensDetails {
                 cached_tokens: u.cached_tokens,
             },
+            completion_tokens_details: CompletionTokensDetails::of(&u),
         }
     }
 }

@@ -17,6 +17,7 @@ mod hub;
 mod models;
 mod rag;
 mod seeds;
+mod speculation;
 mod streaming;
 mod structured;
 mod upstream;

@@ -357,6 +357,8 @@ async fn a_triggered_grammar_governs_only_what_follows_its_trigger() {
         ignore_eos: false,
         special_text: false,
         constraint: Some(compiled),
+        speculative: true,
+        prediction: Vec::new(),
         span: tracing::Span::none(),
     };
     let mut events = engine.submit(request).unwrap();

@@ -334,6 +334,13 @@ pub(super) fn usage_of(usage: &crate::wire::Usage) -> engine::Usage {
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         cached_tokens: usage.prompt_tokens_details.cached_tokens,
+        draft_tokens: usage.completion_tokens_details.as_ref().map_or(0, |d| {
+            d.accepted_prediction_tokens + d.rejected_prediction_tokens
+        }),
+        accepted_draft_tokens: usage
+            .completion_tokens_details
+            .as_ref()
+            .map_or(0, |d| d.accepted_prediction_tokens),
     }
 }
 
@@ -369,6 +376,7 @@ mod tests {
             prompt_tokens: 5,
             completion_tokens,
             cached_tokens: 2,
+            ..Default::default()
         };
         vec![
             (

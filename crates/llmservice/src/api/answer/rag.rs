@@ -2,7 +2,6 @@
 //! the sources, the answer's text pieces, and the finish with usage.
 
 use engine::chat::StreamDelta;
-use serde_json::json;
 
 use super::{Answer, AnswerHead};
 use crate::generation::{ChoiceEvent, ChoiceRecord};
@@ -33,12 +32,7 @@ impl RagAnswer {
 
     fn usage_json(&self) -> serde_json::Value {
         let usage = self.usage();
-        json!({
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        })
+        serde_json::to_value(crate::wire::Usage::from(usage)).unwrap_or_default()
     }
 }
 

@@ -1,0 +1,260 @@
+//! Prompt-lookup speculation on the real model: greedy answers are the same
+//! token for token with and without guesses, across the features that touch
+//! decoding (constraints, stops, `n`, logprobs, streaming).
+//!
+//! Both servers keep the KV window under 512 cells (`LIGHT_N_CTX=448`): from
+//! 512 cells on, llama.cpp's CPU attention splits the keys of a single-query
+//! step across threads and so rounds differently from a step of several rows.
+//! Past that size any change of batch shape (another stream joining the step,
+//! a cached prefix) can move a near-tie, with or without speculation.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const PASSAGE: &str = "The lighthouse stood on a rock at the mouth of the harbour. Every evening \
+the keeper climbed the one hundred and twelve steps, wound the clockwork that turned the lens, \
+and lit the lamp. Ships coming in from the north saw the light long before they saw the land.";
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut body = json!({"model": "light", "max_tokens": 64, "temperature": 0,
+        "messages": [{"role": "user", "content": content}]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// The requests both servers answer, by endpoint.
+fn corpus() -> Vec<(&'static str, Value)> {
+    let quote = format!("Repeat this passage word for word:\n\n{PASSAGE}");
+    let code = "def total(items):\n    s = 0\n    for item in items:\n        s += item.price\n    return s\n";
+    vec![
+        ("/v1/chat/completions", chat(&quote, json!({}))),
+        (
+            "/v1/chat/completions",
+            chat(&quote, json!({"repeat_penalty": 1.0})),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                &format!("Rename `s` to `total_price` and return the whole code:\n\n{code}"),
+                json!({"max_tokens": 80}),
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            // Short: two streams in a step interleave their KV cells, and past a
+            // few dozen tokens the plain server's own greedy choices drift apart
+            // on a near-tie (attention rounds by layout).
+            chat(
+                &format!("{PASSAGE}\n\nWhat did the keeper do every evening?"),
+                json!({"n": 2, "max_tokens": 24}),
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                &quote,
+                json!({"logprobs": true, "top_logprobs": 2, "max_tokens": 40}),
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                &format!("{PASSAGE}\n\nGive the keeper's evening tasks as JSON."),
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "tasks",
+                    "schema": {"type": "object", "properties": {
+                        "tasks": {"type": "array", "items": {"type": "string"}}},
+                        "required": ["tasks"]}}}}),
+            ),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "light", "prompt": format!("{PASSAGE}\n{PASSAGE}\n"), "max_tokens": 60,
+                   "temperature": 0, "stop": ["lamp"]}),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                "Write a short story about a robot who paints.",
+                json!({"max_tokens": 96}),
+            ),
+        ),
+    ]
+}
+
+/// What must not change: each choice's text, tool calls, finish and logprobs,
+/// and the token count.
+fn answer(body: &Value) -> Value {
+    let choices: Vec<Value> = body["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            json!({"text": c.get("text").or(c["message"].get("content")), "finish": c["finish_reason"],
+                   "logprobs": c["logprobs"]})
+        })
+        .collect();
+    json!({"choices": choices, "completion_tokens": body["usage"]["completion_tokens"]})
+}
+
+fn guessed(body: &Value) -> (u64, u64) {
+    let details = &body["usage"]["completion_tokens_details"];
+    (
+        details["accepted_prediction_tokens"].as_u64().unwrap_or(0),
+        details["rejected_prediction_tokens"].as_u64().unwrap_or(0),
+    )
+}
+
+#[tokio::test]
+async fn greedy_answers_are_identical_with_and_without_guesses() {
+    let window = [("LIGHT_N_CTX", "448"), ("LIGHT_PARALLEL", "2")];
+    let plain = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "off")]);
+    let guessing = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "ngram")]);
+    let (mut accepted, mut rejected) = (0, 0);
+    for (i, (path, body)) in corpus().into_iter().enumerate() {
+        let (status, _, a) = plain.post(path, body.clone()).await;
+        assert_eq!(status, 200, "{a}");
+        assert!(a["usage"].get("completion_tokens_details").is_none(), "{a}");
+        let (status, _, b) = guessing.post(path, body).await;
+        assert_eq!(status, 200, "{b}");
+        assert_eq!(answer(&b), answer(&a), "request {i} changed with guesses");
+        let (kept, thrown) = guessed(&b);
+        accepted += kept;
+        rejected += thrown;
+    }
+    assert!(accepted > 0, "guesses were kept ({rejected} rejected)");
+
+    // A stream carries the same text, and the usage details at its end.
+    let body = chat(
+        &format!("Repeat this passage word for word:\n\n{PASSAGE}"),
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (_, _, whole) = plain.post("/v1/chat/completions", chat_whole(&body)).await;
+    let (status, _, streamed) = guessing.post("/v1/chat/completions", body).await;
+    assert_eq!(status, 200);
+    let streamed = streamed.as_str().unwrap().to_owned();
+    let mut text = String::new();
+    let mut usage = Value::Null;
+    for payload in sse_payloads(&streamed) {
+        if payload == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&payload).unwrap();
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+    }
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        usage["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
+
+    // The counters reach /metrics.
+    let metrics = guessing.router().oneshot_get("/metrics").await;
+    let drafted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("llmservice_speculative_tokens_total")
+                && l.contains("outcome=\"drafted\"")
+        })
+        .unwrap_or_else(|| panic!("no drafted counter in\n{metrics}"));
+    let count: f64 = drafted.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= (accepted + rejected) as f64, "{drafted}");
+}
+
+#[tokio::test]
+async fn a_request_may_opt_out_and_sampled_requests_never_guess() {
+    let app = TestApp::new(&[("LIGHT_SPECULATIVE", "ngram")]);
+    let quote = format!("Repeat this passage word for word:\n\n{PASSAGE}");
+    let (_, _, guessing) = app
+        .post("/v1/chat/completions", chat(&quote, json!({})))
+        .await;
+    assert!(guessed(&guessing).0 > 0, "{guessing}");
+    for extra in [
+        json!({"speculative": false}),
+        json!({"temperature": 0.8, "seed": 3}),
+    ] {
+        let (status, _, body) = app.post("/v1/chat/completions", chat(&quote, extra)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["usage"].get("completion_tokens_details").is_none(),
+            "{body}"
+        );
+    }
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            chat(&quote, json!({"speculative": "yes"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+fn chat_whole(stream: &Value) -> Value {
+    let mut body = stream.clone();
+    body.as_object_mut().unwrap().remove("stream");
+    body.as_object_mut().unwrap().remove("stream_options");
+    body
+}
+
+#[tokio::test]
+async fn a_prediction_is_guessed_from_and_never_changes_the_answer() {
+    // Speculation is off for the tier: a prediction still guesses.
+    let app = TestApp::new(&[("LIGHT_N_CTX", "448"), ("LIGHT_SPECULATIVE", "off")]);
+    let code = "def total(items):\n    s = 0\n    for item in items:\n        s += item.price\n    return s\n";
+    let ask = |prediction: Value| {
+        let mut body = chat(
+            &format!("Rename `s` to `total_price` and return the whole code:\n\n{code}"),
+            json!({"max_tokens": 80}),
+        );
+        if !prediction.is_null() {
+            body["prediction"] = prediction;
+        }
+        body
+    };
+    let (_, _, plain) = app.post("/v1/chat/completions", ask(Value::Null)).await;
+    assert!(
+        plain["usage"].get("completion_tokens_details").is_none(),
+        "{plain}"
+    );
+    let expected = plain["choices"][0]["message"]["content"].as_str().unwrap();
+
+    // The answer itself as the prediction: most guesses hold.
+    let (_, _, right) = app
+        .post(
+            "/v1/chat/completions",
+            ask(json!({"type": "content", "content": expected})),
+        )
+        .await;
+    assert_eq!(answer(&right), answer(&plain));
+    let (kept, thrown) = guessed(&right);
+    let tokens = right["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        kept > thrown && 2 * kept >= tokens,
+        "kept {kept}, rejected {thrown} of {tokens}"
+    );
+
+    // A prediction in parts that is mostly wrong changes nothing either.
+    let parts = json!({"type": "content", "content": [
+        {"type": "text", "text": "class Basket:\n"}, {"type": "text", "text": "    pass\n"}]});
+    let (_, _, wrong) = app.post("/v1/chat/completions", ask(parts)).await;
+    assert_eq!(answer(&wrong), answer(&plain));
+
+    for bad in [
+        json!({"type": "text", "content": "x"}),
+        json!({"type": "content", "content": 3}),
+    ] {
+        let (status, _, body) = app.post("/v1/chat/completions", ask(bad)).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(error_of(&body)["param"], "prediction", "{body}");
+    }
+}
