@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
@@ -74,28 +73,21 @@ pub async fn serve(mut settings: Settings) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let idle_limit = settings.shutdown_timeout;
-    // Answers go out in several writes (headers, then SSE events): without
-    // TCP_NODELAY, Nagle's algorithm holds each small write until the
-    // client's delayed ACK, up to 40 ms a response.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY not set on a connection");
-        }
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let shutdown = async move {
         tokio::select! {
             () = shutdown_signal() => {},
             () = idle(watched, idle_limit) => {},
         }
         let _ = stop_tx.send(true);
-    });
+    };
+    let server = accept(listener, app, settings.header_read_timeout, shutdown);
     let mut stop_rx = stop_rx;
     let forced = async move {
         let _ = stop_rx.wait_for(|stopped| *stopped).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        result = server => result.map_err(|e| format!("server error: {e}"))?,
+        () = server => {},
         () = forced => tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting anyway"),
     }
     // Servers we started (managed tiers) stop with us.
@@ -180,4 +172,61 @@ impl Drop for PortFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Serves connections until `shutdown`, then lets those open finish.
+/// (`axum::serve` gives hyper no timer, so a client could hold a connection
+/// open for ever by trickling its headers; this loop is axum's, HTTP/1 as
+/// axum's default features serve, with a timer.)
+async fn accept(
+    listener: TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait for some to close.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Answers go out in several writes (headers, then SSE events): without
+        // TCP_NODELAY, Nagle's algorithm holds each small write until the
+        // client's delayed ACK, up to 40 ms a response.
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set on a connection");
+        }
+        let service =
+            app.clone()
+                .map_request(|request: axum::http::Request<hyper::body::Incoming>| {
+                    request.map(axum::body::Body::new)
+                });
+        let connection =
+            builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::trace!(%error, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }

@@ -37,6 +37,10 @@ pub struct Settings {
     pub max_loaded_models: Option<usize>,
     /// Exit after this long without requests (`SHUTDOWN_TIMEOUT`, 0 = never).
     pub shutdown_timeout: Option<Duration>,
+    /// How long a client may take to send a request's headers
+    /// (`HEADER_READ_TIMEOUT`, seconds, 30): a connection that trickles them
+    /// (slowloris) is closed then.
+    pub header_read_timeout: Duration,
     pub cache: CacheSettings,
     /// Where and how long Responses API answers are kept.
     pub responses: crate::response_store::StoreSettings,
@@ -373,6 +377,9 @@ impl Settings {
             )?
             .filter(|&n| n > 0),
             shutdown_timeout: shutdown_timeout(env)?,
+            header_read_timeout: Duration::from_secs(
+                parse_positive(env, "HEADER_READ_TIMEOUT", "seconds")?.unwrap_or(30),
+            ),
             dir_engine,
             dir_defaults,
             warnings,

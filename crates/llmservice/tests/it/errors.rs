@@ -273,3 +273,84 @@ async fn regression_completions_errors_name_the_prompt_and_huge_batches_are_400(
         .await;
     assert_eq!(status, 400, "{body}");
 }
+
+#[tokio::test]
+async fn connections_that_trickle_their_headers_are_closed_and_others_are_served() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = tokio::process::Command::new(env!("CARGO_BIN_EXE_llmservice"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("HOME", dir.path())
+        .env("HEADER_READ_TIMEOUT", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let health = || async {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    };
+    let started = std::time::Instant::now();
+    while health().await.is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 64 clients: half send a request line and then a header byte every 200 ms
+    // without ever ending the headers; half connect and send nothing.
+    let mut slow = Vec::new();
+    for i in 0..64 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        slow.push(tokio::spawn(async move {
+            let opened = std::time::Instant::now();
+            if i % 2 == 0 {
+                let _ = tcp
+                    .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: ")
+                    .await;
+            }
+            let mut byte = [0u8; 1];
+            loop {
+                if i % 2 == 0 && tcp.write_all(b"a").await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut byte)).await {
+                    Ok(Ok(0) | Err(_)) => break,
+                    Ok(Ok(_)) => {}
+                    Err(_) if opened.elapsed() > Duration::from_secs(20) => break,
+                    Err(_) => {}
+                }
+            }
+            opened.elapsed()
+        }));
+    }
+    // The server answers others meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answered = std::time::Instant::now();
+    assert!(health().await.is_some());
+    assert!(answered.elapsed() < Duration::from_secs(1));
+    for client in slow {
+        let held = client.await.unwrap();
+        assert!(
+            held >= Duration::from_millis(1500) && held < Duration::from_secs(5),
+            "a slow connection was held {held:?} (header timeout 2 s)"
+        );
+    }
+}
