@@ -80,7 +80,7 @@ pub async fn serve(mut settings: Settings) -> Result<(), String> {
         }
         let _ = stop_tx.send(true);
     };
-    let server = accept(listener, app, settings.header_read_timeout, shutdown);
+    let server = accept(listener, app, &settings, shutdown);
     let mut stop_rx = stop_rx;
     let forced = async move {
         let _ = stop_rx.wait_for(|stopped| *stopped).await;
@@ -181,7 +181,7 @@ impl Drop for PortFile {
 async fn accept(
     listener: TcpListener,
     app: axum::Router,
-    header_read_timeout: Duration,
+    settings: &Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -191,7 +191,7 @@ async fn accept(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(settings.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -218,8 +218,12 @@ async fn accept(
                 .map_request(|request: axum::http::Request<hyper::body::Incoming>| {
                     request.map(axum::body::Body::new)
                 });
-        let connection =
-            builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
+        // A client that stops reading would otherwise keep its connection,
+        // and the answer buffered for it, for as long as it stays connected.
+        let mut io = tokio_io_timeout::TimeoutStream::new(tcp);
+        io.set_write_timeout(Some(settings.write_timeout));
+        let io = TokioIo::new(Box::pin(io));
+        let connection = builder.serve_connection(io, TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -229,4 +233,75 @@ async fn accept(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use axum::body::Body;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::cli::ServeArgs;
+
+    /// Sets its flag when dropped: the answer's body was let go.
+    struct Dropped(Arc<AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_loses_its_connection_after_the_write_timeout() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        // An endless answer, 64 KiB a chunk: the kernel's buffers fill at once.
+        let app = axum::Router::new().route(
+            "/endless",
+            axum::routing::get(move || {
+                let guard = Dropped(flag.clone());
+                async move {
+                    let chunks = async_stream::stream! {
+                        let _guard = guard;
+                        loop {
+                            yield Ok::<_, std::io::Error>(vec![b'x'; 64 << 10]);
+                        }
+                    };
+                    Body::from_stream(chunks)
+                }
+            }),
+        );
+        let env = [("HOME", "/nonexistent"), ("WRITE_TIMEOUT", "1")];
+        let settings = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            accept(listener, app, &settings, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Never read. The answer is dropped a second after writes stall.
+        let started = std::time::Instant::now();
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the connection of a client that stopped reading was kept"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        drop(client);
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
 }

@@ -41,6 +41,10 @@ pub struct Settings {
     /// (`HEADER_READ_TIMEOUT`, seconds, 30): a connection that trickles them
     /// (slowloris) is closed then.
     pub header_read_timeout: Duration,
+    /// How long a write to a client may wait for it to read
+    /// (`WRITE_TIMEOUT`, seconds, 120): a client that stops reading its
+    /// answer loses the connection then, and the answer's buffers with it.
+    pub write_timeout: Duration,
     pub cache: CacheSettings,
     /// Where and how long Responses API answers are kept.
     pub responses: crate::response_store::StoreSettings,
@@ -379,6 +383,9 @@ impl Settings {
             shutdown_timeout: shutdown_timeout(env)?,
             header_read_timeout: Duration::from_secs(
                 parse_positive(env, "HEADER_READ_TIMEOUT", "seconds")?.unwrap_or(30),
+            ),
+            write_timeout: Duration::from_secs(
+                parse_positive(env, "WRITE_TIMEOUT", "seconds")?.unwrap_or(120),
             ),
             dir_engine,
             dir_defaults,
