@@ -38,6 +38,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import datetime as _dt
 
@@ -177,10 +178,11 @@ def main() -> None:
     identical = set(args.identical.split(",")) if args.identical else {n for n, _ in targets}
 
     procs = []
-    os.makedirs("bench-logs", exist_ok=True)
+    log_dir = tempfile.mkdtemp(prefix="bench-speculative-")
     for spec in args.launch:
         name, cmd = spec.split("=", 1)
-        log = open(f"bench-logs/{name}.log", "ab")
+        print(f"[launch] {name}: {cmd}  (log: {log_dir}/{name}.log)", flush=True)
+        log = open(f"{log_dir}/{name}.log", "ab")
         procs.append(subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     try:

@@ -349,7 +349,7 @@ impl<D: Decoder> Scheduler<D> {
         let guessed = self.has_drafts();
         match self.decoder.decode() {
             Ok(()) => {}
-            Err(DecodeError::NoKvCacheSlot) if self.has_drafts() => {
+            Err(DecodeError::NoKvCacheSlot) if guessed => {
                 // Guesses are never worth a preemption: retry without them.
                 self.skip_drafts = true;
                 return;
@@ -534,9 +534,7 @@ impl<D: Decoder> Scheduler<D> {
     /// `slot_idx`, whose own token has just been drawn: while the token drawn
     /// equals the guess at its position, that guess's KV is what plain decoding
     /// would have computed, so the next token is drawn from the guess's logits.
-    /// The KV of the guesses not kept is dropped.
-    /// Checks the guesses of the sequence in `slot_idx` against what it draws,
-    /// keeps the agreeing prefix and drops the rest's KV; returns how many held.
+    /// The KV of the guesses not kept is dropped. Returns how many were kept.
     fn verify(&mut self, slot_idx: usize, drafts: &[LlamaToken], drafts_at: i32) -> usize {
         let seq_id = self.slots[slot_idx].seq_id;
         let mut accepted = 0;
