@@ -150,10 +150,16 @@ impl Linear {
             path: path.to_owned(),
             source,
         })?;
+        Self::from_bytes(&bytes, is_safetensors, path)
+    }
+
+    /// Reads a saved `Linear` from the bytes of a `.safetensors` or `.pt` file;
+    /// `path` only names it in errors.
+    pub fn from_bytes(bytes: &[u8], is_safetensors: bool, path: &Path) -> Result<Self, HeadError> {
         let mut tensors = if is_safetensors {
-            read_safetensors(&bytes)
+            read_safetensors(bytes)
         } else {
-            read_torch(&bytes)
+            read_torch(bytes)
         }
         .map_err(|source| HeadError::Format {
             path: path.to_owned(),

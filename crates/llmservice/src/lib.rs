@@ -32,4 +32,4 @@ pub mod settings;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;
-pub mod wire;
+pub use ::wire;

@@ -33,43 +33,11 @@ where
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(body_rejection)?;
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(&mut de) {
-            // One JSON value and nothing after it but whitespace.
-            Ok(value) => match de.end() {
-                Ok(()) => Ok(Json(value)),
-                Err(e) => Err(ApiError::bad_request(format!(
-                    "could not parse the JSON body: {e}"
-                ))),
-            },
-            Err(err) => {
-                let mut path = err.path().to_string();
-                if path == "." {
-                    path = flattened_field_path(&bytes).unwrap_or(path);
-                }
-                let inner = err.into_inner();
-                let message = if inner.is_syntax() || inner.is_eof() {
-                    format!("could not parse the JSON body: {inner}")
-                } else {
-                    format!("invalid request body: {inner}")
-                };
-                let mut error = ApiError::bad_request(message);
-                if path != "." && !inner.is_syntax() && !inner.is_eof() {
-                    error.param = Some(path);
-                }
-                Err(error)
-            }
-        }
+        wire::parse_body(&bytes).map(Json).map_err(|e| ApiError {
+            param: e.param,
+            ..ApiError::bad_request(e.message)
+        })
     }
-}
-
-/// Fields inside `#[serde(flatten)]` lose their path in serde's error; the shared
-/// sampling fields are the flattened ones, so read them alone to name the field.
-fn flattened_field_path(bytes: &[u8]) -> Option<String> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let err = serde_path_to_error::deserialize::<_, crate::wire::SamplingFields>(de).err()?;
-    let path = err.path().to_string();
-    (path != ".").then_some(path)
 }
 
 fn body_rejection(rejection: BytesRejection) -> ApiError {

@@ -160,7 +160,7 @@ pub struct OllamaEmbedRequest {
     pub model: String,
     /// A text or a list of texts.
     #[schema(value_type = Object)]
-    pub input: crate::wire::PromptField,
+    pub input: crate::PromptField,
     /// Cut inputs longer than the model takes (default true, as in Ollama);
     /// `false` makes such an input a 400.
     pub truncate: Option<bool>,

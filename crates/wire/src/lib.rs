@@ -1,8 +1,11 @@
 //! Wire types: the serde shapes of every request, answer and stream chunk, one
-//! file per endpoint family. No logic beyond conversions between shapes; they
-//! depend on nothing else in the crate. Unknown request fields are ignored (no
+//! file per endpoint family, with the two readers of untrusted bytes that go
+//! with them (a request body, an upstream's event stream). No logic beyond
+//! conversions between shapes; no HTTP server and no llama.cpp, so that
+//! `fuzz/` builds them in seconds. Unknown request fields are ignored (no
 //! `deny_unknown_fields`), and `null` reads as absent.
 
+mod body;
 mod chat;
 mod common;
 mod completions;
@@ -12,11 +15,13 @@ mod models;
 mod ollama;
 mod rag;
 mod responses;
+mod sse;
 mod tokens;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use body::{parse_body, BodyError};
 pub use chat::*;
 pub use common::*;
 pub use completions::*;
@@ -26,6 +31,7 @@ pub use models::*;
 pub use ollama::*;
 pub use rag::*;
 pub use responses::*;
+pub use sse::SseFramer;
 pub use tokens::*;
 
 /// Why a choice ended, as OpenAI names it.

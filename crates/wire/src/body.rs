@@ -1,0 +1,72 @@
+//! Reading a request body: exactly one JSON value of the expected shape, and
+//! when it is not, a message and the offending field's path for a 400.
+
+use serde::de::DeserializeOwned;
+
+/// Why a body was refused: `message` for the client, `param` the field's path
+/// (`messages[0].content`) where one is to blame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyError {
+    pub message: String,
+    pub param: Option<String>,
+}
+
+/// Parses `bytes` as one JSON value of type `T` followed by nothing but
+/// whitespace.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BodyError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize(&mut de) {
+        Ok(value) => match de.end() {
+            Ok(()) => Ok(value),
+            Err(e) => Err(BodyError {
+                message: format!("could not parse the JSON body: {e}"),
+                param: None,
+            }),
+        },
+        Err(err) => {
+            let mut path = err.path().to_string();
+            if path == "." {
+                path = flattened_field_path(bytes).unwrap_or(path);
+            }
+            let inner = err.into_inner();
+            let syntax = inner.is_syntax() || inner.is_eof();
+            let message = if syntax {
+                format!("could not parse the JSON body: {inner}")
+            } else {
+                format!("invalid request body: {inner}")
+            };
+            let param = (path != "." && !syntax).then_some(path);
+            Err(BodyError { message, param })
+        }
+    }
+}
+
+/// Fields inside `#[serde(flatten)]` lose their path in serde's error; the shared
+/// sampling fields are the flattened ones, so read them alone to name the field.
+fn flattened_field_path(bytes: &[u8]) -> Option<String> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let err = serde_path_to_error::deserialize::<_, crate::SamplingFields>(de).err()?;
+    let path = err.path().to_string();
+    (path != ".").then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ChatCompletionRequest;
+
+    #[test]
+    fn a_wrong_type_names_its_field_and_trailing_values_are_refused() {
+        let err = parse_body::<ChatCompletionRequest>(
+            br#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("temperature"));
+        let err = parse_body::<ChatCompletionRequest>(
+            br#"{"model": "m", "messages": []} {"model": "m"}"#,
+        )
+        .unwrap_err();
+        assert!(err.message.contains("trailing characters"), "{err:?}");
+        assert_eq!(err.param, None);
+    }
+}
