@@ -32,6 +32,13 @@ pub struct EngineConfig {
     pub n_threads_batch: i32,
     /// Layers to offload to a GPU; negative means all.
     pub n_gpu_layers: i32,
+    /// Serve the weights from a mapping of the model file instead of a copy
+    /// in memory. Off by default except on Metal (whose buffers use the
+    /// mapping without a copy): a mapped file that is truncated or rewritten
+    /// in place (`cp new.gguf model.gguf`) kills the process with SIGBUS at
+    /// the next touch of a dropped page, and the copy costs only its read
+    /// (SmolLM2 Q4_1, 98 MB: 0.23 s to the first token instead of 0.19 s, same
+    /// decode speed and resident memory).
     pub use_mmap: bool,
     pub use_mlock: bool,
     /// Sequences decoded together.
@@ -58,7 +65,7 @@ impl Default for EngineConfig {
             n_threads: threads,
             n_threads_batch: threads,
             n_gpu_layers: 0,
-            use_mmap: true,
+            use_mmap: cfg!(feature = "metal"),
             use_mlock: false,
             parallel: 4,
             max_queue: 64,
@@ -835,9 +842,14 @@ fn load_model(
         .with_n_gpu_layers(gpu_layers)
         .with_use_mmap(config.use_mmap)
         .with_use_mlock(config.use_mlock);
-    LlamaModel::load_from_file(backend, path, &params).map_err(|e| EngineError::LoadFailed {
+    LlamaModel::load_from_file(backend, path, &params).map_err(|_| EngineError::LoadFailed {
         path: path.to_owned(),
-        reason: e.to_string(),
+        // llama.cpp returns no reason, only logs it (at error level, in the
+        // server's log): a file cut short, damaged, or of an unknown architecture.
+        reason: "llama.cpp could not read the weights (a file that is incomplete or \
+                 damaged, or an architecture this build does not know; the server's \
+                 log names the reason)"
+            .to_owned(),
     })
 }
 

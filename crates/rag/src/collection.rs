@@ -178,7 +178,11 @@ impl std::fmt::Debug for Collection {
 }
 
 fn sql_error(error: rusqlite::Error) -> RagError {
-    RagError::store(error)
+    match error.sqlite_error_code() {
+        // The transaction rolled back: nothing of the write is stored.
+        Some(rusqlite::ErrorCode::DiskFull) => RagError::Full(error.to_string()),
+        _ => RagError::store(error),
+    }
 }
 
 fn connect(path: &Path) -> Result<Connection, RagError> {

@@ -337,6 +337,18 @@ impl From<rag::RagError> for ApiError {
                 Self::internal("the document store failed; the server log has the cause")
                     .with_code("store_failed")
             }
+            rag::RagError::Full(message) => {
+                tracing::error!(%message, "document store");
+                Self {
+                    code: Some("insufficient_storage"),
+                    ..Self::new(
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        "server_error",
+                        "the server's disk is full: the document that met it and those after it in \
+                         this request were not stored (each document is stored whole or not at all)",
+                    )
+                }
+            }
         }
     }
 }

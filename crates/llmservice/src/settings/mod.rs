@@ -562,7 +562,7 @@ mod tests {
             ("LIGHT_N_CTX", "2048"),
             ("LIGHT_TEMPERATURE", "0.1"),
             ("LIGHT_TOP_K", "10"),
-            ("LIGHT_USE_MMAP", "false"),
+            ("LIGHT_USE_MMAP", "true"),
         ];
         let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
         assert_eq!((s.host.as_str(), s.port), ("0.0.0.0", 9000));
@@ -570,7 +570,7 @@ mod tests {
         let light = &s.tiers[0];
         assert_eq!(light.tier, Tier::Light);
         assert_eq!(light.engine.n_ctx, 2048);
-        assert!(!light.engine.use_mmap);
+        assert!(light.engine.use_mmap);
         assert_eq!(light.defaults.temperature, 0.1);
         assert_eq!(light.defaults.top_k, 10);
 

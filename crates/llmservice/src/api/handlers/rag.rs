@@ -39,7 +39,8 @@ const MAX_TEXTS: usize = 2048;
     (status = 200, description = "Each text's document id and chunk count", body = RagDocumentsAnswer),
     (status = 400, description = "No texts, metadata or ids not one per text, a bad collection name", body = ErrorResponse),
     (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse),
-    (status = 503, description = "No embedding model, or it is loading or busy", body = ErrorResponse)))]
+    (status = 503, description = "No embedding model, or it is loading or busy", body = ErrorResponse),
+    (status = 507, description = "The server's disk is full: the document that met it and those after it were not stored", body = ErrorResponse)))]
 pub async fn add_documents(
     State(state): State<AppState>,
     headers: HeaderMap,
