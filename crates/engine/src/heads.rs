@@ -324,7 +324,10 @@ fn read_torch(bytes: &[u8]) -> Result<Tensors, FormatError> {
                 name: name.to_owned(),
                 source,
             })?;
-        let mut out = Vec::with_capacity(file.size() as usize);
+        // The size is the archive's claim: a stored member cannot be larger
+        // than the archive holding it (a 4 GiB claim was found by fuzzing).
+        let claimed = usize::try_from(file.size()).unwrap_or(usize::MAX);
+        let mut out = Vec::with_capacity(claimed.min(bytes.len()));
         file.read_to_end(&mut out)
             .map_err(|source| FormatError::MemberRead {
                 name: name.to_owned(),
