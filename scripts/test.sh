@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every test: formatting and lints, the Rust unit and integration tests (release
-# build, real models from ../shared/models), then the openai-python
-# compatibility suite against the real binary.
+# build, real models from ../shared/models), 20 seconds of libFuzzer on each
+# parser of untrusted bytes (scripts/fuzz_parsers.sh), then the openai-python
+# compatibility suite against the real binary (with a one-minute soak and the
+# fault tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +12,8 @@ cargo fmt --all --check
 cargo clippy --release --locked --all-targets -- -D warnings
 cargo build --release --locked
 cargo test --release --locked
+(cd fuzz && cargo fmt --check)
+scripts/fuzz_parsers.sh "${LLMSERVICE_FUZZ_SECONDS_EACH:-20}"
 
 # (Re)install the suite's tools when the venv is new or the pins changed.
 if ! cmp -s tests/compat/requirements.txt .venv/requirements.installed; then
