@@ -174,6 +174,58 @@ impl Drop for PortFile {
     }
 }
 
+/// Descriptors kept back from connections: model files, SQLite databases
+/// (each with its WAL and shared memory), upstream and Redis sockets, logs.
+const FD_RESERVE: usize = 256;
+/// Connections served at once when `MAX_CONNECTIONS` is not set and the
+/// descriptor limit allows more.
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// How many connections to serve at once: `MAX_CONNECTIONS`, or what the
+/// descriptor limit leaves after [`FD_RESERVE`], at most
+/// [`DEFAULT_MAX_CONNECTIONS`].
+fn connection_limit(configured: Option<usize>) -> usize {
+    let available = raise_fd_limit().map(|fds| fds.saturating_sub(FD_RESERVE).max(16));
+    match (configured, available) {
+        (Some(n), Some(available)) if n > available => {
+            tracing::warn!(
+                max_connections = n,
+                available,
+                "MAX_CONNECTIONS is above what the file-descriptor limit leaves; \
+                 model loads and databases may fail for want of descriptors at that load"
+            );
+            n
+        }
+        (Some(n), _) => n,
+        (None, available) => {
+            available.map_or(DEFAULT_MAX_CONNECTIONS, |a| a.min(DEFAULT_MAX_CONNECTIONS))
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (as Go's runtime and
+/// nginx do: the customary soft 1024 dates from select(2), which nothing here
+/// uses) and returns the limit in force; `None` when unlimited.
+fn raise_fd_limit() -> Option<usize> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let current = limit.current?;
+    // An unlimited hard limit is not a value setrlimit takes for open files
+    // everywhere (macOS caps it): aim for a million.
+    let target = limit.maximum.unwrap_or(1 << 20).min(1 << 20);
+    if target > current {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            tracing::debug!(from = current, to = target, "raised the open-file limit");
+            return usize::try_from(target).ok();
+        }
+    }
+    usize::try_from(current).ok()
+}
+
 /// Serves connections until `shutdown`, then lets those open finish.
 /// (`axum::serve` gives hyper no timer, so a client could hold a connection
 /// open for ever by trickling its headers; this loop is axum's, HTTP/1 as
@@ -194,7 +246,31 @@ async fn accept(
         .header_read_timeout(settings.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let limit = connection_limit(settings.max_connections);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limit));
+    let mut saturated = false;
     loop {
+        // At the limit, stop accepting: new clients wait in the kernel's
+        // backlog, and descriptors stay free for model files and databases.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                saturated = false;
+                slot
+            }
+            Err(_) => {
+                if !saturated {
+                    tracing::warn!(
+                        limit,
+                        "connection limit reached (MAX_CONNECTIONS): new connections wait"
+                    );
+                    saturated = true;
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -226,6 +302,7 @@ async fn accept(
         let connection = builder.serve_connection(io, TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(error) = connection.await {
                 tracing::trace!(%error, "connection ended");
             }
@@ -301,6 +378,53 @@ mod tests {
         }
         assert!(started.elapsed() >= Duration::from_millis(900));
         drop(client);
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn past_max_connections_new_clients_wait_until_one_closes() {
+        use tokio::io::AsyncReadExt;
+
+        let app = axum::Router::new().route("/ok", axum::routing::get(|| async { "ok" }));
+        let env = [("HOME", "/nonexistent"), ("MAX_CONNECTIONS", "2")];
+        let settings = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            accept(listener, app, &settings, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        // Two connections that say nothing hold both slots.
+        let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let waited =
+            tokio::time::timeout(Duration::from_millis(700), third.read_to_end(&mut answer)).await;
+        assert!(
+            waited.is_err(),
+            "a third connection was served past the limit"
+        );
+        // One closes: the waiting client is accepted and answered.
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
+            .await
+            .expect("the waiting client was never served")
+            .unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
         let _ = stop.send(());
         server.await.unwrap();
     }

@@ -45,6 +45,11 @@ pub struct Settings {
     /// (`WRITE_TIMEOUT`, seconds, 120): a client that stops reading its
     /// answer loses the connection then, and the answer's buffers with it.
     pub write_timeout: Duration,
+    /// Connections served at once (`MAX_CONNECTIONS`); `None`: what the
+    /// process's file-descriptor limit leaves after a reserve for model files,
+    /// SQLite and upstream calls. Past it the server stops accepting, and new
+    /// clients wait in the kernel's backlog until a connection closes.
+    pub max_connections: Option<usize>,
     pub cache: CacheSettings,
     /// Where and how long Responses API answers are kept.
     pub responses: crate::response_store::StoreSettings,
@@ -387,6 +392,8 @@ impl Settings {
             write_timeout: Duration::from_secs(
                 parse_positive(env, "WRITE_TIMEOUT", "seconds")?.unwrap_or(120),
             ),
+            max_connections: parse_positive(env, "MAX_CONNECTIONS", "connections")?
+                .map(|n| n as usize),
             dir_engine,
             dir_defaults,
             warnings,
