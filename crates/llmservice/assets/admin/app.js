@@ -602,7 +602,7 @@
       ["CORS for /v1", origins], ["CORS for /admin", "same origin only"],
       ["Models directory", server.models_dir], ["Data directory", server.data_dir],
       ["Hub", `${server.hub_endpoint}${server.hub_token_set ? " (with HF_TOKEN)" : ""}`],
-      ["Cache", `${server.cache_enabled ? "on" : "off"}, ${server.cache_max_entries} entries, ${server.cache_ttl_seconds} s${server.cache_persist_to_disk ? ", on disk" : ""}${server.cache_shared ? `, shared via ${server.cache_shared}` : ""}`],
+      ["Cache", `${server.cache_enabled ? "on" : "off"}, ${server.cache_max_entries} entries or ${Math.round(server.cache_max_bytes / 1048576)} MiB, ${server.cache_ttl_seconds} s${server.cache_persist_to_disk ? ", on disk" : ""}${server.cache_shared ? `, shared via ${server.cache_shared}` : ""}`],
       ["Analytics kept", `${server.analytics_retention_days} days`],
     ], ""));
   }

@@ -5,9 +5,13 @@
 //! requests without touching the disk; the optional disk tier (SQLite, see
 //! `disk.rs`) lets answers survive a restart and backs the memory tier on a miss,
 //! promoting what it finds. Writes go to both tiers. Both are bounded by
-//! `max_entries` *entries* (not bytes: cached answers are a few KiB of JSON each,
-//! and a count is what `CACHE_MAX_SIZE` has always meant) and both expire
-//! entries `ttl` after they were first stored.
+//! `max_entries` entries (what `CACHE_MAX_SIZE` has always meant), the memory
+//! tier also by `max_bytes` (`CACHE_MAX_BYTES`): a chat answer is a few KiB,
+//! but an embeddings answer for many inputs runs to megabytes, so a count
+//! alone does not bound memory (a 10-minute soak grew the server by 95 MiB
+//! holding 1,000 entries as JSON trees). Entries are held as their serialized
+//! bytes and parsed on a hit. Both tiers expire entries `ttl` after they were
+//! first stored.
 //!
 //! The API is synchronous. Memory-only operations are fast, but with the disk
 //! tier enabled `get`, `put`, `stats`, `flush` and `clear` may do file I/O
@@ -43,6 +47,8 @@ pub struct CacheSettings {
     pub enabled: bool,
     /// `CACHE_MAX_SIZE`: entries per tier (default 1000).
     pub max_entries: u64,
+    /// `CACHE_MAX_BYTES`: serialized bytes the memory tier holds (default 128 MiB).
+    pub max_bytes: u64,
     /// `CACHE_TTL_SECONDS` (default 3600), counted from when an answer was stored.
     pub ttl: Duration,
     /// `CACHE_PERSIST_TO_DISK` (default false).
@@ -194,7 +200,8 @@ pub struct DiskState {
 }
 
 struct MemEntry {
-    response: CachedResponse,
+    /// The serialized [`CachedResponse`]; a third of the parsed tree's memory.
+    bytes: Box<[u8]>,
     size: u64,
     /// When the answer was first stored (unix ms), kept so a row promoted from
     /// disk expires on the disk row's schedule, not a fresh one.
@@ -257,8 +264,15 @@ impl ResponseCache {
         let counters = Arc::new(Counters::default());
         let (memory, disk) = if settings.enabled {
             let listener_counters = Arc::clone(&counters);
+            // One capacity bounds both: each entry weighs its size, but at
+            // least an even share of the bytes, so no more than `max_entries`
+            // fit and their sizes add up to at most `max_bytes`.
+            let share = (settings.max_bytes / settings.max_entries.max(1)).max(1);
             let memory = Cache::builder()
-                .max_capacity(settings.max_entries)
+                .max_capacity(settings.max_bytes.max(share))
+                .weigher(move |_key, entry: &Arc<MemEntry>| {
+                    u32::try_from(entry.size.max(share)).unwrap_or(u32::MAX)
+                })
                 .expire_after(AgeExpiry { ttl: settings.ttl })
                 .eviction_listener(move |_key, entry: Arc<MemEntry>, cause| {
                     listener_counters.bytes.fetch_sub(entry.size, Relaxed);
@@ -306,8 +320,18 @@ impl ResponseCache {
     pub fn get(&self, key: &CacheKey) -> Option<CachedResponse> {
         let memory = self.memory.as_ref()?;
         if let Some(entry) = memory.get(key.as_str()) {
-            self.counters.hits.fetch_add(1, Relaxed);
-            return Some(entry.response.clone());
+            match serde_json::from_slice(&entry.bytes) {
+                Ok(response) => {
+                    self.counters.hits.fetch_add(1, Relaxed);
+                    return Some(response);
+                }
+                // Written by `put` from a value that serialized: unreachable,
+                // but a miss is the answer if it ever happens.
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "response cache: undecodable entry dropped");
+                    memory.invalidate(key.as_str());
+                }
+            }
         }
         if let Some(found) = self
             .shared
@@ -348,7 +372,7 @@ impl ResponseCache {
         memory.insert(
             key.as_str().to_owned(),
             Arc::new(MemEntry {
-                response: response.clone(),
+                bytes: row.value.into_boxed_slice(),
                 size,
                 stored_ms: row.created_at_ms,
             }),
@@ -378,7 +402,7 @@ impl ResponseCache {
         memory.insert(
             key.as_str().to_owned(),
             Arc::new(MemEntry {
-                response: response.clone(),
+                bytes: value.into_boxed_slice(),
                 size,
                 stored_ms: now_ms() - (ttl_ms - left_ms),
             }),
@@ -408,17 +432,17 @@ impl ResponseCache {
         // Counted before the insert: moka may evict the new entry inside
         // `insert`, and its listener subtracts this size.
         self.counters.bytes.fetch_add(size, Relaxed);
+        if let Some(disk) = &self.disk {
+            disk.put(key.as_str(), &bytes, now);
+        }
         memory.insert(
             key.as_str().to_owned(),
             Arc::new(MemEntry {
-                response: value,
+                bytes: bytes.into_boxed_slice(),
                 size,
                 stored_ms: now,
             }),
         );
-        if let Some(disk) = &self.disk {
-            disk.put(key.as_str(), &bytes, now);
-        }
     }
 
     /// The shared tier's URL (password hidden), without touching any tier.

@@ -12,6 +12,7 @@ pub(super) fn settings(dir: &Path) -> CacheSettings {
     CacheSettings {
         enabled: true,
         max_entries: 100,
+        max_bytes: 1 << 20,
         ttl: Duration::from_secs(3600),
         persist_to_disk: true,
         dir: dir.to_path_buf(),
@@ -117,6 +118,7 @@ fn settings_defaults() {
         CacheSettings {
             enabled: true,
             max_entries: 1000,
+            max_bytes: 128 << 20,
             ttl: Duration::from_secs(3600),
             persist_to_disk: false,
             dir: PathBuf::from("/data/cache"),
@@ -138,6 +140,7 @@ fn settings_overrides() {
         env(&[
             ("ENABLE_CACHE", "false"),
             ("CACHE_MAX_SIZE", " 50 "),
+            ("CACHE_MAX_BYTES", "1048576"),
             ("CACHE_TTL_SECONDS", "60"),
             ("CACHE_PERSIST_TO_DISK", "1"),
             ("CACHE_DIR", "/var/cache/llm"),
@@ -147,7 +150,7 @@ fn settings_overrides() {
     )
     .unwrap();
     assert!(!s.enabled && s.persist_to_disk && s.cache_all);
-    assert_eq!(s.max_entries, 50);
+    assert_eq!((s.max_entries, s.max_bytes), (50, 1 << 20));
     assert_eq!(s.ttl, Duration::from_secs(60));
     assert_eq!(s.dir, PathBuf::from("/var/cache/llm"));
 }
@@ -337,6 +340,37 @@ fn evicts_beyond_max_entries_in_both_tiers() {
     for n in 7..10 {
         assert_eq!(cache.get(&key(n)), Some(resp(n)), "key {n}");
     }
+}
+
+#[test]
+fn the_memory_tier_is_bounded_by_bytes_as_well_as_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ResponseCache::new(CacheSettings {
+        max_entries: 100,
+        max_bytes: 64 << 10,
+        persist_to_disk: false,
+        ..settings(dir.path())
+    });
+    // An embeddings answer for many inputs: about 10 KiB each.
+    let big = |n: u32| CachedResponse {
+        body: json!({"object": "list", "data": [{"embedding": vec![0.123_456_f32 + n as f32; 1000]}]}),
+        created: 1_700_000_000,
+    };
+    for n in 0..40 {
+        cache.put(&key(n), big(n));
+    }
+    let stats = cache.stats();
+    let one = serde_json::to_vec(&big(0)).unwrap().len() as u64;
+    assert!(one > 8 << 10, "{one}");
+    assert!(stats.bytes <= 64 << 10, "{} bytes held", stats.bytes);
+    assert!(
+        (1..=(64 << 10) / (one - 64)).contains(&stats.entries),
+        "{stats:?}"
+    );
+    // What is held is served whole.
+    let held: Vec<u32> = (0..40).filter(|&n| cache.get(&key(n)).is_some()).collect();
+    assert_eq!(held.len() as u64, stats.entries);
+    assert_eq!(cache.get(&key(held[0])), Some(big(held[0])));
 }
 
 // ---- disk tier ------------------------------------------------------------------

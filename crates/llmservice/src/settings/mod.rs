@@ -263,6 +263,7 @@ impl CacheSettings {
         Ok(CacheSettings {
             enabled: parse_bool(&env, "ENABLE_CACHE")?.unwrap_or(true),
             max_entries: parse_positive(&env, "CACHE_MAX_SIZE", off)?.unwrap_or(1000),
+            max_bytes: parse_positive(&env, "CACHE_MAX_BYTES", off)?.unwrap_or(128 << 20),
             ttl: Duration::from_secs(
                 parse_positive(&env, "CACHE_TTL_SECONDS", off)?.unwrap_or(3600),
             ),

@@ -160,6 +160,8 @@ pub struct ServerSettings {
     pub hub_token_set: bool,
     pub cache_enabled: bool,
     pub cache_max_entries: u64,
+    /// Serialized bytes the memory tier holds at most (`CACHE_MAX_BYTES`).
+    pub cache_max_bytes: u64,
     pub cache_ttl_seconds: u64,
     pub cache_persist_to_disk: bool,
     /// The shared tier (`CACHE_URL`, its password hidden), if any.
@@ -182,6 +184,7 @@ pub async fn settings(State(state): State<AppState>) -> axum::Json<ServerSetting
         hub_token_set: s.hub.token.is_some(),
         cache_enabled: s.cache.enabled,
         cache_max_entries: s.cache.max_entries,
+        cache_max_bytes: s.cache.max_bytes,
         cache_ttl_seconds: s.cache.ttl.as_secs(),
         cache_persist_to_disk: s.cache.persist_to_disk,
         cache_shared: state.cache.shared_url(),
