@@ -40,6 +40,7 @@ class Results:
     cache_hits: int = 0
     ttft: list[float] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds, KiB)
+    cache: dict[str, float] = field(default_factory=dict)  # the response cache at the end
 
     def count(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -198,6 +199,10 @@ async def soak(base_url: str, pid: int, seconds: float, clients: int,
         await asyncio.gather(*(client(http, res, i, deadline, models) for i in range(clients)))
         await sampler
         left = await wait_idle(http)
+        for line in (await http.get("/metrics")).text.splitlines():
+            if line.startswith("llmservice_response_cache{"):
+                stat = line.split('stat="', 1)[1].split('"', 1)[0]
+                res.cache[stat] = float(line.rsplit(" ", 1)[1])
         health = await http.get("/health")
         if health.status_code != 200:
             res.error("health", f"{health.status_code} {health.text[:200]}")
@@ -223,6 +228,7 @@ def summary(res: Results, left: int, seconds: float) -> dict:
         "documented_503": res.busy,
         "client_hang_ups": res.disconnects,
         "cache_hits": res.cache_hits,
+        "cache_at_end": res.cache,
         "ttft_p50_ms": round(percentile(res.ttft, 50) * 1000),
         "ttft_p95_ms": round(percentile(res.ttft, 95) * 1000),
         "sequences_left_when_idle": left,

@@ -165,6 +165,8 @@ pub(crate) struct StoredChunk {
 pub struct Collection {
     meta: CollectionMeta,
     path: PathBuf,
+    /// The file `conn` opened, to tell when the path no longer names it.
+    file: Option<FileId>,
     conn: Mutex<Connection>,
     dense: RwLock<DenseIndex>,
 }
@@ -182,6 +184,24 @@ fn sql_error(error: rusqlite::Error) -> RagError {
         // The transaction rolled back: nothing of the write is stored.
         Some(rusqlite::ErrorCode::DiskFull) => RagError::Full(error.to_string()),
         _ => RagError::store(error),
+    }
+}
+
+/// A file's identity (device and inode): a path that names another file, or
+/// none, means the open one was deleted or replaced under the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId(u64, u64);
+
+impl FileId {
+    #[cfg(unix)]
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| Self(m.dev(), m.ino()))
+    }
+
+    #[cfg(not(unix))]
+    fn of(_path: &Path) -> Option<Self> {
+        None
     }
 }
 
@@ -212,6 +232,7 @@ impl Collection {
             dense: RwLock::new(DenseIndex::new(meta.dimension)),
             meta,
             path: path.to_owned(),
+            file: FileId::of(path),
             conn: Mutex::new(conn),
         })
     }
@@ -262,6 +283,7 @@ impl Collection {
         Ok(Some(Self {
             meta,
             path: path.to_owned(),
+            file: FileId::of(path),
             conn: Mutex::new(conn),
             dense: RwLock::new(dense),
         }))
@@ -277,6 +299,20 @@ impl Collection {
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses a write when the collection's file was deleted or replaced
+    /// while open: SQLite would go on writing to the unlinked file, and every
+    /// document acknowledged from then on would be gone at the next start.
+    fn check_file(&self) -> Result<(), RagError> {
+        if self.file.is_some() && FileId::of(&self.path) != self.file {
+            return Err(RagError::Store(format!(
+                "collection {:?}: its file was deleted or replaced while the server ran; \
+                 restart the server to open the data directory as it is now",
+                self.meta.name
+            )));
+        }
+        Ok(())
     }
 
     pub(crate) fn dense(&self) -> std::sync::RwLockReadGuard<'_, DenseIndex> {
@@ -296,6 +332,7 @@ impl Collection {
                 )));
             }
         }
+        self.check_file()?;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql_error)?;
         let removed = remove_document(&tx, &document.id)?;
@@ -361,6 +398,7 @@ impl Collection {
 
     /// Deletes a document; `false` if there was none.
     pub fn delete_document(&self, id: &str) -> Result<bool, RagError> {
+        self.check_file()?;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql_error)?;
         let exists: bool = tx
