@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-300}
-targets=(tool_calls chat_template request_body heads gbnf_guard sse_framer detok)
+targets=(tool_calls chat_template request_body heads gbnf_guard sse_framer detok cached_answer)
 if [ $# -gt 1 ]; then
     targets=("${@:2}")
 fi

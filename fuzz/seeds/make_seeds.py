@@ -77,6 +77,23 @@ for path in sorted(heads.rglob("*_linear.*")):
         kind = 1 if path.suffix == ".safetensors" else 0
         seed("heads", f"{path.parent.name}-{path.name}", bytes([kind]) + path.read_bytes())
 
+chat_answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "light",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi", "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                   "logprobs": {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105],
+                                             "top_logprobs": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105]}]}],
+                                "refusal": None},
+                   "finish_reason": "tool_calls"}],
+               "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+text_answer = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "light",
+               "choices": [{"text": "Once upon", "index": 0, "finish_reason": "length",
+                            "logprobs": {"tokens": ["Once", " upon"], "token_logprobs": [-0.5, -0.2],
+                                         "top_logprobs": [{"Once": -0.5}, {" upon": -0.2}],
+                                         "text_offset": [0, 4]}}],
+               "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+               "system_fingerprint": None}
+seed("cached_answer", "chat", bytes([0]) + json.dumps(chat_answer).encode())
+seed("cached_answer", "text", bytes([1]) + json.dumps(text_answer).encode())
 seed("gbnf_guard", "json", b'root ::= object\nobject ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value )* )? "}" ws\n'
      b'value ::= object | [0-9]+ | string\nstring ::= "\\"" ( [^"\\\\] | "\\\\" ["\\\\/bfnrt] )* "\\""  # (\nws ::= [ \\t\\n]*\n')
 seed("sse_framer", "openai", b'\x07data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n: ping\r\n\r\nevent: message\ndata: a\ndata: b\n\ndata: [DONE]\n\n')
