@@ -50,6 +50,20 @@ def healthy(base: str) -> bool:
     return httpx.get(f"{base}/health", timeout=10, trust_env=False).status_code == 200
 
 
+def kill_9_during(proc, work, workers: int, until, timeout: float = 90) -> None:
+    """Runs `work(i)` for i = 0, 1, ... on `workers` threads and kills the
+    server with SIGKILL once `until()` holds, mid-flight."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(work, i) for i in range(50 * workers)]
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        for f in futures:
+            f.exception()
+
+
 def test_a_model_file_overwritten_deleted_or_corrupt_while_loaded(tmp_path):
     model = tmp_path / "light.gguf"
     shutil.copyfile(conftest.DEFAULT_MODEL, model)
@@ -100,15 +114,8 @@ def test_kill_9_during_cache_writes_keeps_every_committed_answer_whole(tmp_path)
             if resp.status_code == 200:
                 answers[f"Say the number {i}."] = resp.json()["choices"][0]["message"]["content"]
 
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(one, i) for i in range(400)]
-            deadline = time.monotonic() + 60
-            while len(answers) < 40 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)  # answers are being stored right now
-            proc.wait(timeout=10)
-            for f in futures:
-                f.exception()
+        # Killed while answers are being stored.
+        kill_9_during(proc, one, workers=8, until=lambda: len(answers) >= 40)
     finally:
         conftest._stop(proc)
     assert len(answers) >= 40
@@ -146,15 +153,7 @@ def test_kill_9_during_an_ingest_loses_no_acknowledged_document(tmp_path):
             if resp.status_code == 200:
                 acknowledged.extend(d["id"] for d in resp.json()["documents"])
 
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(ingest, i) for i in range(200)]
-            deadline = time.monotonic() + 90
-            while len(acknowledged) < 24 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-            for f in futures:
-                f.exception()
+        kill_9_during(proc, ingest, workers=4, until=lambda: len(acknowledged) >= 24)
     finally:
         conftest._stop(proc)
     assert len(acknowledged) >= 24

@@ -322,6 +322,30 @@ mod tests {
     use super::*;
     use crate::cli::ServeArgs;
 
+    /// Serves `app` on a loopback port through [`accept`] with one setting;
+    /// sending on the returned channel shuts it down.
+    async fn serve(
+        app: axum::Router,
+        setting: (&str, &str),
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let env = [("HOME", "/nonexistent"), setting];
+        let settings = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            accept(listener, app, &settings, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        (addr, stop, server)
+    }
+
     /// Sets its flag when dropped: the answer's body was let go.
     struct Dropped(Arc<AtomicBool>);
 
@@ -351,17 +375,7 @@ mod tests {
                 }
             }),
         );
-        let env = [("HOME", "/nonexistent"), ("WRITE_TIMEOUT", "1")];
-        let settings = Settings::resolve(&ServeArgs::default(), &env).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            accept(listener, app, &settings, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
+        let (addr, stop, server) = serve(app, ("WRITE_TIMEOUT", "1")).await;
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         client
             .write_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -387,17 +401,7 @@ mod tests {
         use tokio::io::AsyncReadExt;
 
         let app = axum::Router::new().route("/ok", axum::routing::get(|| async { "ok" }));
-        let env = [("HOME", "/nonexistent"), ("MAX_CONNECTIONS", "2")];
-        let settings = Settings::resolve(&ServeArgs::default(), &env).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            accept(listener, app, &settings, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
+        let (addr, stop, server) = serve(app, ("MAX_CONNECTIONS", "2")).await;
         // Two connections that say nothing hold both slots.
         let first = tokio::net::TcpStream::connect(addr).await.unwrap();
         let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
