@@ -226,6 +226,44 @@ fn raise_fd_limit() -> Option<usize> {
     usize::try_from(current).ok()
 }
 
+/// The connections that may be served at once.
+struct Slots {
+    limit: usize,
+    free: Arc<tokio::sync::Semaphore>,
+    /// Whether the last wait found none free (warned once per episode).
+    saturated: bool,
+}
+
+impl Slots {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            free: Arc::new(tokio::sync::Semaphore::new(limit)),
+            saturated: false,
+        }
+    }
+
+    /// A slot for the next connection, held until it closes; waits while
+    /// all are taken.
+    async fn next(&mut self) -> tokio::sync::OwnedSemaphorePermit {
+        if let Ok(slot) = self.free.clone().try_acquire_owned() {
+            self.saturated = false;
+            return slot;
+        }
+        if !self.saturated {
+            tracing::warn!(
+                limit = self.limit,
+                "connection limit reached (MAX_CONNECTIONS): new connections wait"
+            );
+            self.saturated = true;
+        }
+        let free = self.free.clone();
+        free.acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+}
+
 /// Serves connections until `shutdown`, then lets those open finish.
 /// (`axum::serve` gives hyper no timer, so a client could hold a connection
 /// open for ever by trickling its headers; this loop is axum's, HTTP/1 as
@@ -246,30 +284,13 @@ async fn accept(
         .header_read_timeout(settings.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let limit = connection_limit(settings.max_connections);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limit));
-    let mut saturated = false;
+    let mut slots = Slots::new(connection_limit(settings.max_connections));
     loop {
         // At the limit, stop accepting: new clients wait in the kernel's
         // backlog, and descriptors stay free for model files and databases.
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                saturated = false;
-                slot
-            }
-            Err(_) => {
-                if !saturated {
-                    tracing::warn!(
-                        limit,
-                        "connection limit reached (MAX_CONNECTIONS): new connections wait"
-                    );
-                    saturated = true;
-                }
-                tokio::select! {
-                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-                    () = &mut shutdown => break,
-                }
-            }
+        let slot = tokio::select! {
+            slot = slots.next() => slot,
+            () = &mut shutdown => break,
         };
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
