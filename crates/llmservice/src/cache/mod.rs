@@ -201,7 +201,7 @@ pub struct DiskState {
 
 struct MemEntry {
     /// The serialized [`CachedResponse`]; a third of the parsed tree's memory.
-    bytes: Box<[u8]>,
+    bytes: Arc<[u8]>,
     size: u64,
     /// When the answer was first stored (unix ms), kept so a row promoted from
     /// disk expires on the disk row's schedule, not a fresh one.
@@ -265,11 +265,13 @@ impl ResponseCache {
         let (memory, disk) = if settings.enabled {
             let listener_counters = Arc::clone(&counters);
             // One capacity bounds both: each entry weighs its size, but at
-            // least an even share of the bytes, so no more than `max_entries`
-            // fit and their sizes add up to at most `max_bytes`.
-            let share = (settings.max_bytes / settings.max_entries.max(1)).max(1);
+            // least an even share of the bytes (rounded up), so no more than
+            // `max_entries` fit and their sizes add up to at most `max_bytes`
+            // (give or take the rounding: a byte per entry).
+            let entries = settings.max_entries.max(1);
+            let share = settings.max_bytes.div_ceil(entries).max(1);
             let memory = Cache::builder()
-                .max_capacity(settings.max_bytes.max(share))
+                .max_capacity(share.saturating_mul(entries))
                 .weigher(move |_key, entry: &Arc<MemEntry>| {
                     u32::try_from(entry.size.max(share)).unwrap_or(u32::MAX)
                 })
@@ -372,7 +374,7 @@ impl ResponseCache {
         memory.insert(
             key.as_str().to_owned(),
             Arc::new(MemEntry {
-                bytes: row.value.into_boxed_slice(),
+                bytes: row.value.into(),
                 size,
                 stored_ms: row.created_at_ms,
             }),
@@ -402,7 +404,7 @@ impl ResponseCache {
         memory.insert(
             key.as_str().to_owned(),
             Arc::new(MemEntry {
-                bytes: value.into_boxed_slice(),
+                bytes: value.into(),
                 size,
                 stored_ms: now_ms() - (ttl_ms - left_ms),
             }),
@@ -432,17 +434,18 @@ impl ResponseCache {
         // Counted before the insert: moka may evict the new entry inside
         // `insert`, and its listener subtracts this size.
         self.counters.bytes.fetch_add(size, Relaxed);
-        if let Some(disk) = &self.disk {
-            disk.put(key.as_str(), &bytes, now);
-        }
+        let bytes: Arc<[u8]> = bytes.into();
         memory.insert(
             key.as_str().to_owned(),
             Arc::new(MemEntry {
-                bytes: bytes.into_boxed_slice(),
+                bytes: Arc::clone(&bytes),
                 size,
                 stored_ms: now,
             }),
         );
+        if let Some(disk) = &self.disk {
+            disk.put(key.as_str(), &bytes, now);
+        }
     }
 
     /// The shared tier's URL (password hidden), without touching any tier.
