@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # libFuzzer (cargo fuzz) on every parser of untrusted bytes, SECONDS each
-# (default 300); TARGET... picks some of them. Starts from the seeds that fuzz/seeds/make_seeds.py writes
-# (real requests, the chat-template cases, model outputs, BGE-M3's head files)
-# and keeps what it learns in fuzz/corpus/. Every input in
+# (default 300); TARGET... picks some of them. Starts from the seeds that
+# fuzz/seeds/make_seeds.py writes (real requests, the chat-template cases,
+# model outputs, BGE-M3's head files) and keeps what it learns in fuzz/corpus/. Every input in
 # fuzz/regressions/<target>/ (what earlier runs found) runs first. A crash stops
 # the run and leaves the input in fuzz/artifacts/<target>/; reproduce it with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run <target> fuzz/artifacts/<target>/<file>

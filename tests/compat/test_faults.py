@@ -50,6 +50,18 @@ def healthy(base: str) -> bool:
     return httpx.get(f"{base}/health", timeout=10, trust_env=False).status_code == 200
 
 
+def stores_on(data: Path) -> dict[str, str]:
+    """A server whose stores live in `data`: the document store (with the
+    MiniLM embedding tier it needs) and the response cache's disk tier."""
+    return {
+        "EMBEDDING_MODEL_PATH": str(MODELS / conftest.EMBEDDING_FILE_NAME),
+        "EMBEDDING_N_THREADS": "2",
+        "DATA_DIR": str(data),
+        "ENABLE_CACHE": "true",
+        "CACHE_PERSIST_TO_DISK": "true",
+    }
+
+
 def kill_9_during(proc, work, workers: int, until, timeout: float = 90) -> None:
     """Runs `work(i)` for i = 0, 1, ... on `workers` threads and kills the
     server with SIGKILL once `until()` holds, mid-flight."""
@@ -142,11 +154,7 @@ def test_kill_9_during_cache_writes_keeps_every_committed_answer_whole(tmp_path)
 
 
 def test_kill_9_during_an_ingest_loses_no_acknowledged_document(tmp_path):
-    env = {
-        "EMBEDDING_MODEL_PATH": str(MODELS / conftest.EMBEDDING_FILE_NAME),
-        "EMBEDDING_N_THREADS": "2",
-        "DATA_DIR": str(tmp_path / "data"),
-    }
+    env = stores_on(tmp_path / "data")
     proc, base = start(tmp_path, **env)
     acknowledged: list[str] = []
     try:
@@ -244,13 +252,7 @@ def test_a_full_data_disk_refuses_writes_clearly_and_recovers_when_space_returns
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"no tmpfs to fill here: {mounted.stderr.strip()}")
-    env = {
-        "EMBEDDING_MODEL_PATH": str(MODELS / conftest.EMBEDDING_FILE_NAME),
-        "EMBEDDING_N_THREADS": "2",
-        "DATA_DIR": str(disk / "data"),
-        "ENABLE_CACHE": "true",
-        "CACHE_PERSIST_TO_DISK": "true",
-    }
+    env = stores_on(disk / "data")
     proc, base = start(tmp_path, **env)
     try:
         text = "The harbor stores copper and violet glass for the winter. " * 40
@@ -280,7 +282,6 @@ def test_a_full_data_disk_refuses_writes_clearly_and_recovers_when_space_returns
                             headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         resp = post(base, "/v1/rag/documents", {"texts": [text], "collection": "again"})
         assert resp.status_code == 200, resp.text
-
         assert healthy(base) and proc.poll() is None
     finally:
         conftest._stop(proc)
@@ -288,13 +289,7 @@ def test_a_full_data_disk_refuses_writes_clearly_and_recovers_when_space_returns
 
 
 def test_a_data_directory_deleted_while_running_is_never_written_blind(tmp_path):
-    env = {
-        "EMBEDDING_MODEL_PATH": str(MODELS / conftest.EMBEDDING_FILE_NAME),
-        "EMBEDDING_N_THREADS": "2",
-        "DATA_DIR": str(tmp_path / "data"),
-        "ENABLE_CACHE": "true",
-        "CACHE_PERSIST_TO_DISK": "true",
-    }
+    env = stores_on(tmp_path / "data")
     proc, base = start(tmp_path, **env)
     try:
         assert post(base, "/v1/rag/documents", {"texts": ["Before."], "collection": "gone"}).status_code == 200
@@ -330,9 +325,7 @@ def test_a_read_only_data_directory_degrades_clearly(tmp_path):
                                    capture_output=True, text=True)
         if remounted.returncode != 0:
             pytest.skip(f"no read-only remount here: {remounted.stderr.strip()}")
-        proc, base = start(tmp_path, API_KEY=KEY, DATA_DIR=str(data), ENABLE_CACHE="true",
-                           CACHE_PERSIST_TO_DISK="true",
-                           EMBEDDING_MODEL_PATH=str(MODELS / conftest.EMBEDDING_FILE_NAME))
+        proc, base = start(tmp_path, API_KEY=KEY, **stores_on(data))
         try:
             # Generation and the memory cache work; the document store says
             # it is unavailable; nothing crashes.
