@@ -28,6 +28,17 @@ pub enum Command {
     Bench(BenchArgs),
     /// Download a GGUF model from the Hugging Face Hub into the models directory.
     Pull(PullArgs),
+    /// Read one uploaded file's text from stdin to stdout: the server runs
+    /// its HTML and PDF parsers this way, in a child process with limits.
+    #[command(hide = true)]
+    ExtractText(ExtractArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExtractArgs {
+    /// text, markdown, html or pdf
+    #[arg(long)]
+    pub kind: String,
 }
 
 /// Flags for `pull`. The Hub is `HF_ENDPOINT` (default https://huggingface.co),

@@ -6,6 +6,8 @@
 //! - `wire`: the serde shapes of requests and answers;
 //! - `models` (registry), `cache` (the response cache), `response_store`
 //!   (the Responses API's stored answers), `keys` (who may call), `telemetry`;
+//! - `retrieval` (the rag crate over our engines), `extract` (uploaded files to
+//!   text, HTML and PDF in a child process);
 //! - `engine`, a separate crate that knows nothing of HTTP.
 //!
 //! `cli` and `settings` turn flags and environment into `Settings`; `state`
@@ -20,6 +22,7 @@ pub mod chat;
 pub mod cli;
 pub mod downloads;
 pub mod error;
+pub mod extract;
 pub mod generation;
 pub mod hub;
 pub mod keys;

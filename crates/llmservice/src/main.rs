@@ -13,6 +13,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) | Command::Models(a) => a.clone(),
         Command::Bench(b) => b.serve_args(),
         Command::Pull(p) => p.serve_args(),
+        Command::ExtractText(e) => return llmservice::extract::child_main(&e.kind),
     };
     let settings = match Settings::resolve(&args, &ProcessEnv) {
         Ok(s) => s,
@@ -47,6 +48,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Bench(args) => runtime.block_on(bench::run(args, settings)),
         Command::Pull(args) => runtime.block_on(pull::run(args, settings)),
+        Command::ExtractText(_) => unreachable!("answered before the settings"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -139,7 +139,7 @@ async fn main() {
                 })
                 .collect();
             library
-                .ingest("bench", &encoder, documents, size)
+                .ingest("bench", &encoder, documents, size, &|_| {})
                 .await
                 .unwrap();
         }

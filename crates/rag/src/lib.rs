@@ -5,13 +5,15 @@
 //! index in memory). A search fuses dense and sparse (BM25 or learned lexical
 //! weights) retrieval by reciprocal rank fusion, may rescore with ColBERT
 //! vectors and a [`Reranker`], and [`prompt`] turns the hits into numbered
-//! sources the model is asked to cite.
+//! sources the model is asked to cite. [`extract`] turns uploaded files
+//! (text, Markdown, HTML, PDF) into text to ingest.
 
 pub mod chunk;
 mod collection;
 mod dense;
 mod encoder;
 mod error;
+pub mod extract;
 mod filter;
 mod library;
 pub mod prompt;
@@ -34,6 +36,15 @@ pub struct NewDocument {
     pub metadata: serde_json::Map<String, serde_json::Value>,
     /// Whether the text is Markdown (split at its structure).
     pub markdown: bool,
+}
+
+/// How far an ingest has come: documents and chunks written of those sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Progress {
+    pub documents: usize,
+    pub documents_total: usize,
+    pub chunks: usize,
+    pub chunks_total: usize,
 }
 
 /// What ingesting one document did.

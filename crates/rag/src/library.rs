@@ -13,8 +13,8 @@ use crate::chunk::{self, ChunkSize};
 use crate::collection::Prepared;
 use crate::search::{above_threshold, candidates, relevance};
 use crate::{
-    Collection, CollectionMeta, CollectionStats, Encoder, Hit, Ingested, NewDocument, RagError,
-    Reranker, SearchOptions, Want,
+    Collection, CollectionMeta, CollectionStats, Encoder, Hit, Ingested, NewDocument, Progress,
+    RagError, Reranker, SearchOptions, Want,
 };
 
 /// Chunks embedded per encoder call (a group of whole documents reaching at
@@ -161,6 +161,17 @@ impl Library {
         Ok(true)
     }
 
+    /// Refuses an ingest into `name` before any work is done: a bad name, a
+    /// collection on disk that would not open, or one whose vectors came
+    /// from another model.
+    pub fn check_ingest(&self, name: &str, encoder: &dyn Encoder) -> Result<(), RagError> {
+        check_name(name)?;
+        match self.get(name) {
+            Some(existing) => existing.meta().check_encoder(encoder.info()),
+            None => self.check_not_broken(name),
+        }
+    }
+
     /// The collection for vectors from `encoder`, created on first use.
     async fn for_ingest(
         &self,
@@ -195,13 +206,15 @@ impl Library {
 
     /// Chunks, embeds and writes documents into collection `name` (created on
     /// first use). Each document is written whole; a document whose id is
-    /// already there replaces it.
+    /// already there replaces it. `progress` hears after each group of
+    /// documents is written.
     pub async fn ingest(
         &self,
         name: &str,
         encoder: &dyn Encoder,
         documents: Vec<NewDocument>,
         chunk_size: ChunkSize,
+        progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<Vec<Ingested>, RagError> {
         let collection = self.for_ingest(name, encoder, chunk_size).await?;
         let size = collection.meta().chunk;
@@ -230,6 +243,13 @@ impl Library {
                 metadata: document.metadata,
             });
         }
+        let mut done = Progress {
+            documents: 0,
+            documents_total: pending.len(),
+            chunks: 0,
+            chunks_total: pending.iter().map(|d| d.chunks.len()).sum(),
+        };
+        progress(done);
         let mut ingested = Vec::with_capacity(pending.len());
         let mut pending = pending.into_iter().peekable();
         while pending.peek().is_some() {
@@ -271,6 +291,9 @@ impl Library {
                 })
                 .await?,
             );
+            done.documents = ingested.len();
+            done.chunks = ingested.iter().map(|d| d.chunks).sum();
+            progress(done);
         }
         Ok(ingested)
     }

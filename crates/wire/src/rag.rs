@@ -17,6 +17,10 @@ pub struct RagDocumentsRequest {
     pub collection: Option<String>,
     /// Split the texts as Markdown (at headings, lists, code blocks).
     pub markdown: Option<bool>,
+    /// Answer as server-sent events: `{type: "progress", documents,
+    /// documents_total, chunks, chunks_total}` as groups of documents are
+    /// written, then `{type: "done", ...}` with the answer, then `[DONE]`.
+    pub stream: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -36,6 +40,9 @@ pub struct IngestedDocument {
     pub chunks: usize,
     /// Whether a document with this id was there and is now replaced.
     pub replaced: bool,
+    /// The uploaded file's name (`/v1/rag/files`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// A search of one collection.

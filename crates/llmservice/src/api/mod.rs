@@ -34,8 +34,8 @@ use tracing::Instrument;
 use crate::analytics::{Analytics, Ledger};
 use error::ApiError;
 use handlers::{
-    admin, chat, completions, embeddings, functions, messages, models, ollama, ops, rag, rerank,
-    responses, tokens,
+    admin, chat, completions, embeddings, functions, ingest, messages, models, ollama, ops, rag,
+    rerank, responses, tokens,
 };
 
 pub use crate::state::AppState;
@@ -43,7 +43,7 @@ pub use crate::state::AppState;
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
     Router::new()
-        .merge(api_routes())
+        .merge(api_routes(state.settings.rag.max_upload_bytes))
         .merge(operator_routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
@@ -59,7 +59,7 @@ pub fn router(state: AppState) -> Router {
 
 /// What clients call: the OpenAI, Anthropic and Ollama APIs, retrieval, the
 /// tokenizer, health and metrics.
-fn api_routes() -> Router<AppState> {
+fn api_routes(upload_limit: usize) -> Router<AppState> {
     Router::new()
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url(
             "/openapi.json",
@@ -96,7 +96,11 @@ fn api_routes() -> Router<AppState> {
         .route("/embeddings", post(embeddings::embeddings))
         .route(
             "/v1/rag/documents",
-            post(rag::add_documents).get(rag::list_documents),
+            post(ingest::add_documents).get(rag::list_documents),
+        )
+        .route(
+            "/v1/rag/files",
+            post(ingest::add_files).layer(DefaultBodyLimit::max(upload_limit)),
         )
         .route(
             "/v1/rag/documents/{id}",

@@ -93,6 +93,14 @@ pub struct RagSettings {
     pub score_threshold: f32,
     pub chunk_tokens: Option<usize>,
     pub chunk_overlap: usize,
+    /// Largest `/v1/rag/files` upload (`RAG_MAX_UPLOAD_BYTES`, 64 MiB).
+    pub max_upload_bytes: usize,
+    /// Longest an HTML or PDF upload's parser may run (`RAG_EXTRACT_TIMEOUT`,
+    /// seconds, 120).
+    pub extract_timeout: Duration,
+    /// The program that reads HTML and PDF uploads in a child process: this
+    /// one (`llmservice extract-text`), or `RAG_EXTRACTOR` (tests).
+    pub extractor: PathBuf,
 }
 
 impl RagSettings {
@@ -147,6 +155,21 @@ impl RagSettings {
             chunk_tokens: parse_positive(env, "RAG_CHUNK_TOKENS", "tokens per chunk")?
                 .map(|n| n as usize),
             chunk_overlap: parse::<usize>(env, &["RAG_CHUNK_OVERLAP"])?.unwrap_or(32),
+            max_upload_bytes: parse_positive(env, "RAG_MAX_UPLOAD_BYTES", "bytes per upload")?
+                .map_or(64 << 20, |n| n as usize),
+            extract_timeout: Duration::from_secs(
+                parse_positive(
+                    env,
+                    "RAG_EXTRACT_TIMEOUT",
+                    "seconds a file's parser may run",
+                )?
+                .unwrap_or(120),
+            ),
+            extractor: env
+                .get("RAG_EXTRACTOR")
+                .map(PathBuf::from)
+                .or_else(|| std::env::current_exe().ok())
+                .unwrap_or_else(|| PathBuf::from("llmservice")),
         })
     }
 }

@@ -16,6 +16,7 @@ mod generation;
 mod hub;
 mod models;
 mod rag;
+mod rag_files;
 mod seeds;
 mod speculation;
 mod streaming;

@@ -14,7 +14,7 @@ fn minilm() -> String {
 }
 
 /// A server with MiniLM as its embedding tier, its data under `data_dir`.
-fn rag_app(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> TestApp {
+pub(crate) fn rag_app(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> TestApp {
     let minilm = minilm();
     let data = data_dir.display().to_string();
     let mut env = vec![

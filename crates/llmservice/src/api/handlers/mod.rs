@@ -8,6 +8,7 @@ pub mod chat;
 pub mod completions;
 pub mod embeddings;
 pub mod functions;
+pub mod ingest;
 pub mod messages;
 pub mod models;
 pub mod ollama;

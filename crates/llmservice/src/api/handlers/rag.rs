@@ -3,7 +3,6 @@
 //! run through the chat pipeline), and `/v1/rag/collections`. The work is in
 //! the `rag` crate; the models behind it are our engines (`crate::retrieval`).
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
@@ -14,9 +13,7 @@ use rag::Mode;
 use serde_json::{json, Map, Value};
 
 use super::pipeline::{cache_key, cached_events, check, generate, load, replayed};
-use super::retrieval::{
-    collection_name, encoder, library, source, Asked, Retrieval, DEFAULT_COLLECTION,
-};
+use super::retrieval::{collection_name, library, source, Asked, Retrieval, DEFAULT_COLLECTION};
 use super::{off_async, respond, Delivery};
 use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, RagAnswer};
@@ -25,131 +22,11 @@ use crate::api::json::Json;
 use crate::api::response_cache::Served;
 use crate::chat::rag::{chat_request, RagQuestion};
 use crate::keys::Caller;
-use crate::retrieval::EngineEncoder;
 use crate::state::AppState;
 use crate::wire::{
-    ErrorResponse, IngestedDocument, RagChatAnswer, RagChatRequest, RagCollectionQuery,
-    RagDocumentsAnswer, RagDocumentsRequest, RagListQuery, RagSearchAnswer, RagSearchRequest,
-    RagSource, SseEvent,
+    ErrorResponse, RagChatAnswer, RagChatRequest, RagCollectionQuery, RagListQuery,
+    RagSearchAnswer, RagSearchRequest, RagSource, SseEvent,
 };
-
-/// Most texts one ingest request may carry.
-const MAX_TEXTS: usize = 2048;
-#[utoipa::path(post, path = "/v1/rag/documents", request_body = RagDocumentsRequest, responses(
-    (status = 200, description = "Each text's document id and chunk count", body = RagDocumentsAnswer),
-    (status = 400, description = "No texts, metadata or ids not one per text, a bad collection name", body = ErrorResponse),
-    (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse),
-    (status = 503, description = "No embedding model, or it is loading or busy", body = ErrorResponse),
-    (status = 507, description = "The server's disk is full: the document that met it and those after it were not stored", body = ErrorResponse)))]
-pub async fn add_documents(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    caller: Caller,
-    Json(req): Json<RagDocumentsRequest>,
-) -> Result<axum::Json<RagDocumentsAnswer>, ApiError> {
-    let started = Instant::now();
-    let library = library(&state)?;
-    let documents = new_documents(&req)?;
-    let collection = collection_name(req.collection.as_ref()).to_owned();
-    let encoder = encoder(&state, &headers).await?;
-    let size = encoder.chunk_size(&state.settings.rag)?;
-    let ingested = library
-        .ingest(&collection, &encoder, documents, size)
-        .await?;
-    let tokens = encoder.tokens();
-    super::log_encoded(
-        &state,
-        caller,
-        &encoder_model(&encoder),
-        "rag_documents",
-        tokens as u32,
-        started,
-    );
-    Ok(axum::Json(RagDocumentsAnswer {
-        collection,
-        chunks: ingested.iter().map(|d| d.chunks).sum(),
-        documents: ingested
-            .into_iter()
-            .map(|d| IngestedDocument {
-                id: d.id,
-                chunks: d.chunks,
-                replaced: d.replaced,
-            })
-            .collect(),
-        embedded_tokens: tokens,
-    }))
-}
-
-fn encoder_model(encoder: &EngineEncoder) -> String {
-    rag::Encoder::info(encoder).model.clone()
-}
-
-/// The request's documents, checked: texts present, metadata and ids one per
-/// text, ids unique.
-fn new_documents(req: &RagDocumentsRequest) -> Result<Vec<rag::NewDocument>, ApiError> {
-    let n = req.texts.len();
-    if n == 0 {
-        return Err(ApiError::invalid(
-            "texts",
-            "texts is empty: send at least one text",
-        ));
-    }
-    if n > MAX_TEXTS {
-        return Err(ApiError::invalid(
-            "texts",
-            format!("{n} texts in one request; send at most {MAX_TEXTS}"),
-        ));
-    }
-    if let Some(index) = req.texts.iter().position(|t| t.trim().is_empty()) {
-        return Err(ApiError::invalid(
-            "texts",
-            format!("texts[{index}] is empty"),
-        ));
-    }
-    for (param, len) in [
-        ("metadata", req.metadata.as_ref().map(Vec::len)),
-        ("ids", req.ids.as_ref().map(Vec::len)),
-    ] {
-        if let Some(len) = len.filter(|&len| len != n) {
-            return Err(ApiError::invalid(
-                param,
-                format!("{param} has {len} entries for {n} texts: give one per text"),
-            ));
-        }
-    }
-    if let Some(ids) = &req.ids {
-        let mut seen = HashSet::new();
-        for (index, id) in ids.iter().enumerate() {
-            if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
-                return Err(ApiError::invalid(
-                    "ids",
-                    format!("ids[{index}]: ids have 1 to 256 characters, none of them control characters"),
-                ));
-            }
-            if !seen.insert(id) {
-                return Err(ApiError::invalid(
-                    "ids",
-                    format!("ids[{index}]: {id:?} is given twice"),
-                ));
-            }
-        }
-    }
-    Ok(req
-        .texts
-        .iter()
-        .enumerate()
-        .map(|(index, text)| rag::NewDocument {
-            id: req.ids.as_ref().map(|ids| ids[index].clone()),
-            text: text.clone(),
-            metadata: req
-                .metadata
-                .as_ref()
-                .and_then(|m| m[index].clone())
-                .unwrap_or_default(),
-            markdown: req.markdown.unwrap_or(false),
-        })
-        .collect())
-}
 
 #[utoipa::path(get, path = "/v1/rag/documents", params(RagListQuery), responses(
     (status = 200, description = "`{object: \"list\", data: [{id, chunks, metadata, created_at, preview}], next_offset}`"),
