@@ -97,6 +97,26 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// The exact top 3 documents of each query by brute force, to report the
+/// dense search's recall.
+fn exact_top3(n: usize) -> Vec<Vec<usize>> {
+    let vectors: Vec<Vec<f32>> = (0..n)
+        .map(|i| unit_vector(hash(&words(i as u64 + 1, 60))))
+        .collect();
+    (0..200u64)
+        .map(|q| {
+            let query = unit_vector(hash(&words(1_000_000 + q, 8)));
+            let mut scores: Vec<(usize, f32)> = vectors
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i, v.iter().zip(&query).map(|(a, b)| a * b).sum()))
+                .collect();
+            scores.sort_by(|a, b| b.1.total_cmp(&a.1));
+            scores.iter().take(3).map(|s| s.0).collect()
+        })
+        .collect()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -121,9 +141,9 @@ async fn main() {
     });
     let size = rag::chunk::ChunkSize::new(256, 0).unwrap();
     println!(
-        "| chunks | mode | search p50 ms | p95 ms | write chunks/s | RSS added MiB | file MiB |"
+        "| chunks | mode | search p50 ms | p95 ms | dense recall@3 | write chunks/s | RSS added MiB | file MiB | reopen s |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let dir = tempfile::tempdir().unwrap();
         let library = Library::open(&Storage::Disk(dir.path().to_owned())).unwrap();
@@ -147,6 +167,12 @@ async fn main() {
         let rss_added = (rss_kib().saturating_sub(rss_before)) as f64 / 1024.0;
         let file = std::fs::metadata(dir.path().join("bench.sqlite")).map_or(0, |m| m.len()) as f64
             / (1024.0 * 1024.0);
+        let exact = exact_top3(n);
+        // Opening again rebuilds the in-memory indexes from the file.
+        drop(library);
+        let started = Instant::now();
+        let library = Library::open(&Storage::Disk(dir.path().to_owned())).unwrap();
+        let reopen = started.elapsed().as_secs_f64();
         for mode in [Mode::Dense, Mode::Sparse, Mode::Hybrid] {
             let options = SearchOptions {
                 top_k: 3,
@@ -156,6 +182,7 @@ async fn main() {
                 rerank: false,
             };
             let mut times = Vec::new();
+            let mut recalled = 0;
             for q in 0..200u64 {
                 let query = words(1_000_000 + q, 8);
                 let t = Instant::now();
@@ -165,10 +192,19 @@ async fn main() {
                     .unwrap();
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
                 assert!(!hits.is_empty());
+                recalled += exact[q as usize]
+                    .iter()
+                    .filter(|&&i| hits.iter().any(|h| h.text == words(i as u64 + 1, 60)))
+                    .count();
             }
+            let recall = if mode == Mode::Dense {
+                format!("{:.3}", recalled as f64 / 600.0)
+            } else {
+                "".into()
+            };
             times.sort_by(f64::total_cmp);
             println!(
-                "| {n} | {mode:?} | {:.2} | {:.2} | {write_rate:.0} | {rss_added:.0} | {file:.0} |",
+                "| {n} | {mode:?} | {:.2} | {:.2} | {recall} | {write_rate:.0} | {rss_added:.0} | {file:.0} | {reopen:.1} |",
                 percentile(&times, 0.5),
                 percentile(&times, 0.95)
             );

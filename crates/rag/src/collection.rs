@@ -1,13 +1,13 @@
 //! One collection: a SQLite file holding its documents, their chunks with
 //! their embeddings, an FTS5 index of the chunks' text (BM25), and the record
-//! of which embedding model its vectors came from; plus the exact dense index
-//! in memory, rebuilt from the file on open.
+//! of which embedding model its vectors came from; plus the dense index and
+//! the BM25 postings in memory, rebuilt from the file on open.
 //!
 //! Every method blocks (disk I/O, scans): the server calls them off its async
 //! threads. Each document is written in one transaction, so a crash leaves
 //! it whole or absent; SQLite's WAL recovers the file on the next open.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 
 use crate::chunk::ChunkSize;
 use crate::dense::DenseIndex;
+use crate::terms::{TermIndex, Terms};
 use crate::{Encoded, EncoderInfo, Filter, RagError};
 
 const SCHEMA: &str = "
@@ -51,6 +52,17 @@ CREATE TRIGGER IF NOT EXISTS chunks_removed AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
     DELETE FROM sparse WHERE chunk = old.id;
 END;
+";
+
+/// FTS5 as a tokenizer: texts written to `temp.tokenizer` (contentless,
+/// emptied after each use; the same tokenizer as `chunks_fts`) are read back
+/// as their terms, one row per token.
+const TOKENIZER: &str = "
+CREATE VIRTUAL TABLE IF NOT EXISTS temp.tokenizer USING fts5(
+    text, content='', tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS temp.tokenizer_terms USING fts5vocab(temp, tokenizer, instance);
+CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunk_terms USING fts5vocab(main, chunks_fts, instance);
 ";
 
 /// Where a collection's sparse scores come from.
@@ -169,6 +181,8 @@ pub struct Collection {
     file: Option<FileId>,
     conn: Mutex<Connection>,
     dense: RwLock<DenseIndex>,
+    /// BM25's postings (empty when the model has its own lexical weights).
+    terms: RwLock<TermIndex>,
 }
 
 impl std::fmt::Debug for Collection {
@@ -209,10 +223,52 @@ fn connect(path: &Path) -> Result<Connection, RagError> {
     let conn = Connection::open(path).map_err(sql_error)?;
     conn.execute_batch(
         // FULL: a document acknowledged is on disk, power loss included.
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; \
+         PRAGMA temp_store = MEMORY;",
     )
     .map_err(sql_error)?;
     Ok(conn)
+}
+
+/// The terms of each text, by FTS5's tokenizer, keyed by the text's index.
+fn tokenize(conn: &Connection, texts: &[&str]) -> Result<HashMap<i64, Terms>, RagError> {
+    let result = (|| {
+        let mut insert =
+            conn.prepare_cached("INSERT INTO temp.tokenizer (rowid, text) VALUES (?1, ?2)")?;
+        for (index, text) in texts.iter().enumerate() {
+            insert.execute(params![index as i64, text])?;
+        }
+        let mut terms = conn.prepare_cached("SELECT doc, term FROM temp.tokenizer_terms")?;
+        let instances = terms
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Terms::tally(instances))
+    })();
+    conn.execute(
+        "INSERT INTO temp.tokenizer (tokenizer) VALUES ('delete-all')",
+        [],
+    )
+    .map_err(sql_error)?;
+    result.map_err(sql_error)
+}
+
+/// BM25's postings for every chunk in the file, read from its FTS5 index.
+fn load_terms(conn: &Connection) -> Result<TermIndex, RagError> {
+    let mut index = TermIndex::default();
+    let mut statement = conn
+        .prepare("SELECT doc, term FROM temp.chunk_terms")
+        .map_err(sql_error)?;
+    let mut rows = statement.query([]).map_err(sql_error)?;
+    while let Some(row) = rows.next().map_err(sql_error)? {
+        let doc: i64 = row.get(0).map_err(sql_error)?;
+        let term = row
+            .get_ref(1)
+            .and_then(|v| Ok(v.as_str()?))
+            .map_err(sql_error)?;
+        index.load(doc, term);
+    }
+    index.loaded();
+    Ok(index)
 }
 
 impl Collection {
@@ -228,8 +284,10 @@ impl Collection {
         )
         .map_err(sql_error)?;
         tx.commit().map_err(sql_error)?;
+        conn.execute_batch(TOKENIZER).map_err(sql_error)?;
         Ok(Self {
             dense: RwLock::new(DenseIndex::new(meta.dimension)),
+            terms: RwLock::default(),
             meta,
             path: path.to_owned(),
             file: FileId::of(path),
@@ -260,6 +318,7 @@ impl Collection {
             return Ok(None);
         };
         let meta: CollectionMeta = serde_json::from_str(&record).map_err(RagError::store)?;
+        conn.execute_batch(TOKENIZER).map_err(sql_error)?;
         let mut dense = DenseIndex::new(meta.dimension);
         {
             let mut rows = conn
@@ -280,12 +339,18 @@ impl Collection {
                 dense.insert(id, &vector);
             }
         }
+        let terms = if meta.sparse == Sparse::Bm25 {
+            load_terms(&conn)?
+        } else {
+            TermIndex::default()
+        };
         Ok(Some(Self {
             meta,
             path: path.to_owned(),
             file: FileId::of(path),
             conn: Mutex::new(conn),
             dense: RwLock::new(dense),
+            terms: RwLock::new(terms),
         }))
     }
 
@@ -334,6 +399,12 @@ impl Collection {
         }
         self.check_file()?;
         let mut conn = self.conn();
+        let mut terms = if self.meta.sparse == Sparse::Bm25 {
+            let texts: Vec<&str> = document.chunks.iter().map(String::as_str).collect();
+            tokenize(&conn, &texts)?
+        } else {
+            HashMap::new()
+        };
         let tx = conn.transaction().map_err(sql_error)?;
         let removed = remove_document(&tx, &document.id)?;
         tx.execute(
@@ -381,16 +452,20 @@ impl Collection {
                             .map_err(sql_error)?;
                     }
                 }
-                added.push((id, encoded.dense));
+                let chunk_terms = terms.remove(&(index as i64)).unwrap_or_default();
+                added.push((id, encoded.dense, chunk_terms));
             }
         }
         tx.commit().map_err(sql_error)?;
         let mut dense = self.dense.write().unwrap_or_else(|e| e.into_inner());
+        let mut index = self.terms.write().unwrap_or_else(|e| e.into_inner());
         for id in &removed {
             dense.remove(*id);
+            index.remove(*id);
         }
-        for (id, vector) in &added {
+        for (id, vector, chunk_terms) in &added {
             dense.insert(*id, vector);
+            index.insert(*id, chunk_terms);
         }
         // A document has at least one chunk: none removed, none replaced.
         Ok(!removed.is_empty())
@@ -412,8 +487,10 @@ impl Collection {
         let removed = remove_document(&tx, id)?;
         tx.commit().map_err(sql_error)?;
         let mut dense = self.dense.write().unwrap_or_else(|e| e.into_inner());
+        let mut terms = self.terms.write().unwrap_or_else(|e| e.into_inner());
         for chunk in removed {
             dense.remove(chunk);
+            terms.remove(chunk);
         }
         Ok(true)
     }
@@ -548,36 +625,30 @@ impl Collection {
         Ok(ids)
     }
 
-    /// The best `limit` chunks by BM25 for `query`'s words, best first.
+    /// The best `limit` chunks by BM25 for `query`'s words, best first
+    /// (FTS5's `bm25()` scores, from the postings in memory).
     pub(crate) fn bm25(
         &self,
         query: &str,
-        filter: Option<&Filter>,
+        allowed: Option<&HashSet<i64>>,
         limit: usize,
     ) -> Result<Vec<(i64, f32)>, RagError> {
-        let Some(matching) = fts_query(query) else {
+        let words = query_words(query);
+        if words.is_empty() {
             return Ok(Vec::new());
-        };
-        let (sql, mut values) = match filter {
-            // FTS5 ranks by BM25 itself (`rank`) and stops at the limit.
-            None => (
-                "SELECT rowid, -rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?"
-                    .to_owned(),
-                Vec::new(),
-            ),
-            Some(filter) => {
-                let (condition, values) = filter.sql("d.metadata");
-                let sql = format!(
-                    "SELECT c.id, -bm25(chunks_fts) FROM chunks_fts \
-                     JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.seq = c.document \
-                     WHERE chunks_fts MATCH ? AND {condition} ORDER BY bm25(chunks_fts) LIMIT ?"
-                );
-                (sql, values)
-            }
-        };
-        values.insert(0, SqlValue::Text(matching));
-        values.push(SqlValue::Integer(limit as i64));
-        self.scored(&sql, values)
+        }
+        // One text per word: each occurrence counts, as each quoted word of
+        // an FTS5 `OR` query does.
+        let tokens: Vec<String> = tokenize(&self.conn(), &words)?
+            .into_values()
+            .flat_map(|t| {
+                t.counts
+                    .into_iter()
+                    .flat_map(|(term, n)| std::iter::repeat_n(term, n as usize))
+            })
+            .collect();
+        let terms = self.terms.read().unwrap_or_else(|e| e.into_inner());
+        Ok(terms.search(&tokens, limit, allowed))
     }
 
     /// The best `limit` chunks by the model's lexical weights, best first.
@@ -708,10 +779,9 @@ const STOP_WORDS: &[&str] = &[
     "with", "would", "you", "your",
 ];
 
-/// An FTS5 query matching any of the text's words (each quoted, so no word
-/// is read as query syntax), stop words left out unless nothing else is
-/// left; `None` when the text has no words.
-fn fts_query(text: &str) -> Option<String> {
+/// The query's words that BM25 scores: stop words left out unless nothing
+/// else is left (an `OR` over them would score nearly every chunk).
+fn query_words(text: &str) -> Vec<&str> {
     let words: Vec<&str> = text
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
@@ -722,14 +792,11 @@ fn fts_query(text: &str) -> Option<String> {
         .copied()
         .filter(|w| !STOP_WORDS.contains(&w.to_lowercase().as_str()))
         .collect();
-    let chosen = if telling.is_empty() { words } else { telling };
-    (!chosen.is_empty()).then(|| {
-        chosen
-            .iter()
-            .map(|w| format!("\"{w}\""))
-            .collect::<Vec<_>>()
-            .join(" OR ")
-    })
+    if telling.is_empty() {
+        words
+    } else {
+        telling
+    }
 }
 
 fn blob(values: &[f32]) -> Vec<u8> {
@@ -770,16 +837,134 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queries_quote_every_word_and_drop_syntax() {
+    fn queries_keep_telling_words_and_drop_syntax() {
         assert_eq!(
-            fts_query("How do Docker's \"NEAR\" work?").unwrap(),
-            "\"Docker\" OR \"s\" OR \"NEAR\" OR \"work\""
+            query_words("How do Docker's \"NEAR\" work?"),
+            ["Docker", "s", "NEAR", "work"]
         );
+        assert_eq!(query_words("What is it?"), ["What", "is", "it"]);
+        assert!(query_words(" ?! ").is_empty());
+    }
+
+    fn document(id: &str, chunks: &[&str]) -> Prepared {
+        Prepared {
+            id: id.to_owned(),
+            chunks: chunks.iter().map(|c| (*c).to_owned()).collect(),
+            encoded: chunks
+                .iter()
+                .map(|_| Encoded {
+                    dense: vec![1.0, 0.0],
+                    ..Encoded::default()
+                })
+                .collect(),
+            metadata: Map::new(),
+        }
+    }
+
+    /// FTS5's own ranking of the query, for comparison.
+    fn fts5_bm25(collection: &Collection, query: &str) -> Vec<(i64, f32)> {
+        let matching = query_words(query)
+            .iter()
+            .map(|w| format!("\"{w}\""))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        collection
+            .scored(
+                "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? \
+                 ORDER BY bm25(chunks_fts), rowid LIMIT 50",
+                vec![SqlValue::Text(matching)],
+            )
+            .unwrap()
+    }
+
+    fn assert_same_ranking(collection: &Collection, query: &str) {
+        let ours = collection.bm25(query, None, 50).unwrap();
+        let theirs = fts5_bm25(collection, query);
         assert_eq!(
-            fts_query("What is it?").unwrap(),
-            "\"What\" OR \"is\" OR \"it\""
+            ours.len(),
+            theirs.len(),
+            "{query:?}: {ours:?} vs {theirs:?}"
         );
-        assert!(fts_query(" ?! ").is_none());
+        for ((id, score), (fts_id, fts_score)) in ours.iter().zip(&theirs) {
+            assert!(
+                (score - fts_score).abs() <= 1e-4 * fts_score.abs().max(1.0),
+                "{query:?}: {ours:?} vs {theirs:?}"
+            );
+            // Ties may come in either order; scores must not.
+            if id != fts_id {
+                let tied = ours
+                    .iter()
+                    .any(|(i, s)| i == fts_id && (s - fts_score).abs() < 1e-5);
+                assert!(tied, "{query:?}: {ours:?} vs {theirs:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn bm25_in_memory_scores_as_fts5_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite");
+        let encoder = EncoderInfo {
+            model: "m".into(),
+            dimension: 2,
+            sparse_head: false,
+            colbert_head: false,
+            max_tokens: 512,
+        };
+        let meta = CollectionMeta::new("c", &encoder, ChunkSize::new(64, 8).unwrap());
+        let collection = Collection::create(&path, meta).unwrap();
+        let texts = [
+            "Docker is a containerization platform; containers run anywhere.",
+            "Kubernetes orchestrates containers across a cluster of machines.",
+            "Running containers: the Docker daemon runs them, Kubernetes schedules them.",
+            "Café crème and naïve résumés: diacritics fold away.",
+            "Python's asyncio runs coroutines on an event loop.",
+            "The event loop runs callbacks, tasks and coroutines.",
+        ];
+        for (i, text) in texts.iter().enumerate() {
+            collection
+                .write_document(document(&format!("d{i}"), &[text, "filler words here"]))
+                .unwrap();
+        }
+        let queries = [
+            "How do Docker and Kubernetes work together?",
+            "running container",
+            "cafe resume",
+            "event loop coroutines coroutines",
+            "what is it",
+            "nothing matches zebra",
+        ];
+        for query in queries {
+            assert_same_ranking(&collection, query);
+        }
+        assert!(!collection
+            .bm25("run containers", None, 50)
+            .unwrap()
+            .is_empty());
+        // Replaced and deleted documents leave the statistics as FTS5's.
+        collection
+            .write_document(document("d0", &["Docker Docker Docker images"]))
+            .unwrap();
+        collection.delete_document("d2").unwrap();
+        for query in queries {
+            assert_same_ranking(&collection, query);
+        }
+        // Reopened: the postings are read back from the file's index.
+        drop(collection);
+        let collection = Collection::open(&path).unwrap().unwrap();
+        for query in queries {
+            assert_same_ranking(&collection, query);
+        }
+        let allowed: HashSet<i64> = collection
+            .bm25("containers", None, 50)
+            .unwrap()
+            .iter()
+            .map(|h| h.0)
+            .skip(1)
+            .collect();
+        let filtered = collection.bm25("containers", Some(&allowed), 50).unwrap();
+        assert_eq!(filtered.len(), allowed.len());
+        assert!(filtered.iter().all(|h| allowed.contains(&h.0)));
     }
 
     #[test]

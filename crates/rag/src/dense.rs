@@ -6,7 +6,10 @@
 //! graph to build or keep consistent. Past a few thousand chunks the scan
 //! reads 8-bit codes of the vectors (a quarter of the memory traffic, which
 //! bounds it) and rescores the best candidates exactly, as Qdrant's scalar
-//! quantization does.
+//! quantization does. Past tens of thousands it first ranks every chunk by
+//! the Hamming distance of its sign bits (a 32nd of the traffic, a popcount
+//! per 64 dimensions; Qdrant's binary quantization) and reads the 8-bit
+//! codes of a generous shortlist only (a sixteenth of the rows).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -17,6 +20,14 @@ const PARALLEL_FROM: usize = 20_000;
 const QUANTIZED_FROM: usize = 4_096;
 /// Candidates per result that the 8-bit scan hands to the exact rescoring.
 const RESCORE_FACTOR: usize = 8;
+/// Rows at or above this rank every row by sign bits before the 8-bit scan.
+const BINARY_FROM: usize = 50_000;
+/// The sign bits' shortlist: this many candidates per result, and at least
+/// one row in `BINARY_SHORTLIST_SHARE`. Sign bits tell near from far well
+/// for clustered embeddings (real text), less well among vectors that barely
+/// resemble the query, where the true best can rank a few percent deep.
+const BINARY_FACTOR: usize = 64;
+const BINARY_SHORTLIST_SHARE: usize = 16;
 
 #[derive(Debug, Default)]
 pub(crate) struct DenseIndex {
@@ -28,6 +39,8 @@ pub(crate) struct DenseIndex {
     /// The same vectors as 8-bit codes, and each row's scale (value ≈ code × scale).
     codes: Vec<i8>,
     scales: Vec<f32>,
+    /// The vectors' sign bits, `words` u64s per row.
+    bits: Vec<u64>,
     rows: HashMap<i64, usize>,
 }
 
@@ -59,6 +72,15 @@ fn push_best(heap: &mut BinaryHeap<Reverse<Scored>>, k: usize, scored: Scored) {
     }
 }
 
+/// The sign bits of a vector, 64 dimensions to a word.
+fn sign_bits(vector: &[f32]) -> impl Iterator<Item = u64> + '_ {
+    vector.chunks(64).map(|dims| {
+        dims.iter()
+            .enumerate()
+            .fold(0u64, |word, (i, v)| word | (u64::from(*v > 0.0) << i))
+    })
+}
+
 /// 8-bit codes of a vector and the scale that maps them back.
 fn quantize(vector: &[f32]) -> (Vec<i8>, f32) {
     let max = vector.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -87,14 +109,26 @@ impl DenseIndex {
         &self.values[row * self.dimension..(row + 1) * self.dimension]
     }
 
+    /// u64 words of sign bits per row.
+    fn words(&self) -> usize {
+        self.dimension.div_ceil(64)
+    }
+
     pub(crate) fn insert(&mut self, id: i64, vector: &[f32]) {
         debug_assert_eq!(vector.len(), self.dimension);
         let (codes, scale) = quantize(vector);
         let d = self.dimension;
+        let w = self.words();
         if let Some(&row) = self.rows.get(&id) {
             self.values[row * d..(row + 1) * d].copy_from_slice(vector);
             self.codes[row * d..(row + 1) * d].copy_from_slice(&codes);
             self.scales[row] = scale;
+            for (word, bits) in self.bits[row * w..(row + 1) * w]
+                .iter_mut()
+                .zip(sign_bits(vector))
+            {
+                *word = bits;
+            }
             return;
         }
         self.rows.insert(id, self.ids.len());
@@ -102,13 +136,14 @@ impl DenseIndex {
         self.values.extend_from_slice(vector);
         self.codes.extend_from_slice(&codes);
         self.scales.push(scale);
+        self.bits.extend(sign_bits(vector));
     }
 
     pub(crate) fn remove(&mut self, id: i64) {
         let Some(row) = self.rows.remove(&id) else {
             return;
         };
-        let d = self.dimension;
+        let (d, w) = (self.dimension, self.words());
         let last = self.ids.len() - 1;
         if row != last {
             let moved = self.ids[last];
@@ -117,11 +152,13 @@ impl DenseIndex {
             self.values.copy_within(last * d..(last + 1) * d, row * d);
             self.codes.copy_within(last * d..(last + 1) * d, row * d);
             self.scales[row] = self.scales[last];
+            self.bits.copy_within(last * w..(last + 1) * w, row * w);
         }
         self.ids.pop();
         self.values.truncate(last * d);
         self.codes.truncate(last * d);
         self.scales.pop();
+        self.bits.truncate(last * w);
     }
 
     /// The vector of chunk `id`.
@@ -152,7 +189,18 @@ impl DenseIndex {
                 dot_codes(&codes, &self.codes[row * d..(row + 1) * d]) as f32 * self.scales[row]
             };
             let wanted = k * RESCORE_FACTOR;
-            let candidates = if n >= PARALLEL_FROM && allowed.is_none() {
+            let candidates = if n >= BINARY_FROM {
+                let shortlist = self.shortlist(
+                    query,
+                    (k * BINARY_FACTOR).max(n / BINARY_SHORTLIST_SHARE),
+                    allowed,
+                );
+                let mut heap = BinaryHeap::with_capacity(wanted + 1);
+                for row in shortlist {
+                    push_best(&mut heap, wanted, Scored(approximate(row), self.ids[row]));
+                }
+                heap.into_iter().map(|Reverse(s)| s).collect()
+            } else if n >= PARALLEL_FROM && allowed.is_none() {
                 let middle = n / 2;
                 std::thread::scope(|scope| {
                     let left = scope.spawn(|| self.scan(wanted, 0..middle, None, approximate));
@@ -172,6 +220,54 @@ impl DenseIndex {
         best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         best.truncate(k);
         best
+    }
+
+    /// The `count` rows (or a few more, at a tie) whose sign bits differ
+    /// least from the query's, among `allowed` when it is given.
+    fn shortlist(&self, query: &[f32], count: usize, allowed: Option<&HashSet<i64>>) -> Vec<usize> {
+        let w = self.words();
+        let query: Vec<u64> = sign_bits(query).collect();
+        let far = u16::MAX;
+        // Distances are at most the dimension: a histogram finds the cut.
+        let mut counts = vec![0usize; self.dimension + 1];
+        let distances: Vec<u16> = self
+            .bits
+            .chunks_exact(w)
+            .zip(&self.ids)
+            .map(|(row, id)| {
+                if allowed.is_some_and(|a| !a.contains(id)) {
+                    return far;
+                }
+                let distance: u32 = row
+                    .iter()
+                    .zip(&query)
+                    .map(|(a, b)| (a ^ b).count_ones())
+                    .sum();
+                counts[distance as usize] += 1;
+                distance as u16
+            })
+            .collect();
+        let mut cut = 0;
+        let mut taken = 0;
+        while cut < counts.len() && taken + counts[cut] <= count {
+            taken += counts[cut];
+            cut += 1;
+        }
+        // Every row nearer than the cut, and at the cut until `count`.
+        let mut at_cut = count - taken;
+        let cut = cut as u16;
+        distances
+            .iter()
+            .enumerate()
+            .filter(|&(_, &d)| {
+                d < cut
+                    || (d == cut && d != far && at_cut > 0 && {
+                        at_cut -= 1;
+                        true
+                    })
+            })
+            .map(|(row, _)| row)
+            .collect()
     }
 
     /// The best `k` of `rows` by `score`.
@@ -311,6 +407,55 @@ mod tests {
         for (id, score) in index.search(&query, 5, None) {
             assert_eq!(score, dot(&query, index.vector(id).unwrap()));
         }
+    }
+
+    #[test]
+    fn the_sign_bit_shortlist_keeps_the_nearest_of_clustered_vectors() {
+        // Embeddings of real text cluster by topic: vectors near one of 400
+        // centres, queries near a centre, as a question is near its answers.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 20_001) as f32 / 10_000.0 - 1.0
+        };
+        let centres: Vec<Vec<f32>> = (0..400)
+            .map(|_| normalized((0..384).map(|_| next()).collect()))
+            .collect();
+        let mut near = |centre: &[f32], spread: f32| {
+            normalized(centre.iter().map(|c| c + spread * next()).collect())
+        };
+        let mut index = DenseIndex::new(384);
+        for id in 0..(BINARY_FROM as i64 + 2_000) {
+            index.insert(id, &near(&centres[id as usize % 400], 0.06));
+        }
+        let (mut found, mut total) = (0, 0);
+        for q in 0..30 {
+            let query = near(&centres[q * 13 % 400], 0.04);
+            let mut all: Vec<(i64, f32)> = (0..index.ids.len())
+                .map(|row| (index.ids[row], dot(&query, index.row(row))))
+                .collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1));
+            all.truncate(10);
+            let got = index.search(&query, 10, None);
+            assert_eq!(got[0], all[0], "the best is always found");
+            total += 10;
+            found += got.iter().filter(|g| all.contains(g)).count();
+        }
+        assert!(found * 100 >= total * 98, "recall@10 {found}/{total}");
+        // Removals keep the bits in step; filters apply before the shortlist.
+        for id in 0..3_000 {
+            index.remove(id * 5);
+        }
+        let query = near(&centres[7], 0.04);
+        for (id, score) in index.search(&query, 5, None) {
+            assert_eq!(score, dot(&query, index.vector(id).unwrap()));
+        }
+        let allowed: HashSet<i64> = (0..400).map(|i| i * 401 + 3).collect();
+        let only = index.search(&query, 5, Some(&allowed));
+        assert_eq!(only.len(), 5);
+        assert!(only.iter().all(|(id, _)| allowed.contains(id)));
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod filter;
 mod library;
 pub mod prompt;
 mod search;
+mod terms;
 
 pub use collection::{
     ChunkText, Collection, CollectionMeta, CollectionStats, DocumentPage, DocumentSummary, Sparse,

@@ -109,7 +109,7 @@ impl Collection {
         let leg = limit.max(20);
         let dense = || self.dense().search(&query.dense, leg, allowed.as_ref());
         let sparse = || match self.meta().sparse {
-            Sparse::Bm25 => self.bm25(query_text, filter, leg),
+            Sparse::Bm25 => self.bm25(query_text, allowed.as_ref(), leg),
             Sparse::Model => self.lexical(query.sparse.as_deref().unwrap_or_default(), filter, leg),
         };
         let mut ranked = match mode {

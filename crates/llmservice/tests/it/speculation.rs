@@ -7,6 +7,15 @@
 //! step across threads and so rounds differently from a step of several rows.
 //! Past that size any change of batch shape (another stream joining the step,
 //! a cached prefix) can move a near-tie, with or without speculation.
+//!
+//! Where llama.cpp's matrix kernels themselves round by batch shape (its
+//! AVX-512 build does; its AVX2 build does not, below 512 cells), a step of
+//! several rows differs from a step of one in the last bits whatever the
+//! scheduler does, and a greedy answer can flip at a near-tie with a second
+//! stream in the step as with guesses. The test finds out which build it
+//! runs on (one request alone and beside another) and there requires the
+//! answers to agree token for token up to a near-tie, with logprobs within
+//! rounding, instead of bit for bit.
 
 use serde_json::{json, Value};
 
@@ -99,6 +108,115 @@ fn answer(body: &Value) -> Value {
     json!({"choices": choices, "completion_tokens": body["usage"]["completion_tokens"]})
 }
 
+/// A token, its logprob, and the top alternatives with theirs.
+type Token = (String, f64, Vec<(String, f64)>);
+
+/// Each choice's tokens, from chat's or legacy completions' logprobs.
+fn tokens(body: &Value) -> Vec<Vec<Token>> {
+    let choices = body["choices"].as_array().unwrap();
+    choices
+        .iter()
+        .map(|c| {
+            let logprobs = &c["logprobs"];
+            if let Some(content) = logprobs["content"].as_array() {
+                content.iter().map(chat_token).collect()
+            } else {
+                let texts = logprobs["tokens"].as_array().unwrap();
+                let values = logprobs["token_logprobs"].as_array().unwrap();
+                let tops = logprobs["top_logprobs"].as_array().unwrap();
+                texts
+                    .iter()
+                    .zip(values)
+                    .zip(tops)
+                    .map(|((t, v), top)| {
+                        let top = top.as_object().unwrap();
+                        let top = top.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap()));
+                        (
+                            t.as_str().unwrap().to_owned(),
+                            v.as_f64().unwrap(),
+                            top.collect(),
+                        )
+                    })
+                    .collect()
+            }
+        })
+        .collect()
+}
+
+fn chat_token(t: &Value) -> Token {
+    let top = t["top_logprobs"].as_array().unwrap();
+    let top = top.iter().map(|a| {
+        (
+            a["token"].as_str().unwrap().to_owned(),
+            a["logprob"].as_f64().unwrap(),
+        )
+    });
+    (
+        t["token"].as_str().unwrap().to_owned(),
+        t["logprob"].as_f64().unwrap(),
+        top.collect(),
+    )
+}
+
+/// Logprobs of one token computed in steps of different shapes differ by
+/// about this much here (AVX-512 kernels); a wrong KV cell moves them by more.
+const ROUNDING: f64 = 0.25;
+/// A choice between two tokens this close can flip with rounding alone.
+const NEAR_TIE: f64 = 0.5;
+
+/// Whether two answers agree token for token up to rounding: equal tokens
+/// with logprobs within `ROUNDING`, and where they part, at a near-tie of
+/// the first answer (the second's token among its top choices, within
+/// `NEAR_TIE` of the best).
+fn agree_up_to_rounding(a: &[Vec<Token>], b: &[Vec<Token>]) -> Result<(), String> {
+    assert_eq!(a.len(), b.len(), "choices");
+    for (choice, (a, b)) in a.iter().zip(b).enumerate() {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            if x.0 == y.0 {
+                if (x.1 - y.1).abs() > ROUNDING {
+                    return Err(format!(
+                        "choice {choice} token {i} {:?}: logprob {} vs {}",
+                        x.0, x.1, y.1
+                    ));
+                }
+                continue;
+            }
+            let best = x.2.iter().map(|t| t.1).fold(f64::MIN, f64::max);
+            let theirs = x.2.iter().find(|t| t.0 == y.0).map(|t| t.1);
+            return match theirs {
+                Some(lp) if best - lp <= NEAR_TIE => Ok(()),
+                _ => Err(format!(
+                    "choice {choice} token {i}: {:?} became {:?} (top {:?})",
+                    x.0, y.0, x.2
+                )),
+            };
+        }
+        if a.len() != b.len() {
+            return Err(format!(
+                "choice {choice}: {} tokens vs {}",
+                a.len(),
+                b.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The request with logprobs and the two best alternatives, and without a
+/// repeat penalty: logprobs are the model's, before penalties, so only then
+/// does the greedy choice have the best logprob and a near-tie show in them.
+fn with_logprobs(path: &str, body: &Value) -> Value {
+    let mut body = body.clone();
+    body["repeat_penalty"] = json!(1.0);
+    if path == "/v1/completions" {
+        body["logprobs"] = json!(2);
+    } else {
+        body["logprobs"] = json!(true);
+        body["top_logprobs"] = json!(2);
+    }
+    body
+}
+
 fn guessed(body: &Value) -> (u64, u64) {
     let details = &body["usage"]["completion_tokens_details"];
     (
@@ -112,14 +230,24 @@ async fn greedy_answers_are_identical_with_and_without_guesses() {
     let window = [("LIGHT_N_CTX", "448"), ("LIGHT_PARALLEL", "2")];
     let plain = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "off")]);
     let guessing = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "ngram")]);
+    let exact = kernels_round_alike(&plain).await;
     let (mut accepted, mut rejected) = (0, 0);
     for (i, (path, body)) in corpus().into_iter().enumerate() {
+        let body = if exact {
+            body
+        } else {
+            with_logprobs(path, &body)
+        };
         let (status, _, a) = plain.post(path, body.clone()).await;
         assert_eq!(status, 200, "{a}");
         assert!(a["usage"].get("completion_tokens_details").is_none(), "{a}");
         let (status, _, b) = guessing.post(path, body).await;
         assert_eq!(status, 200, "{b}");
-        assert_eq!(answer(&b), answer(&a), "request {i} changed with guesses");
+        if exact {
+            assert_eq!(answer(&b), answer(&a), "request {i} changed with guesses");
+        } else if let Err(error) = agree_up_to_rounding(&tokens(&a), &tokens(&b)) {
+            panic!("request {i} changed with guesses beyond rounding: {error}\n{a}\n{b}");
+        }
         let (kept, thrown) = guessed(&b);
         accepted += kept;
         rejected += thrown;
@@ -129,7 +257,8 @@ async fn greedy_answers_are_identical_with_and_without_guesses() {
     // A stream carries the same text, and the usage details at its end.
     let body = chat(
         &format!("Repeat this passage word for word:\n\n{PASSAGE}"),
-        json!({"stream": true, "stream_options": {"include_usage": true}}),
+        json!({"stream": true, "stream_options": {"include_usage": true},
+               "logprobs": true, "top_logprobs": 2, "repeat_penalty": 1.0}),
     );
     let (_, _, whole) = plain.post("/v1/chat/completions", chat_whole(&body)).await;
     let (status, _, streamed) = guessing.post("/v1/chat/completions", body).await;
@@ -137,6 +266,7 @@ async fn greedy_answers_are_identical_with_and_without_guesses() {
     let streamed = streamed.as_str().unwrap().to_owned();
     let mut text = String::new();
     let mut usage = Value::Null;
+    let mut pieces = Vec::new();
     for payload in sse_payloads(&streamed) {
         if payload == "[DONE]" {
             continue;
@@ -145,18 +275,29 @@ async fn greedy_answers_are_identical_with_and_without_guesses() {
         if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
             text.push_str(piece);
         }
+        if let Some(content) = chunk["choices"][0]["logprobs"]["content"].as_array() {
+            pieces.extend(content.iter().map(chat_token));
+        }
         if !chunk["usage"].is_null() {
             usage = chunk["usage"].clone();
         }
     }
-    assert_eq!(
-        text,
-        whole["choices"][0]["message"]["content"].as_str().unwrap()
-    );
-    assert_eq!(
-        usage["completion_tokens"],
-        whole["usage"]["completion_tokens"]
-    );
+    if exact {
+        assert_eq!(
+            text,
+            whole["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+        assert_eq!(
+            usage["completion_tokens"],
+            whole["usage"]["completion_tokens"]
+        );
+    } else {
+        agree_up_to_rounding(&tokens(&whole), &[pieces]).unwrap();
+        assert_eq!(
+            usage["completion_tokens"].as_u64(),
+            Some(text_tokens(&streamed))
+        );
+    }
 
     // The counters reach /metrics.
     let metrics = guessing.router().oneshot_get("/metrics").await;
@@ -169,6 +310,38 @@ async fn greedy_answers_are_identical_with_and_without_guesses() {
         .unwrap_or_else(|| panic!("no drafted counter in\n{metrics}"));
     let count: f64 = drafted.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(count >= (accepted + rejected) as f64, "{drafted}");
+}
+
+/// Tokens a stream's logprobs listed.
+fn text_tokens(streamed: &str) -> u64 {
+    sse_payloads(streamed)
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map(Vec::len)
+        })
+        .sum::<usize>() as u64
+}
+
+/// Whether this build's kernels give a sequence the same numbers in a step
+/// of one row as in a step shared with another sequence: a request's
+/// logprobs alone, then beside a second stream.
+async fn kernels_round_alike(app: &TestApp) -> bool {
+    let (path, probe) = corpus().swap_remove(4);
+    let (_, _, alone) = app.post(path, probe.clone()).await;
+    let other = chat(
+        "Write a short story about a robot who paints.",
+        json!({"max_tokens": 48}),
+    );
+    let (beside, _) = tokio::join!(app.post(path, probe), app.post(path, other));
+    let same = answer(&beside.2) == answer(&alone);
+    if !same {
+        eprintln!("this build's kernels round by batch shape: comparing up to rounding");
+    }
+    same
 }
 
 #[tokio::test]

@@ -298,7 +298,12 @@ async fn tool_and_legacy_histories_render_through_every_template() {
 async fn with_tool_choice_auto_a_call_the_model_opens_is_valid() {
     let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen_template())]);
     let mut calls = 0;
-    for seed in 0..8 {
+    // Which seeds call depends on the CPU's kernels (AVX2 and AVX-512 round
+    // differently): draw until a few have.
+    for seed in 0..40 {
+        if calls >= 2 {
+            break;
+        }
         let (status, _, body) = app
             .post(
                 "/v1/chat/completions",

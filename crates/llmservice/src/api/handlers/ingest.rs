@@ -24,7 +24,9 @@ use crate::api::sse;
 use crate::keys::Caller;
 use crate::retrieval::EngineEncoder;
 use crate::state::AppState;
-use crate::wire::{ErrorResponse, IngestedDocument, RagDocumentsAnswer, RagDocumentsRequest};
+use crate::wire::{
+    ErrorResponse, IngestedDocument, RagDocumentsAnswer, RagDocumentsRequest, SseEvent,
+};
 
 /// Most texts one ingest request may carry.
 const MAX_TEXTS: usize = 2048;
@@ -32,7 +34,7 @@ const MAX_TEXTS: usize = 2048;
 const MAX_FILES: usize = 100;
 
 #[utoipa::path(post, path = "/v1/rag/documents", request_body = RagDocumentsRequest, responses(
-    (status = 200, description = "Each text's document id and chunk count; with `stream: true`, SSE events `{type: \"progress\", documents, documents_total, chunks, chunks_total}`…, `{type: \"done\", ...answer}`, then `[DONE]`", content((RagDocumentsAnswer = "application/json"), (String = "text/event-stream"))),
+    (status = 200, description = "Each text's document id and chunk count; with `stream: true`, SSE events `{type: \"progress\", documents, documents_total, chunks, chunks_total}`…, `{type: \"done\", ...answer}`, then `[DONE]`", content((RagDocumentsAnswer = "application/json"), (SseEvent = "text/event-stream"))),
     (status = 400, description = "No texts, metadata or ids not one per text, a bad collection name", body = ErrorResponse),
     (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse),
     (status = 503, description = "No embedding model, or it is loading or busy", body = ErrorResponse),
@@ -57,7 +59,7 @@ pub async fn add_documents(
 }
 
 #[utoipa::path(post, path = "/v1/rag/files", request_body(content_type = "multipart/form-data", description = "Parts: `file` (one or more, each with its file name: .txt, .md, .html, .pdf, or a matching Content-Type), `collection`, `metadata` (a JSON object for every file), `id` (one per file, in order; an id sent again replaces its document), `stream` (true for progress events). Each document's metadata has `source` (the file name) and `file_type`."), responses(
-    (status = 200, description = "Each file's document id, chunk count and source, in order; with `stream`, progress events as for `/v1/rag/documents`", content((RagDocumentsAnswer = "application/json"), (String = "text/event-stream"))),
+    (status = 200, description = "Each file's document id, chunk count and source, in order; with `stream`, progress events as for `/v1/rag/documents`", content((RagDocumentsAnswer = "application/json"), (SseEvent = "text/event-stream"))),
     (status = 400, description = "No file, a file of a kind not read, one without text or that does not parse, a bad field", body = ErrorResponse),
     (status = 409, description = "The collection holds vectors of another embedding model", body = ErrorResponse),
     (status = 413, description = "The upload is larger than RAG_MAX_UPLOAD_BYTES", body = ErrorResponse),
