@@ -5,9 +5,9 @@
 # (lavapipe, `mesa-vulkan-drivers`) runs llama.cpp's shaders on the CPU: slow,
 # but it checks that the build and the offloaded path give correct answers.
 #
-# Needs Debian's libvulkan-dev, glslc, spirv-headers and mesa-vulkan-drivers
-# (installed here when running as root), and Vulkan headers of 1.3.261 or
-# later (llama.cpp uses vk::LayerSettingEXT). Debian 12 ships 1.3.239, so on
+# Needs Debian's libvulkan-dev, glslc, spirv-headers, mesa-vulkan-drivers and
+# vulkan-tools (installed here when running as root), and Vulkan headers of
+# 1.3.261 or later (llama.cpp uses vk::LayerSettingEXT). Debian 12 ships 1.3.239, so on
 # Debian 12 the headers of Debian 13's libvulkan-dev are unpacked into a
 # temporary directory and put first on the include path (nothing is installed
 # from Debian 13; the system's Vulkan loader is used).
@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libvulkan-dev glslc spirv-headers mesa-vulkan-drivers)
+packages=(libvulkan-dev glslc spirv-headers mesa-vulkan-drivers vulkan-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -55,6 +55,13 @@ echo "vulkan_check: built in $(( $(date +%s) - start )) s"
 [ "${1:-}" = --build ] && exit 0
 
 binary="$CARGO_TARGET_DIR/release/llmservice"
+# llama.cpp passes over CPU-type Vulkan devices unless they are named: where
+# the software device is the only one, name it.
+if [ -z "${GGML_VK_VISIBLE_DEVICES:-}" ] && command -v vulkaninfo >/dev/null \
+    && ! vulkaninfo --summary 2>/dev/null | grep deviceType | grep -qv PHYSICAL_DEVICE_TYPE_CPU; then
+    echo "vulkan_check: only a CPU Vulkan device (Mesa's lavapipe): GGML_VK_VISIBLE_DEVICES=0"
+    export GGML_VK_VISIBLE_DEVICES=0
+fi
 models="$(cd .. && pwd)/shared/models"
 export LIGHT_N_GPU_LAYERS=-1 EMBEDDING_N_GPU_LAYERS=-1 RERANKER_N_GPU_LAYERS=-1
 

@@ -4,8 +4,10 @@
 same chunks and the same machine.
 
     python scripts/bench/rag_vs_seed.py http://127.0.0.1:8000 MODEL.gguf
+    python scripts/bench/rag_vs_seed.py --store-only    # part 3 alone
 
-Run it with a Python that has `llama-cpp-python` and `qdrant-client`. It
+Run it with a Python that has `llama-cpp-python`, `qdrant-client` and numpy
+(`--store-only` needs only the last two). It
 needs the `pydoc` collection that `scripts/bench/rag_quality.py` ingests (it
 reads that collection's chunks, so both stacks index the very same texts),
 and reports:
@@ -24,7 +26,6 @@ import time
 import urllib.request
 
 import numpy as np
-from llama_cpp import Llama
 from qdrant_client import QdrantClient
 from qdrant_client.models import Distance, PointStruct, VectorParams
 
@@ -52,6 +53,11 @@ def pct(values, p):
 
 
 def main():
+    if sys.argv[1:] == ["--store-only"]:
+        store_alone()
+        return
+    from llama_cpp import Llama
+
     base, model = sys.argv[1].rstrip("/"), sys.argv[2]
     chunks = []
     offset = None
@@ -95,6 +101,10 @@ def main():
                         ("llmservice, dense", ours_dense), ("llmservice, hybrid", ours_hybrid)):
         print(f"| {name} | {statistics.median(times):.1f} | {pct(times, 0.95):.1f} |")
 
+    store_alone()
+
+
+def store_alone():
     print("\n| qdrant-client local mode, synthetic 384-d | query p50 ms | p95 ms | RSS added MiB |")
     print("|---|---|---|---|")
     rng = np.random.default_rng(7)

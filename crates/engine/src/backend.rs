@@ -539,6 +539,7 @@ impl Engine {
         seq.penalties = penalties;
         seq.ignore_eos = request.ignore_eos;
         seq.special_text = request.special_text;
+        seq.finish_within_budget = request.finish_within_budget;
         seq.logprobs = request.logprobs;
         seq.reuse_prefix = request.sampling.seed.is_none();
         let greedy = request.sampling.temperature <= 0.0;

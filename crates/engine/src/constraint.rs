@@ -323,13 +323,16 @@ impl ConstraintState {
 
     /// Draws the next token with `chain` (after `penalties`) from the tokens
     /// the grammar allows. `logits` are the raw logits of this position. The
-    /// chain, the penalties and the grammar all record the token.
+    /// chain, the penalties and the grammar all record the token. With
+    /// `end_if_complete`, a grammar that may end here ends: the end token is
+    /// drawn whatever the logits say.
     pub fn sample(
         &mut self,
         chain: &mut LlamaSampler,
         mut penalties: Option<&mut Penalties>,
         logits: &[f32],
         is_eog: impl Fn(LlamaToken) -> bool,
+        end_if_complete: bool,
     ) -> Result<Step, EngineError> {
         let failed =
             |e: String| EngineError::Inference(format!("constrained sampling failed: {e}"));
@@ -339,6 +342,15 @@ impl ConstraintState {
                     return Ok(Step {
                         token: None,
                         complete: true,
+                    });
+                }
+                if end_if_complete && matcher.is_accepting().map_err(|e| failed(e.to_string()))? {
+                    let env = matcher.tok_env().map_err(|e| failed(e.to_string()))?;
+                    let end = LlamaToken(env.tok_trie().eos_token() as i32);
+                    chain.accept(end);
+                    return Ok(Step {
+                        token: Some(end),
+                        complete: false,
                     });
                 }
                 let mask = matcher.compute_mask().map_err(|e| failed(e.to_string()))?;
@@ -502,7 +514,7 @@ mod tests {
         let mut out = Vec::new();
         for _ in 0..64 {
             let step = state
-                .sample(chain, None, logits, |t| vocab.is_eog(t))
+                .sample(chain, None, logits, |t| vocab.is_eog(t), false)
                 .unwrap();
             let token = step.token.expect("the grammar is not complete yet");
             assert!(!forbidden.contains(&token), "drew {token:?}");
@@ -546,7 +558,9 @@ mod tests {
             assert!(whitespace_is_bounded(&text), "{text:?}");
             seen.insert(value["ok"].clone());
             // Complete: nothing more may be drawn, whatever the logits say.
-            let after = state.sample(&mut chain, None, &logits, |_| false).unwrap();
+            let after = state
+                .sample(&mut chain, None, &logits, |_| false, false)
+                .unwrap();
             assert!(after.token.is_none() && after.complete);
         }
         assert_eq!(
@@ -603,19 +617,65 @@ mod tests {
         let is_eog = |t| vocab.is_eog(t);
         // "Hello" and the end token are likelier, but only "yes" or "no" may
         // start the output: greedy takes the likelier of those.
-        let first = state.sample(&mut greedy, None, &logits, is_eog).unwrap();
+        let first = state
+            .sample(&mut greedy, None, &logits, is_eog, false)
+            .unwrap();
         assert_eq!(first.token, Some(no));
         assert!(!first.complete);
         // After "no" the grammar allows only the end of generation, which is
         // how a GBNF-constrained sequence ends ("Hello" is likelier still).
-        let second = state.sample(&mut greedy, None, &logits, is_eog).unwrap();
+        let second = state
+            .sample(&mut greedy, None, &logits, is_eog, false)
+            .unwrap();
         assert_eq!(second.token, Some(vocab.eos()));
         // Where the likeliest token is allowed, it is taken as drawn.
         let mut state = ConstraintState::start(&model, &compiled).unwrap();
         logits[hello.0 as usize] = 0.0;
         logits[yes.0 as usize] = 40.0;
-        let first = state.sample(&mut greedy, None, &logits, is_eog).unwrap();
+        let first = state
+            .sample(&mut greedy, None, &logits, is_eog, false)
+            .unwrap();
         assert_eq!(first.token, Some(yes));
+    }
+
+    #[test]
+    fn a_grammar_that_may_end_ends_when_asked_and_not_before() {
+        let model = smollm();
+        let grammars = Grammars::new(model.clone());
+        // Calls on lines: one at least, more allowed, as a parallel call list.
+        let compiled = grammars
+            .compile(&Constraint::Lark(
+                r#"start: "yes" ("\n" "yes"){0,7}"#.to_owned(),
+            ))
+            .unwrap();
+        let vocab = model.vocab();
+        let (yes, newline) = (token(&model, "yes"), token(&model, "\n"));
+        let mut logits = vec![0.0f32; model.n_vocab() as usize];
+        logits[yes.0 as usize] = 30.0;
+        logits[newline.0 as usize] = 40.0;
+        let is_eog = |t| vocab.is_eog(t);
+        let mut greedy = sampler_chain(0.0, 0, model.n_vocab());
+        let mut state = ConstraintState::start(&model, &compiled).unwrap();
+        // Asked to end where the grammar may not: it draws as usual.
+        let first = state
+            .sample(&mut greedy, None, &logits, is_eog, true)
+            .unwrap();
+        assert_eq!(first.token, Some(yes));
+        // Where it may end, it would rather go on ("\n" is likeliest)...
+        let mut going_on = ConstraintState::start(&model, &compiled).unwrap();
+        going_on
+            .sample(&mut greedy, None, &logits, is_eog, false)
+            .unwrap();
+        let next = going_on
+            .sample(&mut greedy, None, &logits, is_eog, false)
+            .unwrap();
+        assert_eq!(next.token, Some(newline));
+        // ...unless asked to end: the end token, whatever the logits say.
+        let end = state
+            .sample(&mut greedy, None, &logits, is_eog, true)
+            .unwrap();
+        let end = end.token.unwrap();
+        assert!(vocab.is_eog(end), "{end:?}");
     }
 
     #[test]

@@ -58,6 +58,12 @@ pub struct GenerateRequest {
     pub special_text: bool,
     /// What the output must match, compiled with [`crate::Engine::compile_constraint`].
     pub constraint: Option<crate::CompiledConstraint>,
+    /// Once more than half of `max_tokens` is spent, a constrained output ends
+    /// at the first point its grammar may end, rather than open another part
+    /// (another tool call) that a part as long as the output so far would not
+    /// have room to finish. Without it a small model that adds a call it does
+    /// not need loses the whole answer to `max_tokens`.
+    pub finish_within_budget: bool,
     /// Whether this request may use the model's speculation (which never changes
     /// its tokens; only greedy requests speculate). False opts out.
     pub speculative: bool,

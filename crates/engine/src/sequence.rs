@@ -34,6 +34,8 @@ pub(crate) struct Sequence {
     pub ignore_eos: bool,
     /// Special tokens produce their text instead of nothing.
     pub special_text: bool,
+    /// See [`crate::GenerateRequest::finish_within_budget`].
+    pub finish_within_budget: bool,
     /// `Some(k)`: report logprobs with `k` alternatives.
     pub logprobs: Option<u32>,
     pub group: Option<Group>,
@@ -94,6 +96,7 @@ impl Sequence {
             started: false,
             ignore_eos: false,
             special_text: false,
+            finish_within_budget: false,
             logprobs: None,
             group: None,
             reuse_prefix: true,

@@ -372,6 +372,23 @@ mod tests {
         }
     }
 
+    /// The search finds the best of each query and 98% of its exact top 10.
+    fn assert_recall_at_10(index: &DenseIndex, queries: &[Vec<f32>]) {
+        let (mut found, mut total) = (0, 0);
+        for query in queries {
+            let mut all: Vec<(i64, f32)> = (0..index.ids.len())
+                .map(|row| (index.ids[row], dot(query, index.row(row))))
+                .collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1));
+            all.truncate(10);
+            let got = index.search(query, 10, None);
+            assert_eq!(got[0], all[0], "the best is always found");
+            total += 10;
+            found += got.iter().filter(|g| all.contains(g)).count();
+        }
+        assert!(found * 100 >= total * 98, "recall@10 {found}/{total}");
+    }
+
     #[test]
     fn the_quantized_scan_finds_what_the_exact_scan_finds() {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -385,20 +402,10 @@ mod tests {
         for id in 0..(PARALLEL_FROM as i64 + 500) {
             index.insert(id, &normalized((0..384).map(|_| next()).collect()));
         }
-        let (mut found, mut total) = (0, 0);
-        for _ in 0..20 {
-            let query = normalized((0..384).map(|_| next()).collect());
-            let mut all: Vec<(i64, f32)> = (0..index.ids.len())
-                .map(|row| (index.ids[row], dot(&query, index.row(row))))
-                .collect();
-            all.sort_by(|a, b| b.1.total_cmp(&a.1));
-            all.truncate(10);
-            let got = index.search(&query, 10, None);
-            assert_eq!(got[0], all[0], "the best is always found");
-            total += 10;
-            found += got.iter().filter(|g| all.contains(g)).count();
-        }
-        assert!(found * 100 >= total * 98, "recall@10 {found}/{total}");
+        let queries: Vec<Vec<f32>> = (0..20)
+            .map(|_| normalized((0..384).map(|_| next()).collect()))
+            .collect();
+        assert_recall_at_10(&index, &queries);
         // Removals keep codes and scales in step with the vectors.
         for id in 0..1000 {
             index.remove(id * 3);
@@ -430,20 +437,10 @@ mod tests {
         for id in 0..(BINARY_FROM as i64 + 2_000) {
             index.insert(id, &near(&centres[id as usize % 400], 0.06));
         }
-        let (mut found, mut total) = (0, 0);
-        for q in 0..30 {
-            let query = near(&centres[q * 13 % 400], 0.04);
-            let mut all: Vec<(i64, f32)> = (0..index.ids.len())
-                .map(|row| (index.ids[row], dot(&query, index.row(row))))
-                .collect();
-            all.sort_by(|a, b| b.1.total_cmp(&a.1));
-            all.truncate(10);
-            let got = index.search(&query, 10, None);
-            assert_eq!(got[0], all[0], "the best is always found");
-            total += 10;
-            found += got.iter().filter(|g| all.contains(g)).count();
-        }
-        assert!(found * 100 >= total * 98, "recall@10 {found}/{total}");
+        let queries: Vec<Vec<f32>> = (0..30)
+            .map(|q| near(&centres[q * 13 % 400], 0.04))
+            .collect();
+        assert_recall_at_10(&index, &queries);
         // Removals keep the bits in step; filters apply before the shortlist.
         for id in 0..3_000 {
             index.remove(id * 5);

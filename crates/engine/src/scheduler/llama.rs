@@ -76,11 +76,15 @@ impl Decoder for LlamaDecoder<'_> {
                 false,
             ),
             Some(constraint) => {
+                let spent = seq.n_generated;
+                let end_if_complete =
+                    seq.finish_within_budget && seq.max_tokens.saturating_sub(spent) < spent;
                 let step = constraint.sample(
                     &mut seq.sampler,
                     seq.penalties.as_mut(),
                     self.ctx.get_logits_ith(index),
                     |t| vocab.is_eog(t),
+                    end_if_complete,
                 )?;
                 match step.token {
                     Some(token) => (token, step.complete),

@@ -134,6 +134,7 @@ impl Rounds {
         )?;
         request.constraint = constraint;
         request.special_text = true;
+        request.finish_within_budget = true;
         let streams = self.engine.submit_n(request, 1)?;
         let mut choices =
             generation::start(streams, &self.metrics, &self.model_id, self.started).await?;

@@ -175,6 +175,7 @@ pub fn build_request(
         ignore_eos: sampling.ignore_eos.unwrap_or(false),
         logprobs,
         constraint: None,
+        finish_within_budget: false,
         speculative: sampling.speculative.unwrap_or(true),
         prediction: sampling
             .prediction

@@ -163,6 +163,21 @@ pub fn error_of(body: &Value) -> &serde_json::Map<String, Value> {
 }
 
 /// Parses an SSE body into its `data:` payloads.
+/// An event-stream answer's JSON events, after checking its content type
+/// and that it ends with `[DONE]`.
+pub fn sse_events(headers: &HeaderMap, body: &Value) -> Vec<Value> {
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let payloads = sse_payloads(body.as_str().unwrap());
+    assert_eq!(payloads.last().unwrap(), "[DONE]");
+    payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect()
+}
+
 pub fn sse_payloads(body: &str) -> Vec<String> {
     body.split("\n\n")
         .filter(|e| !e.trim().is_empty())

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{error_of, shared_models, sse_payloads, TestApp};
+use crate::common::{error_of, shared_models, sse_events, sse_payloads, TestApp};
 
 fn minilm() -> String {
     shared_models()
@@ -133,16 +133,7 @@ async fn seed_requests_work_and_answers_are_given_their_sources() {
     streamed["stream"] = true.into();
     let (status, headers, body) = app.post("/v1/rag/chat", streamed).await;
     assert_eq!(status, 200);
-    assert!(headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
-    let payloads = sse_payloads(body.as_str().unwrap());
-    assert_eq!(payloads.last().unwrap(), "[DONE]");
-    let events: Vec<Value> = payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str(p).unwrap())
-        .collect();
+    let events = sse_events(&headers, &body);
     assert_eq!(events[0]["type"], "sources");
     assert_eq!(events[0]["sources"], whole["sources"]);
     let done = events.last().unwrap();

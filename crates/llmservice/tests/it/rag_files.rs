@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::Request;
 use serde_json::{json, Value};
 
-use crate::common::{error_of, sse_payloads, TestApp, OPERATOR_KEY};
+use crate::common::{error_of, sse_events, TestApp, OPERATOR_KEY};
 use crate::rag::rag_app;
 
 /// A server whose uploads are read by the built `llmservice` binary.
@@ -398,16 +398,7 @@ async fn a_streamed_ingest_reports_progress_then_the_answer() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    assert!(headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
-    let payloads = sse_payloads(body.as_str().unwrap());
-    assert_eq!(payloads.last().unwrap(), "[DONE]");
-    let events: Vec<Value> = payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str(p).unwrap())
-        .collect();
+    let events = sse_events(&headers, &body);
     let (done, progress) = events.split_last().unwrap();
     assert_eq!(done["type"], "done", "{done}");
     assert_eq!(done["documents"].as_array().unwrap().len(), 150);

@@ -362,6 +362,7 @@ async fn a_triggered_grammar_governs_only_what_follows_its_trigger() {
         ignore_eos: false,
         special_text: false,
         constraint: Some(compiled),
+        finish_within_budget: false,
         speculative: true,
         prediction: Vec::new(),
         span: tracing::Span::none(),

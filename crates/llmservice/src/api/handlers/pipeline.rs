@@ -215,6 +215,8 @@ async fn generate_here(
     )?;
     request.constraint = constraint;
     request.special_text = plan.is_some();
+    // A forced or opened call list ends rather than start a call it cannot finish.
+    request.finish_within_budget = plan.is_some();
     let streams = engine.submit_n(request, job.n)?;
     let choices = generation::start(streams, &state.metrics, &entry.id, started).await?;
     let parse = plan.is_some();
