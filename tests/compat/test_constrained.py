@@ -5,6 +5,9 @@ time; BENCHMARKS.md has the table): llmservice 52 of 56 cases finish and
 validate, llama.cpp's `llama-server --jinja` 27 of 56. The issue's target is
 95% (53 of 56); this test holds the line measured here with one case of slack
 per category for the machine's numerics, and fails on any regression beyond it.
+On an AVX-512 machine (2026-12-06) the same build finishes 50 of 56: llama.cpp's
+AVX-512 kernels round differently, and its six misses all run on inside a string
+until `max_tokens` (on AVX2 the four misses were other cases). The floor is that.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ LLAMA_SERVER = {
     "langchain_bind_tools": 0,
     "langchain_structured": 7,
 }
-# Ours in that run was 52; below 50 something regressed.
+# Ours was 52 (AVX2) and 50 (AVX-512); below 50 something regressed.
 OVERALL_FLOOR = 50
 
 
