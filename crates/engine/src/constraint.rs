@@ -346,12 +346,16 @@ impl ConstraintState {
                 }
                 if end_if_complete && matcher.is_accepting().map_err(|e| failed(e.to_string()))? {
                     let env = matcher.tok_env().map_err(|e| failed(e.to_string()))?;
-                    let end = LlamaToken(env.tok_trie().eos_token() as i32);
-                    chain.accept(end);
-                    return Ok(Step {
-                        token: Some(end),
-                        complete: false,
-                    });
+                    let end = i32::try_from(env.tok_trie().eos_token()).map(LlamaToken);
+                    // Only a token the model ends on (a vocabulary without one
+                    // draws as usual).
+                    if let Some(end) = end.ok().filter(|&t| is_eog(t)) {
+                        chain.accept(end);
+                        return Ok(Step {
+                            token: Some(end),
+                            complete: false,
+                        });
+                    }
                 }
                 let mask = matcher.compute_mask().map_err(|e| failed(e.to_string()))?;
                 let mut allowed = Vec::new();

@@ -19,6 +19,11 @@ const CHILD_MEMORY: u64 = 4 << 30;
 const CHILD_CPU_SECONDS: u64 = 150;
 /// Most text one file may give (a 64 MiB upload of text gives about that).
 const MAX_TEXT_BYTES: usize = 96 << 20;
+/// Parsers running at once, server-wide: each may take `CHILD_MEMORY`, so a
+/// burst of hostile uploads waits here instead of exhausting the host.
+const MAX_CHILDREN: usize = 2;
+
+static CHILDREN: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CHILDREN);
 
 /// The text of one uploaded file of `kind`; `deadline` is the longest its
 /// parser may take (`RAG_EXTRACT_TIMEOUT`).
@@ -49,7 +54,19 @@ pub async fn file_text(
 /// Runs `extractor extract-text --kind KIND` over `bytes`. The child is
 /// killed if this future is dropped (deadline, client gone).
 async fn in_child(extractor: &Path, kind: FileKind, bytes: Vec<u8>) -> Result<String, RagError> {
-    let mut child = tokio::process::Command::new(extractor)
+    let _slot = CHILDREN
+        .acquire()
+        .await
+        .map_err(|e| RagError::Store(format!("the file readers are closed: {e}")))?;
+    let mut command = tokio::process::Command::new(extractor);
+    // The parser needs nothing of the server's environment (keys, tokens).
+    command.env_clear();
+    for name in ["PATH", "LD_LIBRARY_PATH", "TMPDIR"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    let mut child = command
         .args(["extract-text", "--kind", kind.name()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -63,8 +80,8 @@ async fn in_child(extractor: &Path, kind: FileKind, bytes: Vec<u8>) -> Result<St
             ))
         })?;
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
     // Writing, reading and waiting at once: a child that answers before it
     // has read everything must not deadlock on a full pipe.
     let write = async move {
@@ -73,17 +90,19 @@ async fn in_child(extractor: &Path, kind: FileKind, bytes: Vec<u8>) -> Result<St
         let _ = stdin.write_all(&bytes).await;
         drop(stdin);
     };
-    let read = async {
+    // Each reader owns its pipe and closes it at its cap: a child that writes
+    // more then fails on the closed pipe instead of blocking until the deadline.
+    let read = async move {
         let mut text = Vec::new();
-        (&mut stdout)
+        stdout
             .take(MAX_TEXT_BYTES as u64 + 1)
             .read_to_end(&mut text)
             .await
             .map(|_| text)
     };
-    let read_err = async {
+    let read_err = async move {
         let mut message = Vec::new();
-        let _ = (&mut stderr).take(64 << 10).read_to_end(&mut message).await;
+        let _ = stderr.take(64 << 10).read_to_end(&mut message).await;
         message
     };
     let ((), text, message) = tokio::join!(write, read, read_err);
@@ -93,17 +112,17 @@ async fn in_child(extractor: &Path, kind: FileKind, bytes: Vec<u8>) -> Result<St
         .map_err(|e| RagError::Store(format!("the file reader could not be waited on: {e}")))?;
     let text =
         text.map_err(|e| RagError::Store(format!("reading the file reader's output: {e}")))?;
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(RagError::invalid(
+            "file",
+            format!(
+                "the {} holds more than {} MiB of text",
+                kind.name(),
+                MAX_TEXT_BYTES >> 20
+            ),
+        ));
+    }
     if status.success() {
-        if text.len() > MAX_TEXT_BYTES {
-            return Err(RagError::invalid(
-                "file",
-                format!(
-                    "the {} holds more than {} MiB of text",
-                    kind.name(),
-                    MAX_TEXT_BYTES >> 20
-                ),
-            ));
-        }
         return String::from_utf8(text)
             .map_err(|_| RagError::Store("the file reader wrote text that is not UTF-8".into()));
     }
@@ -135,9 +154,13 @@ const REFUSED: i32 = 3;
 pub fn child_main(kind: &str) -> std::process::ExitCode {
     use rustix::process::{setrlimit, Resource, Rlimit};
     use std::io::{Read, Write};
+    // If memory runs short, the kernel should end this process, not the server.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+    // No core files: an abort or the CPU limit's signal would write one per upload.
     for (resource, limit) in [
         (Resource::As, CHILD_MEMORY),
         (Resource::Cpu, CHILD_CPU_SECONDS),
+        (Resource::Core, 0),
     ] {
         let _ = setrlimit(
             resource,

@@ -267,6 +267,13 @@ fn load_terms(conn: &Connection) -> Result<TermIndex, RagError> {
             .map_err(sql_error)?;
         index.load(doc, term);
     }
+    drop(rows);
+    // Chunks without a word (punctuation only) have no terms, but count.
+    let mut chunks = conn.prepare("SELECT id FROM chunks").map_err(sql_error)?;
+    let mut rows = chunks.query([]).map_err(sql_error)?;
+    while let Some(row) = rows.next().map_err(sql_error)? {
+        index.row(row.get(0).map_err(sql_error)?);
+    }
     index.loaded();
     Ok(index)
 }
@@ -920,6 +927,7 @@ mod tests {
             "Café crème and naïve résumés: diacritics fold away.",
             "Python's asyncio runs coroutines on an event loop.",
             "The event loop runs callbacks, tasks and coroutines.",
+            "--- | --- | ---",
         ];
         for (i, text) in texts.iter().enumerate() {
             collection

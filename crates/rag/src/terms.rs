@@ -55,8 +55,11 @@ pub(crate) struct TermIndex {
     postings: Vec<Vec<Posting>>,
     /// Per term id: how many live rows hold it.
     documents: Vec<u32>,
-    /// Per row: its chunk id, its length in tokens (0: removed) and its terms.
+    /// Per row: its chunk id, whether it is still there, its length in tokens
+    /// (a chunk of punctuation has none, yet counts among the rows, as in
+    /// FTS5) and its terms.
     chunk_ids: Vec<i64>,
+    alive: Vec<bool>,
     lengths: Vec<u32>,
     row_terms: Vec<Vec<u32>>,
     rows: HashMap<i64, u32>,
@@ -93,12 +96,7 @@ impl TermIndex {
                 id
             }
         };
-        let row = *self.rows.entry(doc).or_insert_with(|| {
-            self.chunk_ids.push(doc);
-            self.lengths.push(0);
-            self.row_terms.push(Vec::new());
-            self.chunk_ids.len() as u32 - 1
-        });
+        let row = self.row(doc);
         let postings = &mut self.postings[term_id as usize];
         match postings.last_mut() {
             Some(last) if last.row == row => last.count += 1,
@@ -112,6 +110,17 @@ impl TermIndex {
         self.tokens += 1;
     }
 
+    /// Chunk `id`'s row, made (empty) if it has none.
+    pub(crate) fn row(&mut self, id: i64) -> u32 {
+        *self.rows.entry(id).or_insert_with(|| {
+            self.chunk_ids.push(id);
+            self.alive.push(true);
+            self.lengths.push(0);
+            self.row_terms.push(Vec::new());
+            self.chunk_ids.len() as u32 - 1
+        })
+    }
+
     /// Ends loading: trims the arrays to their size.
     pub(crate) fn loaded(&mut self) {
         self.last_term = None;
@@ -122,9 +131,6 @@ impl TermIndex {
     /// Adds (or replaces) chunk `id`'s terms.
     pub(crate) fn insert(&mut self, id: i64, terms: &Terms) {
         self.remove(id);
-        if terms.length == 0 {
-            return;
-        }
         let row = self.chunk_ids.len() as u32;
         let mut ids = Vec::with_capacity(terms.counts.len());
         for (term, count) in &terms.counts {
@@ -139,6 +145,7 @@ impl TermIndex {
             ids.push(term_id);
         }
         self.chunk_ids.push(id);
+        self.alive.push(true);
         self.lengths.push(terms.length);
         self.row_terms.push(ids);
         self.rows.insert(id, row);
@@ -156,6 +163,7 @@ impl TermIndex {
         self.row_terms[row] = Vec::new();
         self.tokens -= u64::from(self.lengths[row]);
         self.lengths[row] = 0;
+        self.alive[row] = false;
         self.dead += 1;
         if self.dead > 1024 && self.dead > self.rows.len() {
             self.compact();
@@ -166,8 +174,8 @@ impl TermIndex {
     fn compact(&mut self) {
         let mut renumber = vec![u32::MAX; self.chunk_ids.len()];
         let mut next = 0u32;
-        for (row, &length) in self.lengths.iter().enumerate() {
-            if length > 0 {
+        for (row, &alive) in self.alive.iter().enumerate() {
+            if alive {
                 renumber[row] = next;
                 next += 1;
             }
@@ -190,7 +198,8 @@ impl TermIndex {
             .filter(keep)
             .map(|r| std::mem::take(&mut self.row_terms[r]))
             .collect();
-        self.lengths = rows.filter(keep).map(|r| self.lengths[r]).collect();
+        self.lengths = rows.clone().filter(keep).map(|r| self.lengths[r]).collect();
+        self.alive = vec![true; self.lengths.len()];
         self.rows = self
             .chunk_ids
             .iter()
@@ -222,11 +231,12 @@ impl TermIndex {
             };
             let hits = f64::from(self.documents[term as usize]);
             // FTS5's IDF, with its floor for terms in more than half the rows.
-            let idf = ((live as f64 - hits + 0.5) / (hits + 0.5)).ln().max(1e-6);
+            let idf = ((live as f64 - hits + 0.5) / (hits + 0.5)).ln();
+            let idf = if idf <= 0.0 { 1e-6 } else { idf };
             for posting in &self.postings[term as usize] {
                 let row = posting.row as usize;
                 let length = self.lengths[row];
-                if length == 0 || allowed.is_some_and(|a| !a.contains(&self.chunk_ids[row])) {
+                if !self.alive[row] || allowed.is_some_and(|a| !a.contains(&self.chunk_ids[row])) {
                     continue;
                 }
                 let count = f64::from(posting.count);

@@ -77,8 +77,10 @@ impl Decoder for LlamaDecoder<'_> {
             ),
             Some(constraint) => {
                 let spent = seq.n_generated;
-                let end_if_complete =
-                    seq.finish_within_budget && seq.max_tokens.saturating_sub(spent) < spent;
+                // Not with ignore_eos: the end token would not end it.
+                let end_if_complete = seq.finish_within_budget
+                    && !seq.ignore_eos
+                    && seq.max_tokens.saturating_sub(spent) < spent;
                 let step = constraint.sample(
                     &mut seq.sampler,
                     seq.penalties.as_mut(),

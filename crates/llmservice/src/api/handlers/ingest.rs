@@ -78,11 +78,18 @@ pub async fn add_files(
         ))
     })?;
     let form = Form::read(&mut multipart).await?;
+    let collection = form
+        .collection
+        .clone()
+        .unwrap_or_else(|| collection_name(None).to_owned());
+    // Refusals that need no parsing (no store, no embedding model, another
+    // model's collection) come before the files are read.
+    library(&state)?;
+    let encoder = encoder(&state, &headers).await?;
+    library(&state)?.check_ingest(&collection, &encoder)?;
     let documents = form.documents(&state).await?;
     let job = Ingest {
-        collection: form
-            .collection
-            .unwrap_or_else(|| collection_name(None).to_owned()),
+        collection,
         sources: Some(form.files.iter().map(|f| f.name.clone()).collect()),
         endpoint: "rag_files",
         started,
