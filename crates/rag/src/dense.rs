@@ -222,7 +222,7 @@ impl DenseIndex {
         best
     }
 
-    /// The `count` rows (or a few more, at a tie) whose sign bits differ
+    /// The `count` rows (ties at the cut by row order) whose sign bits differ
     /// least from the query's, among `allowed` when it is given.
     fn shortlist(&self, query: &[f32], count: usize, allowed: Option<&HashSet<i64>>) -> Vec<usize> {
         let w = self.words();
