@@ -646,8 +646,12 @@ impl Collection {
         }
         // One text per word: each occurrence counts, as each quoted word of
         // an FTS5 `OR` query does.
-        let tokens: Vec<String> = tokenize(&self.conn(), &words)?
-            .into_values()
+        let mut by_word: Vec<(i64, Terms)> = tokenize(&self.conn(), &words)?.into_iter().collect();
+        // In the query's order, so that scores add up the same way every time.
+        by_word.sort_by_key(|(word, _)| *word);
+        let tokens: Vec<String> = by_word
+            .into_iter()
+            .map(|(_, terms)| terms)
             .flat_map(|t| {
                 t.counts
                     .into_iter()

@@ -44,9 +44,10 @@ pub(crate) struct DenseIndex {
     rows: HashMap<i64, usize>,
 }
 
-/// A candidate by score, ordered for a min-heap of the best.
+/// A candidate by score (ties: the lower id first), ordered for a min-heap
+/// of the best.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Scored(f32, i64);
+pub(crate) struct Scored(pub f32, pub i64);
 
 impl Eq for Scored {}
 
@@ -63,7 +64,7 @@ impl Ord for Scored {
 }
 
 /// Keeps the best `k` in a min-heap.
-fn push_best(heap: &mut BinaryHeap<Reverse<Scored>>, k: usize, scored: Scored) {
+pub(crate) fn push_best(heap: &mut BinaryHeap<Reverse<Scored>>, k: usize, scored: Scored) {
     if heap.len() < k {
         heap.push(Reverse(scored));
     } else if heap.peek().is_some_and(|Reverse(worst)| scored > *worst) {

@@ -13,6 +13,8 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
+use crate::dense::{push_best, Scored};
+
 const K1: f64 = 1.2;
 const B: f64 = 0.75;
 
@@ -249,39 +251,15 @@ impl TermIndex {
         }
         let mut heap = BinaryHeap::with_capacity(limit + 1);
         for row in touched {
-            // Best score first, then the lower chunk id.
-            let key = (Ordered(scores[row]), Reverse(self.chunk_ids[row]));
-            if heap.len() < limit {
-                heap.push(Reverse(key));
-            } else if heap.peek().is_some_and(|Reverse(worst)| key > *worst) {
-                heap.pop();
-                heap.push(Reverse(key));
-            }
+            let scored = Scored(scores[row] as f32, self.chunk_ids[row]);
+            push_best(&mut heap, limit, scored);
         }
         let mut best: Vec<(i64, f32)> = heap
             .into_iter()
-            .map(|Reverse((Ordered(score), Reverse(id)))| (id, score as f32))
+            .map(|Reverse(Scored(score, id))| (id, score))
             .collect();
         best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         best
-    }
-}
-
-/// A score with a total order.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Ordered(f64);
-
-impl Eq for Ordered {}
-
-impl PartialOrd for Ordered {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Ordered {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0)
     }
 }
 

@@ -54,7 +54,8 @@ pub async fn add_documents(
         started,
         caller,
     };
-    job.run(state, &headers, documents, req.stream.unwrap_or(false))
+    let encoder = job.accepted(&state, &headers).await?;
+    job.run(state, encoder, documents, req.stream.unwrap_or(false))
         .await
 }
 
@@ -78,24 +79,21 @@ pub async fn add_files(
         ))
     })?;
     let form = Form::read(&mut multipart).await?;
-    let collection = form
-        .collection
-        .clone()
-        .unwrap_or_else(|| collection_name(None).to_owned());
-    // Refusals that need no parsing (no store, no embedding model, another
-    // model's collection) come before the files are read.
-    library(&state)?;
-    let encoder = encoder(&state, &headers).await?;
-    library(&state)?.check_ingest(&collection, &encoder)?;
-    let documents = form.documents(&state).await?;
     let job = Ingest {
-        collection,
+        collection: form
+            .collection
+            .clone()
+            .unwrap_or_else(|| collection_name(None).to_owned()),
         sources: Some(form.files.iter().map(|f| f.name.clone()).collect()),
         endpoint: "rag_files",
         started,
         caller,
     };
-    job.run(state, &headers, documents, form.stream).await
+    // Refused before the files are parsed where no parsing is needed to tell.
+    let encoder = job.accepted(&state, &headers).await?;
+    let stream = form.stream;
+    let documents = form.documents(&state).await?;
+    job.run(state, encoder, documents, stream).await
 }
 
 /// One uploaded file.
@@ -188,14 +186,14 @@ impl Form {
 
     /// Each file's text (HTML and PDF read in a child process) as a document
     /// whose metadata names the file.
-    async fn documents(&self, state: &AppState) -> Result<Vec<rag::NewDocument>, ApiError> {
+    async fn documents(self, state: &AppState) -> Result<Vec<rag::NewDocument>, ApiError> {
         let mut documents = Vec::with_capacity(self.files.len());
-        for (index, file) in self.files.iter().enumerate() {
+        for (index, file) in self.files.into_iter().enumerate() {
             let text = crate::extract::file_text(
                 &state.settings.rag.extractor,
                 state.settings.rag.extract_timeout,
                 file.kind,
-                file.bytes.clone(),
+                file.bytes,
             )
             .await
             .map_err(|e| match e {
@@ -205,7 +203,7 @@ impl Form {
                 other => other.into(),
             })?;
             let mut metadata = Map::new();
-            metadata.insert("source".into(), file.name.clone().into());
+            metadata.insert("source".into(), file.name.into());
             metadata.insert("file_type".into(), file.kind.name().into());
             metadata.extend(self.metadata.clone());
             documents.push(rag::NewDocument {
@@ -366,17 +364,27 @@ enum Event {
 }
 
 impl Ingest {
+    /// The encoder to ingest with, once the store, the embedding model and
+    /// the collection accept the ingest: refusals that need no work come
+    /// before any is done or any answer starts.
+    async fn accepted(
+        &self,
+        state: &AppState,
+        headers: &HeaderMap,
+    ) -> Result<EngineEncoder, ApiError> {
+        library(state)?;
+        let encoder = encoder(state, headers).await?;
+        library(state)?.check_ingest(&self.collection, &encoder)?;
+        Ok(encoder)
+    }
+
     async fn run(
         self,
         state: AppState,
-        headers: &HeaderMap,
+        encoder: EngineEncoder,
         documents: Vec<rag::NewDocument>,
         stream: bool,
     ) -> Result<Response, ApiError> {
-        library(&state)?;
-        let encoder = encoder(&state, headers).await?;
-        // Refusals that need no work come before any answer starts.
-        library(&state)?.check_ingest(&self.collection, &encoder)?;
         if !stream {
             let answer = self.write(&state, &encoder, documents, &|_| {}).await?;
             return Ok(axum::Json(answer).into_response());
