@@ -165,11 +165,13 @@ pub fn call_constraint(
     if let Some(syntax) = call_syntax(plan, format, control) {
         return Constraint::Lark(syntax.grammar(&syntax.lead, plan.parallel));
     }
-    // The generic form: one call object per line, as its prompt asks.
+    // The generic form: one call object per line, as its prompt asks. A line
+    // break after the last call may end the output: a model that closes its
+    // JSON with one (a habit) is not made to open another call.
     let call = call_schema(&plan.allowed(), "arguments");
     if plan.parallel {
         Constraint::Lark(format!(
-            "start: call (\"\\n\" call){{0,{}}}\ncall: {}\n",
+            "start: call (\"\\n\" call){{0,{}}} \"\\n\"?\ncall: {}\n",
             MAX_PARALLEL_CALLS - 1,
             lark_json(&call)
         ))

@@ -214,7 +214,7 @@ fn call_grammars_name_markers_by_id_when_they_are_control_tokens() {
         panic!("lark expected for parallel generic calls");
     };
     assert!(
-        generic.starts_with("start: call (\"\\n\" call){0,7}\ncall: %json"),
+        generic.starts_with("start: call (\"\\n\" call){0,7} \"\\n\"?\ncall: %json"),
         "{generic}"
     );
 }
