@@ -54,6 +54,9 @@ pub struct EngineConfig {
     pub embedding_mode: bool,
     /// How greedy sequences guess ahead (`{TIER}_SPECULATIVE`).
     pub speculation: crate::Speculation,
+    /// Bytes of prompt KV kept in host memory for prompts that return after
+    /// their slot was reused (`{TIER}_CACHE_RAM`, in MiB; 0 turns it off).
+    pub host_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +76,7 @@ impl Default for EngineConfig {
             chat_template: None,
             embedding_mode: false,
             speculation: crate::Speculation::default(),
+            host_cache_bytes: 1024 << 20,
         }
     }
 }
@@ -221,9 +225,10 @@ impl ThreadStart {
             return;
         }
         let stats = self.stats.clone();
+        let host_bytes = config.host_cache_bytes;
         let run = std::panic::AssertUnwindSafe(|| {
             let decoder = LlamaDecoder::new(model, ctx);
-            Scheduler::new(decoder, parallel as usize, self.stats).run(requests)
+            Scheduler::new(decoder, parallel as usize, host_bytes, self.stats).run(requests)
         });
         if std::panic::catch_unwind(run).is_err() {
             // The receiver is gone with the scheduler, so the handle sees the

@@ -17,9 +17,12 @@ use crate::sequence::Sequence;
 use crate::speculation::{Payoff, TIMED_STREAMS};
 use crate::{EngineError, FinishReason, TokenLogprob};
 
+mod host_cache;
 mod llama;
 #[cfg(test)]
 mod tests;
+
+use host_cache::HostCache;
 
 pub(crate) use llama::LlamaDecoder;
 
@@ -41,6 +44,11 @@ pub struct SchedulerStats {
     pub verifications: AtomicU64,
     pub drafted: AtomicU64,
     pub draft_accepted: AtomicU64,
+    /// Prompts that continued a prefix restored from host memory, the tokens
+    /// restored, and the bytes the host cache holds.
+    pub host_hits: AtomicU64,
+    pub host_tokens: AtomicU64,
+    pub host_bytes: AtomicUsize,
 }
 
 /// What the scheduler asks of the model: one batch under construction, the
@@ -66,6 +74,12 @@ pub(crate) trait Decoder {
     fn kv_seq_rm(&mut self, seq_id: i32, from: Option<u32>) -> bool;
     /// Copies the first `n` positions of `src`'s KV into `dst`.
     fn kv_seq_cp(&mut self, src: i32, dst: i32, n: u32);
+    /// A copy of sequence `seq_id`'s KV, and its size in bytes.
+    type Saved;
+    fn kv_seq_save(&mut self, seq_id: i32) -> Option<(Self::Saved, usize)>;
+    /// Puts a saved copy into the (empty) sequence `seq_id`; false when the
+    /// cache has no room for it (the sequence is left empty).
+    fn kv_seq_load(&mut self, seq_id: i32, saved: &Self::Saved) -> bool;
     /// Draws `seq`'s next token from the logits at `index` of the batch just
     /// decoded, with its sampler and grammar. `Ok(None)`: its grammar was
     /// already complete, so nothing more may be drawn. `Err`: constrained
@@ -114,6 +128,8 @@ pub(crate) struct Scheduler<D: Decoder> {
     /// also holds prompt rows (such steps are not timed for `payoff`).
     batch_streams: usize,
     batch_has_prompt: bool,
+    /// Idle slots' prefixes saved before they were overwritten.
+    host: HostCache<D::Saved>,
     stats: Arc<SchedulerStats>,
 }
 
@@ -127,7 +143,8 @@ const ROWS_PER_STREAM: usize = 4;
 const _: () = assert!(SPECULATION_ROWS / ROWS_PER_STREAM == TIMED_STREAMS + 1);
 
 impl<D: Decoder> Scheduler<D> {
-    pub fn new(decoder: D, parallel: usize, stats: Arc<SchedulerStats>) -> Self {
+    /// `host_bytes`: how much prompt KV may be kept in host memory (0: none).
+    pub fn new(decoder: D, parallel: usize, host_bytes: usize, stats: Arc<SchedulerStats>) -> Self {
         let n_batch = decoder.n_batch();
         let n_ctx = decoder.n_ctx();
         Self {
@@ -150,6 +167,7 @@ impl<D: Decoder> Scheduler<D> {
             payoff: Payoff::default(),
             batch_streams: 0,
             batch_has_prompt: false,
+            host: HostCache::new(host_bytes),
             stats,
         }
     }
@@ -260,6 +278,9 @@ impl<D: Decoder> Scheduler<D> {
                 // A seeded request on an idle engine starts from an empty cache: where
                 // its cells land in the KV buffer changes the order of attention's
                 // sums, and with it what a seeded sampler draws.
+                for i in 0..self.slots.len() {
+                    self.save_prefix(i);
+                }
                 self.decoder.kv_clear();
                 self.slots.iter_mut().for_each(|s| s.cached.clear());
             }
@@ -274,22 +295,26 @@ impl<D: Decoder> Scheduler<D> {
         let slot_idx = self
             .best_free_slot(&seq.tokens)
             .expect("the caller checked for a free slot");
-        let slot = &mut self.slots[slot_idx];
         if follower {
             // Its prompt KV is copied from the leader once the leader has computed it;
             // until then the slot must hold nothing, in case it computes the prompt
             // itself (its leader left early) from position 0.
-            self.decoder.kv_seq_rm(slot.seq_id, None);
+            self.save_prefix(slot_idx);
+            self.decoder.kv_seq_rm(self.slots[slot_idx].seq_id, None);
             seq.awaiting_fork = true;
             seq.n_past = 0;
         } else {
             let common = if seq.reuse_prefix {
-                common_prefix(&slot.cached, &seq.tokens)
+                self.reuse(slot_idx, &seq.tokens)
             } else {
                 0
             };
             // At least one token must be decoded to get logits for the next sample.
             let mut keep = common.min(seq.tokens.len() - 1);
+            if keep < self.slots[slot_idx].cached.len() {
+                self.save_prefix(slot_idx);
+            }
+            let slot = &mut self.slots[slot_idx];
             if keep < slot.cached.len() && !self.decoder.kv_seq_rm(slot.seq_id, Some(keep as u32)) {
                 // Some memory types cannot drop a partial range: start this slot afresh.
                 self.decoder.kv_seq_rm(slot.seq_id, None);
@@ -300,12 +325,56 @@ impl<D: Decoder> Scheduler<D> {
                 seq.cached_tokens = keep.min(seq.n_prompt) as u32;
             }
         }
+        let slot = &mut self.slots[slot_idx];
         slot.cached.clear();
         if !seq.started {
             seq.started = true;
             tracing::debug!(parent: &seq.span, slot = slot.seq_id, cached = seq.n_past, prompt = seq.n_prompt, follower, "admitted");
         }
         slot.active = Some(seq);
+    }
+
+    /// How much of `tokens` slot `slot_idx` holds, after restoring a saved
+    /// prefix into it when one holds more (its own prefix saved first).
+    fn reuse(&mut self, slot_idx: usize, tokens: &[LlamaToken]) -> usize {
+        let common = common_prefix(&self.slots[slot_idx].cached, tokens);
+        let Some(id) = self.host.find(tokens, common) else {
+            return common;
+        };
+        self.save_prefix(slot_idx);
+        let seq_id = self.slots[slot_idx].seq_id;
+        self.decoder.kv_seq_rm(seq_id, None);
+        let slot = &mut self.slots[slot_idx];
+        slot.cached.clear();
+        // Gone only if saving the slot's own prefix needed its room.
+        let Some((saved, state)) = self.host.get(id) else {
+            return 0;
+        };
+        if !self.decoder.kv_seq_load(seq_id, state) {
+            return 0;
+        }
+        slot.cached = saved.to_vec();
+        let shared = common_prefix(saved, tokens);
+        self.stats.host_hits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .host_tokens
+            .fetch_add(shared as u64, Ordering::Relaxed);
+        shared
+    }
+
+    /// Copies an idle slot's cached prefix to host memory, unless it is too
+    /// short or already there.
+    fn save_prefix(&mut self, slot_idx: usize) {
+        let slot = &self.slots[slot_idx];
+        if !self.host.wants(&slot.cached) {
+            return;
+        }
+        if let Some((state, bytes)) = self.decoder.kv_seq_save(slot.seq_id) {
+            self.host.insert(slot.cached.clone(), state, bytes);
+            self.stats
+                .host_bytes
+                .store(self.host.bytes(), Ordering::Relaxed);
+        }
     }
 
     /// A follower whose leader left before computing the prompt computes it itself.
@@ -606,15 +675,15 @@ impl<D: Decoder> Scheduler<D> {
 
     /// The KV cache is full: free the least valuable space and retry next step.
     fn make_kv_room(&mut self) {
-        // First, cached prefixes of idle slots: they are only an optimisation.
-        if let Some(idle) = self
-            .slots
-            .iter_mut()
-            .filter(|s| s.active.is_none() && !s.cached.is_empty())
-            .min_by_key(|s| s.last_used)
+        // First, cached prefixes of idle slots: they are only an optimisation
+        // (kept in host memory where there is room).
+        if let Some(idle) = (0..self.slots.len())
+            .filter(|&i| self.slots[i].active.is_none() && !self.slots[i].cached.is_empty())
+            .min_by_key(|&i| self.slots[i].last_used)
         {
-            self.decoder.kv_seq_rm(idle.seq_id, None);
-            idle.cached.clear();
+            self.save_prefix(idle);
+            self.decoder.kv_seq_rm(self.slots[idle].seq_id, None);
+            self.slots[idle].cached.clear();
             return;
         }
         let active: Vec<usize> = (0..self.slots.len())

@@ -22,6 +22,7 @@ pub struct Metrics {
     inter_token_seconds: HistogramVec,
     queue: IntGaugeVec,
     speculation: IntCounterVec,
+    prompt_cache: IntGaugeVec,
     loaded: IntGaugeVec,
     cache: IntGaugeVec,
     rag: IntGaugeVec,
@@ -113,6 +114,12 @@ impl Metrics {
                  check saved",
                 &["model", "outcome"],
             ),
+            prompt_cache: gauge(
+                "prompt_cache",
+                "Prompt KV kept in host memory per loaded model: prompts restored from it \
+                 (hits), the tokens they did not recompute (tokens), and the bytes held (bytes)",
+                &["model", "stat"],
+            ),
             loaded: gauge(
                 "model_loaded",
                 "1 for each loaded model",
@@ -176,6 +183,7 @@ impl Metrics {
     ) -> String {
         self.queue.reset();
         self.speculation.reset();
+        self.prompt_cache.reset();
         self.loaded.reset();
         for entry in models.loaded() {
             self.loaded
@@ -201,6 +209,21 @@ impl Metrics {
                     self.speculation
                         .with_label_values(&[&entry.id, outcome])
                         .inc_by(count.load(std::sync::atomic::Ordering::Relaxed));
+                }
+                for (stat, value) in [
+                    (
+                        "hits",
+                        stats.host_hits.load(std::sync::atomic::Ordering::Relaxed),
+                    ),
+                    (
+                        "tokens",
+                        stats.host_tokens.load(std::sync::atomic::Ordering::Relaxed),
+                    ),
+                    ("bytes", load(&stats.host_bytes) as u64),
+                ] {
+                    self.prompt_cache
+                        .with_label_values(&[&entry.id, stat])
+                        .set(value as i64);
                 }
             }
         }

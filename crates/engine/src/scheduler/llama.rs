@@ -1,6 +1,7 @@
 //! The scheduler's [`Decoder`] on llama.cpp: the context, its batch, and
 //! sampling with the model's vocabulary.
 
+use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -66,6 +67,22 @@ impl Decoder for LlamaDecoder<'_> {
 
     fn kv_seq_cp(&mut self, src: i32, dst: i32, n: u32) {
         let _ = self.ctx.copy_kv_cache_seq(src, dst, Some(0), Some(n));
+    }
+
+    type Saved = SeqState;
+
+    fn kv_seq_save(&mut self, seq_id: i32) -> Option<(SeqState, usize)> {
+        let state = self
+            .ctx
+            .state_seq_get(seq_id, LlamaStateSeqFlags::empty())
+            .ok()?;
+        let bytes = state.byte_len();
+        Some((state, bytes))
+    }
+
+    fn kv_seq_load(&mut self, seq_id: i32, saved: &SeqState) -> bool {
+        // On failure llama.cpp leaves the sequence empty.
+        self.ctx.state_seq_set(saved, seq_id).is_ok()
     }
 
     fn sample(&mut self, seq: &mut Sequence, index: i32) -> Result<Option<Sampled>, EngineError> {

@@ -35,6 +35,8 @@ enum KvOp {
     Clear,
     Rm { seq: i32, from: Option<u32> },
     Cp { src: i32, dst: i32, n: u32 },
+    Save { seq: i32, n: usize },
+    Load { seq: i32, n: usize },
 }
 
 /// What the fake's sampler does for one draw of a sequence.
@@ -76,6 +78,8 @@ struct Fake {
     model: Option<Language>,
     /// The KV cache cannot drop part of a sequence (recurrent memory).
     whole_sequences_only: bool,
+    /// Saved sequences find no room when loaded.
+    refuse_loads: bool,
     /// What a decode takes: a fixed cost per step plus a cost per row.
     step_cost: Duration,
     row_cost: Duration,
@@ -96,6 +100,7 @@ impl Fake {
             samples: Vec::new(),
             model: None,
             whole_sequences_only: false,
+            refuse_loads: false,
             step_cost: Duration::ZERO,
             row_cost: Duration::ZERO,
         }
@@ -179,6 +184,34 @@ impl Decoder for Fake {
         let held = self.kv.entry(dst).or_default();
         assert!(held.is_empty(), "copy into sequence {dst}, which holds KV");
         *held = copied;
+    }
+
+    type Saved = Vec<i32>;
+
+    fn kv_seq_save(&mut self, seq_id: i32) -> Option<(Vec<i32>, usize)> {
+        let held = self.kv.get(&seq_id)?.clone();
+        self.ops.push(KvOp::Save {
+            seq: seq_id,
+            n: held.len(),
+        });
+        let bytes = held.len() * 4;
+        Some((held, bytes))
+    }
+
+    fn kv_seq_load(&mut self, seq_id: i32, saved: &Vec<i32>) -> bool {
+        self.ops.push(KvOp::Load {
+            seq: seq_id,
+            n: saved.len(),
+        });
+        assert!(
+            self.kv.get(&seq_id).is_none_or(Vec::is_empty),
+            "load into sequence {seq_id}, which holds KV"
+        );
+        if self.refuse_loads || self.cells() + saved.len() > self.kv_cells {
+            return false;
+        }
+        self.kv.insert(seq_id, saved.clone());
+        true
     }
 
     fn sample(&mut self, seq: &mut Sequence, index: i32) -> Result<Option<Sampled>, EngineError> {
@@ -284,6 +317,7 @@ fn scheduler(parallel: usize, n_batch: usize, kv_cells: usize) -> Scheduler<Fake
     Scheduler::new(
         Fake::new(n_batch, kv_cells),
         parallel,
+        0,
         Arc::new(SchedulerStats::default()),
     )
 }
@@ -309,6 +343,80 @@ fn concat(runs: &[Vec<Entry>]) -> Vec<Entry> {
 
 fn tokens(range: std::ops::Range<i32>) -> Vec<i32> {
     range.collect()
+}
+
+#[test]
+fn a_prefix_overwritten_in_its_slot_returns_from_host_memory() {
+    let mut s = Scheduler::new(
+        Fake::new(64, 1000),
+        1,
+        1 << 20,
+        Arc::new(SchedulerStats::default()),
+    );
+    let a = tokens(100..140);
+    let (x, mut cx) = request(&a, 1, 0);
+    s.waiting.push_back(x);
+    s.tick();
+    cx.received().done.unwrap();
+    // Another conversation takes the only slot: a's 40 tokens are saved first.
+    let (y, mut cy) = request(&tokens(200..240), 1, 1);
+    s.waiting.push_back(y);
+    s.decoder.ops.clear();
+    s.tick();
+    cy.received().done.unwrap();
+    assert_eq!(
+        s.decoder.ops,
+        [
+            KvOp::Save { seq: 0, n: 40 },
+            KvOp::Rm {
+                seq: 0,
+                from: Some(0)
+            }
+        ]
+    );
+    // a returns with a follow-up: its prefix is loaded (y's saved in its
+    // place) and only the new tokens are computed.
+    let mut follow_up = a.clone();
+    follow_up.extend([7, 8]);
+    let (z, mut cz) = request(&follow_up, 1, 2);
+    s.waiting.push_back(z);
+    s.decoder.ops.clear();
+    let before = s.decoder.decoded.len();
+    s.tick();
+    assert_eq!(
+        s.decoder.ops,
+        [
+            KvOp::Save { seq: 0, n: 40 },
+            KvOp::Rm { seq: 0, from: None },
+            KvOp::Load { seq: 0, n: 40 },
+        ]
+    );
+    assert_eq!(s.decoder.decoded[before], run(0, 40, &[7, 8], true));
+    let (_, usage) = cz.received().done.unwrap();
+    assert_eq!((usage.prompt_tokens, usage.cached_tokens), (42, 40));
+    assert_eq!(s.stats.host_hits.load(Ordering::Relaxed), 1);
+    assert_eq!(s.stats.host_tokens.load(Ordering::Relaxed), 40);
+
+    // Where the KV cache has no room for the saved prefix, the prompt is
+    // computed as if nothing had been saved.
+    let (w, mut cw) = request(&tokens(300..340), 1, 3);
+    s.waiting.push_back(w);
+    s.tick();
+    cw.received().done.unwrap();
+    s.decoder.refuse_loads = true;
+    let (v, mut cv) = request(&follow_up, 1, 4);
+    s.waiting.push_back(v);
+    s.decoder.ops.clear();
+    let before = s.decoder.decoded.len();
+    s.tick();
+    assert!(
+        s.decoder.ops.contains(&KvOp::Load { seq: 0, n: 42 }),
+        "{:?}",
+        s.decoder.ops
+    );
+    let (_, usage) = cv.received().done.unwrap();
+    assert_eq!(usage.cached_tokens, 0);
+    assert!(s.decoder.decoded.len() > before);
 }
 
 #[test]
@@ -739,7 +847,7 @@ fn speak(
     let mut fake = Fake::new(64, kv_cells);
     fake.model = Some(language(seed));
     setup(&mut fake);
-    let mut s = Scheduler::new(fake, parallel, stats.clone());
+    let mut s = Scheduler::new(fake, parallel, 0, stats.clone());
     let mut clients = Vec::new();
     for (arrival, (prompt, max_tokens, stops)) in requests.iter().enumerate() {
         let (tx, rx) = mpsc::channel(*max_tokens as usize + 2);

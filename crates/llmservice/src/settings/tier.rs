@@ -273,6 +273,9 @@ impl TierEnv<'_> {
                 _ => return Err(ConfigError::new(name, &v, "`off` or `ngram`")),
             };
         }
+        if let Some(mib) = self.parse::<usize>("CACHE_RAM")? {
+            engine.host_cache_bytes = mib.saturating_mul(1 << 20);
+        }
         let mut defaults = GenerationDefaults::default();
         if let Some(v) = self.parse("TEMPERATURE")? {
             defaults.temperature = v;

@@ -49,6 +49,64 @@ async fn greedy_chat_gives_the_known_answer() {
     );
 }
 
+#[tokio::test]
+async fn a_conversation_whose_slot_was_reused_continues_from_host_memory() {
+    // One slot, three conversations: each prompt overwrites the last one's KV.
+    let app = TestApp::new(&[("LIGHT_PARALLEL", "1")]);
+    let ask = |topic: &str| {
+        let text = format!(
+            "Here are some notes about {topic}. {} Summarize the notes in one sentence.",
+            format!("{topic} is a topic people write long notes about. ").repeat(8)
+        );
+        json!({"model": "light", "temperature": 0, "repeat_penalty": 1.0, "max_tokens": 6,
+               "messages": [{"role": "user", "content": text}]})
+    };
+    let topics = ["rivers", "volcanoes", "libraries"];
+    // Each asked twice: the second answer comes from the slot's own KV, as
+    // the answer from restored KV must (a prompt computed whole may round
+    // differently on some CPUs' kernels).
+    let mut first = Vec::new();
+    for topic in topics {
+        let (status, _, body) = app.post("/v1/chat/completions", ask(topic)).await;
+        assert_eq!(status, 200, "{body}");
+        let (_, _, body) = app.post("/v1/chat/completions", ask(topic)).await;
+        first.push(body);
+    }
+    for (topic, before) in topics.iter().zip(&first) {
+        let (_, _, again) = app.post("/v1/chat/completions", ask(topic)).await;
+        let usage = &again["usage"];
+        let prompt = usage["prompt_tokens"].as_u64().unwrap();
+        assert!(prompt > 100, "{usage}");
+        assert_eq!(
+            usage["prompt_tokens_details"]["cached_tokens"].as_u64(),
+            Some(prompt - 1),
+            "{topic}: the prompt's KV comes back from host memory"
+        );
+        assert_eq!(
+            again["choices"][0]["message"]["content"],
+            before["choices"][0]["message"]["content"]
+        );
+    }
+    let metrics = app.router().oneshot_get("/metrics").await;
+    let hits = format!("llmservice_prompt_cache{{model=\"{LIGHT_ID}\",stat=\"hits\"}} 3");
+    assert!(metrics.contains(&hits), "{metrics}");
+
+    // Turned off, the same conversations are computed again.
+    let app = TestApp::new(&[("LIGHT_PARALLEL", "1"), ("LIGHT_CACHE_RAM", "0")]);
+    for topic in topics.iter().chain(&topics) {
+        let (_, _, body) = app.post("/v1/chat/completions", ask(topic)).await;
+        // Only the prompts' shared start (the system prompt) is reused.
+        let usage = &body["usage"];
+        let cached = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(
+            cached < usage["prompt_tokens"].as_u64().unwrap() / 2,
+            "{topic}: {usage}"
+        );
+    }
+}
+
 /// SmolLM2-135M-Instruct Q4_1, greedy, no penalties, for `hello()`.
 const GREEDY_FRANCE: &str = "The capital of France is Paris.";
 
