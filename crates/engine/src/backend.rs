@@ -17,7 +17,7 @@ use crate::chat::ChatTemplate;
 use crate::constraint::{CompiledConstraint, Constraint, ConstraintState};
 use crate::embed::{EmbedJob, EmbedModel, EmbedOutputs, PendingEmbeddings, Pooling};
 use crate::heads::{HeadError, M3Heads};
-use crate::scheduler::{LlamaDecoder, Scheduler, SchedulerStats};
+use crate::scheduler::{DraftModel, LlamaDecoder, Scheduler, SchedulerStats};
 use crate::sequence::Sequence;
 use crate::{sampling, EngineError, EventStream, GenerateRequest, ModelKind, TokenId};
 
@@ -54,6 +54,9 @@ pub struct EngineConfig {
     pub embedding_mode: bool,
     /// How greedy sequences guess ahead (`{TIER}_SPECULATIVE`).
     pub speculation: crate::Speculation,
+    /// The smaller model of the same vocabulary that guesses for
+    /// [`crate::Speculation::Draft`] (`{TIER}_DRAFT_MODEL_PATH`).
+    pub draft_model: Option<PathBuf>,
     /// Bytes of prompt KV kept in host memory for prompts that return after
     /// their slot was reused (`{TIER}_CACHE_RAM`, in MiB; 0 turns it off).
     pub host_cache_bytes: usize,
@@ -77,6 +80,7 @@ impl Default for EngineConfig {
             embedding_mode: false,
             speculation: crate::Speculation::default(),
             host_cache_bytes: 1024 << 20,
+            draft_model: None,
         }
     }
 }
@@ -216,9 +220,22 @@ impl ThreadStart {
             .with_kv_unified(true)
             .with_n_threads(config.n_threads)
             .with_n_threads_batch(config.n_threads_batch);
-        let ctx = match model.new_context(self.backend, ctx_params) {
+        let ctx = match model.new_context(self.backend, ctx_params.clone()) {
             Ok(ctx) => ctx,
             Err(e) => return self.fail(format!("cannot create a context: {e}")),
+        };
+        let draft_model = match self.draft_model(model) {
+            Ok(draft) => draft,
+            Err(reason) => return self.fail(reason),
+        };
+        let draft = match &draft_model {
+            Some(draft) => match draft.new_context(self.backend, ctx_params) {
+                Ok(ctx) => Some(DraftModel::new(draft, ctx, parallel as usize)),
+                Err(e) => {
+                    return self.fail(format!("cannot create the draft model's context: {e}"))
+                }
+            },
+            None => None,
         };
         let info = model_info(model, &self.path, config, ctx.n_ctx(), self.summary.clone());
         if self.ready.send(Ok((model.clone(), info))).is_err() {
@@ -227,7 +244,7 @@ impl ThreadStart {
         let stats = self.stats.clone();
         let host_bytes = config.host_cache_bytes;
         let run = std::panic::AssertUnwindSafe(|| {
-            let decoder = LlamaDecoder::new(model, ctx);
+            let decoder = LlamaDecoder::new(model, ctx, draft);
             Scheduler::new(decoder, parallel as usize, host_bytes, self.stats).run(requests)
         });
         if std::panic::catch_unwind(run).is_err() {
@@ -237,6 +254,26 @@ impl ThreadStart {
             stats.active.store(0, std::sync::atomic::Ordering::Relaxed);
             stats.waiting.store(0, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The draft model that `{TIER}_SPECULATIVE=draft` guesses with, checked
+    /// to write every token as `model` does.
+    fn draft_model(&self, model: &LlamaModel) -> Result<Option<LlamaModel>, String> {
+        if self.config.speculation != crate::Speculation::Draft {
+            return Ok(None);
+        }
+        let Some(path) = &self.config.draft_model else {
+            return Err("draft speculation needs a draft model ({TIER}_DRAFT_MODEL_PATH)".into());
+        };
+        let draft = load_model(self.backend, path, &self.config).map_err(|e| e.to_string())?;
+        crate::scheduler::same_vocabulary(model, &draft).map_err(|difference| {
+            format!(
+                "the draft model {} does not share the model's vocabulary: {difference}",
+                path.display()
+            )
+        })?;
+        tracing::info!(path = %path.display(), "draft model loaded");
+        Ok(Some(draft))
     }
 
     /// An encoder's context (embeddings or reranking) and the worker that
@@ -549,7 +586,7 @@ impl Engine {
         seq.reuse_prefix = request.sampling.seed.is_none();
         let greedy = request.sampling.temperature <= 0.0;
         let guessing =
-            self.speculation == crate::Speculation::Ngram || !request.prediction.is_empty();
+            self.speculation != crate::Speculation::Off || !request.prediction.is_empty();
         if greedy && request.speculative && guessing {
             let prediction = request.prediction.iter().map(|&t| LlamaToken(t)).collect();
             seq.drafter = Some(crate::speculation::Drafter::with_prediction(prediction));

@@ -24,7 +24,7 @@ mod tests;
 
 use host_cache::HostCache;
 
-pub(crate) use llama::LlamaDecoder;
+pub(crate) use llama::{same_vocabulary, DraftModel, LlamaDecoder};
 
 /// A request handed to the scheduler thread: its choices (one unless `n` > 1).
 pub(crate) type Admission = Vec<Sequence>;
@@ -80,6 +80,16 @@ pub(crate) trait Decoder {
     /// Puts a saved copy into the (empty) sequence `seq_id`; false when the
     /// cache has no room for it (the sequence is left empty).
     fn kv_seq_load(&mut self, seq_id: i32, saved: &Self::Saved) -> bool;
+    /// At most `limit` tokens a draft model guesses to follow `tokens` in
+    /// sequence `seq_id`; `None` without a draft model.
+    fn guess(
+        &mut self,
+        _seq_id: i32,
+        _tokens: &[LlamaToken],
+        _limit: usize,
+    ) -> Option<Vec<LlamaToken>> {
+        None
+    }
     /// Draws `seq`'s next token from the logits at `index` of the batch just
     /// decoded, with its sampler and grammar. `Ok(None)`: its grammar was
     /// already complete, so nothing more may be drawn. `Err`: constrained
@@ -351,6 +361,8 @@ impl<D: Decoder> Scheduler<D> {
             return 0;
         };
         if !self.decoder.kv_seq_load(seq_id, state) {
+            // llama.cpp clears what it loaded of it; so does this, whatever the decoder.
+            self.decoder.kv_seq_rm(seq_id, None);
             return 0;
         }
         slot.cached = saved.to_vec();
@@ -411,10 +423,11 @@ impl<D: Decoder> Scheduler<D> {
 
     /// One forward pass for every sequence that has tokens to process.
     fn step(&mut self) {
+        // Timed from the batch's making: a draft model's guesses are made there.
+        let started = Instant::now();
         if !self.fill_batch() {
             return;
         }
-        let started = Instant::now();
         let guessed = self.has_drafts();
         match self.decoder.decode() {
             Ok(()) => {}
@@ -811,7 +824,9 @@ fn add_drafts<D: Decoder>(
     let limit = rows
         .min(n_ctx.saturating_sub(first + 1))
         .min(left.saturating_sub(1));
-    let drafts = drafter.propose(&seq.tokens, seq.n_generated as usize, limit);
+    let drafts = drafter.propose(&seq.tokens, seq.n_generated as usize, limit, |t, n| {
+        decoder.guess(seq_id, t, n)
+    });
     for (j, &token) in drafts.iter().enumerate() {
         let index = decoder.batch_add(token, first + j, seq_id, true);
         if j == 0 {

@@ -23,6 +23,9 @@ pub enum Speculation {
     /// Prompt lookup: continuations of the latest earlier occurrence of the
     /// sequence's last few tokens.
     Ngram,
+    /// A smaller model of the same vocabulary guesses greedily
+    /// (`{TIER}_DRAFT_MODEL_PATH`).
+    Draft,
 }
 
 /// Steps with this many generating streams or fewer are timed by [`Payoff`]
@@ -163,13 +166,15 @@ impl Drafter {
 
     /// A guess of at most `limit` tokens to follow `tokens`, whose last
     /// `generated` are the sequence's output so far: from the prediction when
-    /// there is one and it matches, else from the sequence's own text; nothing
-    /// when there is no match or guessing is paused.
+    /// there is one and it matches, else from the draft `model` when there is
+    /// one (it answers `None` otherwise), else from the sequence's own text;
+    /// nothing when there is no match or guessing is paused.
     pub fn propose(
         &mut self,
         tokens: &[LlamaToken],
         generated: usize,
         limit: usize,
+        model: impl FnOnce(&[LlamaToken], usize) -> Option<Vec<LlamaToken>>,
     ) -> Vec<LlamaToken> {
         if self.pause > 0 {
             self.pause -= 1;
@@ -185,7 +190,7 @@ impl Drafter {
             let end = (at + limit).min(self.prediction.len());
             return self.prediction[at..end].to_vec();
         }
-        lookup(tokens, limit).to_vec()
+        model(tokens, limit).unwrap_or_else(|| lookup(tokens, limit).to_vec())
     }
 
     /// Where in the prediction the output goes on: after the whole output
@@ -344,47 +349,57 @@ mod tests {
         let mut d = Drafter::with_prediction(prediction);
         let prompt = toks(&[1, 2, 3]);
         // Nothing generated yet: the prediction's beginning.
-        assert_eq!(ids(&d.propose(&prompt, 0, 100)), vec![10, 11, 12, 13]);
+        assert_eq!(
+            ids(&d.propose(&prompt, 0, 100, |_, _| None)),
+            vec![10, 11, 12, 13]
+        );
         d.adapt(4, 4);
         let mut t = prompt.clone();
         t.extend(toks(&[10, 11, 12, 13, 14]));
-        assert_eq!(ids(&d.propose(&t, 5, 100)), vec![15, 16, 17, 18, 19]);
+        assert_eq!(
+            ids(&d.propose(&t, 5, 100, |_, _| None)),
+            vec![15, 16, 17, 18, 19]
+        );
         // The output left the prediction ("99") and came back to it: resume
         // after the matching tokens.
         let mut t = prompt.clone();
         t.extend(toks(&[10, 11, 99, 14, 15]));
-        assert_eq!(ids(&d.propose(&t, 5, 3)), vec![16, 17, 18]);
+        assert_eq!(ids(&d.propose(&t, 5, 3, |_, _| None)), vec![16, 17, 18]);
         // No match in the prediction: the sequence's own text.
         let mut t = toks(&[5, 6, 7, 8, 5, 6]);
         t.extend(toks(&[42, 5, 6]));
-        assert_eq!(ids(&d.propose(&t, 3, 2)), vec![42, 5]);
+        assert_eq!(ids(&d.propose(&t, 3, 2, |_, _| None)), vec![42, 5]);
     }
 
     #[test]
     fn drafts_grow_while_they_hold_and_pause_when_they_fail() {
         let mut d = Drafter::default();
         let t = toks(&(0..40).map(|i| i % 10).collect::<Vec<_>>());
-        assert_eq!(d.propose(&t, 0, 100).len(), DRAFT_START);
+        assert_eq!(d.propose(&t, 0, 100, |_, _| None).len(), DRAFT_START);
         d.adapt(4, 4);
-        assert_eq!(d.propose(&t, 0, 100).len(), DRAFT_START + 2);
-        assert_eq!(d.propose(&t, 0, 3).len(), 3, "the caller's limit holds");
+        assert_eq!(d.propose(&t, 0, 100, |_, _| None).len(), DRAFT_START + 2);
+        assert_eq!(
+            d.propose(&t, 0, 3, |_, _| None).len(),
+            3,
+            "the caller's limit holds"
+        );
         d.adapt(6, 2);
-        assert_eq!(d.propose(&t, 0, 100).len(), DRAFT_START + 1);
+        assert_eq!(d.propose(&t, 0, 100, |_, _| None).len(), DRAFT_START + 1);
         // A guess wholly rejected pauses one step, the next one two.
         d.adapt(5, 0);
-        assert!(d.propose(&t, 0, 100).is_empty());
-        assert_eq!(d.propose(&t, 0, 100).len(), 2);
+        assert!(d.propose(&t, 0, 100, |_, _| None).is_empty());
+        assert_eq!(d.propose(&t, 0, 100, |_, _| None).len(), 2);
         d.adapt(2, 0);
-        assert!(d.propose(&t, 0, 100).is_empty());
-        assert!(d.propose(&t, 0, 100).is_empty());
-        assert_eq!(d.propose(&t, 0, 100).len(), 1);
+        assert!(d.propose(&t, 0, 100, |_, _| None).is_empty());
+        assert!(d.propose(&t, 0, 100, |_, _| None).is_empty());
+        assert_eq!(d.propose(&t, 0, 100, |_, _| None).len(), 1);
         for _ in 0..20 {
             d.adapt(1, 1);
         }
         // The latest match of a repeating text continues one period; a longer
         // history gives the whole grown guess.
-        assert_eq!(d.propose(&t, 0, 100).len(), 10);
+        assert_eq!(d.propose(&t, 0, 100, |_, _| None).len(), 10);
         let long = toks(&(0..30).chain(0..4).collect::<Vec<_>>());
-        assert_eq!(d.propose(&long, 0, 100).len(), DRAFT_MAX);
+        assert_eq!(d.propose(&long, 0, 100, |_, _| None).len(), DRAFT_MAX);
     }
 }

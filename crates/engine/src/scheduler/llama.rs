@@ -17,17 +17,144 @@ pub(crate) struct LlamaDecoder<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
+    draft: Option<DraftModel<'m>>,
 }
 
 impl<'m> LlamaDecoder<'m> {
-    pub fn new(model: &'m LlamaModel, ctx: LlamaContext<'m>) -> Self {
+    pub fn new(
+        model: &'m LlamaModel,
+        ctx: LlamaContext<'m>,
+        draft: Option<DraftModel<'m>>,
+    ) -> Self {
         let n_batch = ctx.n_batch() as usize;
         Self {
             model,
             ctx,
             batch: LlamaBatch::new(n_batch, 1),
+            draft,
         }
     }
+}
+
+/// A smaller model of the same vocabulary that guesses greedy sequences' next
+/// tokens (`{TIER}_DRAFT_MODEL_PATH`). Its context keeps one KV sequence per
+/// slot, holding the tokens it has seen of that slot's sequence, so each
+/// guess computes only what is new since the last (the tokens kept, and the
+/// rejected guesses dropped).
+pub(crate) struct DraftModel<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    /// Per slot: the tokens in the draft's KV.
+    seen: Vec<Vec<LlamaToken>>,
+}
+
+impl<'m> DraftModel<'m> {
+    pub fn new(model: &'m LlamaModel, ctx: LlamaContext<'m>, slots: usize) -> Self {
+        let n_batch = ctx.n_batch() as usize;
+        Self {
+            model,
+            ctx,
+            batch: LlamaBatch::new(n_batch, 1),
+            seen: vec![Vec::new(); slots],
+        }
+    }
+
+    /// Up to `limit` greedy tokens after `tokens`, stopping before an end of
+    /// generation. Nothing when the draft's cache has no room (it is then
+    /// emptied, and the next guess starts afresh).
+    fn guess(&mut self, seq_id: i32, tokens: &[LlamaToken], limit: usize) -> Vec<LlamaToken> {
+        let Some(seen) = self.seen.get_mut(seq_id as usize) else {
+            return Vec::new();
+        };
+        if tokens.is_empty() || limit == 0 {
+            return Vec::new();
+        }
+        // The last token is decoded even when seen: its logits start the guess.
+        let mut keep = super::common_prefix(seen, tokens).min(tokens.len() - 1);
+        if keep < seen.len()
+            && self
+                .ctx
+                .clear_kv_cache_seq(Some(seq_id as u32), Some(keep as u32), None)
+                .ok()
+                != Some(true)
+        {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), None, None);
+            keep = 0;
+        }
+        seen.truncate(keep);
+        let n_batch = self.ctx.n_batch() as usize;
+        let mut pos = keep;
+        let mut pending = tokens[keep..].to_vec();
+        let mut guesses = Vec::new();
+        loop {
+            let end = pos + pending.len();
+            for chunk in pending.chunks(n_batch) {
+                self.batch.clear();
+                for (i, &token) in chunk.iter().enumerate() {
+                    let last = pos + i + 1 == end;
+                    if self
+                        .batch
+                        .add(token, (pos + i) as i32, &[seq_id], last)
+                        .is_err()
+                    {
+                        self.forget_all();
+                        return Vec::new();
+                    }
+                }
+                if self.ctx.decode(&mut self.batch).is_err() {
+                    self.forget_all();
+                    return Vec::new();
+                }
+                self.seen[seq_id as usize].extend_from_slice(chunk);
+                pos += chunk.len();
+            }
+            let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
+            let best = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(id, _)| LlamaToken(id as i32));
+            match best {
+                Some(token) if !self.model.vocab().is_eog(token) => guesses.push(token),
+                _ => return guesses,
+            }
+            if guesses.len() == limit {
+                return guesses;
+            }
+            pending = guesses[guesses.len() - 1..].to_vec();
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.ctx.clear_kv_cache();
+        self.seen.iter_mut().for_each(Vec::clear);
+    }
+}
+
+/// Whether `draft` writes every token as `model` does, so that its guesses
+/// are the model's token ids; the first difference otherwise.
+pub(crate) fn same_vocabulary(model: &LlamaModel, draft: &LlamaModel) -> Result<(), String> {
+    let (n, m) = (model.n_vocab(), draft.n_vocab());
+    if n != m {
+        return Err(format!("it has {m} tokens, the model {n}"));
+    }
+    let (ours, theirs) = (model.vocab(), draft.vocab());
+    for id in 0..n {
+        let token = LlamaToken(id);
+        let (a, b) = (
+            ours.token_to_piece(token, true, None),
+            theirs.token_to_piece(token, true, None),
+        );
+        if a != b || ours.is_eog(token) != theirs.is_eog(token) {
+            return Err(format!(
+                "token {id} is {:?} in it and {:?} in the model",
+                String::from_utf8_lossy(&b),
+                String::from_utf8_lossy(&a)
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Decoder for LlamaDecoder<'_> {
@@ -78,6 +205,15 @@ impl Decoder for LlamaDecoder<'_> {
             .ok()?;
         let bytes = state.byte_len();
         Some((state, bytes))
+    }
+
+    fn guess(
+        &mut self,
+        seq_id: i32,
+        tokens: &[LlamaToken],
+        limit: usize,
+    ) -> Option<Vec<LlamaToken>> {
+        Some(self.draft.as_mut()?.guess(seq_id, tokens, limit))
     }
 
     fn kv_seq_load(&mut self, seq_id: i32, saved: &SeqState) -> bool {
@@ -180,5 +316,70 @@ fn token_logprob(
                 )
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::path::PathBuf;
+
+    use llama_cpp_2::context::params::LlamaContextParams;
+    use llama_cpp_2::model::params::LlamaModelParams;
+
+    use super::*;
+
+    fn smollm() -> LlamaModel {
+        let path = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/models/SmolLM2-135M-Instruct-Q4_1.gguf"
+        ));
+        let backend = crate::backend::shared_backend().unwrap();
+        LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).unwrap()
+    }
+
+    fn draft(model: &LlamaModel) -> DraftModel<'_> {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(256))
+            .with_n_batch(64)
+            .with_n_ubatch(64)
+            .with_n_seq_max(2)
+            .with_kv_unified(true)
+            .with_n_threads(2)
+            .with_n_threads_batch(2);
+        let backend = crate::backend::shared_backend().unwrap();
+        DraftModel::new(model, model.new_context(backend, params).unwrap(), 2)
+    }
+
+    #[test]
+    fn a_draft_keeps_what_it_saw_and_guesses_as_a_fresh_one_would() {
+        let model = smollm();
+        let vocab = model.vocab();
+        // Longer than one draft batch (64), so the catch-up takes two decodes.
+        let text = "The lighthouse keeper climbed the one hundred and twelve steps every \
+                    evening, wound the clockwork that turned the lens, and lit the lamp. "
+            .repeat(3);
+        let prompt = vocab.tokenize(text.as_bytes(), false, false);
+        assert!(prompt.len() > 64, "{}", prompt.len());
+        let mut kept = draft(&model);
+        let first = kept.guess(0, &prompt, 6);
+        assert_eq!(first.len(), 6);
+        assert_eq!(kept.seen[0].len(), prompt.len() + 5);
+
+        // Three guesses kept, then a token of the model's own; meanwhile
+        // another slot's sequence passes through the draft.
+        let mut tokens = prompt.clone();
+        tokens.extend(&first[..3]);
+        tokens.extend(vocab.tokenize(b" Ships", false, false));
+        let other = vocab.tokenize(b"Once upon a time", false, false);
+        assert!(!kept.guess(1, &other, 3).is_empty());
+        let again = kept.guess(0, &tokens, 4);
+        assert_eq!(again, draft(&model).guess(0, &tokens, 4));
+        assert_eq!(&kept.seen[0][..tokens.len()], &tokens[..]);
+
+        // A sequence that starts over in the slot is guessed for afresh.
+        assert_eq!(kept.guess(0, &other, 3), draft(&model).guess(0, &other, 3));
+        assert_eq!(kept.guess(0, &[], 3), Vec::<LlamaToken>::new());
+        assert!(same_vocabulary(&model, &model).is_ok());
     }
 }

@@ -565,6 +565,38 @@ mod tests {
             let error = resolve(bad).err().unwrap().to_string();
             assert!(error.contains("HEAVY_SPECULATIVE"), "{error}");
         }
+        let error = resolve("draft").err().unwrap().to_string();
+        assert!(error.contains("HEAVY_DRAFT_MODEL_PATH"), "{error}");
+
+        // A draft model given is used unless the tier says otherwise.
+        let with_draft = |speculative: Option<&str>| {
+            let mut env: Vec<(String, String)> = vec![
+                ("HEAVY_MODEL_PATH".into(), "/m/heavy.gguf".into()),
+                ("HEAVY_DRAFT_MODEL_PATH".into(), "/m/small.gguf".into()),
+            ];
+            env.extend(speculative.map(|v| ("HEAVY_SPECULATIVE".into(), v.into())));
+            let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+            let engine = &s
+                .tiers
+                .iter()
+                .find(|t| t.tier == Tier::Heavy)
+                .unwrap()
+                .engine;
+            (engine.speculation, engine.draft_model.clone())
+        };
+        let small = Some(std::path::PathBuf::from("/m/small.gguf"));
+        assert_eq!(
+            with_draft(None),
+            (engine::Speculation::Draft, small.clone())
+        );
+        assert_eq!(
+            with_draft(Some("draft")),
+            (engine::Speculation::Draft, small.clone())
+        );
+        assert_eq!(
+            with_draft(Some("ngram")),
+            (engine::Speculation::Ngram, small)
+        );
     }
 
     #[test]

@@ -259,18 +259,25 @@ impl TierEnv<'_> {
         if let Some(v) = self.flag("EMBEDDING_MODE")? {
             engine.embedding_mode = v;
         }
+        if let Some((_, path)) = self.get("DRAFT_MODEL_PATH").filter(|(_, v)| !v.is_empty()) {
+            // A draft model given is a draft model used, unless told otherwise.
+            engine.draft_model = Some(path.into());
+            engine.speculation = engine::Speculation::Draft;
+        }
         if let Some((name, v)) = self.get("SPECULATIVE") {
             engine.speculation = match v.trim().to_ascii_lowercase().as_str() {
                 "off" | "false" | "0" | "none" => engine::Speculation::Off,
                 "ngram" | "on" | "true" | "1" => engine::Speculation::Ngram,
+                "draft" if engine.draft_model.is_some() => engine::Speculation::Draft,
                 "draft" => {
+                    let draft = self.names("DRAFT_MODEL_PATH").join(" or ");
                     return Err(ConfigError::new(
                         name,
                         &v,
-                        "`draft` (a draft model) is not available yet: use `ngram` or `off`",
-                    ))
+                        format!("`draft` needs a draft model of the same vocabulary: set {draft}"),
+                    ));
                 }
-                _ => return Err(ConfigError::new(name, &v, "`off` or `ngram`")),
+                _ => return Err(ConfigError::new(name, &v, "`off`, `ngram` or `draft`")),
             };
         }
         if let Some(mib) = self.parse::<usize>("CACHE_RAM")? {

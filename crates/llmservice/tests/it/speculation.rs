@@ -1,6 +1,6 @@
-//! Prompt-lookup speculation on the real model: greedy answers are the same
-//! token for token with and without guesses, across the features that touch
-//! decoding (constraints, stops, `n`, logprobs, streaming).
+//! Speculation on the real model (prompt lookup, and a draft model): greedy
+//! answers are the same token for token with and without guesses, across the
+//! features that touch decoding (constraints, stops, `n`, logprobs, streaming).
 //!
 //! Both servers keep the KV window under 512 cells (`LIGHT_N_CTX=448`): from
 //! 512 cells on, llama.cpp's CPU attention splits the keys of a single-query
@@ -225,12 +225,9 @@ fn guessed(body: &Value) -> (u64, u64) {
     )
 }
 
-#[tokio::test]
-async fn greedy_answers_are_identical_with_and_without_guesses() {
-    let window = [("LIGHT_N_CTX", "448"), ("LIGHT_PARALLEL", "2")];
-    let plain = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "off")]);
-    let guessing = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "ngram")]);
-    let exact = kernels_round_alike(&plain).await;
+/// Asks both servers every request of the corpus and holds the guessing
+/// one's answers to the plain one's; the guesses it kept and threw away.
+async fn same_answers(plain: &TestApp, guessing: &TestApp, exact: bool) -> (u64, u64) {
     let (mut accepted, mut rejected) = (0, 0);
     for (i, (path, body)) in corpus().into_iter().enumerate() {
         let body = if exact {
@@ -252,7 +249,36 @@ async fn greedy_answers_are_identical_with_and_without_guesses() {
         accepted += kept;
         rejected += thrown;
     }
+    (accepted, rejected)
+}
+
+#[tokio::test]
+async fn greedy_answers_are_identical_with_and_without_guesses() {
+    let window = [("LIGHT_N_CTX", "448"), ("LIGHT_PARALLEL", "2")];
+    // Probed on a server of its own: the compared two must hold the same
+    // cached prefixes (in slots and in host memory), whose layout can move a
+    // near-tie on kernels that round by batch shape.
+    let exact = kernels_round_alike(&TestApp::new(&[window[0], window[1]])).await;
+    let plain = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "off")]);
+    let guessing = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "ngram")]);
+    let (accepted, rejected) = same_answers(&plain, &guessing, exact).await;
     assert!(accepted > 0, "guesses were kept ({rejected} rejected)");
+
+    // A draft model guesses instead: SmolLM2 for itself, whose guesses all
+    // hold, so that every kind of request verifies long runs of them (against
+    // a fresh plain server, for the same reason as above).
+    let smollm = smollm();
+    let plain = TestApp::new(&[window[0], window[1], ("LIGHT_SPECULATIVE", "off")]);
+    let drafting = TestApp::new(&[
+        window[0],
+        window[1],
+        ("LIGHT_DRAFT_MODEL_PATH", smollm.as_str()),
+    ]);
+    let (accepted, rejected) = same_answers(&plain, &drafting, exact).await;
+    assert!(
+        accepted > 20,
+        "the draft model's guesses were kept ({accepted}, {rejected} rejected)"
+    );
 
     // A stream carries the same text, and the usage details at its end.
     let body = chat(
@@ -430,4 +456,27 @@ async fn a_prediction_is_guessed_from_and_never_changes_the_answer() {
         assert_eq!(status, 400, "{body}");
         assert_eq!(error_of(&body)["param"], "prediction", "{body}");
     }
+}
+
+#[tokio::test]
+async fn a_draft_model_of_another_vocabulary_is_a_clear_load_error() {
+    let minilm = shared_models()
+        .join("all-MiniLM-L6-v2-f16.gguf")
+        .display()
+        .to_string();
+    let app = TestApp::new(&[("LIGHT_DRAFT_MODEL_PATH", minilm.as_str())]);
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            chat("Hello", json!({"max_tokens": 4})),
+        )
+        .await;
+    assert_eq!(status, 500, "{body}");
+    let message = error_of(&body)["message"].as_str().unwrap();
+    assert!(
+        message.contains("all-MiniLM-L6-v2-f16.gguf")
+            && message.contains("does not share the model's vocabulary")
+            && message.contains("30522 tokens, the model 49152"),
+        "{message}"
+    );
 }
