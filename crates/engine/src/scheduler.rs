@@ -87,6 +87,7 @@ pub(crate) trait Decoder {
         _seq_id: i32,
         _tokens: &[LlamaToken],
         _limit: usize,
+        _penalties: Option<&crate::sampling::Penalties>,
     ) -> Option<Vec<LlamaToken>> {
         None
     }
@@ -816,6 +817,7 @@ fn add_drafts<D: Decoder>(
     if rows == 0 || (seq.group.is_some() && seq.n_generated == 0) {
         return 0;
     }
+    let penalties = seq.penalties.as_ref();
     let Some(drafter) = seq.drafter.as_mut() else {
         return 0;
     };
@@ -825,7 +827,7 @@ fn add_drafts<D: Decoder>(
         .min(n_ctx.saturating_sub(first + 1))
         .min(left.saturating_sub(1));
     let drafts = drafter.propose(&seq.tokens, seq.n_generated as usize, limit, |t, n| {
-        decoder.guess(seq_id, t, n)
+        decoder.guess(seq_id, t, n, penalties)
     });
     for (j, &token) in drafts.iter().enumerate() {
         let index = decoder.batch_add(token, first + j, seq_id, true);

@@ -34,6 +34,10 @@ pub(crate) const TIMED_STREAMS: usize = 4;
 /// Timed steps of each kind before guessing is judged.
 const PLAIN_SAMPLES: u32 = 3;
 const GUESSED_SAMPLES: u32 = 6;
+/// Or fewer guessed steps once they produced this many tokens: a draft
+/// model's long guesses cost a step's time per token guessed, and six such
+/// steps can be a whole answer.
+const GUESSED_TOKENS: usize = 32;
 /// Weight of the newest step in the running rates.
 const RATE_WEIGHT: f64 = 0.2;
 /// First and longest pause, in steps, after guessing was found to cost time.
@@ -63,16 +67,18 @@ pub(crate) struct Payoff {
 struct Rate {
     secs_per_token: f64,
     samples: u32,
+    tokens: usize,
 }
 
 impl Rate {
-    fn add(&mut self, value: f64) {
+    fn add(&mut self, value: f64, tokens: usize) {
         self.secs_per_token = if self.samples == 0 {
             value
         } else {
             self.secs_per_token + RATE_WEIGHT * (value - self.secs_per_token)
         };
         self.samples += 1;
+        self.tokens += tokens;
     }
 }
 
@@ -97,11 +103,13 @@ impl Payoff {
         let value = secs / tokens as f64;
         let i = streams - 1;
         if !guessed {
-            self.plain[i].add(value);
+            self.plain[i].add(value, tokens);
             return;
         }
-        self.guessed[i].add(value);
-        if self.guessed[i].samples < GUESSED_SAMPLES || self.plain[i].samples < PLAIN_SAMPLES {
+        let guessed = &mut self.guessed[i];
+        guessed.add(value, tokens);
+        let judged = guessed.samples >= GUESSED_SAMPLES || guessed.tokens >= GUESSED_TOKENS;
+        if !judged || self.plain[i].samples < PLAIN_SAMPLES {
             return;
         }
         if self.guessed[i].secs_per_token > self.plain[i].secs_per_token {
@@ -341,6 +349,21 @@ mod tests {
         }
         assert_eq!(p.losses, 2);
         assert_eq!(p.next_pause, PAYOFF_PAUSE_START);
+    }
+
+    #[test]
+    fn long_guesses_are_judged_by_the_tokens_they_made_not_six_steps() {
+        let mut p = Payoff::default();
+        for _ in 0..PLAIN_SAMPLES {
+            p.record(1, false, 0.010, 1);
+        }
+        // A draft model's 16 guesses held, at 0.3 s a step: 17 tokens each,
+        // slower per token than plain steps. Two steps make enough tokens.
+        p.record(1, true, 0.300, 17);
+        assert_eq!(p.losses, 0);
+        p.record(1, true, 0.300, 17);
+        assert_eq!(p.losses, 1);
+        assert!(!p.allows(1));
     }
 
     #[test]

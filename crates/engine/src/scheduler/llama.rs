@@ -5,11 +5,12 @@ use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
 use super::{Decoder, Sampled};
-use crate::sampling;
+use crate::sampling::{self, Penalties};
 use crate::sequence::Sequence;
 use crate::{EngineError, TokenLogprob};
 
@@ -61,9 +62,16 @@ impl<'m> DraftModel<'m> {
     }
 
     /// Up to `limit` greedy tokens after `tokens`, stopping before an end of
-    /// generation. Nothing when the draft's cache has no room (it is then
+    /// generation, under the sequence's `penalties` and logit bias as its own
+    /// draws are (else its guesses would miss wherever they decide). Nothing when the draft's cache has no room (it is then
     /// emptied, and the next guess starts afresh).
-    fn guess(&mut self, seq_id: i32, tokens: &[LlamaToken], limit: usize) -> Vec<LlamaToken> {
+    fn guess(
+        &mut self,
+        seq_id: i32,
+        tokens: &[LlamaToken],
+        limit: usize,
+        penalties: Option<&Penalties>,
+    ) -> Vec<LlamaToken> {
         let Some(seen) = self.seen.get_mut(seq_id as usize) else {
             return Vec::new();
         };
@@ -83,6 +91,7 @@ impl<'m> DraftModel<'m> {
             keep = 0;
         }
         seen.truncate(keep);
+        let mut penalties = penalties.cloned();
         let n_batch = self.ctx.n_batch() as usize;
         let mut pos = keep;
         let mut pending = tokens[keep..].to_vec();
@@ -110,11 +119,29 @@ impl<'m> DraftModel<'m> {
                 pos += chunk.len();
             }
             let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
-            let best = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(id, _)| LlamaToken(id as i32));
+            let best = match &mut penalties {
+                None => logits
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(id, _)| LlamaToken(id as i32)),
+                Some(penalties) => {
+                    let mut candidates: Vec<LlamaTokenData> = logits
+                        .iter()
+                        .enumerate()
+                        .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0))
+                        .collect();
+                    penalties.apply(&mut candidates);
+                    let best = candidates
+                        .iter()
+                        .max_by(|a, b| a.logit().total_cmp(&b.logit()))
+                        .map(LlamaTokenData::id);
+                    if let Some(token) = best {
+                        penalties.accept(token);
+                    }
+                    best
+                }
+            };
             match best {
                 Some(token) if !self.model.vocab().is_eog(token) => guesses.push(token),
                 _ => return guesses,
@@ -212,8 +239,9 @@ impl Decoder for LlamaDecoder<'_> {
         seq_id: i32,
         tokens: &[LlamaToken],
         limit: usize,
+        penalties: Option<&Penalties>,
     ) -> Option<Vec<LlamaToken>> {
-        Some(self.draft.as_mut()?.guess(seq_id, tokens, limit))
+        Some(self.draft.as_mut()?.guess(seq_id, tokens, limit, penalties))
     }
 
     fn kv_seq_load(&mut self, seq_id: i32, saved: &SeqState) -> bool {
@@ -362,7 +390,7 @@ mod tests {
         let prompt = vocab.tokenize(text.as_bytes(), false, false);
         assert!(prompt.len() > 64, "{}", prompt.len());
         let mut kept = draft(&model);
-        let first = kept.guess(0, &prompt, 6);
+        let first = kept.guess(0, &prompt, 6, None);
         assert_eq!(first.len(), 6);
         assert_eq!(kept.seen[0].len(), prompt.len() + 5);
 
@@ -372,14 +400,34 @@ mod tests {
         tokens.extend(&first[..3]);
         tokens.extend(vocab.tokenize(b" Ships", false, false));
         let other = vocab.tokenize(b"Once upon a time", false, false);
-        assert!(!kept.guess(1, &other, 3).is_empty());
-        let again = kept.guess(0, &tokens, 4);
-        assert_eq!(again, draft(&model).guess(0, &tokens, 4));
+        assert!(!kept.guess(1, &other, 3, None).is_empty());
+        let again = kept.guess(0, &tokens, 4, None);
+        assert_eq!(again, draft(&model).guess(0, &tokens, 4, None));
         assert_eq!(&kept.seen[0][..tokens.len()], &tokens[..]);
 
         // A sequence that starts over in the slot is guessed for afresh.
-        assert_eq!(kept.guess(0, &other, 3), draft(&model).guess(0, &other, 3));
-        assert_eq!(kept.guess(0, &[], 3), Vec::<LlamaToken>::new());
+        assert_eq!(
+            kept.guess(0, &other, 3, None),
+            draft(&model).guess(0, &other, 3, None)
+        );
+        assert_eq!(kept.guess(0, &[], 3, None), Vec::<LlamaToken>::new());
         assert!(same_vocabulary(&model, &model).is_ok());
+
+        // Under the sequence's penalties, as its own draws are: a heavy
+        // repetition penalty turns the guess away from the repeated text.
+        let params = crate::SamplingParams {
+            repeat_penalty: 100.0,
+            penalty_last_n: 256,
+            ..crate::SamplingParams::default()
+        };
+        let mut penalties = Penalties::new(&params).unwrap();
+        prompt.iter().for_each(|&t| penalties.accept(t));
+        let plain = draft(&model).guess(0, &prompt, 3, None);
+        let penalized = draft(&model).guess(0, &prompt, 3, Some(&penalties));
+        let repeats = |guess: &[LlamaToken]| guess.iter().filter(|t| prompt.contains(t)).count();
+        assert!(
+            repeats(&plain) > repeats(&penalized),
+            "{plain:?} {penalized:?}"
+        );
     }
 }
