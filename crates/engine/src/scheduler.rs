@@ -74,9 +74,10 @@ pub(crate) trait Decoder {
     fn kv_seq_rm(&mut self, seq_id: i32, from: Option<u32>) -> bool;
     /// Copies the first `n` positions of `src`'s KV into `dst`.
     fn kv_seq_cp(&mut self, src: i32, dst: i32, n: u32);
-    /// A copy of sequence `seq_id`'s KV, and its size in bytes.
+    /// A copy of sequence `seq_id`'s KV and its size in bytes; `None` when
+    /// it would take more than `max_bytes` (nothing is copied then).
     type Saved;
-    fn kv_seq_save(&mut self, seq_id: i32) -> Option<(Self::Saved, usize)>;
+    fn kv_seq_save(&mut self, seq_id: i32, max_bytes: usize) -> Option<(Self::Saved, usize)>;
     /// Puts a saved copy into the (empty) sequence `seq_id`; false when the
     /// cache has no room for it (the sequence is left empty).
     fn kv_seq_load(&mut self, seq_id: i32, saved: &Self::Saved) -> bool;
@@ -382,7 +383,8 @@ impl<D: Decoder> Scheduler<D> {
         if !self.host.wants(&slot.cached) {
             return;
         }
-        if let Some((state, bytes)) = self.decoder.kv_seq_save(slot.seq_id) {
+        let budget = self.host.budget();
+        if let Some((state, bytes)) = self.decoder.kv_seq_save(slot.seq_id, budget) {
             self.host.insert(slot.cached.clone(), state, bytes);
             self.stats
                 .host_bytes

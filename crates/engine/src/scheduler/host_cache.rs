@@ -107,6 +107,10 @@ impl<S> HostCache<S> {
             .map(|e| (e.tokens.as_slice(), &e.state))
     }
 
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }

@@ -63,8 +63,9 @@ impl<'m> DraftModel<'m> {
 
     /// Up to `limit` greedy tokens after `tokens`, stopping before an end of
     /// generation, under the sequence's `penalties` and logit bias as its own
-    /// draws are (else its guesses would miss wherever they decide). Nothing when the draft's cache has no room (it is then
-    /// emptied, and the next guess starts afresh).
+    /// draws are (else its guesses would miss wherever they decide). Nothing
+    /// when the draft's cache has no room (it is then emptied, and the next
+    /// guess starts afresh).
     fn guess(
         &mut self,
         seq_id: i32,
@@ -225,7 +226,14 @@ impl Decoder for LlamaDecoder<'_> {
 
     type Saved = SeqState;
 
-    fn kv_seq_save(&mut self, seq_id: i32) -> Option<(SeqState, usize)> {
+    fn kv_seq_save(&mut self, seq_id: i32, max_bytes: usize) -> Option<(SeqState, usize)> {
+        // Sized first: a long sequence's copy can be gigabytes.
+        let size = self
+            .ctx
+            .state_seq_get_size_ext(seq_id, LlamaStateSeqFlags::empty());
+        if size > max_bytes {
+            return None;
+        }
         let state = self
             .ctx
             .state_seq_get(seq_id, LlamaStateSeqFlags::empty())

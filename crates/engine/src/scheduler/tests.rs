@@ -188,8 +188,11 @@ impl Decoder for Fake {
 
     type Saved = Vec<i32>;
 
-    fn kv_seq_save(&mut self, seq_id: i32) -> Option<(Vec<i32>, usize)> {
+    fn kv_seq_save(&mut self, seq_id: i32, max_bytes: usize) -> Option<(Vec<i32>, usize)> {
         let held = self.kv.get(&seq_id)?.clone();
+        if held.len() * 4 > max_bytes {
+            return None;
+        }
         self.ops.push(KvOp::Save {
             seq: seq_id,
             n: held.len(),
@@ -417,6 +420,32 @@ fn a_prefix_overwritten_in_its_slot_returns_from_host_memory() {
     let (_, usage) = cv.received().done.unwrap();
     assert_eq!(usage.cached_tokens, 0);
     assert!(s.decoder.decoded.len() > before);
+}
+
+#[test]
+fn a_prefix_larger_than_the_host_budget_is_not_copied() {
+    // 100 bytes hold 25 of the fake's 4-byte tokens: a 40-token prefix is
+    // dropped as before, without a copy made only to be thrown away.
+    let mut s = Scheduler::new(
+        Fake::new(64, 1000),
+        1,
+        100,
+        Arc::new(SchedulerStats::default()),
+    );
+    for (arrival, range) in [(0, 100..140), (1, 200..240)] {
+        let (seq, mut client) = request(&tokens(range), 1, arrival);
+        s.waiting.push_back(seq);
+        s.decoder.ops.clear();
+        s.tick();
+        client.received().done.unwrap();
+    }
+    assert_eq!(
+        s.decoder.ops,
+        [KvOp::Rm {
+            seq: 0,
+            from: Some(0)
+        }]
+    );
 }
 
 #[test]
