@@ -98,26 +98,31 @@ impl<'m> DraftModel<'m> {
         let mut pending = tokens[keep..].to_vec();
         let mut guesses = Vec::new();
         loop {
-            let end = pos + pending.len();
-            for chunk in pending.chunks(n_batch) {
-                self.batch.clear();
-                for (i, &token) in chunk.iter().enumerate() {
-                    let last = pos + i + 1 == end;
-                    if self
-                        .batch
-                        .add(token, (pos + i) as i32, &[seq_id], last)
-                        .is_err()
-                    {
-                        self.forget_all();
-                        return Vec::new();
-                    }
-                }
-                if self.ctx.decode(&mut self.batch).is_err() {
+            // A long catch-up (a new prompt) goes one batch a step, so that
+            // the streams sharing the step wait for one draft batch at most;
+            // guesses resume once the draft has seen the whole sequence.
+            let behind = pending.len() > n_batch;
+            let chunk = &pending[..pending.len().min(n_batch)];
+            self.batch.clear();
+            for (i, &token) in chunk.iter().enumerate() {
+                let last = !behind && i + 1 == chunk.len();
+                if self
+                    .batch
+                    .add(token, (pos + i) as i32, &[seq_id], last)
+                    .is_err()
+                {
                     self.forget_all();
                     return Vec::new();
                 }
-                self.seen[seq_id as usize].extend_from_slice(chunk);
-                pos += chunk.len();
+            }
+            if self.ctx.decode(&mut self.batch).is_err() {
+                self.forget_all();
+                return Vec::new();
+            }
+            self.seen[seq_id as usize].extend_from_slice(chunk);
+            pos += chunk.len();
+            if behind {
+                return Vec::new();
             }
             let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
             let best = match &mut penalties {
@@ -387,17 +392,35 @@ mod tests {
         DraftModel::new(model, model.new_context(backend, params).unwrap(), 2)
     }
 
+    /// A new draft's guess for `tokens`, once it has caught up with them.
+    fn fresh(
+        model: &LlamaModel,
+        tokens: &[LlamaToken],
+        limit: usize,
+        penalties: Option<&Penalties>,
+    ) -> Vec<LlamaToken> {
+        let mut draft = draft(model);
+        let behind = tokens.len().div_ceil(64) - 1;
+        for _ in 0..behind {
+            assert!(draft.guess(0, tokens, limit, penalties).is_empty());
+        }
+        draft.guess(0, tokens, limit, penalties)
+    }
+
     #[test]
     fn a_draft_keeps_what_it_saw_and_guesses_as_a_fresh_one_would() {
         let model = smollm();
         let vocab = model.vocab();
-        // Longer than one draft batch (64), so the catch-up takes two decodes.
+        // Longer than one draft batch (64), so the catch-up takes two calls.
         let text = "The lighthouse keeper climbed the one hundred and twelve steps every \
                     evening, wound the clockwork that turned the lens, and lit the lamp. "
             .repeat(3);
         let prompt = vocab.tokenize(text.as_bytes(), false, false);
         assert!(prompt.len() > 64, "{}", prompt.len());
         let mut kept = draft(&model);
+        // A prompt longer than a batch is caught up with one batch a call.
+        assert!(kept.guess(0, &prompt, 6, None).is_empty());
+        assert_eq!(kept.seen[0].len(), 64);
         let first = kept.guess(0, &prompt, 6, None);
         assert_eq!(first.len(), 6);
         assert_eq!(kept.seen[0].len(), prompt.len() + 5);
@@ -410,13 +433,13 @@ mod tests {
         let other = vocab.tokenize(b"Once upon a time", false, false);
         assert!(!kept.guess(1, &other, 3, None).is_empty());
         let again = kept.guess(0, &tokens, 4, None);
-        assert_eq!(again, draft(&model).guess(0, &tokens, 4, None));
+        assert_eq!(again, fresh(&model, &tokens, 4, None));
         assert_eq!(&kept.seen[0][..tokens.len()], &tokens[..]);
 
         // A sequence that starts over in the slot is guessed for afresh.
         assert_eq!(
             kept.guess(0, &other, 3, None),
-            draft(&model).guess(0, &other, 3, None)
+            fresh(&model, &other, 3, None)
         );
         assert_eq!(kept.guess(0, &[], 3, None), Vec::<LlamaToken>::new());
         assert!(same_vocabulary(&model, &model).is_ok());
@@ -430,8 +453,8 @@ mod tests {
         };
         let mut penalties = Penalties::new(&params).unwrap();
         prompt.iter().for_each(|&t| penalties.accept(t));
-        let plain = draft(&model).guess(0, &prompt, 3, None);
-        let penalized = draft(&model).guess(0, &prompt, 3, Some(&penalties));
+        let plain = fresh(&model, &prompt, 3, None);
+        let penalized = fresh(&model, &prompt, 3, Some(&penalties));
         let repeats = |guess: &[LlamaToken]| guess.iter().filter(|t| prompt.contains(t)).count();
         assert!(
             repeats(&plain) > repeats(&penalized),
