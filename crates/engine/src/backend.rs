@@ -266,6 +266,14 @@ impl ThreadStart {
             return Err("draft speculation needs a draft model ({TIER}_DRAFT_MODEL_PATH)".into());
         };
         let draft = load_model(self.backend, path, &self.config).map_err(|e| e.to_string())?;
+        if draft.is_recurrent() || draft.is_hybrid() {
+            // Its state cannot drop rejected guesses: every guess would
+            // recompute the whole sequence.
+            return Err(format!(
+                "the draft model {} is recurrent, and cannot drop the guesses the model rejects",
+                path.display()
+            ));
+        }
         crate::scheduler::same_vocabulary(model, &draft).map_err(|difference| {
             format!(
                 "the draft model {} does not share the model's vocabulary: {difference}",

@@ -74,9 +74,10 @@ pub(crate) trait Decoder {
     fn kv_seq_rm(&mut self, seq_id: i32, from: Option<u32>) -> bool;
     /// Copies the first `n` positions of `src`'s KV into `dst`.
     fn kv_seq_cp(&mut self, src: i32, dst: i32, n: u32);
+    /// What [`Decoder::kv_seq_save`] copies a sequence's KV into.
+    type Saved;
     /// A copy of sequence `seq_id`'s KV and its size in bytes; `None` when
     /// it would take more than `max_bytes` (nothing is copied then).
-    type Saved;
     fn kv_seq_save(&mut self, seq_id: i32, max_bytes: usize) -> Option<(Self::Saved, usize)>;
     /// Puts a saved copy into the (empty) sequence `seq_id`; false when the
     /// cache has no room for it (the sequence is left empty).
@@ -137,9 +138,10 @@ pub(crate) struct Scheduler<D: Decoder> {
     /// Whether guesses have been paying for their rows (timed steps).
     payoff: Payoff,
     /// The batch being decoded: its generating sequences, and whether it
-    /// also holds prompt rows (such steps are not timed for `payoff`).
+    /// is timed for `payoff`: not when it also holds prompt rows, nor when a
+    /// draft model spent time on it without guessing (catching up on a prompt).
     batch_streams: usize,
-    batch_has_prompt: bool,
+    batch_timed: bool,
     /// Idle slots' prefixes saved before they were overwritten.
     host: HostCache<D::Saved>,
     stats: Arc<SchedulerStats>,
@@ -178,7 +180,7 @@ impl<D: Decoder> Scheduler<D> {
             skip_drafts: false,
             payoff: Payoff::default(),
             batch_streams: 0,
-            batch_has_prompt: false,
+            batch_timed: false,
             host: HostCache::new(host_bytes),
             stats,
         }
@@ -316,14 +318,17 @@ impl<D: Decoder> Scheduler<D> {
             seq.awaiting_fork = true;
             seq.n_past = 0;
         } else {
-            let common = if seq.reuse_prefix {
+            let (common, restored) = if seq.reuse_prefix {
                 self.reuse(slot_idx, &seq.tokens)
             } else {
-                0
+                (0, false)
             };
             // At least one token must be decoded to get logits for the next sample.
             let mut keep = common.min(seq.tokens.len() - 1);
-            if keep < self.slots[slot_idx].cached.len() {
+            // Saved when more than a few tokens would be lost (a follow-up
+            // whose history re-tokenizes a little differently loses only
+            // its tail, not worth a copy of the whole sequence).
+            if self.slots[slot_idx].cached.len() >= keep + host_cache::MIN_TOKENS {
                 self.save_prefix(slot_idx);
             }
             let slot = &mut self.slots[slot_idx];
@@ -336,6 +341,12 @@ impl<D: Decoder> Scheduler<D> {
             if !seq.started {
                 seq.cached_tokens = keep.min(seq.n_prompt) as u32;
             }
+            if restored && keep > 0 {
+                self.stats.host_hits.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .host_tokens
+                    .fetch_add(keep as u64, Ordering::Relaxed);
+            }
         }
         let slot = &mut self.slots[slot_idx];
         slot.cached.clear();
@@ -347,33 +358,31 @@ impl<D: Decoder> Scheduler<D> {
     }
 
     /// How much of `tokens` slot `slot_idx` holds, after restoring a saved
-    /// prefix into it when one holds more (its own prefix saved first).
-    fn reuse(&mut self, slot_idx: usize, tokens: &[LlamaToken]) -> usize {
+    /// prefix into it when one holds more of what the prompt can reuse (its
+    /// own prefix saved first); and whether it was restored.
+    fn reuse(&mut self, slot_idx: usize, tokens: &[LlamaToken]) -> (usize, bool) {
         let common = common_prefix(&self.slots[slot_idx].cached, tokens);
-        let Some(id) = self.host.find(tokens, common) else {
-            return common;
+        let usable = common.min(tokens.len().saturating_sub(1));
+        let Some(id) = self.host.find(tokens, usable) else {
+            return (common, false);
         };
         self.save_prefix(slot_idx);
         let seq_id = self.slots[slot_idx].seq_id;
         self.decoder.kv_seq_rm(seq_id, None);
         let slot = &mut self.slots[slot_idx];
         slot.cached.clear();
-        // Gone only if saving the slot's own prefix needed its room.
+        // Gone only if saving the slot's own prefix needed its room. (Either
+        // way the slot's own prefix is in host memory for the next prompt.)
         let Some((saved, state)) = self.host.get(id) else {
-            return 0;
+            return (0, false);
         };
         if !self.decoder.kv_seq_load(seq_id, state) {
             // llama.cpp clears what it loaded of it; so does this, whatever the decoder.
             self.decoder.kv_seq_rm(seq_id, None);
-            return 0;
+            return (0, false);
         }
         slot.cached = saved.to_vec();
-        let shared = common_prefix(saved, tokens);
-        self.stats.host_hits.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .host_tokens
-            .fetch_add(shared as u64, Ordering::Relaxed);
-        shared
+        (common_prefix(saved, tokens), true)
     }
 
     /// Copies an idle slot's cached prefix to host memory, unless it is too
@@ -476,7 +485,7 @@ impl<D: Decoder> Scheduler<D> {
         for fork in forks {
             self.fork_followers(&fork);
         }
-        if !self.batch_has_prompt {
+        if self.batch_timed {
             let losses = self.payoff.losses;
             let secs = started.elapsed().as_secs_f64();
             self.payoff
@@ -513,6 +522,7 @@ impl<D: Decoder> Scheduler<D> {
         };
         self.batch_streams = generating;
         self.skip_drafts = false;
+        self.batch_timed = true;
         // Generating sequences first: one token each keeps every stream moving.
         for slot in &mut self.slots {
             let Some(seq) = slot.active.as_mut() else {
@@ -525,12 +535,13 @@ impl<D: Decoder> Scheduler<D> {
                 add(&mut self.decoder, seq, slot.seq_id, 1);
                 budget -= 1;
                 let rows = guess_rows.min(budget);
-                let guessed = add_drafts(&mut self.decoder, seq, slot.seq_id, self.n_ctx, rows);
+                let (guessed, untimed) =
+                    add_drafts(&mut self.decoder, seq, slot.seq_id, self.n_ctx, rows);
                 budget -= guessed;
                 guess_rows -= guessed;
+                self.batch_timed &= !untimed;
             }
         }
-        self.batch_has_prompt = false;
         // Then prompt chunks, oldest request first, within what is left of the budget.
         let mut prefilling: Vec<usize> = (0..self.slots.len())
             .filter(|&i| {
@@ -550,7 +561,7 @@ impl<D: Decoder> Scheduler<D> {
             let take = seq.pending().min(budget);
             add(&mut self.decoder, seq, slot.seq_id, take);
             budget -= take;
-            self.batch_has_prompt = true;
+            self.batch_timed = false;
         }
         budget < self.n_batch
     }
@@ -814,22 +825,25 @@ fn add_drafts<D: Decoder>(
     seq_id: i32,
     n_ctx: usize,
     rows: usize,
-) -> usize {
+) -> (usize, bool) {
     // The first token of a request's choices is drawn before followers fork.
     if rows == 0 || (seq.group.is_some() && seq.n_generated == 0) {
-        return 0;
+        return (0, false);
     }
     let penalties = seq.penalties.as_ref();
     let Some(drafter) = seq.drafter.as_mut() else {
-        return 0;
+        return (0, false);
     };
     let first = seq.n_past + 1;
     let left = (seq.max_tokens - seq.n_generated) as usize;
     let limit = rows
         .min(n_ctx.saturating_sub(first + 1))
         .min(left.saturating_sub(1));
+    let mut model_asked = false;
     let drafts = drafter.propose(&seq.tokens, seq.n_generated as usize, limit, |t, n| {
-        decoder.guess(seq_id, t, n, penalties)
+        let guess = decoder.guess(seq_id, t, n, penalties);
+        model_asked = guess.is_some();
+        guess
     });
     for (j, &token) in drafts.iter().enumerate() {
         let index = decoder.batch_add(token, first + j, seq_id, true);
@@ -838,7 +852,9 @@ fn add_drafts<D: Decoder>(
         }
     }
     seq.drafts = drafts;
-    seq.drafts.len()
+    // A draft model that decoded without guessing spent this step's time on
+    // nothing the timer could weigh.
+    (seq.drafts.len(), model_asked && seq.drafts.is_empty())
 }
 
 fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {

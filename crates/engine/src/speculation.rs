@@ -1,6 +1,7 @@
-//! Prompt-lookup (n-gram) speculation: guess a sequence's next tokens from the
-//! request's predicted output or its own history, verify the guesses in the
-//! scheduler's ordinary batched decode, keep the prefix the sampler agrees with.
+//! Speculation: guess a sequence's next tokens from the request's predicted
+//! output, a draft model (`scheduler/llama.rs`) or the sequence's own history
+//! (prompt lookup), verify the guesses in the scheduler's ordinary batched
+//! decode, keep the prefix the sampler agrees with.
 //!
 //! A greedy draw is a function of the logits, and the logits at each position
 //! are the model's output for the tokens before it: so when the token drawn at

@@ -22,7 +22,8 @@ pub struct Metrics {
     inter_token_seconds: HistogramVec,
     queue: IntGaugeVec,
     speculation: IntCounterVec,
-    prompt_cache: IntGaugeVec,
+    prompt_cache: IntCounterVec,
+    prompt_cache_bytes: IntGaugeVec,
     loaded: IntGaugeVec,
     cache: IntGaugeVec,
     rag: IntGaugeVec,
@@ -114,11 +115,16 @@ impl Metrics {
                  check saved",
                 &["model", "outcome"],
             ),
-            prompt_cache: gauge(
-                "prompt_cache",
-                "Prompt KV kept in host memory per loaded model: prompts restored from it \
-                 (hits), the tokens they did not recompute (tokens), and the bytes held (bytes)",
-                &["model", "stat"],
+            prompt_cache: counter(
+                "prompt_cache_total",
+                "Prompt KV in host memory per loaded model: prompts that continued a \
+                 restored prefix (hits) and the tokens they did not recompute (tokens)",
+                &["model", "outcome"],
+            ),
+            prompt_cache_bytes: gauge(
+                "prompt_cache_bytes",
+                "Bytes of prompt KV held in host memory per loaded model",
+                &["model"],
             ),
             loaded: gauge(
                 "model_loaded",
@@ -184,6 +190,7 @@ impl Metrics {
         self.queue.reset();
         self.speculation.reset();
         self.prompt_cache.reset();
+        self.prompt_cache_bytes.reset();
         self.loaded.reset();
         for entry in models.loaded() {
             self.loaded
@@ -210,21 +217,18 @@ impl Metrics {
                         .with_label_values(&[&entry.id, outcome])
                         .inc_by(count.load(std::sync::atomic::Ordering::Relaxed));
                 }
-                for (stat, value) in [
-                    (
-                        "hits",
-                        stats.host_hits.load(std::sync::atomic::Ordering::Relaxed),
-                    ),
-                    (
-                        "tokens",
-                        stats.host_tokens.load(std::sync::atomic::Ordering::Relaxed),
-                    ),
-                    ("bytes", load(&stats.host_bytes) as u64),
+                let relaxed = std::sync::atomic::Ordering::Relaxed;
+                for (outcome, count) in [
+                    ("hits", stats.host_hits.load(relaxed)),
+                    ("tokens", stats.host_tokens.load(relaxed)),
                 ] {
                     self.prompt_cache
-                        .with_label_values(&[&entry.id, stat])
-                        .set(value as i64);
+                        .with_label_values(&[&entry.id, outcome])
+                        .inc_by(count);
                 }
+                self.prompt_cache_bytes
+                    .with_label_values(&[&entry.id])
+                    .set(load(&stats.host_bytes));
             }
         }
         let cache = cache.stats();

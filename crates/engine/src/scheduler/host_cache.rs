@@ -42,14 +42,23 @@ impl<S> HostCache<S> {
     }
 
     /// Whether `tokens` is worth saving: long enough, and not already held
-    /// by an entry that covers it.
-    pub fn wants(&self, tokens: &[LlamaToken]) -> bool {
-        self.budget > 0
-            && tokens.len() >= MIN_TOKENS
-            && !self
-                .entries
-                .iter()
-                .any(|e| common_prefix(&e.tokens, tokens) == tokens.len())
+    /// by an entry that covers it (which then counts as just used).
+    pub fn wants(&mut self, tokens: &[LlamaToken]) -> bool {
+        if self.budget == 0 || tokens.len() < MIN_TOKENS {
+            return false;
+        }
+        let covering = self
+            .entries
+            .iter_mut()
+            .find(|e| common_prefix(&e.tokens, tokens) == tokens.len());
+        match covering {
+            Some(entry) => {
+                self.clock += 1;
+                entry.last_used = self.clock;
+                false
+            }
+            None => true,
+        }
     }
 
     /// Keeps `state`, the KV of `tokens`, in place of entries it covers.
@@ -82,13 +91,15 @@ impl<S> HostCache<S> {
     }
 
     /// The entry that shares the longest prefix with `tokens`, if it shares
-    /// more than `beyond` tokens, counted as just used.
+    /// more than `beyond` of the tokens a prompt can reuse (all but its last,
+    /// which is decoded for its logits), counted as just used.
     pub fn find(&mut self, tokens: &[LlamaToken], beyond: usize) -> Option<u64> {
+        let usable = tokens.len().saturating_sub(1);
         let (i, shared) = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (i, common_prefix(&e.tokens, tokens)))
+            .map(|(i, e)| (i, common_prefix(&e.tokens, tokens).min(usable)))
             .max_by_key(|&(_, shared)| shared)?;
         if shared <= beyond || shared < MIN_TOKENS {
             return None;

@@ -62,10 +62,11 @@ impl<'m> DraftModel<'m> {
     }
 
     /// Up to `limit` greedy tokens after `tokens`, stopping before an end of
-    /// generation, under the sequence's `penalties` and logit bias as its own
-    /// draws are (else its guesses would miss wherever they decide). Nothing
-    /// when the draft's cache has no room (it is then emptied, and the next
-    /// guess starts afresh).
+    /// generation, under the sequence's repetition `penalties` (and the logit
+    /// bias they carry) as its own draws are, else its guesses would miss
+    /// wherever those decide. Nothing while it is still catching up on a long
+    /// new prompt, nor when its cache has no room even without the other
+    /// slots' tokens (it is then emptied, and the next guess starts afresh).
     fn guess(
         &mut self,
         seq_id: i32,
@@ -99,8 +100,9 @@ impl<'m> DraftModel<'m> {
         let mut guesses = Vec::new();
         loop {
             // A long catch-up (a new prompt) goes one batch a step, so that
-            // the streams sharing the step wait for one draft batch at most;
-            // guesses resume once the draft has seen the whole sequence.
+            // the streams sharing the step wait for one draft batch per
+            // catching-up sequence, not a whole prompt's; guesses resume once
+            // the draft has seen the whole sequence.
             let behind = pending.len() > n_batch;
             let chunk = &pending[..pending.len().min(n_batch)];
             self.batch.clear();
@@ -115,7 +117,7 @@ impl<'m> DraftModel<'m> {
                     return Vec::new();
                 }
             }
-            if self.ctx.decode(&mut self.batch).is_err() {
+            if !self.decode_making_room(seq_id) {
                 self.forget_all();
                 return Vec::new();
             }
@@ -156,6 +158,25 @@ impl<'m> DraftModel<'m> {
                 return guesses;
             }
             pending = guesses[guesses.len() - 1..].to_vec();
+        }
+    }
+
+    /// Decodes the batch; when the cache is full, drops the other slots'
+    /// tokens (idle sequences it was never told to drop, or others it will
+    /// catch up with again) and tries once more.
+    fn decode_making_room(&mut self, seq_id: i32) -> bool {
+        match self.ctx.decode(&mut self.batch) {
+            Ok(()) => true,
+            Err(DecodeError::NoKvCacheSlot) => {
+                for (other, seen) in self.seen.iter_mut().enumerate() {
+                    if other as i32 != seq_id && !seen.is_empty() {
+                        let _ = self.ctx.clear_kv_cache_seq(Some(other as u32), None, None);
+                        seen.clear();
+                    }
+                }
+                self.ctx.decode(&mut self.batch).is_ok()
+            }
+            Err(_) => false,
         }
     }
 

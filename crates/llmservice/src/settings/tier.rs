@@ -259,9 +259,12 @@ impl TierEnv<'_> {
         if let Some(v) = self.flag("EMBEDDING_MODE")? {
             engine.embedding_mode = v;
         }
-        if let Some((_, path)) = self.get("DRAFT_MODEL_PATH").filter(|(_, v)| !v.is_empty()) {
+        if let Some((_, path)) = self
+            .get("DRAFT_MODEL_PATH")
+            .filter(|(_, v)| !v.trim().is_empty())
+        {
             // A draft model given is a draft model used, unless told otherwise.
-            engine.draft_model = Some(path.into());
+            engine.draft_model = Some(path.trim().into());
             engine.speculation = engine::Speculation::Draft;
         }
         if let Some((name, v)) = self.get("SPECULATIVE") {

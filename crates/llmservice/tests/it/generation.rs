@@ -88,7 +88,7 @@ async fn a_conversation_whose_slot_was_reused_continues_from_host_memory() {
         );
     }
     let metrics = app.router().oneshot_get("/metrics").await;
-    let hits = format!("llmservice_prompt_cache{{model=\"{LIGHT_ID}\",stat=\"hits\"}} 3");
+    let hits = format!("llmservice_prompt_cache_total{{model=\"{LIGHT_ID}\",outcome=\"hits\"}} 3");
     assert!(metrics.contains(&hits), "{metrics}");
 
     // Turned off, the same conversations are computed again.

@@ -165,9 +165,10 @@ pub fn call_constraint(
     if let Some(syntax) = call_syntax(plan, format, control) {
         return Constraint::Lark(syntax.grammar(&syntax.lead, plan.parallel));
     }
-    // The generic form: one call object per line, as its prompt asks. A line
-    // break after the last call may end the output: a model that closes its
-    // JSON with one (a habit) is not made to open another call.
+    // The generic form: one call object per line, as its prompt asks. In a
+    // list of calls a line break after the last one may end the output: a
+    // model that closes its JSON with one (a habit) is not made to open
+    // another call. (A single call ends at its closing brace.)
     let call = call_schema(&plan.allowed(), "arguments");
     if plan.parallel {
         Constraint::Lark(format!(
