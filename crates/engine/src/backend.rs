@@ -58,7 +58,7 @@ pub struct EngineConfig {
     /// [`crate::Speculation::Draft`] (`{TIER}_DRAFT_MODEL_PATH`).
     pub draft_model: Option<PathBuf>,
     /// Bytes of prompt KV kept in host memory for prompts that return after
-    /// their slot was reused (`{TIER}_CACHE_RAM`, in MiB; 0 turns it off).
+    /// their slot was reused (`{TIER}_PROMPT_CACHE_RAM`, in MiB; 0 turns it off).
     pub host_cache_bytes: usize,
 }
 

@@ -600,6 +600,30 @@ mod tests {
     }
 
     #[test]
+    fn the_prompt_cache_budget_is_per_tier_and_unprefixed_for_the_default_and_the_models_dir() {
+        let env = [
+            ("LIGHT_MODEL_PATH", "/m/light.gguf"),
+            ("HEAVY_MODEL_PATH", "/m/heavy.gguf"),
+            ("MEDIUM_MODEL_PATH", "/m/medium.gguf"),
+            ("PROMPT_CACHE_RAM", "0"),
+            ("HEAVY_PROMPT_CACHE_RAM", "16"),
+        ];
+        let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        let bytes = |tier: Tier| {
+            s.tiers
+                .iter()
+                .find(|t| t.tier == tier)
+                .unwrap()
+                .engine
+                .host_cache_bytes
+        };
+        assert_eq!(bytes(Tier::Light), 0);
+        assert_eq!(bytes(Tier::Heavy), 16 << 20);
+        assert_eq!(bytes(Tier::Medium), 1024 << 20, "the default");
+        assert_eq!(s.dir_engine.host_cache_bytes, 0);
+    }
+
+    #[test]
     fn tier_repeat_penalties_are_honoured() {
         let env = [
             ("LIGHT_MODEL_PATH", "/m/light.gguf"),

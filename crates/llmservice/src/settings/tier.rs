@@ -175,6 +175,8 @@ impl TierEnv<'_> {
             "N_CTX" => &["N_CTX", "CONTEXT_LENGTH"],
             "MODEL_PATH" | "N_BATCH" | "N_THREADS" | "N_GPU_LAYERS" | "USE_MMAP"
             | "TEMPERATURE" | "MAX_TOKENS" => &[suffix],
+            // Also for the models found in the models directory, which have no prefix.
+            "PROMPT_CACHE_RAM" => &[suffix],
             _ => &[],
         };
         let mut names = Vec::new();
@@ -283,7 +285,7 @@ impl TierEnv<'_> {
                 _ => return Err(ConfigError::new(name, &v, "`off`, `ngram` or `draft`")),
             };
         }
-        if let Some(mib) = self.parse::<usize>("CACHE_RAM")? {
+        if let Some(mib) = self.parse::<usize>("PROMPT_CACHE_RAM")? {
             engine.host_cache_bytes = mib.saturating_mul(1 << 20);
         }
         let mut defaults = GenerationDefaults::default();

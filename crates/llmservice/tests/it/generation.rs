@@ -92,7 +92,7 @@ async fn a_conversation_whose_slot_was_reused_continues_from_host_memory() {
     assert!(metrics.contains(&hits), "{metrics}");
 
     // Turned off, the same conversations are computed again.
-    let app = TestApp::new(&[("LIGHT_PARALLEL", "1"), ("LIGHT_CACHE_RAM", "0")]);
+    let app = TestApp::new(&[("LIGHT_PARALLEL", "1"), ("LIGHT_PROMPT_CACHE_RAM", "0")]);
     for topic in topics.iter().chain(&topics) {
         let (_, _, body) = app.post("/v1/chat/completions", ask(topic)).await;
         // Only the prompts' shared start (the system prompt) is reused.
