@@ -369,20 +369,52 @@ impl<D: Decoder> Scheduler<D> {
         self.save_prefix(slot_idx);
         let seq_id = self.slots[slot_idx].seq_id;
         self.decoder.kv_seq_rm(seq_id, None);
-        let slot = &mut self.slots[slot_idx];
-        slot.cached.clear();
-        // Gone only if saving the slot's own prefix needed its room. (Either
-        // way the slot's own prefix is in host memory for the next prompt.)
-        let Some((saved, state)) = self.host.get(id) else {
-            return (0, false);
-        };
-        if !self.decoder.kv_seq_load(seq_id, state) {
-            // llama.cpp clears what it loaded of it; so does this, whatever the decoder.
-            self.decoder.kv_seq_rm(seq_id, None);
-            return (0, false);
+        self.slots[slot_idx].cached.clear();
+        if !self.load(seq_id, id) {
+            // Room from the idle slots' prefixes (kept in host memory), as
+            // computing this prompt instead would take it.
+            let idle: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| {
+                    i != slot_idx
+                        && self.slots[i].active.is_none()
+                        && !self.slots[i].cached.is_empty()
+                })
+                .collect();
+            if idle.is_empty() {
+                return (0, false);
+            }
+            for i in idle {
+                self.save_prefix(i);
+                self.decoder.kv_seq_rm(self.slots[i].seq_id, None);
+                self.slots[i].cached.clear();
+            }
+            if !self.load(seq_id, id) {
+                return (0, false);
+            }
         }
-        slot.cached = saved.to_vec();
-        (common_prefix(saved, tokens), true)
+        let saved = self
+            .host
+            .get(id)
+            .map(|(saved, _)| saved.to_vec())
+            .unwrap_or_default();
+        let shared = common_prefix(&saved, tokens);
+        self.slots[slot_idx].cached = saved;
+        (shared, true)
+    }
+
+    /// Loads host entry `id` into the empty sequence `seq_id`; false when the
+    /// entry is gone (saving a slot's prefix needed its room) or the KV cache
+    /// has no room, the sequence then left empty.
+    fn load(&mut self, seq_id: i32, id: u64) -> bool {
+        let Some((_, state)) = self.host.get(id) else {
+            return false;
+        };
+        if self.decoder.kv_seq_load(seq_id, state) {
+            return true;
+        }
+        // llama.cpp clears what it loaded of it; so does this, whatever the decoder.
+        self.decoder.kv_seq_rm(seq_id, None);
+        false
     }
 
     /// Copies an idle slot's cached prefix to host memory, unless it is too
@@ -741,6 +773,12 @@ impl<D: Decoder> Scheduler<D> {
             return;
         };
         let mut seq = self.slots[newest].active.take().expect("active");
+        if active.len() > 1 && seq.reuse_prefix {
+            // To host memory first: readmitted, it loads its KV back rather
+            // than computing it again.
+            self.slots[newest].cached = seq.tokens[..seq.n_past].to_vec();
+            self.save_prefix(newest);
+        }
         self.decoder.kv_seq_rm(self.slots[newest].seq_id, None);
         self.slots[newest].cached.clear();
         if active.len() > 1 {

@@ -568,6 +568,62 @@ fn prompt_chunks_go_to_the_oldest_request_first() {
 }
 
 #[test]
+fn a_preempted_sequence_resumes_from_host_memory() {
+    let mut s = Scheduler::new(
+        Fake::new(64, 85),
+        2,
+        1 << 20,
+        Arc::new(SchedulerStats::default()),
+    );
+    let (a, mut ca) = request(&tokens(100..140), 10, 0);
+    let (b, mut cb) = request(&tokens(200..240), 10, 1);
+    s.waiting.extend([a, b]);
+    // Both prompts and a few tokens each fill the 85 cells; then b, the
+    // newer, is preempted, its KV copied to host memory first.
+    let mut saved = None;
+    for _ in 0..12 {
+        s.decoder.ops.clear();
+        s.tick();
+        if s.stats.preemptions.load(Ordering::Relaxed) > 0 {
+            saved = s.decoder.ops.iter().find_map(|op| match op {
+                KvOp::Save { seq, n } => Some((*seq, *n)),
+                _ => None,
+            });
+            break;
+        }
+    }
+    let (_, n) = saved.expect("b was preempted and saved");
+    assert!(n > 40, "its prompt and some output: {n}");
+    let preempted_at = s.decoder.decoded.len();
+    s.decoder.ops.clear();
+    while s.has_work() {
+        s.tick();
+    }
+    // Readmitted, it loads what it had and computes only what follows.
+    assert!(
+        s.decoder
+            .ops
+            .iter()
+            .any(|op| matches!(op, KvOp::Load { n: m, .. } if *m == n)),
+        "{:?}",
+        s.decoder.ops
+    );
+    let recomputed = s.decoder.decoded[preempted_at..]
+        .iter()
+        .flatten()
+        .filter(|e| e.pos < n - 1 && (200..240).contains(&e.token))
+        .count();
+    assert_eq!(recomputed, 0);
+    assert_eq!(ca.received().done.unwrap().0, FinishReason::Length);
+    let b_end = cb.received();
+    assert_eq!(
+        b_end.text,
+        (2000..2010).map(|t| format!("<{t}>")).collect::<String>()
+    );
+    assert_eq!(b_end.done.unwrap().1.completion_tokens, 10);
+}
+
+#[test]
 fn a_full_kv_cache_drops_idle_prefixes_then_preempts_the_newest_which_resumes_with_its_tokens() {
     let mut s = scheduler(3, 16, 12);
     let (idle, _ci) = request(&[7, 7], 1, 0);
