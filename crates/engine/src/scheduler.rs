@@ -313,8 +313,7 @@ impl<D: Decoder> Scheduler<D> {
             // Its prompt KV is copied from the leader once the leader has computed it;
             // until then the slot must hold nothing, in case it computes the prompt
             // itself (its leader left early) from position 0.
-            self.save_prefix(slot_idx);
-            self.decoder.kv_seq_rm(self.slots[slot_idx].seq_id, None);
+            self.drop_prefix(slot_idx);
             seq.awaiting_fork = true;
             seq.n_past = 0;
         } else {
@@ -366,11 +365,9 @@ impl<D: Decoder> Scheduler<D> {
         let Some(id) = self.host.find(tokens, usable) else {
             return (common, false);
         };
-        self.save_prefix(slot_idx);
-        let seq_id = self.slots[slot_idx].seq_id;
-        self.decoder.kv_seq_rm(seq_id, None);
-        self.slots[slot_idx].cached.clear();
-        if !self.load(seq_id, id) {
+        self.drop_prefix(slot_idx);
+        let mut loaded = self.load(slot_idx, id);
+        if !loaded {
             // Room from the idle slots' prefixes (kept in host memory), as
             // computing this prompt instead would take it.
             let idle: Vec<usize> = (0..self.slots.len())
@@ -380,41 +377,41 @@ impl<D: Decoder> Scheduler<D> {
                         && !self.slots[i].cached.is_empty()
                 })
                 .collect();
-            if idle.is_empty() {
-                return (0, false);
-            }
-            for i in idle {
-                self.save_prefix(i);
-                self.decoder.kv_seq_rm(self.slots[i].seq_id, None);
-                self.slots[i].cached.clear();
-            }
-            if !self.load(seq_id, id) {
-                return (0, false);
+            if !idle.is_empty() {
+                idle.into_iter().for_each(|i| self.drop_prefix(i));
+                loaded = self.load(slot_idx, id);
             }
         }
-        let saved = self
-            .host
-            .get(id)
-            .map(|(saved, _)| saved.to_vec())
-            .unwrap_or_default();
-        let shared = common_prefix(&saved, tokens);
-        self.slots[slot_idx].cached = saved;
-        (shared, true)
+        if loaded {
+            (common_prefix(&self.slots[slot_idx].cached, tokens), true)
+        } else {
+            (0, false)
+        }
     }
 
-    /// Loads host entry `id` into the empty sequence `seq_id`; false when the
-    /// entry is gone (saving a slot's prefix needed its room) or the KV cache
-    /// has no room, the sequence then left empty.
-    fn load(&mut self, seq_id: i32, id: u64) -> bool {
-        let Some((_, state)) = self.host.get(id) else {
+    /// Loads host entry `id` into empty slot `slot_idx`, which then holds its
+    /// tokens; false when the entry is gone (saving a slot's prefix needed
+    /// its room) or the KV cache has no room, the slot then left empty.
+    fn load(&mut self, slot_idx: usize, id: u64) -> bool {
+        let seq_id = self.slots[slot_idx].seq_id;
+        let Some((tokens, state)) = self.host.get(id) else {
             return false;
         };
         if self.decoder.kv_seq_load(seq_id, state) {
+            self.slots[slot_idx].cached = tokens.to_vec();
             return true;
         }
         // llama.cpp clears what it loaded of it; so does this, whatever the decoder.
         self.decoder.kv_seq_rm(seq_id, None);
         false
+    }
+
+    /// Empties a slot's KV, its cached prefix kept in host memory first
+    /// (where [`Self::save_prefix`] wants it).
+    fn drop_prefix(&mut self, slot_idx: usize) {
+        self.save_prefix(slot_idx);
+        self.decoder.kv_seq_rm(self.slots[slot_idx].seq_id, None);
+        self.slots[slot_idx].cached.clear();
     }
 
     /// Copies an idle slot's cached prefix to host memory, unless it is too
@@ -740,9 +737,7 @@ impl<D: Decoder> Scheduler<D> {
             .filter(|&i| self.slots[i].active.is_none() && !self.slots[i].cached.is_empty())
             .min_by_key(|&i| self.slots[i].last_used)
         {
-            self.save_prefix(idle);
-            self.decoder.kv_seq_rm(self.slots[idle].seq_id, None);
-            self.slots[idle].cached.clear();
+            self.drop_prefix(idle);
             return;
         }
         let active: Vec<usize> = (0..self.slots.len())
@@ -774,13 +769,11 @@ impl<D: Decoder> Scheduler<D> {
         };
         let mut seq = self.slots[newest].active.take().expect("active");
         if active.len() > 1 && seq.reuse_prefix {
-            // To host memory first: readmitted, it loads its KV back rather
+            // Kept in host memory: readmitted, it loads its KV back rather
             // than computing it again.
             self.slots[newest].cached = seq.tokens[..seq.n_past].to_vec();
-            self.save_prefix(newest);
         }
-        self.decoder.kv_seq_rm(self.slots[newest].seq_id, None);
-        self.slots[newest].cached.clear();
+        self.drop_prefix(newest);
         if active.len() > 1 {
             // Recompute-style preemption: requeue it first in line; its tokens so far
             // are kept and re-prefilled when KV frees up.

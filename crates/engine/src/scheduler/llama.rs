@@ -127,29 +127,7 @@ impl<'m> DraftModel<'m> {
                 return Vec::new();
             }
             let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
-            let best = match &mut penalties {
-                None => logits
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(id, _)| LlamaToken(id as i32)),
-                Some(penalties) => {
-                    let mut candidates: Vec<LlamaTokenData> = logits
-                        .iter()
-                        .enumerate()
-                        .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0))
-                        .collect();
-                    penalties.apply(&mut candidates);
-                    let best = candidates
-                        .iter()
-                        .max_by(|a, b| a.logit().total_cmp(&b.logit()))
-                        .map(LlamaTokenData::id);
-                    if let Some(token) = best {
-                        penalties.accept(token);
-                    }
-                    best
-                }
-            };
+            let best = greedy(logits, penalties.as_mut());
             match best {
                 Some(token) if !self.model.vocab().is_eog(token) => guesses.push(token),
                 _ => return guesses,
@@ -184,6 +162,26 @@ impl<'m> DraftModel<'m> {
         self.ctx.clear_kv_cache();
         self.seen.iter_mut().for_each(Vec::clear);
     }
+}
+
+/// The likeliest token after `penalties` (which then record it).
+fn greedy(logits: &[f32], penalties: Option<&mut Penalties>) -> Option<LlamaToken> {
+    let mut candidates: Vec<LlamaTokenData> = logits
+        .iter()
+        .enumerate()
+        .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0))
+        .collect();
+    if let Some(penalties) = penalties.as_deref() {
+        penalties.apply(&mut candidates);
+    }
+    let best = candidates
+        .iter()
+        .max_by(|a, b| a.logit().total_cmp(&b.logit()))
+        .map(LlamaTokenData::id)?;
+    if let Some(penalties) = penalties {
+        penalties.accept(best);
+    }
+    Some(best)
 }
 
 /// Whether `draft` writes every token as `model` does, so that its guesses

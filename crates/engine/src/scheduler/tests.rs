@@ -317,10 +317,20 @@ fn group(prompt: &[i32], max_tokens: u32, first_arrival: u64, n: u64) -> Vec<(Se
 }
 
 fn scheduler(parallel: usize, n_batch: usize, kv_cells: usize) -> Scheduler<Fake> {
+    with_host_cache(parallel, n_batch, kv_cells, 0)
+}
+
+/// [`scheduler`], keeping up to `host_bytes` of prompt KV in host memory.
+fn with_host_cache(
+    parallel: usize,
+    n_batch: usize,
+    kv_cells: usize,
+    host_bytes: usize,
+) -> Scheduler<Fake> {
     Scheduler::new(
         Fake::new(n_batch, kv_cells),
         parallel,
-        0,
+        host_bytes,
         Arc::new(SchedulerStats::default()),
     )
 }
@@ -350,12 +360,7 @@ fn tokens(range: std::ops::Range<i32>) -> Vec<i32> {
 
 #[test]
 fn a_prefix_overwritten_in_its_slot_returns_from_host_memory() {
-    let mut s = Scheduler::new(
-        Fake::new(64, 1000),
-        1,
-        1 << 20,
-        Arc::new(SchedulerStats::default()),
-    );
+    let mut s = with_host_cache(1, 64, 1000, 1 << 20);
     let a = tokens(100..140);
     let (x, mut cx) = request(&a, 1, 0);
     s.waiting.push_back(x);
@@ -426,12 +431,7 @@ fn a_prefix_overwritten_in_its_slot_returns_from_host_memory() {
 fn a_prefix_larger_than_the_host_budget_is_not_copied() {
     // 100 bytes hold 25 of the fake's 4-byte tokens: a 40-token prefix is
     // dropped as before, without a copy made only to be thrown away.
-    let mut s = Scheduler::new(
-        Fake::new(64, 1000),
-        1,
-        100,
-        Arc::new(SchedulerStats::default()),
-    );
+    let mut s = with_host_cache(1, 64, 1000, 100);
     for (arrival, range) in [(0, 100..140), (1, 200..240)] {
         let (seq, mut client) = request(&tokens(range), 1, arrival);
         s.waiting.push_back(seq);
@@ -569,12 +569,7 @@ fn prompt_chunks_go_to_the_oldest_request_first() {
 
 #[test]
 fn a_preempted_sequence_resumes_from_host_memory() {
-    let mut s = Scheduler::new(
-        Fake::new(64, 85),
-        2,
-        1 << 20,
-        Arc::new(SchedulerStats::default()),
-    );
+    let mut s = with_host_cache(2, 64, 85, 1 << 20);
     let (a, mut ca) = request(&tokens(100..140), 10, 0);
     let (b, mut cb) = request(&tokens(200..240), 10, 1);
     s.waiting.extend([a, b]);
