@@ -3,7 +3,7 @@
 Measured side by side on 2026-11-27 (SmolLM2-135M, 2 threads, cases one at a
 time; BENCHMARKS.md has the table): llmservice 52 of 56 cases finish and
 validate, llama.cpp's `llama-server --jinja` 27 of 56. The issue's target is
-95% (53 of 56); this test holds the line measured here with one case of slack
+95% (54 of 56); this test holds the line measured here with one case of slack
 per category for the machine's numerics, and fails on any regression beyond it.
 On an AVX-512 machine (2026-12-06) the same build finishes 50 of 56: llama.cpp's
 AVX-512 kernels round differently, and its six misses all run on inside a string
