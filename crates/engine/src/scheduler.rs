@@ -74,6 +74,12 @@ pub(crate) trait Decoder {
     fn kv_seq_rm(&mut self, seq_id: i32, from: Option<u32>) -> bool;
     /// Copies the first `n` positions of `src`'s KV into `dst`.
     fn kv_seq_cp(&mut self, src: i32, dst: i32, n: u32);
+    /// Whether sequence `seq_id`, cut back to its first `keep` positions,
+    /// still holds what decoding at position `keep` attends to. False where a
+    /// sliding-window cache no longer has that window: it dropped (or gave to
+    /// other sequences) the cells that fell out of the window of the later
+    /// positions, and a copy in host memory holds only the last window.
+    fn kv_seq_resumable(&self, seq_id: i32, keep: usize) -> bool;
     /// What [`Decoder::kv_seq_save`] copies a sequence's KV into.
     type Saved;
     /// A copy of sequence `seq_id`'s KV and its size in bytes; `None` when
@@ -329,6 +335,14 @@ impl<D: Decoder> Scheduler<D> {
             };
             // At least one token must be decoded to get logits for the next sample.
             let mut keep = common.min(seq.tokens.len() - 1);
+            let seq_id = self.slots[slot_idx].seq_id;
+            if keep < self.slots[slot_idx].cached.len()
+                && !self.decoder.kv_seq_resumable(seq_id, keep)
+            {
+                // A sliding window that no longer reaches back from `keep`:
+                // reusing the prefix would decode without part of it.
+                keep = 0;
+            }
             // Saved when more than a few tokens would be lost (a follow-up
             // whose history re-tokenizes a little differently loses only
             // its tail, not worth a copy of the whole sequence).
@@ -370,6 +384,9 @@ impl<D: Decoder> Scheduler<D> {
         let Some(id) = self.host.find(tokens, usable) else {
             return (common, false);
         };
+        // The slot's own prefix goes to host memory first, without pushing
+        // out the entry it is about to make way for.
+        self.host.pin(Some(id));
         self.drop_prefix(slot_idx);
         let mut loaded = self.load(slot_idx, id);
         if !loaded {
@@ -387,6 +404,7 @@ impl<D: Decoder> Scheduler<D> {
                 loaded = self.load(slot_idx, id);
             }
         }
+        self.host.pin(None);
         if loaded {
             (common_prefix(&self.slots[slot_idx].cached, tokens), true)
         } else {

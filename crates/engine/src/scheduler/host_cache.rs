@@ -29,6 +29,8 @@ pub(super) struct HostCache<S> {
     bytes: usize,
     budget: usize,
     clock: u64,
+    /// An entry about to be loaded, which inserts meanwhile do not evict.
+    pinned: Option<u64>,
 }
 
 impl<S> HostCache<S> {
@@ -38,6 +40,7 @@ impl<S> HostCache<S> {
             bytes: 0,
             budget,
             clock: 0,
+            pinned: None,
         }
     }
 
@@ -61,13 +64,21 @@ impl<S> HostCache<S> {
         }
     }
 
-    /// Keeps `state`, the KV of `tokens`, in place of entries it covers.
+    /// Keeps `state`, the KV of `tokens`, in place of entries it covers;
+    /// nothing when it would not fit beside the pinned entry.
     pub fn insert(&mut self, tokens: Vec<LlamaToken>, state: S, bytes: usize) {
-        if bytes > self.budget {
+        let pinned = self
+            .entries
+            .iter()
+            .find(|e| Some(e.id) == self.pinned)
+            .map_or(0, |e| e.bytes);
+        if bytes + pinned > self.budget {
             return;
         }
+        let spared = self.pinned;
         self.entries.retain(|e| {
-            let covered = common_prefix(&e.tokens, &tokens) == e.tokens.len();
+            let covered =
+                Some(e.id) != spared && common_prefix(&e.tokens, &tokens) == e.tokens.len();
             if covered {
                 self.bytes -= e.bytes;
             }
@@ -75,8 +86,9 @@ impl<S> HostCache<S> {
         });
         while self.bytes + bytes > self.budget {
             let oldest = (0..self.entries.len())
+                .filter(|&i| Some(self.entries[i].id) != spared)
                 .min_by_key(|&i| self.entries[i].last_used)
-                .expect("bytes are held by entries");
+                .expect("bytes beyond the pinned entry's are held by others");
             self.bytes -= self.entries.swap_remove(oldest).bytes;
         }
         self.clock += 1;
@@ -108,6 +120,11 @@ impl<S> HostCache<S> {
         let entry = &mut self.entries[i];
         entry.last_used = self.clock;
         Some(entry.id)
+    }
+
+    /// Keeps entry `id` (or none) from being evicted by inserts until unpinned.
+    pub fn pin(&mut self, id: Option<u64>) {
+        self.pinned = id;
     }
 
     /// Entry `id`'s tokens and state, unless it has been dropped since.
@@ -183,5 +200,26 @@ mod tests {
         assert_eq!(cache.bytes(), 30);
         // With no budget nothing is wanted.
         assert!(!HostCache::<()>::new(0).wants(&toks(0..40)));
+    }
+
+    #[test]
+    fn a_pinned_entry_is_not_evicted_and_what_does_not_fit_beside_it_is_not_kept() {
+        let mut cache = HostCache::new(30);
+        cache.insert(toks(0..40), "a", 20);
+        let a = cache.find(&toks(0..40), 0).unwrap();
+        cache.pin(Some(a));
+        // "b" would need "a"'s room: it is not kept, and "a" stays.
+        cache.insert(toks(100..140), "b", 15);
+        assert_eq!(cache.bytes(), 20);
+        assert!(cache.get(a).is_some());
+        // What fits beside it evicts others, never it.
+        cache.insert(toks(200..240), "c", 10);
+        cache.insert(toks(300..340), "d", 10);
+        assert_eq!(cache.bytes(), 30);
+        assert!(cache.get(a).is_some());
+        assert!(cache.find(&toks(200..240), 0).is_none());
+        cache.pin(None);
+        cache.insert(toks(100..140), "b", 15);
+        assert!(cache.get(a).is_none(), "unpinned, it is the oldest");
     }
 }

@@ -19,6 +19,9 @@ pub(crate) struct LlamaDecoder<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     draft: Option<DraftModel<'m>>,
+    /// The model's sliding attention window, in tokens, when its GGUF states
+    /// one (`{arch}.attention.sliding_window`: gemma 2 and 3, ...).
+    sliding_window: Option<usize>,
 }
 
 impl<'m> LlamaDecoder<'m> {
@@ -28,11 +31,18 @@ impl<'m> LlamaDecoder<'m> {
         draft: Option<DraftModel<'m>>,
     ) -> Self {
         let n_batch = ctx.n_batch() as usize;
+        let sliding_window = model
+            .meta_val_str("general.architecture")
+            .and_then(|arch| model.meta_val_str(&format!("{arch}.attention.sliding_window")))
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .filter(|&n: &usize| n > 0);
         Self {
             model,
             ctx,
             batch: LlamaBatch::new(n_batch, 1),
             draft,
+            sliding_window,
         }
     }
 }
@@ -246,6 +256,19 @@ impl Decoder for LlamaDecoder<'_> {
 
     fn kv_seq_cp(&mut self, src: i32, dst: i32, n: u32) {
         let _ = self.ctx.copy_kv_cache_seq(src, dst, Some(0), Some(n));
+    }
+
+    fn kv_seq_resumable(&self, seq_id: i32, keep: usize) -> bool {
+        // llama.cpp keeps every position from the sequence's smallest on
+        // (only a sliding-window cache drops the smallest ones). Decoding at
+        // `keep` attends to the window's positions before it, which must be
+        // there; a window of unknown width is never assumed whole.
+        let first = self.ctx.kv_cache_seq_pos_min(seq_id);
+        let Ok(first @ 1..) = usize::try_from(first) else {
+            return true;
+        };
+        self.sliding_window
+            .is_some_and(|window| first + window <= keep + 1)
     }
 
     type Saved = SeqState;

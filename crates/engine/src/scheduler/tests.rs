@@ -86,6 +86,11 @@ struct Fake {
     step_cost: Duration,
     row_cost: Duration,
     clock: Instant,
+    /// A sliding attention window: positions more than this far behind a
+    /// sequence's last are dropped after each decode (llama.cpp's SWA cache
+    /// without `swa_full`), and `dropped` holds where each sequence's start.
+    window: Option<usize>,
+    dropped: HashMap<i32, usize>,
 }
 
 impl Fake {
@@ -107,6 +112,8 @@ impl Fake {
             step_cost: Duration::ZERO,
             row_cost: Duration::ZERO,
             clock: Instant::now(),
+            window: None,
+            dropped: HashMap::new(),
         }
     }
 
@@ -158,6 +165,21 @@ impl Decoder for Fake {
                 held.len()
             );
             held.push(e.token);
+            let dropped = self.dropped.get(&e.seq).copied().unwrap_or(0);
+            if let Some(window) = self.window {
+                assert!(
+                    dropped == 0 || dropped + window <= e.pos + 1,
+                    "sequence {} decodes position {} without its window (positions below {dropped} are gone)",
+                    e.seq,
+                    e.pos
+                );
+            }
+        }
+        if let Some(window) = self.window {
+            for (&seq, held) in &self.kv {
+                let dropped = self.dropped.entry(seq).or_default();
+                *dropped = (*dropped).max(held.len().saturating_sub(window));
+            }
         }
         self.decoded.push(self.batch.clone());
         self.clock += self.step_cost + self.row_cost * self.batch.len() as u32;
@@ -171,6 +193,7 @@ impl Decoder for Fake {
     fn kv_clear(&mut self) {
         self.ops.push(KvOp::Clear);
         self.kv.clear();
+        self.dropped.clear();
     }
 
     fn kv_seq_rm(&mut self, seq_id: i32, from: Option<u32>) -> bool {
@@ -178,8 +201,15 @@ impl Decoder for Fake {
         if self.whole_sequences_only && from.is_some_and(|f| f > 0) {
             return false;
         }
+        let from = from.unwrap_or(0) as usize;
         let held = self.kv.entry(seq_id).or_default();
-        held.truncate(from.unwrap_or(0) as usize);
+        held.truncate(from);
+        let dropped = self.dropped.entry(seq_id).or_default();
+        if from <= *dropped {
+            // Nothing of the sequence is left.
+            held.clear();
+            *dropped = 0;
+        }
         true
     }
 
@@ -189,11 +219,20 @@ impl Decoder for Fake {
         let held = self.kv.entry(dst).or_default();
         assert!(held.is_empty(), "copy into sequence {dst}, which holds KV");
         *held = copied;
+        let dropped = self.dropped.get(&src).copied().unwrap_or(0);
+        self.dropped.insert(dst, dropped);
     }
 
-    type Saved = Vec<i32>;
+    fn kv_seq_resumable(&self, seq_id: i32, keep: usize) -> bool {
+        let dropped = self.dropped.get(&seq_id).copied().unwrap_or(0);
+        dropped == 0 || self.window.is_some_and(|w| dropped + w <= keep + 1)
+    }
 
-    fn kv_seq_save(&mut self, seq_id: i32, max_bytes: usize) -> Option<(Vec<i32>, usize)> {
+    /// The tokens, and where the positions kept start: a copy holds the
+    /// last window only, as llama.cpp's does.
+    type Saved = (Vec<i32>, usize);
+
+    fn kv_seq_save(&mut self, seq_id: i32, max_bytes: usize) -> Option<(Self::Saved, usize)> {
         let held = self.kv.get(&seq_id)?.clone();
         if held.len() * 4 > max_bytes {
             return None;
@@ -203,22 +242,28 @@ impl Decoder for Fake {
             n: held.len(),
         });
         let bytes = held.len() * 4;
-        Some((held, bytes))
+        let dropped = self.dropped.get(&seq_id).copied().unwrap_or(0);
+        let kept_from = self
+            .window
+            .map_or(dropped, |w| dropped.max(held.len().saturating_sub(w)));
+        Some(((held, kept_from), bytes))
     }
 
-    fn kv_seq_load(&mut self, seq_id: i32, saved: &Vec<i32>) -> bool {
+    fn kv_seq_load(&mut self, seq_id: i32, saved: &Self::Saved) -> bool {
+        let (tokens, kept_from) = saved;
         self.ops.push(KvOp::Load {
             seq: seq_id,
-            n: saved.len(),
+            n: tokens.len(),
         });
         assert!(
             self.kv.get(&seq_id).is_none_or(Vec::is_empty),
             "load into sequence {seq_id}, which holds KV"
         );
-        if self.refuse_loads || self.cells() + saved.len() > self.kv_cells {
+        if self.refuse_loads || self.cells() + tokens.len() > self.kv_cells {
             return false;
         }
-        self.kv.insert(seq_id, saved.clone());
+        self.kv.insert(seq_id, tokens.clone());
+        self.dropped.insert(seq_id, *kept_from);
         true
     }
 
@@ -361,6 +406,80 @@ fn concat(runs: &[Vec<Entry>]) -> Vec<Entry> {
 
 fn tokens(range: std::ops::Range<i32>) -> Vec<i32> {
     range.collect()
+}
+
+#[test]
+fn a_sliding_window_prefix_is_reused_only_where_its_window_is_whole() {
+    let mut s = with_host_cache(1, 64, 1000, 1 << 20);
+    s.decoder.window = Some(8);
+    let ask = |s: &mut Scheduler<Fake>, prompt: &[i32], arrival| {
+        let (x, mut cx) = request(prompt, 1, arrival);
+        s.waiting.push_back(x);
+        s.decoder.ops.clear();
+        s.tick();
+        cx.received().done.unwrap().1
+    };
+    // The slot holds 50 positions, of which the window keeps the last 8.
+    let a = tokens(100..150);
+    ask(&mut s, &a, 0);
+    // A prompt that shares 40 of them: cut back there, the window before
+    // position 40 is gone, so the prompt is computed afresh (a fake decode
+    // without its window fails the test).
+    let mut b = a[..40].to_vec();
+    b.extend([7, 8, 9]);
+    let usage = ask(&mut s, &b, 1);
+    assert_eq!((usage.prompt_tokens, usage.cached_tokens), (43, 0));
+    // One that continues all the slot holds keeps all of it.
+    let mut c = b.clone();
+    c.extend([5, 6]);
+    let usage = ask(&mut s, &c, 2);
+    assert_eq!((usage.prompt_tokens, usage.cached_tokens), (45, 43));
+    // The same prompt again: cut back by its last token only, whose window
+    // is still there.
+    let usage = ask(&mut s, &c, 3);
+    assert_eq!((usage.prompt_tokens, usage.cached_tokens), (45, 44));
+
+    // From host memory: the copy holds the last window only, so a prompt that
+    // shares part of it is computed afresh too (and counts no hit).
+    ask(&mut s, &tokens(200..250), 4);
+    assert!(
+        s.decoder.ops.contains(&KvOp::Save { seq: 0, n: 45 }),
+        "{:?}",
+        s.decoder.ops
+    );
+    let usage = ask(&mut s, &b, 5);
+    assert!(s.decoder.ops.contains(&KvOp::Load { seq: 0, n: 45 }));
+    assert_eq!(usage.cached_tokens, 0);
+    assert_eq!(s.stats.host_hits.load(Ordering::Relaxed), 0);
+    // While a prompt that continues it all reuses it.
+    ask(&mut s, &tokens(300..350), 6);
+    let mut d = c.clone();
+    d.push(4);
+    let usage = ask(&mut s, &d, 7);
+    assert_eq!(usage.cached_tokens, 45);
+    assert_eq!(s.stats.host_hits.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_slot_making_way_for_a_saved_prefix_does_not_push_it_out_of_host_memory() {
+    // Room in host memory for one 40-token prefix (4 bytes a token), not two.
+    let mut s = with_host_cache(1, 64, 1000, 240);
+    let ask = |s: &mut Scheduler<Fake>, prompt: &[i32], arrival| {
+        let (x, mut cx) = request(prompt, 1, arrival);
+        s.waiting.push_back(x);
+        s.tick();
+        cx.received().done.unwrap().1
+    };
+    let a = tokens(100..140);
+    ask(&mut s, &a, 0);
+    ask(&mut s, &tokens(200..240), 1);
+    // a returns: the slot's own prefix cannot be kept beside a's, so it is
+    // not, and a's is loaded.
+    let mut follow_up = a.clone();
+    follow_up.extend([7, 8]);
+    let usage = ask(&mut s, &follow_up, 2);
+    assert_eq!(usage.cached_tokens, 40);
+    assert_eq!(s.stats.host_hits.load(Ordering::Relaxed), 1);
 }
 
 #[test]
