@@ -12,6 +12,7 @@ use llama_cpp_2::DecodeError;
 use super::{Decoder, Sampled};
 use crate::sampling::{self, Penalties};
 use crate::sequence::Sequence;
+use crate::speculation::DRAFT_MAX;
 use crate::{EngineError, TokenLogprob};
 
 pub(crate) struct LlamaDecoder<'m> {
@@ -103,10 +104,15 @@ impl<'m> DraftModel<'m> {
             keep = 0;
         }
         seen.truncate(keep);
+        let mut pending = tokens[keep..].to_vec();
+        // A token of the model's padding that the draft lacks (see
+        // `same_vocabulary`): nothing to decode it as.
+        if pending.iter().any(|t| t.0 >= self.model.n_vocab()) {
+            return Vec::new();
+        }
         let mut penalties = penalties.cloned();
         let n_batch = self.ctx.n_batch() as usize;
         let mut pos = keep;
-        let mut pending = tokens[keep..].to_vec();
         let mut guesses = Vec::new();
         loop {
             // A long catch-up (a new prompt) goes one batch a step, so that
@@ -114,10 +120,15 @@ impl<'m> DraftModel<'m> {
             // catching-up sequence, not a whole prompt's; guesses resume once
             // the draft has seen the whole sequence.
             let behind = pending.len() > n_batch;
+            // More than a guess's worth to catch up on (a new prompt, or what
+            // a pause produced) is a call of its own: guessing in it would
+            // charge the catch-up to the guesses, whose time decides whether
+            // guessing pays.
+            let catching_up = pending.len() > DRAFT_MAX + 1;
             let chunk = &pending[..pending.len().min(n_batch)];
             self.batch.clear();
             for (i, &token) in chunk.iter().enumerate() {
-                let last = !behind && i + 1 == chunk.len();
+                let last = !behind && !catching_up && i + 1 == chunk.len();
                 if self
                     .batch
                     .add(token, (pos + i) as i32, &[seq_id], last)
@@ -133,7 +144,7 @@ impl<'m> DraftModel<'m> {
             }
             self.seen[seq_id as usize].extend_from_slice(chunk);
             pos += chunk.len();
-            if behind {
+            if behind || catching_up {
                 return Vec::new();
             }
             let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
@@ -194,15 +205,22 @@ fn greedy(logits: &[f32], penalties: Option<&mut Penalties>) -> Option<LlamaToke
     Some(best)
 }
 
-/// Whether `draft` writes every token as `model` does, so that its guesses
-/// are the model's token ids; the first difference otherwise.
+/// How many more or fewer tokens a draft's vocabulary may have than the
+/// model's: a family's GGUFs can differ by padding (Qwen2.5's 0.5B to 3B
+/// have 151,936 tokens, its 7B and larger 152,064), which llama.cpp's own
+/// speculation allows for up to this many.
+const VOCAB_SIZE_SLACK: i32 = 128;
+
+/// Whether `draft` writes every token they share as `model` does, so that
+/// its guesses are the model's token ids; the first difference otherwise.
+/// Guesses beyond the model's vocabulary are cut off where they are made.
 pub(crate) fn same_vocabulary(model: &LlamaModel, draft: &LlamaModel) -> Result<(), String> {
     let (n, m) = (model.n_vocab(), draft.n_vocab());
-    if n != m {
+    if (n - m).abs() > VOCAB_SIZE_SLACK {
         return Err(format!("it has {m} tokens, the model {n}"));
     }
     let (ours, theirs) = (model.vocab(), draft.vocab());
-    for id in 0..n {
+    for id in 0..n.min(m) {
         let token = LlamaToken(id);
         let (a, b) = (
             ours.token_to_piece(token, true, None),
@@ -296,7 +314,14 @@ impl Decoder for LlamaDecoder<'_> {
         limit: usize,
         penalties: Option<&Penalties>,
     ) -> Option<Vec<LlamaToken>> {
-        Some(self.draft.as_mut()?.guess(seq_id, tokens, limit, penalties))
+        let mut guesses = self.draft.as_mut()?.guess(seq_id, tokens, limit, penalties);
+        // A draft with more (padding) tokens than the model may name one
+        // the model does not have.
+        let n_vocab = self.model.n_vocab();
+        if let Some(cut) = guesses.iter().position(|t| t.0 >= n_vocab) {
+            guesses.truncate(cut);
+        }
+        Some(guesses)
     }
 
     fn kv_seq_load(&mut self, seq_id: i32, saved: &SeqState) -> bool {
@@ -442,11 +467,13 @@ mod tests {
         penalties: Option<&Penalties>,
     ) -> Vec<LlamaToken> {
         let mut draft = draft(model);
-        let behind = tokens.len().div_ceil(64) - 1;
-        for _ in 0..behind {
-            assert!(draft.guess(0, tokens, limit, penalties).is_empty());
+        loop {
+            let caught_up = draft.seen[0].len() >= tokens.len();
+            let guess = draft.guess(0, tokens, limit, penalties);
+            if caught_up || !guess.is_empty() {
+                return guess;
+            }
         }
-        draft.guess(0, tokens, limit, penalties)
     }
 
     #[test]
@@ -456,13 +483,16 @@ mod tests {
         // Longer than one draft batch (64), so the catch-up takes two calls.
         let text = "The lighthouse keeper climbed the one hundred and twelve steps every \
                     evening, wound the clockwork that turned the lens, and lit the lamp. "
-            .repeat(3);
+            .repeat(4);
         let prompt = vocab.tokenize(text.as_bytes(), false, false);
-        assert!(prompt.len() > 64, "{}", prompt.len());
+        assert!(prompt.len() > 64 + DRAFT_MAX + 1, "{}", prompt.len());
         let mut kept = draft(&model);
-        // A prompt longer than a batch is caught up with one batch a call.
+        // A prompt longer than a batch is caught up with one batch a call,
+        // and guessed for in a call after the one that saw its end.
         assert!(kept.guess(0, &prompt, 6, None).is_empty());
         assert_eq!(kept.seen[0].len(), 64);
+        assert!(kept.guess(0, &prompt, 6, None).is_empty());
+        assert_eq!(kept.seen[0].len(), prompt.len());
         let first = kept.guess(0, &prompt, 6, None);
         assert_eq!(first.len(), 6);
         assert_eq!(kept.seen[0].len(), prompt.len() + 5);
