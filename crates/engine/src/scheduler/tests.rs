@@ -91,6 +91,9 @@ struct Fake {
     /// without `swa_full`), and `dropped` holds where each sequence's start.
     window: Option<usize>,
     dropped: HashMap<i32, usize>,
+    /// Decodes refused for want of KV room (shared, to be read once the
+    /// scheduler owns the fake).
+    no_room: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Fake {
@@ -114,6 +117,7 @@ impl Fake {
             clock: Instant::now(),
             window: None,
             dropped: HashMap::new(),
+            no_room: Arc::default(),
         }
     }
 
@@ -152,6 +156,7 @@ impl Decoder for Fake {
             return Err(error);
         }
         if self.cells() + self.batch.len() > self.kv_cells {
+            self.no_room.fetch_add(1, Ordering::Relaxed);
             return Err(DecodeError::NoKvCacheSlot);
         }
         for e in &self.batch {
@@ -1139,18 +1144,26 @@ fn a_batch_of_guesses_without_kv_room_is_retried_without_them_and_preempts_nobod
     let prompt: Vec<i32> = (0..12).map(|i| 3 + (i % 4)).collect();
     let requests = vec![
         (prompt.clone(), 30, Vec::new()),
-        (prompt[2..].to_vec(), 30, Vec::new()),
+        (prompt[2..].to_vec(), 60, Vec::new()),
     ];
-    // A cycle that guesses always predict; room for both sequences' tokens
-    // (22 + 60) but not for a full set of guesses on top near the end.
-    let setup = |fake: &mut Fake| {
-        fake.model = Some(Box::new(|p: &[i32]| 3 + (p[p.len() - 1] - 3 + 1) % 4));
-        fake.step_cost = Duration::from_micros(500);
+    // A cycle that guesses always predict. Room for the second sequence's
+    // tokens (70) once the first's idle prefix (42) is dropped, which a
+    // batch that finds no room first does; guesses on top find none sooner.
+    let run = |guess| {
+        let refused = Arc::default();
+        let (received, stats) = speak(7, 2, 90, &requests, guess, |fake| {
+            fake.model = Some(Box::new(|p: &[i32]| 3 + (p[p.len() - 1] - 3 + 1) % 4));
+            fake.step_cost = Duration::from_micros(500);
+            fake.no_room = Arc::clone(&refused);
+        });
+        (received, stats, refused.load(Ordering::Relaxed))
     };
-    let (plain, _) = speak(7, 2, 88, &requests, false, setup);
-    let (guessed, stats) = speak(7, 2, 88, &requests, true, setup);
+    let (plain, _, plain_refused) = run(false);
+    let (guessed, stats, refused) = run(true);
     assert_eq!(outcome(&guessed), outcome(&plain));
-    assert_eq!(outcome(&plain)[1].2, Some(30));
+    assert_eq!(outcome(&plain)[1].2, Some(60));
+    assert!(plain_refused > 0, "the idle prefix made way");
+    assert!(refused > plain_refused, "batches of guesses found no room");
     assert_eq!(stats.preemptions.load(Ordering::Relaxed), 0);
     assert!(
         stats.draft_accepted.load(Ordering::Relaxed) > 0,
