@@ -64,8 +64,10 @@ pub struct GenerateRequest {
     /// have room to finish. Without it a small model that adds a call it does
     /// not need loses the whole answer to `max_tokens`.
     pub finish_within_budget: bool,
-    /// Whether this request may use the model's speculation (which never changes
-    /// its tokens; only greedy requests speculate). False opts out.
+    /// Whether this request may use the model's speculation (only greedy
+    /// requests speculate, and a guess is kept only where it is the token the
+    /// model draws; the extra rows change the batch's shape, which on some
+    /// CPU kernels rounds a near-tie the other way). False opts out.
     pub speculative: bool,
     /// Tokens the output is expected to repeat (OpenAI's predicted outputs):
     /// a greedy request guesses from them whatever the model's speculation
