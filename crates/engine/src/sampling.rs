@@ -139,6 +139,39 @@ impl Penalties {
     }
 }
 
+impl Penalties {
+    /// The likeliest token of `logits` (the whole vocabulary) once biased
+    /// and penalized, without copying the vocabulary: only the few tokens
+    /// the bias and the window touch change, so the rest are scanned as they
+    /// are, and a token is looked up among the touched ones only when it
+    /// would be the best so far.
+    pub(crate) fn greedy(&self, logits: &[f32]) -> Option<LlamaToken> {
+        let mut touched: Vec<LlamaTokenData> = (self.bias.iter().map(|&(t, _)| t))
+            .chain(self.counts.iter().map(|&(t, _)| t))
+            .filter_map(|t| {
+                let logit = *logits.get(usize::try_from(t.0).ok()?)?;
+                Some(LlamaTokenData::new(t, logit, 0.0))
+            })
+            .collect();
+        touched.sort_by_key(|c| c.id().0);
+        touched.dedup_by_key(|c| c.id().0);
+        self.apply(&mut touched);
+        let mut best = touched
+            .iter()
+            .max_by(|a, b| a.logit().total_cmp(&b.logit()))
+            .map(|c| (c.id(), c.logit()));
+        for (id, &logit) in logits.iter().enumerate() {
+            let id = id as i32;
+            if best.is_none_or(|(_, b)| logit > b)
+                && touched.binary_search_by_key(&id, |c| c.id().0).is_err()
+            {
+                best = Some((LlamaToken(id), logit));
+            }
+        }
+        best.map(|(token, _)| token)
+    }
+}
+
 /// `token` among candidates in token order: at its own index when they are
 /// the whole vocabulary, found by its id otherwise.
 fn find(candidates: &mut [LlamaTokenData], token: LlamaToken) -> Option<&mut LlamaTokenData> {
@@ -262,6 +295,13 @@ mod tests {
                     let e = &expected.data[s.id().0 as usize];
                     assert_eq!(e.logit().to_bits(), s.logit().to_bits());
                 }
+                // The likeliest token after them, found without a copy.
+                let likeliest = expected
+                    .data
+                    .iter()
+                    .max_by(|a, b| a.logit().total_cmp(&b.logit()))
+                    .map(LlamaTokenData::id);
+                assert_eq!(ours.greedy(&logits), likeliest);
                 // Few distinct tokens, so the window holds repeats.
                 let token = LlamaToken((rng.next() * 12.0) as i32);
                 reference.accept(token);

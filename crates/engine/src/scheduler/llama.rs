@@ -5,7 +5,6 @@ use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
@@ -187,21 +186,15 @@ impl<'m> DraftModel<'m> {
 
 /// The likeliest token after `penalties` (which then record it).
 fn greedy(logits: &[f32], penalties: Option<&mut Penalties>) -> Option<LlamaToken> {
-    let mut candidates: Vec<LlamaTokenData> = logits
-        .iter()
-        .enumerate()
-        .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0))
-        .collect();
-    if let Some(penalties) = penalties.as_deref() {
-        penalties.apply(&mut candidates);
-    }
-    let best = candidates
-        .iter()
-        .max_by(|a, b| a.logit().total_cmp(&b.logit()))
-        .map(LlamaTokenData::id)?;
-    if let Some(penalties) = penalties {
-        penalties.accept(best);
-    }
+    let Some(penalties) = penalties else {
+        return logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(id, _)| LlamaToken(id as i32));
+    };
+    let best = penalties.greedy(logits)?;
+    penalties.accept(best);
     Some(best)
 }
 

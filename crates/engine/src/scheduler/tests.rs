@@ -413,54 +413,57 @@ fn tokens(range: std::ops::Range<i32>) -> Vec<i32> {
     range.collect()
 }
 
+/// Asks for one token after `prompt` in a tick of its own (the fake's
+/// operations cleared first, so they are this request's); its usage.
+fn ask_one(s: &mut Scheduler<Fake>, prompt: &[i32], arrival: u64) -> crate::Usage {
+    let (seq, mut client) = request(prompt, 1, arrival);
+    s.waiting.push_back(seq);
+    s.decoder.ops.clear();
+    s.tick();
+    client.received().done.unwrap().1
+}
+
 #[test]
 fn a_sliding_window_prefix_is_reused_only_where_its_window_is_whole() {
     let mut s = with_host_cache(1, 64, 1000, 1 << 20);
     s.decoder.window = Some(8);
-    let ask = |s: &mut Scheduler<Fake>, prompt: &[i32], arrival| {
-        let (x, mut cx) = request(prompt, 1, arrival);
-        s.waiting.push_back(x);
-        s.decoder.ops.clear();
-        s.tick();
-        cx.received().done.unwrap().1
-    };
     // The slot holds 50 positions, of which the window keeps the last 8.
     let a = tokens(100..150);
-    ask(&mut s, &a, 0);
+    ask_one(&mut s, &a, 0);
     // A prompt that shares 40 of them: cut back there, the window before
     // position 40 is gone, so the prompt is computed afresh (a fake decode
     // without its window fails the test).
     let mut b = a[..40].to_vec();
     b.extend([7, 8, 9]);
-    let usage = ask(&mut s, &b, 1);
+    let usage = ask_one(&mut s, &b, 1);
     assert_eq!((usage.prompt_tokens, usage.cached_tokens), (43, 0));
     // One that continues all the slot holds keeps all of it.
     let mut c = b.clone();
     c.extend([5, 6]);
-    let usage = ask(&mut s, &c, 2);
+    let usage = ask_one(&mut s, &c, 2);
     assert_eq!((usage.prompt_tokens, usage.cached_tokens), (45, 43));
     // The same prompt again: cut back by its last token only, whose window
     // is still there.
-    let usage = ask(&mut s, &c, 3);
+    let usage = ask_one(&mut s, &c, 3);
     assert_eq!((usage.prompt_tokens, usage.cached_tokens), (45, 44));
 
     // From host memory: the copy holds the last window only, so a prompt that
     // shares part of it is computed afresh too (and counts no hit).
-    ask(&mut s, &tokens(200..250), 4);
+    ask_one(&mut s, &tokens(200..250), 4);
     assert!(
         s.decoder.ops.contains(&KvOp::Save { seq: 0, n: 45 }),
         "{:?}",
         s.decoder.ops
     );
-    let usage = ask(&mut s, &b, 5);
+    let usage = ask_one(&mut s, &b, 5);
     assert!(s.decoder.ops.contains(&KvOp::Load { seq: 0, n: 45 }));
     assert_eq!(usage.cached_tokens, 0);
     assert_eq!(s.stats.host_hits.load(Ordering::Relaxed), 0);
     // While a prompt that continues it all reuses it.
-    ask(&mut s, &tokens(300..350), 6);
+    ask_one(&mut s, &tokens(300..350), 6);
     let mut d = c.clone();
     d.push(4);
-    let usage = ask(&mut s, &d, 7);
+    let usage = ask_one(&mut s, &d, 7);
     assert_eq!(usage.cached_tokens, 45);
     assert_eq!(s.stats.host_hits.load(Ordering::Relaxed), 1);
 }
@@ -469,20 +472,14 @@ fn a_sliding_window_prefix_is_reused_only_where_its_window_is_whole() {
 fn a_slot_making_way_for_a_saved_prefix_does_not_push_it_out_of_host_memory() {
     // Room in host memory for one 40-token prefix (4 bytes a token), not two.
     let mut s = with_host_cache(1, 64, 1000, 240);
-    let ask = |s: &mut Scheduler<Fake>, prompt: &[i32], arrival| {
-        let (x, mut cx) = request(prompt, 1, arrival);
-        s.waiting.push_back(x);
-        s.tick();
-        cx.received().done.unwrap().1
-    };
     let a = tokens(100..140);
-    ask(&mut s, &a, 0);
-    ask(&mut s, &tokens(200..240), 1);
+    ask_one(&mut s, &a, 0);
+    ask_one(&mut s, &tokens(200..240), 1);
     // a returns: the slot's own prefix cannot be kept beside a's, so it is
     // not, and a's is loaded.
     let mut follow_up = a.clone();
     follow_up.extend([7, 8]);
-    let usage = ask(&mut s, &follow_up, 2);
+    let usage = ask_one(&mut s, &follow_up, 2);
     assert_eq!(usage.cached_tokens, 40);
     assert_eq!(s.stats.host_hits.load(Ordering::Relaxed), 1);
 }
@@ -491,16 +488,9 @@ fn a_slot_making_way_for_a_saved_prefix_does_not_push_it_out_of_host_memory() {
 fn a_prefix_overwritten_in_its_slot_returns_from_host_memory() {
     let mut s = with_host_cache(1, 64, 1000, 1 << 20);
     let a = tokens(100..140);
-    let (x, mut cx) = request(&a, 1, 0);
-    s.waiting.push_back(x);
-    s.tick();
-    cx.received().done.unwrap();
+    ask_one(&mut s, &a, 0);
     // Another conversation takes the only slot: a's 40 tokens are saved first.
-    let (y, mut cy) = request(&tokens(200..240), 1, 1);
-    s.waiting.push_back(y);
-    s.decoder.ops.clear();
-    s.tick();
-    cy.received().done.unwrap();
+    ask_one(&mut s, &tokens(200..240), 1);
     assert_eq!(
         s.decoder.ops,
         [
@@ -562,11 +552,7 @@ fn a_prefix_larger_than_the_host_budget_is_not_copied() {
     // dropped as before, without a copy made only to be thrown away.
     let mut s = with_host_cache(1, 64, 1000, 100);
     for (arrival, range) in [(0, 100..140), (1, 200..240)] {
-        let (seq, mut client) = request(&tokens(range), 1, arrival);
-        s.waiting.push_back(seq);
-        s.decoder.ops.clear();
-        s.tick();
-        client.received().done.unwrap();
+        ask_one(&mut s, &tokens(range), arrival);
     }
     assert_eq!(
         s.decoder.ops,
