@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Every test: formatting and lints, the Rust unit and integration tests (release
-# build, real models from ../shared/models), 20 seconds of libFuzzer on each
+# build, real models from ../shared/models; the Qdrant tests' stand-in server
+# runs on the suite's Python), 20 seconds of libFuzzer on each
 # parser of untrusted bytes (scripts/fuzz_parsers.sh), then the openai-python
 # compatibility suite against the real binary (with a one-minute soak and the
 # fault tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# (Re)install the suite's tools when the venv is new or the pins changed.
+if ! cmp -s tests/compat/requirements.txt .venv/requirements.installed; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check -r tests/compat/requirements.txt
+    cp tests/compat/requirements.txt .venv/requirements.installed
+fi
 
 cargo fmt --all --check
 # Lints in release, so they share the build's compiled dependencies (llama.cpp).
@@ -15,12 +23,6 @@ cargo test --release --locked
 (cd fuzz && cargo fmt --check)
 scripts/fuzz_parsers.sh "${LLMSERVICE_FUZZ_SECONDS_EACH:-20}"
 
-# (Re)install the suite's tools when the venv is new or the pins changed.
-if ! cmp -s tests/compat/requirements.txt .venv/requirements.installed; then
-    python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check -r tests/compat/requirements.txt
-    cp tests/compat/requirements.txt .venv/requirements.installed
-fi
 .venv/bin/pytest -q tests/compat
 # The chat, streaming, tools and embeddings cases again, through a second
 # llmservice whose tiers are served by the first ({TIER}_BACKEND=openai): every

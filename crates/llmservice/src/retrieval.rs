@@ -89,6 +89,14 @@ impl Encoder for EngineEncoder {
         self.engine.tokenize(text, false, false).len()
     }
 
+    fn token_ids(&self, text: &str) -> Vec<u32> {
+        self.engine
+            .tokenize(text, false, false)
+            .into_iter()
+            .filter_map(|t| u32::try_from(t).ok())
+            .collect()
+    }
+
     fn encode<'a>(
         &'a self,
         texts: &'a [String],
@@ -198,5 +206,18 @@ impl Reranker for EngineReranker {
                 })
                 .collect())
         })
+    }
+}
+
+/// Every collection with its counts, for metrics and the dashboard; gives up
+/// after a few seconds (a Qdrant server that does not answer must not stall
+/// them).
+pub async fn collection_stats(
+    library: &rag::Library,
+) -> Result<Vec<(rag::CollectionMeta, rag::CollectionStats)>, String> {
+    match tokio::time::timeout(std::time::Duration::from_secs(3), library.collections()).await {
+        Ok(Ok(all)) => Ok(all),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("{} did not answer within 3 s", library.location())),
     }
 }

@@ -185,7 +185,7 @@ impl Metrics {
         &self,
         models: &ModelRegistry,
         cache: &ResponseCache,
-        rag: Option<&rag::Library>,
+        collections: &[(rag::CollectionMeta, rag::CollectionStats)],
     ) -> String {
         self.queue.reset();
         self.speculation.reset();
@@ -242,17 +242,17 @@ impl Metrics {
             self.cache.with_label_values(&[stat]).set(value as i64);
         }
         self.rag.reset();
-        for collection in rag.map(rag::Library::all).unwrap_or_default() {
-            let Ok(stats) = collection.stats() else {
-                continue;
-            };
-            let name = &collection.meta().name;
+        for (meta, stats) in collections {
             for (stat, value) in [
-                ("documents", stats.documents),
-                ("chunks", stats.chunks),
+                ("documents", Some(stats.documents)),
+                ("chunks", Some(stats.chunks)),
                 ("bytes", stats.bytes),
             ] {
-                self.rag.with_label_values(&[name, stat]).set(value as i64);
+                if let Some(value) = value {
+                    self.rag
+                        .with_label_values(&[&meta.name, stat])
+                        .set(value as i64);
+                }
             }
         }
         let mut out = Vec::new();

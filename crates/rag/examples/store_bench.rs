@@ -69,6 +69,12 @@ impl Encoder for Synthetic {
         text.split_whitespace().count()
     }
 
+    fn token_ids(&self, text: &str) -> Vec<u32> {
+        text.split_whitespace()
+            .map(|w| w.trim_start_matches('w').parse().unwrap_or(0))
+            .collect()
+    }
+
     fn encode<'a>(
         &'a self,
         texts: &'a [String],

@@ -81,6 +81,9 @@ mod tests {
         fn count_tokens(&self, text: &str) -> usize {
             text.split_whitespace().count()
         }
+        fn token_ids(&self, _: &str) -> Vec<u32> {
+            unreachable!("chunking counts tokens only")
+        }
         fn encode<'a>(
             &'a self,
             _: &'a [String],

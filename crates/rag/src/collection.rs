@@ -126,8 +126,8 @@ impl CollectionMeta {
 pub struct CollectionStats {
     pub documents: u64,
     pub chunks: u64,
-    /// Bytes on disk (the file and its WAL).
-    pub bytes: u64,
+    /// Bytes on disk (the file and its WAL); not known for a Qdrant server.
+    pub bytes: Option<u64>,
 }
 
 /// A document as listings show it.
@@ -161,6 +161,8 @@ pub(crate) struct Prepared {
     pub id: String,
     pub chunks: Vec<String>,
     pub encoded: Vec<Encoded>,
+    /// Each chunk's token ids, where the store keeps BM25 over them.
+    pub tokens: Vec<Vec<u32>>,
     pub metadata: Map<String, Value>,
 }
 
@@ -521,7 +523,7 @@ impl Collection {
         Ok(CollectionStats {
             documents: count("SELECT count(*) FROM documents")?,
             chunks: count("SELECT count(*) FROM chunks")?,
-            bytes,
+            bytes: Some(bytes),
         })
     }
 
@@ -868,6 +870,7 @@ mod tests {
                     ..Encoded::default()
                 })
                 .collect(),
+            tokens: Vec::new(),
             metadata: Map::new(),
         }
     }

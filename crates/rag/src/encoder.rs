@@ -47,6 +47,9 @@ pub trait Encoder: Send + Sync {
     fn info(&self) -> &EncoderInfo;
     /// The text's length in the model's tokens, special tokens excluded.
     fn count_tokens(&self, text: &str) -> usize;
+    /// The text's token ids, special tokens excluded (BM25's terms on a
+    /// Qdrant server).
+    fn token_ids(&self, text: &str) -> Vec<u32>;
     /// Embeddings of every text, in order. Implementations batch them (one
     /// call may carry many chunks) and cut texts over the model's limit.
     fn encode<'a>(

@@ -23,6 +23,9 @@ pub enum RagError {
     /// The store failed (500): the message is logged, not sent.
     #[error("vector store: {0}")]
     Store(String),
+    /// The store cannot be reached (503): a Qdrant server that is down.
+    #[error("vector store: {0}")]
+    Unavailable(String),
     /// The store's disk is full (507); the write was rolled back whole.
     #[error("vector store: {0}")]
     Full(String),

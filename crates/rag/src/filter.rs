@@ -16,8 +16,9 @@ const MAX_VALUES: usize = 1_000;
 /// A checked metadata filter.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Filter {
-    /// Field name and the values it may have (one for equality).
-    fields: Vec<(String, Vec<SqlValue>)>,
+    /// Field name and the values it may have (one for equality): strings,
+    /// integers or booleans.
+    fields: Vec<(String, Vec<Value>)>,
 }
 
 impl Filter {
@@ -49,11 +50,11 @@ impl Filter {
             }
             let values = match value {
                 Value::Array(items) if !items.is_empty() => {
-                    let values: Option<Vec<SqlValue>> = items.iter().map(scalar).collect();
+                    let scalars = items.iter().all(|v| scalar(v).is_some());
                     let same_kind = items.windows(2).all(|w| kind(&w[0]) == kind(&w[1]));
-                    values.filter(|_| same_kind)
+                    (scalars && same_kind).then(|| items.clone())
                 }
-                other => scalar(other).map(|v| vec![v]),
+                other => scalar(other).map(|_| vec![other.clone()]),
             };
             let Some(values) = values else {
                 return Err(RagError::invalid(
@@ -69,6 +70,11 @@ impl Filter {
         Ok((!fields.is_empty()).then_some(Filter { fields }))
     }
 
+    /// Each field's name and the values it may have.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&str, &[Value])> {
+        self.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
     /// The SQL condition on `column` (the documents' JSON metadata), and the
     /// parameters it binds, in order.
     pub(crate) fn sql(&self, column: &str) -> (String, Vec<SqlValue>) {
@@ -78,7 +84,7 @@ impl Filter {
             params.push(SqlValue::Text(format!("$.\"{key}\"")));
             let marks = vec!["?"; values.len()].join(", ");
             conditions.push(format!("json_extract({column}, ?) IN ({marks})"));
-            params.extend(values.iter().cloned());
+            params.extend(values.iter().filter_map(scalar));
         }
         (conditions.join(" AND "), params)
     }

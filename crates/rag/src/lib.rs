@@ -5,7 +5,8 @@
 //! index in memory). A search fuses dense and sparse (BM25 or learned lexical
 //! weights) retrieval by reciprocal rank fusion, may rescore with ColBERT
 //! vectors and a [`Reranker`], and [`prompt`] turns the hits into numbered
-//! sources the model is asked to cite. [`extract`] turns uploaded files
+//! sources the model is asked to cite. Collections live in the embedded
+//! store or on a Qdrant server ([`Storage`]). [`extract`] turns uploaded files
 //! (text, Markdown, HTML, PDF) into text to ingest.
 
 pub mod chunk;
@@ -16,8 +17,11 @@ mod error;
 pub mod extract;
 mod filter;
 mod library;
+mod local;
 pub mod prompt;
+mod qdrant;
 mod search;
+mod store;
 mod terms;
 
 pub use collection::{
@@ -27,6 +31,7 @@ pub use encoder::{BoxFuture, Encoded, Encoder, EncoderInfo, Reranker, Want};
 pub use error::RagError;
 pub use filter::Filter;
 pub use library::{Library, Storage};
+pub use qdrant::QdrantConfig;
 pub use search::{Hit, Mode, SearchOptions};
 
 /// A document to ingest: its text, metadata and id (generated when absent).

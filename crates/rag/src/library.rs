@@ -1,20 +1,18 @@
-//! The collections under one directory, and the async operations the server
-//! calls: ingest (chunk, embed in shared batches, write), search (embed the
-//! query, retrieve, rerank, threshold) and the collection listing. Store
-//! calls run on tokio's blocking pool; a panic inside the store there becomes
-//! a [`RagError::Store`], never a crashed server.
+//! The async operations the server calls, over either store (see
+//! [`crate::store`]): ingest (chunk, embed in shared batches, write), search
+//! (embed the query, retrieve, rerank, threshold), the listings and deletes.
 
-use std::collections::BTreeMap;
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 
 use crate::chunk::{self, ChunkSize};
 use crate::collection::Prepared;
+use crate::local::LocalStore;
+use crate::qdrant::{QdrantConfig, QdrantStore};
 use crate::search::{above_threshold, candidates, relevance};
+use crate::store::{PageRequest, PointQuery, Store, StoredDocument};
 use crate::{
-    Collection, CollectionMeta, CollectionStats, Encoder, Hit, Ingested, NewDocument, Progress,
-    RagError, Reranker, SearchOptions, Want,
+    CollectionMeta, CollectionStats, DocumentPage, Encoder, Filter, Hit, Ingested, NewDocument,
+    Progress, RagError, Reranker, SearchOptions, Want,
 };
 
 /// Chunks embedded per encoder call (a group of whole documents reaching at
@@ -25,95 +23,54 @@ const ENCODE_GROUP: usize = 64;
 /// Where collections live.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Storage {
-    /// On disk under this directory, surviving restarts.
+    /// Embedded, on disk under this directory, surviving restarts.
     Disk(PathBuf),
-    /// In a temporary directory removed at exit (`QDRANT_USE_MEMORY=true`).
+    /// Embedded, in a temporary directory removed at exit (`QDRANT_USE_MEMORY=true`).
     Memory,
+    /// A Qdrant server (`QDRANT_URL`, or `QDRANT_HOST` / `QDRANT_PORT`).
+    Qdrant(QdrantConfig),
 }
 
 pub struct Library {
-    root: PathBuf,
-    /// Keeps a memory library's directory until the library goes.
-    _temp: Option<tempfile::TempDir>,
-    collections: Mutex<BTreeMap<String, Arc<Collection>>>,
-    /// Collections whose files are there but would not open: never created
-    /// over, never deleted (an operator looks at them first).
-    broken: Mutex<BTreeMap<String, String>>,
-    /// Creations take turns, so two first ingests cannot both make the file.
-    creating: tokio::sync::Mutex<()>,
+    store: Box<dyn Store>,
 }
 
 impl Library {
-    /// Opens every collection under the storage's directory. A collection
-    /// that cannot open is logged and left on disk, untouched.
+    /// Opens the store: every embedded collection under its directory, or a
+    /// client of the Qdrant server (which is not reached until it is used).
     pub fn open(storage: &Storage) -> Result<Self, RagError> {
-        let (root, temp) = match storage {
-            Storage::Disk(dir) => (dir.clone(), None),
-            Storage::Memory => {
-                let temp = tempfile::Builder::new()
-                    .prefix("llmservice-rag-")
-                    .tempdir()
-                    .map_err(RagError::store)?;
-                (temp.path().to_owned(), Some(temp))
-            }
+        let store: Box<dyn Store> = match storage {
+            Storage::Disk(dir) => Box::new(LocalStore::open(Some(dir))?),
+            Storage::Memory => Box::new(LocalStore::open(None)?),
+            Storage::Qdrant(config) => Box::new(QdrantStore::new(config)?),
         };
-        fs::create_dir_all(&root).map_err(RagError::store)?;
-        let mut collections = BTreeMap::new();
-        let mut broken = BTreeMap::new();
-        for entry in fs::read_dir(&root).map_err(RagError::store)?.flatten() {
-            let path = entry.path();
-            let Some(name) = collection_of(&path) else {
-                continue;
-            };
-            match Collection::open(&path) {
-                Ok(Some(collection)) => {
-                    collections.insert(name, Arc::new(collection));
-                }
-                Ok(None) => {
-                    // Its creation never committed: nothing was ingested into it.
-                    tracing::warn!(file = %path.display(), "removing an unfinished collection");
-                    remove_files(&path);
-                }
-                Err(error) => {
-                    tracing::error!(file = %path.display(), %error, "a collection could not be opened; it is left as it is");
-                    broken.insert(name, error.to_string());
-                }
-            }
-        }
-        Ok(Self {
-            root,
-            _temp: temp,
-            collections: Mutex::new(collections),
-            broken: Mutex::new(broken),
-            creating: tokio::sync::Mutex::new(()),
-        })
+        Ok(Self { store })
     }
 
-    /// Refuses names that cannot be collections (they are directory names).
+    /// Where the collections are, for logs.
+    pub fn location(&self) -> String {
+        self.store.location()
+    }
+
+    /// Refuses names that cannot be collections: letters, digits, `_` and
+    /// `-` (embedded collections are file names; Qdrant's take the same).
     pub fn check_collection_name(name: &str) -> Result<(), RagError> {
-        check_name(name)
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Collection>>> {
-        self.collections.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Every open collection.
-    pub fn all(&self) -> Vec<Arc<Collection>> {
-        self.map().values().cloned().collect()
-    }
-
-    pub fn get(&self, name: &str) -> Option<Arc<Collection>> {
-        self.map().get(name).cloned()
-    }
-
-    /// The collection, or a 404 naming it.
-    pub fn existing(&self, name: &str) -> Result<Arc<Collection>, RagError> {
-        self.get(name).ok_or_else(|| Self::not_found(name))
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if ok {
+            Ok(())
+        } else {
+            Err(RagError::invalid(
+                "collection",
+                format!(
+                    "collection names have 1 to 64 letters, digits, '_' or '-': {:?} does not",
+                    name.chars().take(80).collect::<String>()
+                ),
+            ))
+        }
     }
 
     /// The error for a collection that does not exist.
@@ -121,87 +78,84 @@ impl Library {
         RagError::NotFound(format!("collection {name:?} does not exist"))
     }
 
-    /// A store error if the collection's file is there but would not open.
-    fn check_not_broken(&self, name: &str) -> Result<(), RagError> {
-        let broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
-        match broken.get(name) {
-            Some(reason) => Err(RagError::Store(format!(
-                "collection {name:?} is on disk but could not be opened ({reason}); it is left untouched"
-            ))),
-            None => Ok(()),
-        }
+    /// Collection `name`'s record; `None` if there is none.
+    pub async fn meta(&self, name: &str) -> Result<Option<CollectionMeta>, RagError> {
+        Self::check_collection_name(name)?;
+        self.store.meta(name).await
+    }
+
+    /// Collection `name`'s record, or a 404 naming it.
+    async fn existing(&self, name: &str) -> Result<CollectionMeta, RagError> {
+        self.meta(name).await?.ok_or_else(|| Self::not_found(name))
     }
 
     /// Every collection with its counts.
     pub async fn collections(&self) -> Result<Vec<(CollectionMeta, CollectionStats)>, RagError> {
-        let all = self.all();
-        blocking(move || {
-            all.iter()
-                .map(|c| Ok((c.meta().clone(), c.stats()?)))
-                .collect()
-        })
-        .await
+        self.store.collections().await
     }
 
-    /// Removes a collection and its files; `false` if there was none.
+    /// Removes a collection and its documents; `false` if there was none.
     pub async fn delete_collection(&self, name: &str) -> Result<bool, RagError> {
-        check_name(name)?;
-        self.check_not_broken(name)?;
-        let Some(collection) = self.map().remove(name) else {
-            return Ok(false);
+        Self::check_collection_name(name)?;
+        self.store.delete_collection(name).await
+    }
+
+    /// A page of collection `name`'s documents.
+    pub async fn documents(
+        &self,
+        name: &str,
+        filter: Option<Filter>,
+        limit: usize,
+        offset: Option<String>,
+    ) -> Result<DocumentPage, RagError> {
+        Self::check_collection_name(name)?;
+        let page = PageRequest {
+            filter,
+            limit,
+            offset,
         };
-        let path = collection.path().to_owned();
-        // Requests still using it keep their handle; the files go now.
-        blocking(move || {
-            drop(collection);
-            remove_files(&path);
-            Ok(())
-        })
-        .await?;
-        Ok(true)
+        self.store.documents(name, page).await
+    }
+
+    /// A document's metadata and chunks; `None` if there is none.
+    pub async fn document(&self, name: &str, id: &str) -> Result<Option<StoredDocument>, RagError> {
+        Self::check_collection_name(name)?;
+        self.store.document(name, id).await
+    }
+
+    /// Deletes a document; `false` if there was none.
+    pub async fn delete_document(&self, name: &str, id: &str) -> Result<bool, RagError> {
+        Self::check_collection_name(name)?;
+        self.store.delete_document(name, id).await
     }
 
     /// Refuses an ingest into `name` before any work is done: a bad name, a
     /// collection on disk that would not open, or one whose vectors came
     /// from another model.
-    pub fn check_ingest(&self, name: &str, encoder: &dyn Encoder) -> Result<(), RagError> {
-        check_name(name)?;
-        match self.get(name) {
-            Some(existing) => existing.meta().check_encoder(encoder.info()),
-            None => self.check_not_broken(name),
+    pub async fn check_ingest(&self, name: &str, encoder: &dyn Encoder) -> Result<(), RagError> {
+        match self.meta(name).await? {
+            Some(existing) => existing.check_encoder(encoder.info()),
+            None => Ok(()),
         }
     }
 
-    /// The collection for vectors from `encoder`, created on first use.
+    /// The record of collection `name` for vectors from `encoder`, created
+    /// on first use.
     async fn for_ingest(
         &self,
         name: &str,
         encoder: &dyn Encoder,
         chunk: ChunkSize,
-    ) -> Result<Arc<Collection>, RagError> {
-        check_name(name)?;
-        if let Some(existing) = self.get(name) {
-            existing.meta().check_encoder(encoder.info())?;
-            return Ok(existing);
-        }
-        self.check_not_broken(name)?;
-        let _turn = self.creating.lock().await;
-        // Another first ingest may have made it while this one waited.
-        if let Some(existing) = self.get(name) {
-            existing.meta().check_encoder(encoder.info())?;
-            return Ok(existing);
-        }
-        let meta = CollectionMeta::new(name, encoder.info(), chunk);
-        let path = self.root.join(format!("{name}.sqlite"));
-        let created = blocking(move || {
-            // Only what a creation that never committed left: a collection
-            // that exists is in the map, a broken one was refused above.
-            remove_files(&path);
-            Collection::create(&path, meta).map(Arc::new)
-        });
-        let collection = created.await?;
-        self.map().insert(name.to_owned(), collection.clone());
-        Ok(collection)
+    ) -> Result<CollectionMeta, RagError> {
+        let meta = match self.meta(name).await? {
+            Some(existing) => existing,
+            None => {
+                let meta = CollectionMeta::new(name, encoder.info(), chunk);
+                self.store.create(meta).await?
+            }
+        };
+        meta.check_encoder(encoder.info())?;
+        Ok(meta)
     }
 
     /// Chunks, embeds and writes documents into collection `name` (created on
@@ -216,11 +170,11 @@ impl Library {
         chunk_size: ChunkSize,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<Vec<Ingested>, RagError> {
-        let collection = self.for_ingest(name, encoder, chunk_size).await?;
-        let size = collection.meta().chunk;
+        let meta = self.for_ingest(name, encoder, chunk_size).await?;
+        let size = meta.chunk;
         let want = Want {
-            sparse: collection.meta().sparse == crate::Sparse::Model,
-            colbert: collection.meta().colbert,
+            sparse: meta.sparse == crate::Sparse::Model,
+            colbert: meta.colbert,
         };
         // Every document is chunked first (so a bad one fails the request
         // before anything is written); then groups of documents are embedded
@@ -240,6 +194,7 @@ impl Library {
                     .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 chunks,
                 encoded: Vec::new(),
+                tokens: Vec::new(),
                 metadata: document.metadata,
             });
         }
@@ -270,26 +225,31 @@ impl Library {
                 ));
             }
             let mut encoded = encoded.into_iter();
+            let token_ids = meta.sparse == crate::Sparse::Bm25 && self.store.bm25_over_token_ids();
             for document in &mut group {
                 document.encoded = encoded.by_ref().take(document.chunks.len()).collect();
+                if token_ids {
+                    document.tokens = document
+                        .chunks
+                        .iter()
+                        .map(|c| encoder.token_ids(c))
+                        .collect();
+                }
             }
-            let target = collection.clone();
+            let counts: Vec<(String, usize)> = group
+                .iter()
+                .map(|d| (d.id.clone(), d.chunks.len()))
+                .collect();
+            let replaced = self.store.write(&meta, group).await?;
             ingested.extend(
-                blocking(move || {
-                    group
-                        .into_iter()
-                        .map(|document| {
-                            let (id, chunks) = (document.id.clone(), document.chunks.len());
-                            let replaced = target.write_document(document)?;
-                            Ok(Ingested {
-                                id,
-                                chunks,
-                                replaced,
-                            })
-                        })
-                        .collect::<Result<Vec<_>, RagError>>()
-                })
-                .await?,
+                counts
+                    .into_iter()
+                    .zip(replaced)
+                    .map(|((id, chunks), replaced)| Ingested {
+                        id,
+                        chunks,
+                        replaced,
+                    }),
             );
             done.documents = ingested.len();
             done.chunks = ingested.iter().map(|d| d.chunks).sum();
@@ -307,14 +267,14 @@ impl Library {
         query: &str,
         options: &SearchOptions,
     ) -> Result<Vec<Hit>, RagError> {
-        let collection = self.existing(name)?;
-        collection.meta().check_encoder(encoder.info())?;
+        let meta = self.existing(name).await?;
+        meta.check_encoder(encoder.info())?;
         if query.trim().is_empty() {
             return Err(RagError::invalid("query", "query is empty"));
         }
         let want = Want {
-            sparse: collection.meta().sparse == crate::Sparse::Model,
-            colbert: collection.meta().colbert && options.mode == crate::Mode::Hybrid,
+            sparse: meta.sparse == crate::Sparse::Model,
+            colbert: meta.colbert && options.mode == crate::Mode::Hybrid,
         };
         // BM25 alone needs no embedding of the query.
         let bm25_only = options.mode == crate::Mode::Sparse && !want.sparse;
@@ -328,12 +288,19 @@ impl Library {
                 .pop()
                 .ok_or_else(|| RagError::store("the encoder returned no embedding"))?
         };
-        let limit = candidates(options);
-        let (text, mode, filter) = (query.to_owned(), options.mode, options.filter.clone());
-        let mut hits = blocking(move || {
-            collection.search_points(&text, &encoded, mode, filter.as_ref(), limit)
-        })
-        .await?;
+        let query_points = PointQuery {
+            text: query.to_owned(),
+            encoded,
+            mode: options.mode,
+            filter: options.filter.clone(),
+            limit: candidates(options),
+            tokens: if meta.sparse == crate::Sparse::Bm25 && self.store.bm25_over_token_ids() {
+                encoder.token_ids(query)
+            } else {
+                Vec::new()
+            },
+        };
+        let mut hits = self.store.search(&meta, query_points).await?;
         if let Some(reranker) = reranker.filter(|_| options.rerank && !hits.is_empty()) {
             let texts: Vec<String> = hits.iter().map(|h| h.text.clone()).collect();
             let scores = reranker.scores(query, &texts).await?;
@@ -349,51 +316,5 @@ impl Library {
         above_threshold(&mut hits, &options);
         hits.truncate(options.top_k);
         Ok(hits)
-    }
-}
-
-/// The collection a file holds, by its name (`<name>.sqlite`).
-fn collection_of(path: &Path) -> Option<String> {
-    let name = path.file_name()?.to_str()?.strip_suffix(".sqlite")?;
-    check_name(name).ok()?;
-    path.is_file().then(|| name.to_owned())
-}
-
-/// Removes a collection's file and SQLite's companions (`-wal`, `-shm`).
-fn remove_files(path: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        let _ = fs::remove_file(name);
-    }
-}
-
-/// Runs store work on the blocking pool; a panic there is a store error.
-pub(crate) async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, RagError> + Send + 'static,
-) -> Result<T, RagError> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(error) => Err(RagError::Store(format!("the vector store failed: {error}"))),
-    }
-}
-
-/// Collection names are directory names: letters, digits, `_` and `-`.
-pub(crate) fn check_name(name: &str) -> Result<(), RagError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(RagError::invalid(
-            "collection",
-            format!(
-                "collection names have 1 to 64 letters, digits, '_' or '-': {:?} does not",
-                name.chars().take(80).collect::<String>()
-            ),
-        ))
     }
 }

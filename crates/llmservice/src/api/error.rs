@@ -337,6 +337,18 @@ impl From<rag::RagError> for ApiError {
                 Self::internal("the document store failed; the server log has the cause")
                     .with_code("store_failed")
             }
+            rag::RagError::Unavailable(message) => {
+                tracing::error!(%message, "document store");
+                Self {
+                    code: Some("store_unavailable"),
+                    ..Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "the document store (a Qdrant server) cannot be reached now; try again \
+                         later (the server log has the cause)",
+                    )
+                }
+            }
             rag::RagError::Full(message) => {
                 tracing::error!(%message, "document store");
                 Self {

@@ -73,10 +73,72 @@ pub struct Settings {
     pub warnings: Vec<String>,
 }
 
+/// The Qdrant server collections live on, if any: `QDRANT_URL`, or (seed
+/// 003's way) `QDRANT_HOST` and `QDRANT_PORT` with `QDRANT_USE_MEMORY=false`
+/// and a host other than this machine; with `QDRANT_API_KEY` and
+/// `QDRANT_TIMEOUT` (seconds, 60).
+fn qdrant_server(
+    env: &dyn Env,
+    warnings: &mut Vec<String>,
+) -> Result<Option<rag::QdrantConfig>, ConfigError> {
+    let memory = parse_bool(env, "QDRANT_USE_MEMORY")?;
+    let url = match (env.get("QDRANT_URL"), env.get("QDRANT_HOST")) {
+        (Some(url), _) => {
+            if memory == Some(true) {
+                warnings.push(
+                    "QDRANT_URL is set, so collections are kept on that Qdrant server and \
+                     QDRANT_USE_MEMORY=true is not applied"
+                        .to_owned(),
+                );
+            }
+            url
+        }
+        (None, Some(host)) => {
+            let host = host.trim();
+            let local = matches!(host, "localhost" | "127.0.0.1" | "::1" | "");
+            if local || memory != Some(false) {
+                if !local {
+                    warnings.push(format!(
+                        "QDRANT_HOST={host} is not used: as in seed 003, collections stay in \
+                         this server's own store unless QDRANT_USE_MEMORY=false"
+                    ));
+                }
+                return Ok(None);
+            }
+            let port = env.get("QDRANT_PORT").unwrap_or_else(|| "6333".into());
+            format!("http://{host}:{}", port.trim())
+        }
+        (None, None) => return Ok(None),
+    };
+    let url = url.trim();
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    let parsed = reqwest::Url::parse(&url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    if parsed.is_none() {
+        return Err(ConfigError::new(
+            "QDRANT_URL",
+            &url,
+            "give the Qdrant server's REST address, e.g. http://qdrant:6333",
+        ));
+    }
+    let timeout = parse_positive(env, "QDRANT_TIMEOUT", "seconds")?.unwrap_or(60);
+    Ok(Some(rag::QdrantConfig {
+        url,
+        api_key: env.get("QDRANT_API_KEY").filter(|k| !k.is_empty()),
+        timeout: Duration::from_secs(timeout),
+    }))
+}
+
 /// Retrieval's settings (seed 003's names where it had them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RagSettings {
-    /// Under `<data dir>/rag`, or a temporary directory with `QDRANT_USE_MEMORY=true`.
+    /// Under `<data dir>/rag`, a temporary directory with
+    /// `QDRANT_USE_MEMORY=true`, or a Qdrant server.
     pub storage: rag::Storage,
     /// The embedding model: `RAG_EMBEDDING_MODEL` (must resolve), else
     /// `EMBEDDING_MODEL_NAME` when it names a model we serve, else the
@@ -104,35 +166,19 @@ pub struct RagSettings {
 }
 
 impl RagSettings {
-    fn from_env(env: &dyn Env, data_dir: &std::path::Path) -> Result<Self, ConfigError> {
-        let remote = env.get("QDRANT_URL").or_else(|| {
-            let host = env.get("QDRANT_HOST")?;
-            let local = matches!(host.trim(), "localhost" | "127.0.0.1" | "::1");
-            let memory = parse_bool(env, "QDRANT_USE_MEMORY").ok().flatten() == Some(true);
-            (!local && !memory).then(|| {
-                format!(
-                    "{host}:{}",
-                    env.get("QDRANT_PORT").unwrap_or_else(|| "6333".into())
-                )
-            })
-        });
-        if let Some(remote) = remote {
-            return Err(ConfigError::new(
-                "QDRANT_URL",
-                &remote,
-                "this build keeps collections in its embedded Qdrant store (qdrant-edge) and \
-                 does not connect to a Qdrant server yet; unset QDRANT_URL / QDRANT_HOST \
-                 (or set QDRANT_USE_MEMORY=true) to use it",
-            ));
-        }
-        let storage = if parse_bool(env, "QDRANT_USE_MEMORY")?.unwrap_or(false) {
-            rag::Storage::Memory
-        } else {
-            rag::Storage::Disk(
+    fn from_env(
+        env: &dyn Env,
+        data_dir: &std::path::Path,
+        warnings: &mut Vec<String>,
+    ) -> Result<Self, ConfigError> {
+        let storage = match qdrant_server(env, warnings)? {
+            Some(config) => rag::Storage::Qdrant(config),
+            None if parse_bool(env, "QDRANT_USE_MEMORY")?.unwrap_or(false) => rag::Storage::Memory,
+            None => rag::Storage::Disk(
                 env.get("RAG_DIR")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| data_dir.join("rag")),
-            )
+            ),
         };
         let score_threshold = parse::<f32>(env, &["RAG_SCORE_THRESHOLD"])?.unwrap_or(0.7);
         if !(-1.0..=1.0).contains(&score_threshold) {
@@ -371,7 +417,7 @@ impl Settings {
                     * parse_positive(env, "ANALYTICS_RETENTION_DAYS", "days of charts kept")?
                         .unwrap_or(7),
             ),
-            rag: RagSettings::from_env(env, &data_dir)?,
+            rag: RagSettings::from_env(env, &data_dir, &mut warnings)?,
             keys,
             cors_allow_origins,
             host: args

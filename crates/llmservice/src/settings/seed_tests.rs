@@ -237,3 +237,44 @@ LLM_SERVICE_API_KEY=sk-team
     assert_eq!(s.models_dir, PathBuf::from("/srv/models"));
     assert_eq!(s.keys.keys, ["sk-team"]);
 }
+
+#[test]
+fn seed_003_docker_deployment_keeps_collections_on_its_qdrant_server() {
+    // Seed 003's block as its Docker deployment sets it ("false for Docker").
+    let s = resolve("QDRANT_HOST=qdrant\nQDRANT_PORT=6333\nQDRANT_USE_MEMORY=false\n");
+    let rag::Storage::Qdrant(config) = &s.rag.storage else {
+        panic!("{:?}", s.rag.storage)
+    };
+    assert_eq!(config.url, "http://qdrant:6333");
+    assert_eq!(config.api_key, None);
+    assert_eq!(config.timeout, Duration::from_secs(60));
+
+    let s = resolve(
+        "QDRANT_URL=https://cluster.example:6333/\nQDRANT_API_KEY=secret\nQDRANT_TIMEOUT=5\n",
+    );
+    let rag::Storage::Qdrant(config) = &s.rag.storage else {
+        panic!("{:?}", s.rag.storage)
+    };
+    assert_eq!(config.url, "https://cluster.example:6333/");
+    assert_eq!(config.api_key.as_deref(), Some("secret"));
+    assert_eq!(config.timeout, Duration::from_secs(5));
+    assert!(!format!("{config:?}").contains("secret"), "{config:?}");
+    let s = resolve("QDRANT_URL=qdrant:6333\n");
+    assert!(matches!(&s.rag.storage, rag::Storage::Qdrant(c) if c.url == "http://qdrant:6333"));
+
+    // The seed's own default (memory) wins over a host, and says so.
+    let s = resolve("QDRANT_HOST=qdrant\n");
+    assert!(matches!(s.rag.storage, rag::Storage::Disk(_)));
+    assert!(
+        s.warnings.iter().any(|w| w.contains("QDRANT_HOST=qdrant")),
+        "{:?}",
+        s.warnings
+    );
+    let s = resolve("QDRANT_HOST=localhost\nQDRANT_USE_MEMORY=false\n");
+    assert!(matches!(s.rag.storage, rag::Storage::Disk(_)));
+
+    for bad in ["QDRANT_URL=ftp://qdrant\n", "QDRANT_URL=http://\n"] {
+        let error = Settings::resolve(&ServeArgs::default(), &dotenv(bad)).unwrap_err();
+        assert!(error.to_string().contains("QDRANT_URL"), "{error}");
+    }
+}

@@ -17,6 +17,7 @@ mod hub;
 mod models;
 mod rag;
 mod rag_files;
+mod rag_qdrant;
 mod seeds;
 mod speculation;
 mod streaming;

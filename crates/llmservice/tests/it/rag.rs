@@ -62,8 +62,13 @@ fn texts(results: &Value) -> Vec<String> {
 #[tokio::test]
 async fn seed_requests_work_and_answers_are_given_their_sources() {
     let data = tempfile::tempdir().unwrap();
-    let app = rag_app(data.path(), &[]);
-    let body = ingest_seed(&app).await;
+    seed_requests_as_sent(&rag_app(data.path(), &[])).await;
+}
+
+/// Seed 003's requests, searches in every mode, and cited answers, whole
+/// and streamed.
+pub(crate) async fn seed_requests_as_sent(app: &TestApp) {
+    let body = ingest_seed(app).await;
     assert_eq!(body["collection"], "default");
     assert_eq!(body["chunks"], 3);
     assert!(body["embedded_tokens"].as_u64().unwrap() > 20, "{body}");
@@ -172,7 +177,12 @@ async fn nothing_relevant_means_no_sources_and_the_model_is_told() {
 #[tokio::test]
 async fn ids_replace_documents_and_filters_select_by_metadata() {
     let data = tempfile::tempdir().unwrap();
-    let app = rag_app(data.path(), &[]);
+    ids_and_filters(&rag_app(data.path(), &[]), true).await;
+}
+
+/// Replacement by id, metadata filters, paging, deletes and the counts;
+/// `on_disk`: the store knows its bytes.
+pub(crate) async fn ids_and_filters(app: &TestApp, on_disk: bool) {
     let long: String = (0..120)
         .map(|i| format!("Sentence number {i} talks about ships and harbours. "))
         .collect();
@@ -269,7 +279,11 @@ async fn ids_replace_documents_and_filters_select_by_metadata() {
     assert_eq!(notes["name"], "notes");
     assert_eq!(notes["documents"], 1);
     assert_eq!(notes["chunks"], 1);
-    assert!(notes["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(
+        notes["bytes"].as_u64().is_some_and(|b| b > 0),
+        on_disk,
+        "{notes}"
+    );
     assert_eq!(notes["dimension"], 384);
     let metrics = crate::common::GetText::oneshot_get(app.router(), "/metrics").await;
     assert!(
@@ -291,22 +305,34 @@ fn urlencode(text: &str) -> String {
 #[tokio::test]
 async fn collections_survive_restarts_and_remember_their_model() {
     let data = tempfile::tempdir().unwrap();
+    restarts_and_models(&|extra| rag_app(data.path(), extra)).await;
+    assert!(!data.path().join("rag/narrow.sqlite").exists());
+    assert!(data.path().join("rag/default.sqlite").exists());
+}
+
+/// Starts a server on a test's store, with extra settings.
+pub(crate) type OpenWith<'a> = dyn Fn(&[(&str, &str)]) -> TestApp + 'a;
+
+/// A new server over the same store finds the same chunks; a collection
+/// refuses another model's vectors; deleting one removes it. `open` starts
+/// a server on the store with extra settings.
+pub(crate) async fn restarts_and_models(open: &OpenWith<'_>) {
     let query = json!({"query": "container orchestration", "top_k": 3, "score_threshold": 0.0});
     let before = {
-        let app = rag_app(data.path(), &[]);
+        let app = open(&[]);
         ingest_seed(&app).await;
         let (status, _, body) = app.post("/v1/rag/search", query.clone()).await;
         assert_eq!(status, 200, "{body}");
         body
     };
     // A new server over the same data directory finds the same chunks.
-    let app = rag_app(data.path(), &[]);
+    let app = open(&[]);
     let (status, _, after) = app.post("/v1/rag/search", query.clone()).await;
     assert_eq!(status, 200, "{after}");
     assert_eq!(texts(&after["results"]), texts(&before["results"]));
 
     // Narrower vectors are another model's as far as the collection goes.
-    let narrow = rag_app(data.path(), &[("EMBEDDING_DIMENSION", "128")]);
+    let narrow = open(&[("EMBEDDING_DIMENSION", "128")]);
     let (status, _, body) = narrow.post("/v1/rag/search", query.clone()).await;
     assert_eq!(status, 409, "{body}");
     let error = error_of(&body);
@@ -335,7 +361,14 @@ async fn collections_survive_restarts_and_remember_their_model() {
         .unwrap();
     let (status, _, body) = narrow.send(request).await;
     assert_eq!(status, 200, "{body}");
-    assert!(!data.path().join("rag/narrow").exists());
+    let (_, collections) = narrow.get("/v1/rag/collections").await;
+    let names: Vec<&str> = collections["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default"], "{collections}");
 }
 
 #[tokio::test]
@@ -550,8 +583,14 @@ async fn chat_completions_answer_from_a_collection_with_rag() {
 #[tokio::test]
 async fn two_first_ingests_into_a_new_collection_both_keep_their_documents() {
     let data = tempfile::tempdir().unwrap();
+    two_first_ingests(&|| rag_app(data.path(), &[])).await;
+}
+
+/// Two ingests that both create a collection; `open` starts a server on
+/// the store.
+pub(crate) async fn two_first_ingests(open: &dyn Fn() -> TestApp) {
     {
-        let app = rag_app(data.path(), &[]);
+        let app = open();
         let first = app.post(
             "/v1/rag/documents",
             json!({"texts": ["Owls hunt at night."], "ids": ["owls"], "collection": "race"}),
@@ -565,8 +604,8 @@ async fn two_first_ingests_into_a_new_collection_both_keep_their_documents() {
         let (_, list) = app.get("/v1/rag/documents?collection=race").await;
         assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
     }
-    // Both are on disk: a new server finds them.
-    let app = rag_app(data.path(), &[]);
+    // Both are stored: a new server finds them.
+    let app = open();
     let (_, list) = app.get("/v1/rag/documents?collection=race").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
     for path in [
@@ -587,8 +626,16 @@ async fn bge_m3_heads_give_learned_sparse_weights_and_colbert_rescoring() {
     let heads = crate::embeddings::m3_model_dir();
     let model = heads.path().join("m3-minilm.gguf").display().to_string();
     let data = tempfile::tempdir().unwrap();
-    let app = rag_app(data.path(), &[("EMBEDDING_MODEL_PATH", model.as_str())]);
-    ingest_seed(&app).await;
+    m3_heads(&rag_app(
+        data.path(),
+        &[("EMBEDDING_MODEL_PATH", model.as_str())],
+    ))
+    .await;
+}
+
+/// Searches on a collection of the BGE-M3 heads' vectors.
+pub(crate) async fn m3_heads(app: &TestApp) {
+    ingest_seed(app).await;
     let (_, collections) = app.get("/v1/rag/collections").await;
     assert_eq!(collections["data"][0]["sparse"], "model", "{collections}");
     assert_eq!(collections["data"][0]["colbert"], true);

@@ -172,7 +172,7 @@ async fn embeddings_pass_through_and_the_cache_stays_in_front() {
         upstream
             .state
             .metrics
-            .render(&upstream.state.registry, &upstream.state.cache, None)
+            .render(&upstream.state.registry, &upstream.state.cache, &[])
             .lines()
             .find(|l| l.starts_with("llmservice_completion_tokens_total{"))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
@@ -201,7 +201,7 @@ async fn replicas_share_the_load_and_a_dead_one_is_skipped() {
     let served = |app: &TestApp| {
         app.state
             .metrics
-            .render(&app.state.registry, &app.state.cache, None)
+            .render(&app.state.registry, &app.state.cache, &[])
             .lines()
             .filter(|l| {
                 l.starts_with("llmservice_http_requests_total{route=\"/v1/chat/completions\"")

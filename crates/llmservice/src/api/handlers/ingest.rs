@@ -374,7 +374,9 @@ impl Ingest {
     ) -> Result<EngineEncoder, ApiError> {
         library(state)?;
         let encoder = encoder(state, headers).await?;
-        library(state)?.check_ingest(&self.collection, &encoder)?;
+        library(state)?
+            .check_ingest(&self.collection, &encoder)
+            .await?;
         Ok(encoder)
     }
 

@@ -7,10 +7,17 @@ use crate::state::AppState;
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    let collections = match state.rag.as_ref() {
+        Ok(library) => crate::retrieval::collection_stats(library)
+            .await
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
     // Rendering reads the cache's stats, which may touch its disk tier.
     let body = tokio::task::spawn_blocking(move || {
-        let rag = state.rag.as_ref().as_ref().ok();
-        state.metrics.render(&state.registry, &state.cache, rag)
+        state
+            .metrics
+            .render(&state.registry, &state.cache, &collections)
     })
     .await
     .unwrap_or_default();

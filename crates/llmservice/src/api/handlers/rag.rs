@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::pipeline::{cache_key, cached_events, check, generate, load, replayed};
 use super::retrieval::{collection_name, library, source, Asked, Retrieval, DEFAULT_COLLECTION};
-use super::{off_async, respond, Delivery};
+use super::{respond, Delivery};
 use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, RagAnswer};
 use crate::api::error::ApiError;
@@ -52,19 +52,17 @@ pub async fn list_documents(
         None => None,
     };
     let name = collection_name(query.collection.as_ref());
-    rag::Library::check_collection_name(name)?;
-    let Some(collection) = library.get(name) else {
+    if library.meta(name).await?.is_none() {
         if name == DEFAULT_COLLECTION {
             return Ok(axum::Json(
                 json!({"object": "list", "data": [], "next_offset": null}),
             ));
         }
         return Err(rag::Library::not_found(name).into());
-    };
-    let offset = query.offset.clone();
-    let page =
-        off_async(move || Ok(collection.documents(filter.as_ref(), limit, offset.as_deref())?))
-            .await?;
+    }
+    let page = library
+        .documents(name, filter, limit, query.offset.clone())
+        .await?;
     Ok(axum::Json(json!({
         "object": "list",
         "data": page.documents,
@@ -81,9 +79,8 @@ pub async fn get_document(
     Path(id): Path<String>,
     query: Result<Query<RagCollectionQuery>, QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let (name, collection) = named_collection(&state, query)?;
-    let wanted = id.clone();
-    let found = off_async(move || Ok(collection.document(&wanted)?)).await?;
+    let name = named_collection(query)?;
+    let found = library(&state)?.document(&name, &id).await?;
     let (metadata, chunks) = found.ok_or_else(|| no_document(&id, &name))?;
     Ok(axum::Json(json!({
         "id": id,
@@ -94,16 +91,14 @@ pub async fn get_document(
 }
 
 /// The collection a document route's query string names (`default` when
-/// it names none), which must exist.
+/// it names none).
 fn named_collection(
-    state: &AppState,
     query: Result<Query<RagCollectionQuery>, QueryRejection>,
-) -> Result<(String, std::sync::Arc<rag::Collection>), ApiError> {
+) -> Result<String, ApiError> {
     let Query(query) = query.map_err(bad_query)?;
     let name = collection_name(query.collection.as_ref()).to_owned();
     rag::Library::check_collection_name(&name)?;
-    let collection = library(state)?.existing(&name)?;
-    Ok((name, collection))
+    Ok(name)
 }
 
 fn no_document(id: &str, collection: &str) -> ApiError {
@@ -119,9 +114,8 @@ pub async fn delete_document(
     Path(id): Path<String>,
     query: Result<Query<RagCollectionQuery>, QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let (name, collection) = named_collection(&state, query)?;
-    let wanted = id.clone();
-    if !off_async(move || Ok(collection.delete_document(&wanted)?)).await? {
+    let name = named_collection(query)?;
+    if !library(&state)?.delete_document(&name, &id).await? {
         return Err(no_document(&id, &name));
     }
     Ok(axum::Json(

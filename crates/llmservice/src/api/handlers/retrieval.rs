@@ -180,8 +180,7 @@ impl Retrieval {
         rerank: Option<bool>,
     ) -> Result<(Vec<rag::Hit>, bool), ApiError> {
         let library = library(state)?;
-        if library.get(&self.collection).is_none() {
-            rag::Library::check_collection_name(&self.collection)?;
+        if library.meta(&self.collection).await?.is_none() {
             if self.collection == DEFAULT_COLLECTION {
                 return Ok((Vec::new(), false));
             }

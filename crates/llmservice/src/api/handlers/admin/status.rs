@@ -60,7 +60,8 @@ pub struct CollectionStatus {
     pub embedding_model: String,
     pub documents: u64,
     pub chunks: u64,
-    pub bytes: u64,
+    /// Not known for collections on a Qdrant server.
+    pub bytes: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/admin/api/status", operation_id = "admin_status", security(("bearer" = []), ("x_api_key" = [])), responses((status = 200, description = "Uptime, memory, loaded models with their queues, cache, collections, the last hour's traffic", body = Status), (status = 401, description = "No operator key", body = ErrorResponse)))]
@@ -88,29 +89,27 @@ pub async fn status(State(state): State<AppState>) -> Result<axum::Json<Status>,
             })
         })
         .collect();
-    let status = super::blocking("status_unavailable", move || {
-        let cache = state.cache.stats();
-        let lookups = cache.hits + cache.misses;
-        let (collections, collections_error) = match state.rag.as_ref() {
-            Ok(library) => (
-                library
-                    .all()
-                    .iter()
-                    .filter_map(|c| {
-                        let stats = c.stats().ok()?;
-                        Some(CollectionStatus {
-                            name: c.meta().name.clone(),
-                            embedding_model: c.meta().embedding_model.clone(),
-                            documents: stats.documents,
-                            chunks: stats.chunks,
-                            bytes: stats.bytes,
-                        })
+    let (collections, collections_error) = match state.rag.as_ref() {
+        Ok(library) => match crate::retrieval::collection_stats(library).await {
+            Ok(all) => (
+                all.into_iter()
+                    .map(|(meta, stats)| CollectionStatus {
+                        name: meta.name,
+                        embedding_model: meta.embedding_model,
+                        documents: stats.documents,
+                        chunks: stats.chunks,
+                        bytes: stats.bytes,
                     })
                     .collect(),
                 None,
             ),
-            Err(error) => (Vec::new(), Some(error.clone())),
-        };
+            Err(error) => (Vec::new(), Some(error)),
+        },
+        Err(error) => (Vec::new(), Some(error.clone())),
+    };
+    let status = super::blocking("status_unavailable", move || {
+        let cache = state.cache.stats();
+        let lookups = cache.hits + cache.misses;
         let last_hour = state
             .analytics
             .report(&Query {

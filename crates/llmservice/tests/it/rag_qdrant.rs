@@ -1,0 +1,235 @@
+//! Retrieval with collections on a Qdrant server (`QDRANT_URL`): the same
+//! scenarios as the embedded store's tests, plus what only a server brings
+//! (an API key, another application's collections, a server that is down).
+//!
+//! No Qdrant server runs here, so the server is `tests/compat/qdrant_standin.py`:
+//! Qdrant's REST routes, each body checked by qdrant-client's models of
+//! Qdrant's schema and carried out by qdrant-client's local mode. It runs on
+//! the compatibility suite's Python (`.venv`, which `scripts/test.sh` makes).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{error_of, TestApp};
+use crate::rag::{
+    ids_and_filters, m3_heads, rag_app, restarts_and_models, seed_requests_as_sent,
+    two_first_ingests,
+};
+
+const API_KEY: &str = "qdrant-test-key";
+
+/// The stand-in Qdrant server, stopped when dropped.
+struct Qdrant {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+    /// The data directories of the servers started on it.
+    data: std::sync::Mutex<Vec<tempfile::TempDir>>,
+}
+
+impl Qdrant {
+    fn start() -> Self {
+        let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+        let python = root.join(".venv/bin/python");
+        assert!(
+            python.is_file(),
+            "the Qdrant tests run tests/compat/qdrant_standin.py on {}: make it with \
+             `python3 -m venv .venv && .venv/bin/pip install -r tests/compat/requirements.txt` \
+             (scripts/test.sh does)",
+            python.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port_file = dir.path().join("port");
+        let mut child = Command::new(python)
+            .arg(root.join("tests/compat/qdrant_standin.py"))
+            .arg("--path")
+            .arg(dir.path().join("data"))
+            .arg("--port-file")
+            .arg(&port_file)
+            .args(["--api-key", API_KEY])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let port = loop {
+            if let Ok(text) = std::fs::read_to_string(&port_file) {
+                if let Ok(port) = text.trim().parse::<u16>() {
+                    break port;
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the Qdrant stand-in exited at start: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Qdrant stand-in did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+            data: std::sync::Mutex::default(),
+        }
+    }
+
+    /// A server whose collections are on this Qdrant, with `extra` settings.
+    fn app(&self, extra: &[(&str, &str)]) -> TestApp {
+        let data = tempfile::tempdir().unwrap();
+        let mut env = vec![
+            ("QDRANT_URL", self.url.as_str()),
+            ("QDRANT_API_KEY", API_KEY),
+        ];
+        env.extend_from_slice(extra);
+        let app = rag_app(data.path(), &env);
+        self.data.lock().unwrap().push(data);
+        app
+    }
+
+    /// A raw call to the Qdrant server, as another application would make it.
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url))
+            .header("api-key", API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Qdrant {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn seed_requests_on_a_qdrant_server() {
+    let qdrant = Qdrant::start();
+    seed_requests_as_sent(&qdrant.app(&[])).await;
+}
+
+#[tokio::test]
+async fn ids_and_filters_on_a_qdrant_server() {
+    let qdrant = Qdrant::start();
+    ids_and_filters(&qdrant.app(&[]), false).await;
+}
+
+#[tokio::test]
+async fn restarts_and_models_on_a_qdrant_server() {
+    let qdrant = Qdrant::start();
+    restarts_and_models(&|extra| qdrant.app(extra)).await;
+    two_first_ingests(&|| qdrant.app(&[])).await;
+}
+
+#[tokio::test]
+async fn bge_m3_heads_on_a_qdrant_server() {
+    let heads = crate::embeddings::m3_model_dir();
+    let model = heads.path().join("m3-minilm.gguf").display().to_string();
+    let qdrant = Qdrant::start();
+    m3_heads(&qdrant.app(&[("EMBEDDING_MODEL_PATH", model.as_str())])).await;
+}
+
+#[tokio::test]
+async fn a_qdrant_server_shared_with_others_down_or_refusing_the_key() {
+    let qdrant = Qdrant::start();
+    // Another application's collection on the same server: not listed, not
+    // written into, not deleted.
+    let (status, body) = qdrant
+        .call(
+            reqwest::Method::PUT,
+            "/collections/theirs",
+            json!({"vectors": {"size": 4, "distance": "Dot"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let app = qdrant.app(&[]);
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": ["Owls hunt at night."], "collection": "theirs"}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        error_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("not made by llmservice"),
+        "{body}"
+    );
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": ["Owls hunt at night."], "ids": ["owls"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, collections) = app.get("/v1/rag/collections").await;
+    assert_eq!(
+        collections["data"].as_array().unwrap().len(),
+        1,
+        "{collections}"
+    );
+    assert_eq!(collections["data"][0]["name"], "default");
+    assert_eq!(collections["data"][0]["bytes"], Value::Null);
+    let delete = |path: &str| {
+        axum::http::Request::delete(path)
+            .header(
+                "authorization",
+                format!("Bearer {}", crate::common::OPERATOR_KEY),
+            )
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let (status, _, body) = app.send(delete("/v1/rag/collections/theirs")).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = qdrant
+        .call(reqwest::Method::GET, "/collections/theirs", Value::Null)
+        .await;
+    assert_eq!(status, 200, "still there: {body}");
+
+    // A wrong key: the request fails as the server's fault, and says why in the log.
+    let data = tempfile::tempdir().unwrap();
+    let wrong = rag_app(
+        data.path(),
+        &[
+            ("QDRANT_URL", qdrant.url.as_str()),
+            ("QDRANT_API_KEY", "wrong"),
+        ],
+    );
+    let (status, _, body) = wrong.post("/v1/rag/search", json!({"query": "owls"})).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(error_of(&body)["code"], "store_failed");
+
+    // The server gone: 503 for retrieval, while chat goes on and the
+    // metrics still render.
+    let url = qdrant.url.clone();
+    drop(qdrant);
+    let (status, _, body) = app.post("/v1/rag/search", json!({"query": "owls"})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error_of(&body)["code"], "store_unavailable");
+    assert!(
+        !error_of(&body)["message"].as_str().unwrap().contains(&url),
+        "the message keeps the server's address to the log: {body}"
+    );
+    let (status, _, body) = app
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "light", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    let metrics = crate::common::GetText::oneshot_get(app.router(), "/metrics").await;
+    assert!(metrics.contains("llmservice_"), "{metrics}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
