@@ -112,6 +112,15 @@ impl TestApp {
         (status, body)
     }
 
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        let request = Request::delete(path)
+            .header("authorization", format!("Bearer {OPERATOR_KEY}"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, body) = self.send(request).await;
+        (status, body)
+    }
+
     /// Serves on a real loopback socket (port 0) for protocol details like SSE and disconnects.
     pub async fn spawn(&self) -> String {
         self.spawn_killable().await.0

@@ -258,20 +258,10 @@ pub(crate) async fn ids_and_filters(app: &TestApp, on_disk: bool) {
     assert_ne!(first["data"][0]["id"], second["data"][0]["id"]);
 
     // Deleting a document removes its chunks; deleting it again is a 404.
-    let request = |method: &str| {
-        axum::http::Request::builder()
-            .method(method)
-            .uri("/v1/rag/documents/bread?collection=notes")
-            .header(
-                "authorization",
-                format!("Bearer {}", crate::common::OPERATOR_KEY),
-            )
-            .body(axum::body::Body::empty())
-            .unwrap()
-    };
-    let (status, _, body) = app.send(request("DELETE")).await;
+    let bread = "/v1/rag/documents/bread?collection=notes";
+    let (status, body) = app.delete(bread).await;
     assert_eq!(status, 200, "{body}");
-    let (status, _, body) = app.send(request("DELETE")).await;
+    let (status, body) = app.delete(bread).await;
     assert_eq!(status, 404, "{body}");
     error_of(&body);
     let (_, collections) = app.get("/v1/rag/collections").await;
@@ -352,14 +342,7 @@ pub(crate) async fn restarts_and_models(open: &OpenWith<'_>) {
     assert_eq!(status, 200, "{body}");
 
     // Deleting a collection removes it and its files.
-    let request = axum::http::Request::delete("/v1/rag/collections/narrow")
-        .header(
-            "authorization",
-            format!("Bearer {}", crate::common::OPERATOR_KEY),
-        )
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let (status, _, body) = narrow.send(request).await;
+    let (status, body) = narrow.delete("/v1/rag/collections/narrow").await;
     assert_eq!(status, 200, "{body}");
     let (_, collections) = narrow.get("/v1/rag/collections").await;
     let names: Vec<&str> = collections["data"]

@@ -181,16 +181,7 @@ async fn a_qdrant_server_shared_with_others_down_or_refusing_the_key() {
     );
     assert_eq!(collections["data"][0]["name"], "default");
     assert_eq!(collections["data"][0]["bytes"], Value::Null);
-    let delete = |path: &str| {
-        axum::http::Request::delete(path)
-            .header(
-                "authorization",
-                format!("Bearer {}", crate::common::OPERATOR_KEY),
-            )
-            .body(axum::body::Body::empty())
-            .unwrap()
-    };
-    let (status, _, body) = app.send(delete("/v1/rag/collections/theirs")).await;
+    let (status, body) = app.delete("/v1/rag/collections/theirs").await;
     assert_eq!(status, 409, "{body}");
     let (status, body) = qdrant
         .call(reqwest::Method::GET, "/collections/theirs", Value::Null)
