@@ -23,6 +23,7 @@ import json
 import re
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,7 +31,13 @@ from urllib.parse import urlsplit
 import pydantic
 from qdrant_client import QdrantClient, models
 
-ROUTE = re.compile(r"^/collections(?:/(?P<name>[^/]+)(?P<rest>/points(?:/(?P<op>delete|count|scroll|query))?)?)?$")
+ROUTE = re.compile(
+    r"^/collections(?:/(?P<name>[^/]+)(?P<rest>/index|/points(?:/(?P<op>delete|count|scroll|query))?)?)?$"
+)
+
+
+# Local mode keeps no payload indexes and says so on each; the requests are still checked.
+warnings.filterwarnings("ignore", message="Payload indexes have no effect")
 
 
 class Refused(Exception):
@@ -60,6 +67,10 @@ class Store:
             if rest is None:
                 return self.on_collection(method, name, body)
             self.collection(name)
+            if rest == "/index":
+                request = models.CreateFieldIndex.model_validate(body)
+                self.client.create_payload_index(name, request.field_name, request.field_schema)
+                return {"operation_id": 0, "status": "completed"}
             return self.on_points(method, name, op, body)
 
     def on_collection(self, method: str, name: str, body):

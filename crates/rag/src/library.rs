@@ -108,7 +108,7 @@ impl Library {
         limit: usize,
         offset: Option<String>,
     ) -> Result<DocumentPage, RagError> {
-        Self::check_collection_name(name)?;
+        self.existing(name).await?;
         let page = PageRequest {
             filter,
             limit,
@@ -119,13 +119,14 @@ impl Library {
 
     /// A document's metadata and chunks; `None` if there is none.
     pub async fn document(&self, name: &str, id: &str) -> Result<Option<StoredDocument>, RagError> {
-        Self::check_collection_name(name)?;
+        self.existing(name).await?;
         self.store.document(name, id).await
     }
 
     /// Deletes a document; `false` if there was none.
     pub async fn delete_document(&self, name: &str, id: &str) -> Result<bool, RagError> {
-        Self::check_collection_name(name)?;
+        // A collection that is not ours (on a shared Qdrant server) is refused here.
+        self.existing(name).await?;
         self.store.delete_document(name, id).await
     }
 

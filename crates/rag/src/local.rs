@@ -149,9 +149,16 @@ impl Store for LocalStore {
     ) -> BoxFuture<'_, Result<Vec<(CollectionMeta, CollectionStats)>, RagError>> {
         let all: Vec<Arc<Collection>> = self.map().values().cloned().collect();
         Box::pin(blocking(move || {
-            all.iter()
-                .map(|c| Ok((c.meta().clone(), c.stats()?)))
-                .collect()
+            Ok(all
+                .iter()
+                .filter_map(|c| match c.stats() {
+                    Ok(stats) => Some((c.meta().clone(), stats)),
+                    Err(error) => {
+                        tracing::warn!(collection = %c.meta().name, %error, "a collection's counts could not be read");
+                        None
+                    }
+                })
+                .collect())
         }))
     }
 

@@ -10,7 +10,7 @@
 //! Each chunk is a point with the named vectors `dense` (cosine), `sparse`,
 //! and `colbert` (a multivector compared by MaxSim) when the model has that
 //! head. Its payload holds `document_id`, `chunk`, `chunks`, `text`,
-//! `metadata`, `created_at` and the write's `version`. Hybrid search is
+//! `metadata`, `created_at` and `written_at`. Hybrid search is
 //! Qdrant's own query API: the dense and sparse legs as prefetches fused by
 //! reciprocal rank fusion (k = 60, as the embedded store uses), rescored by
 //! the ColBERT vectors when there are any. Without BGE-M3's sparse head the
@@ -18,14 +18,21 @@
 //! BM25's term-frequency part and Qdrant applies IDF from the collection's
 //! statistics (`modifier: idf`), current as documents come and go.
 //!
-//! A document is written in one upsert request (one operation in Qdrant's
-//! write-ahead log) when it has at most [`POINTS_PER_REQUEST`] chunks, its
-//! first chunk last otherwise. Its point ids are derived from its id and
-//! chunk number, so writing it again overwrites them; the chunks a longer
-//! earlier version had beyond the new end are deleted afterwards, and readers
-//! keep only chunks of the version its first chunk names.
+//! A document's points carry the time it was written (`written_at`), and
+//! their ids name it, so writing an id again puts a new version beside the
+//! old one: its chunks in upserts of at most [`POINTS_PER_REQUEST`] points and
+//! [`BYTES_PER_REQUEST`] of JSON, its first chunk last, then older versions
+//! are deleted. A version with a first chunk is whole; listings read first
+//! chunks, and a document is read as its newest whole version. A write that
+//! fails deletes what it wrote; one cut off by a crash leaves chunks without
+//! a first chunk, which searches may still find until the id is written
+//! again. Of two writers of one id, the later version is kept.
+//!
+//! After creating a collection, payload indexes on `document_id`, `chunk`
+//! and `written_at` keep the per-document filters from scanning it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -39,8 +46,11 @@ use crate::{
     Filter, Hit, Library, Mode, RagError, Sparse,
 };
 
-/// Points sent in one upsert.
+/// Most points sent in one upsert.
 const POINTS_PER_REQUEST: usize = 256;
+/// Most JSON sent in one upsert: half of a Qdrant server's default request
+/// limit (`max_request_size_mb`, 32).
+const BYTES_PER_REQUEST: usize = 16 << 20;
 /// Points read per scroll request.
 const SCROLL_PAGE: usize = 256;
 /// Reciprocal rank fusion's constant, as [`crate::search`] uses it.
@@ -77,6 +87,8 @@ impl std::fmt::Debug for QdrantConfig {
 pub(crate) struct QdrantStore {
     http: reqwest::Client,
     base: String,
+    /// `base` as messages show it.
+    shown: String,
     /// Records of the collections seen; a record never changes while its
     /// collection exists.
     metas: Mutex<HashMap<String, CollectionMeta>>,
@@ -121,9 +133,20 @@ impl QdrantStore {
             .timeout(config.timeout)
             .build()
             .map_err(RagError::store)?;
+        let base = config.url.trim_end_matches('/').to_owned();
+        // Messages and logs name the server without any user and password in its URL.
+        let shown = match reqwest::Url::parse(&base) {
+            Ok(mut url) => {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                url.as_str().trim_end_matches('/').to_owned()
+            }
+            Err(_) => base.clone(),
+        };
         Ok(Self {
             http,
-            base: config.url.trim_end_matches('/').to_owned(),
+            base,
+            shown,
             metas: Mutex::new(HashMap::new()),
         })
     }
@@ -147,7 +170,7 @@ impl QdrantStore {
         let response = request.send().await.map_err(|error| {
             RagError::Unavailable(format!(
                 "the Qdrant server at {} could not be reached: {}",
-                self.base,
+                self.shown,
                 without_url(&error)
             ))
         })?;
@@ -155,7 +178,7 @@ impl QdrantStore {
         let text = response.text().await.map_err(|error| {
             RagError::Unavailable(format!(
                 "the Qdrant server at {} did not answer whole: {}",
-                self.base,
+                self.shown,
                 without_url(&error)
             ))
         })?;
@@ -173,15 +196,15 @@ impl QdrantStore {
         Err(match status.as_u16() {
             401 | 403 => RagError::Store(format!(
                 "the Qdrant server at {} refused the request ({status}): check QDRANT_API_KEY",
-                self.base
+                self.shown
             )),
             502..=504 => RagError::Unavailable(format!(
                 "the Qdrant server at {} is unavailable ({status}): {reason}",
-                self.base
+                self.shown
             )),
             _ => RagError::Store(format!(
                 "the Qdrant server at {} answered {status} to {path}: {reason}",
-                self.base
+                self.shown
             )),
         })
     }
@@ -245,58 +268,43 @@ impl QdrantStore {
             .map(drop)
     }
 
-    /// Writes one document; whether it replaced one.
+    /// Writes one document; whether it replaced one. The new version's
+    /// points go in beside the old ones (their ids name the version), its
+    /// first chunk last, so a version with a first chunk is whole; then
+    /// older versions are deleted. A write that fails takes its own points
+    /// back out, as far as the server lets it.
     async fn write_document(
         &self,
         meta: &CollectionMeta,
         document: Prepared,
     ) -> Result<bool, RagError> {
         let name = meta.name.as_str();
-        let of_document = json!({"must": [matches("document_id", &json!(document.id))]});
-        let replaced = self.count(name, of_document.clone()).await? > 0;
-        let version = uuid::Uuid::new_v4().to_string();
-        let created_at = chrono::Utc::now().timestamp();
-        let total = document.chunks.len();
-        let mut points = Vec::with_capacity(total);
-        let tokens = document
-            .tokens
-            .into_iter()
-            .map(Some)
-            .chain(std::iter::repeat(None));
-        for (index, ((text, encoded), tokens)) in document
-            .chunks
-            .into_iter()
-            .zip(document.encoded)
-            .zip(tokens)
-            .enumerate()
-        {
-            let vector = point_vectors(meta, encoded, tokens.as_deref())?;
-            points.push(json!({
-                "id": point_id(&document.id, index),
-                "vector": vector,
-                "payload": {
-                    "document_id": document.id,
-                    "chunk": index,
-                    "chunks": total,
-                    "text": text,
-                    "metadata": document.metadata,
-                    "created_at": created_at,
-                    "version": version,
-                },
-            }));
+        let id = json!(document.id);
+        let replaced = self
+            .count(name, json!({"must": [matches("document_id", &id)]}))
+            .await?
+            > 0;
+        let written_at = written_at();
+        let mut points = document_points(meta, document, written_at)?;
+        // The first chunk makes the version visible: it goes last.
+        points.rotate_left(1);
+        let mine = json!({"must": [matches("document_id", &id), matches("written_at", &json!(written_at))]});
+        for batch in batches(points) {
+            if let Err(error) = self.upsert(name, batch).await {
+                let _ = self.delete_points(name, mine.clone()).await;
+                return Err(error);
+            }
         }
-        // The first chunk names the version readers keep: it goes last.
-        let head = points.remove(0);
-        points.push(head);
-        for batch in points.chunks(POINTS_PER_REQUEST) {
-            self.upsert(name, batch.to_vec()).await?;
-        }
-        if replaced {
-            let stale = json!({
-                "must": [matches("document_id", &json!(document.id))],
-                "must_not": [matches("version", &json!(version))],
-            });
-            self.delete_points(name, stale).await?;
+        // Older versions go. Of two writers of one id, the later version
+        // stays: the earlier one's delete never reaches it, and the earlier
+        // one takes its own version back out if it finds a later one.
+        let older = json!({"must": [matches("document_id", &id),
+                                     {"key": "written_at", "range": {"lt": written_at}}]});
+        self.delete_points(name, older).await?;
+        let newer = json!({"must": [matches("document_id", &id),
+                                     {"key": "written_at", "range": {"gt": written_at}}]});
+        if self.count(name, newer).await? > 0 {
+            self.delete_points(name, mine).await?;
         }
         Ok(replaced)
     }
@@ -363,13 +371,83 @@ fn metadata_filter(filter: &Filter) -> Value {
     json!({"must": must})
 }
 
-/// A point's id: the same for the same document and chunk number.
-fn point_id(document: &str, chunk: usize) -> String {
-    uuid::Uuid::new_v5(
-        &POINT_NAMESPACE,
-        format!("{document}\u{0}{chunk}").as_bytes(),
-    )
-    .to_string()
+/// A point's id, from its document's id, the version's time and its chunk number.
+fn point_id(document: &str, written_at: i64, chunk: usize) -> String {
+    let name = format!("{document}\u{0}{written_at}\u{0}{chunk}");
+    uuid::Uuid::new_v5(&POINT_NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// A version's time: microseconds since the epoch, so later writes of an id
+/// are larger, and each write of this process has its own. (Not nanoseconds:
+/// Qdrant compares a range filter's bounds as doubles, exact to 2^53.)
+fn written_at() -> i64 {
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = chrono::Utc::now().timestamp_micros();
+    let previous = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+            Some(now.max(last + 1))
+        })
+        .unwrap_or(now);
+    now.max(previous + 1)
+}
+
+/// A document's points, in chunk order.
+fn document_points(
+    meta: &CollectionMeta,
+    document: Prepared,
+    written_at: i64,
+) -> Result<Vec<Value>, RagError> {
+    let total = document.chunks.len();
+    let created_at = written_at / 1_000_000;
+    let tokens = document
+        .tokens
+        .into_iter()
+        .map(Some)
+        .chain(std::iter::repeat(None));
+    let chunks = document
+        .chunks
+        .into_iter()
+        .zip(document.encoded)
+        .zip(tokens);
+    chunks
+        .enumerate()
+        .map(|(index, ((text, encoded), tokens))| {
+            Ok(json!({
+                "id": point_id(&document.id, written_at, index),
+                "vector": point_vectors(meta, encoded, tokens.as_deref())?,
+                "payload": {
+                    "document_id": document.id,
+                    "chunk": index,
+                    "chunks": total,
+                    "text": text,
+                    "metadata": document.metadata,
+                    "created_at": created_at,
+                    "written_at": written_at,
+                },
+            }))
+        })
+        .collect()
+}
+
+/// Points in upserts of at most [`POINTS_PER_REQUEST`] points and
+/// [`BYTES_PER_REQUEST`] of JSON (ColBERT's vectors make points large).
+fn batches(points: Vec<Value>) -> Vec<Vec<Value>> {
+    let mut batches = Vec::new();
+    let (mut batch, mut bytes) = (Vec::new(), 0);
+    for point in points {
+        let size = point.to_string().len();
+        let full = batch.len() == POINTS_PER_REQUEST || bytes + size > BYTES_PER_REQUEST;
+        if !batch.is_empty() && full {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += size;
+        batch.push(point);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
 }
 
 /// BM25's term-frequency part for each distinct token of a chunk, its
@@ -485,6 +563,14 @@ fn as_str(payload: &Map<String, Value>, key: &str) -> String {
         .to_owned()
 }
 
+/// A point's version: when it was written.
+fn written(payload: &Map<String, Value>) -> i64 {
+    payload
+        .get("written_at")
+        .and_then(Value::as_i64)
+        .unwrap_or_default()
+}
+
 fn as_u64(payload: &Map<String, Value>, key: &str) -> u64 {
     payload.get(key).and_then(Value::as_u64).unwrap_or_default()
 }
@@ -503,7 +589,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 impl Store for QdrantStore {
     fn location(&self) -> String {
-        format!("the Qdrant server at {}", self.base)
+        format!("the Qdrant server at {}", self.shown)
     }
 
     fn bm25_over_token_ids(&self) -> bool {
@@ -540,8 +626,10 @@ impl Store for QdrantStore {
         Box::pin(async move {
             let mut vectors = json!({"dense": {"size": meta.dimension, "distance": "Cosine"}});
             if meta.colbert {
+                // Only rescoring reads these: no index of every token's vector.
                 vectors["colbert"] = json!({"size": meta.dimension, "distance": "Cosine",
-                                            "multivector_config": {"comparator": "max_sim"}});
+                                            "multivector_config": {"comparator": "max_sim"},
+                                            "hnsw_config": {"m": 0}});
             }
             let sparse = match meta.sparse {
                 Sparse::Bm25 => json!({"sparse": {"modifier": "idf"}}),
@@ -551,6 +639,17 @@ impl Store for QdrantStore {
                               "metadata": {RECORD: meta}});
             let path = format!("/collections/{}", meta.name);
             let created = self.call(reqwest::Method::PUT, &path, Some(body)).await;
+            if created.is_ok() {
+                for (field, schema) in [
+                    ("document_id", "keyword"),
+                    ("chunk", "integer"),
+                    ("written_at", "integer"),
+                ] {
+                    let index = json!({"field_name": field, "field_schema": schema});
+                    let path = format!("/collections/{}/index?wait=true", meta.name);
+                    self.call(reqwest::Method::PUT, &path, Some(index)).await?;
+                }
+            }
             // Another replica may have made it first: then its record stands.
             match self.meta(&meta.name).await? {
                 Some(existing) => Ok(existing),
@@ -581,14 +680,25 @@ impl Store for QdrantStore {
             names.sort();
             let mut out = Vec::new();
             for name in names {
-                // Collections of other applications on the same server are not ours to list.
-                let Ok(Some(meta)) = self.meta(&name).await else {
-                    continue;
+                // Collections of other applications on the same server are
+                // not ours to list; one deleted meanwhile is gone.
+                let meta = match self.meta(&name).await {
+                    Ok(Some(meta)) => meta,
+                    Ok(None) | Err(RagError::Conflict(_) | RagError::NotFound(_)) => continue,
+                    Err(error) => return Err(error),
                 };
-                let documents = self
-                    .count(&name, json!({"must": [matches("chunk", &json!(0))]}))
-                    .await?;
-                let chunks = self.count(&name, json!({})).await?;
+                let first_chunks = json!({"must": [matches("chunk", &json!(0))]});
+                let counts = async {
+                    Ok::<_, RagError>((
+                        self.count(&name, first_chunks).await?,
+                        self.count(&name, json!({})).await?,
+                    ))
+                };
+                let (documents, chunks) = match counts.await {
+                    Ok(counts) => counts,
+                    Err(RagError::NotFound(_)) => continue,
+                    Err(error) => return Err(error),
+                };
                 out.push((
                     meta,
                     CollectionStats {
@@ -611,7 +721,7 @@ impl Store for QdrantStore {
             let path = format!("/collections/{name}");
             let deleted = self.call(reqwest::Method::DELETE, &path, None).await?;
             self.metas().remove(name);
-            Ok(deleted.is_some())
+            Ok(deleted.is_some_and(|d| d.as_bool() != Some(false)))
         })
     }
 
@@ -716,10 +826,15 @@ impl Store for QdrantStore {
                     None => break,
                 }
             }
-            let Some(head) = points.iter().find(|p| as_u64(&p.payload, "chunk") == 0) else {
+            // The newest version with a first chunk (written last, so whole).
+            let Some(head) = points
+                .iter()
+                .filter(|p| as_u64(&p.payload, "chunk") == 0)
+                .max_by_key(|p| written(&p.payload))
+            else {
                 return Ok(None);
             };
-            let version = as_str(&head.payload, "version");
+            let version = written(&head.payload);
             let metadata = head
                 .payload
                 .get("metadata")
@@ -727,7 +842,7 @@ impl Store for QdrantStore {
                 .unwrap_or_else(|| json!({}));
             let mut chunks: Vec<ChunkText> = points
                 .iter()
-                .filter(|p| as_str(&p.payload, "version") == version)
+                .filter(|p| written(&p.payload) == version)
                 .map(|p| ChunkText {
                     id: id_text(&p.id),
                     chunk: as_u64(&p.payload, "chunk"),
@@ -798,10 +913,38 @@ mod tests {
 
     #[test]
     fn point_ids_are_stable_and_distinct() {
-        assert_eq!(point_id("doc", 0), point_id("doc", 0));
-        assert_ne!(point_id("doc", 0), point_id("doc", 1));
+        assert_eq!(point_id("doc", 5, 0), point_id("doc", 5, 0));
+        assert_ne!(point_id("doc", 5, 0), point_id("doc", 5, 1));
+        assert_ne!(point_id("doc", 5, 0), point_id("doc", 6, 0));
         // The separator keeps "a1"+"0" apart from "a"+"10".
-        assert_ne!(point_id("a1", 0), point_id("a", 10));
+        assert_ne!(point_id("a1", 5, 0), point_id("a", 5, 10));
+    }
+
+    #[test]
+    fn versions_increase_and_stay_exact_as_doubles() {
+        let first = written_at();
+        let second = written_at();
+        assert!(second > first);
+        assert_eq!(second as f64 as i64, second);
+    }
+
+    #[test]
+    fn upserts_are_cut_by_count_and_by_size() {
+        let small: Vec<Value> = (0..600).map(|i| json!({"id": i})).collect();
+        let sizes: Vec<usize> = batches(small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [256, 256, 88]);
+        // ColBERT-sized points: about 6 MiB each, two to a request.
+        let rows = "x".repeat(6 << 20);
+        let large: Vec<Value> = (0..5).map(|_| json!({"vector": rows})).collect();
+        let sizes: Vec<usize> = batches(large).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 2, 1]);
+        assert!(batches(Vec::new()).is_empty());
+        // One point larger than the limit still goes, alone.
+        let huge = vec![json!({"vector": "x".repeat(20 << 20)}), json!({"id": 1})];
+        assert_eq!(
+            batches(huge).iter().map(Vec::len).collect::<Vec<_>>(),
+            [1, 1]
+        );
     }
 
     #[test]

@@ -224,3 +224,83 @@ async fn a_qdrant_server_shared_with_others_down_or_refusing_the_key() {
     assert!(metrics.contains("llmservice_"), "{metrics}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn long_documents_and_two_writers_of_one_id_on_a_qdrant_server() {
+    let qdrant = Qdrant::start();
+    let app = qdrant.app(&[("RAG_CHUNK_TOKENS", "16"), ("RAG_CHUNK_OVERLAP", "0")]);
+    let chunks_of = |body: &Value| body["documents"][0]["chunks"].as_u64().unwrap();
+    // More chunks than one upsert takes: written in several, read back whole.
+    let long: String = (0..320)
+        .map(|i| format!("Entry {i} of the harbour log lists ships and tides. "))
+        .collect();
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": [long], "ids": ["log"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let total = chunks_of(&body);
+    assert!(total > 256, "{body}");
+    let (_, document) = app.get("/v1/rag/documents/log").await;
+    let numbers: Vec<u64> = document["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["chunk"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..total).collect::<Vec<_>>());
+
+    // Written again, shorter: only the new version is left.
+    let (status, _, body) = app
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": ["Ships sail at dawn."], "ids": ["log"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["documents"][0]["replaced"], true);
+    let (_, collections) = app.get("/v1/rag/collections").await;
+    assert_eq!(collections["data"][0]["chunks"], 1, "{collections}");
+
+    // Two writers of one id at once: one whole version stays, listed once.
+    let texts = [
+        "Owls hunt at night. They fly without a sound. Mice hide from them.",
+        "Larks sing at dawn.",
+    ];
+    let write = |text: &str| {
+        app.post(
+            "/v1/rag/documents",
+            json!({"texts": [text], "ids": ["bird"]}),
+        )
+    };
+    let ((s1, _, b1), (s2, _, b2)) = tokio::join!(write(texts[0]), write(texts[1]));
+    assert_eq!((s1.as_u16(), s2.as_u16()), (200, 200), "{b1} {b2}");
+    let (_, list) = app.get("/v1/rag/documents").await;
+    let birds: Vec<&Value> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["id"] == "bird")
+        .collect();
+    assert_eq!(birds.len(), 1, "{list}");
+    let (_, bird) = app.get("/v1/rag/documents/bird").await;
+    let chunks: Vec<&str> = bird["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        texts.iter().any(|t| chunks.iter().all(|c| t.contains(c))),
+        "one writer's chunks only: {bird}"
+    );
+    assert_eq!(birds[0]["chunks"], bird["chunks"].as_array().unwrap().len());
+    let (_, collections) = app.get("/v1/rag/collections").await;
+    assert_eq!(
+        collections["data"][0]["chunks"],
+        1 + birds[0]["chunks"].as_u64().unwrap(),
+        "{collections}"
+    );
+}
