@@ -13,12 +13,13 @@ restarted llmservice finds its collections; answers use Qdrant's envelope
 `{"status": {"error": ...}}`), and with `--api-key` every request must carry
 it in the `api-key` header, as Qdrant checks it.
 
-    python qdrant_standin.py --path DIR --port-file FILE [--api-key KEY]
+    python qdrant_standin.py --path DIR --port-file FILE [--api-key KEY] [--version V]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import re
 import threading
@@ -134,7 +135,7 @@ class Store:
         raise Refused(404, "no such route")
 
 
-def serve(store: Store, api_key: str | None) -> type[BaseHTTPRequestHandler]:
+def serve(store: Store, api_key: str | None, version: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -156,6 +157,10 @@ def serve(store: Store, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             try:
                 if api_key is not None and self.headers.get("api-key") != api_key:
                     raise Refused(401, "Invalid api-key")
+                if urlsplit(self.path).path == "/" and self.command == "GET":
+                    # Qdrant's banner, without the envelope.
+                    self.answer(200, {"title": "qdrant - vector search engine", "version": version})
+                    return
                 match = ROUTE.match(urlsplit(self.path).path)
                 if match is None:
                     raise Refused(404, "no such route")
@@ -179,8 +184,12 @@ def main() -> None:
     parser.add_argument("--path", type=Path, required=True)
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--api-key")
+    # The REST API qdrant-client's models describe (its own version), unless
+    # a test wants an older server.
+    parser.add_argument("--version", default=importlib.metadata.version("qdrant-client"))
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), serve(Store(args.path), args.api_key))
+    handler = serve(Store(args.path), args.api_key, args.version)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     args.port_file.write_text(str(server.server_address[1]))
     server.serve_forever()
 

@@ -89,6 +89,8 @@ pub(crate) struct QdrantStore {
     base: String,
     /// `base` as messages show it.
     shown: String,
+    /// Set once the server has answered as a Qdrant recent enough.
+    checked: tokio::sync::OnceCell<()>,
     /// Records of the collections seen; a record never changes while its
     /// collection exists.
     metas: Mutex<HashMap<String, CollectionMeta>>,
@@ -147,6 +149,7 @@ impl QdrantStore {
             http,
             base,
             shown,
+            checked: tokio::sync::OnceCell::new(),
             metas: Mutex::new(HashMap::new()),
         })
     }
@@ -155,8 +158,75 @@ impl QdrantStore {
         self.metas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One call: its `result`, or `None` for a 404.
+    /// One call: its `result`, or `None` for a 404. The first makes sure
+    /// the server is a Qdrant that keeps collection metadata.
     async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Option<Value>, RagError> {
+        self.checked.get_or_try_init(|| self.check_server()).await?;
+        self.send(method, path, body).await
+    }
+
+    /// Refuses a server that does not answer `GET /` as Qdrant 1.16 or later
+    /// does (a wrong port, another service): its 404s would otherwise read
+    /// as "no such collection".
+    async fn check_server(&self) -> Result<(), RagError> {
+        let unreachable = |error: reqwest::Error| {
+            RagError::Unavailable(format!(
+                "the Qdrant server at {} could not be reached: {}",
+                self.shown,
+                without_url(&error)
+            ))
+        };
+        let response = self
+            .http
+            .get(format!("{}/", self.base))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status();
+        let banner: Option<Value> = response.json().await.ok();
+        let version = banner
+            .as_ref()
+            .and_then(|b| b.get("version"))
+            .and_then(Value::as_str);
+        let Some(version) = version.filter(|_| status.is_success()) else {
+            return Err(RagError::Store(format!(
+                "{} does not answer as a Qdrant server ({status} to GET /, without a version): \
+                 check QDRANT_URL (Qdrant's REST port, 6333 by default){}",
+                self.shown,
+                if matches!(status.as_u16(), 401 | 403) {
+                    " and QDRANT_API_KEY"
+                } else {
+                    ""
+                }
+            )));
+        };
+        let number = |part: Option<&str>| {
+            part.and_then(|p| {
+                p.chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+                    .parse::<u32>()
+                    .ok()
+            })
+        };
+        let mut parts = version.split('.');
+        let (major, minor) = (number(parts.next()), number(parts.next()));
+        if (major, minor) < (Some(1), Some(16)) {
+            return Err(RagError::Store(format!(
+                "the Qdrant server at {} is version {version}; retrieval needs 1.16 or later \
+                 (its collection metadata records each collection's embedding model)",
+                self.shown
+            )));
+        }
+        Ok(())
+    }
+
+    async fn send(
         &self,
         method: reqwest::Method,
         path: &str,

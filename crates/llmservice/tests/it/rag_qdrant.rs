@@ -32,6 +32,11 @@ struct Qdrant {
 
 impl Qdrant {
     fn start() -> Self {
+        Self::announcing(None)
+    }
+
+    /// A stand-in that answers `GET /` with `version` instead of its own.
+    fn announcing(version: Option<&str>) -> Self {
         let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
         let python = root.join(".venv/bin/python");
         assert!(
@@ -50,6 +55,7 @@ impl Qdrant {
             .arg("--port-file")
             .arg(&port_file)
             .args(["--api-key", API_KEY])
+            .args(version.map(|v| ["--version", v]).into_iter().flatten())
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -187,6 +193,29 @@ async fn a_qdrant_server_shared_with_others_down_or_refusing_the_key() {
         .call(reqwest::Method::GET, "/collections/theirs", Value::Null)
         .await;
     assert_eq!(status, 200, "still there: {body}");
+
+    // A server too old to keep collection metadata, or one that is not
+    // Qdrant: refused before anything is written.
+    let old = Qdrant::announcing(Some("1.15.4"));
+    let (status, _, body) = old
+        .app(&[])
+        .post(
+            "/v1/rag/documents",
+            json!({"texts": ["Owls hunt at night."]}),
+        )
+        .await;
+    assert_eq!(status, 500, "{body}");
+    let (status, body) = old
+        .call(reqwest::Method::GET, "/collections", Value::Null)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["result"]["collections"], json!([]), "nothing was made");
+    let data = tempfile::tempdir().unwrap();
+    let not_qdrant = rag_app(data.path(), &[("QDRANT_URL", "http://127.0.0.1:9/")]);
+    let (status, _, body) = not_qdrant
+        .post("/v1/rag/search", json!({"query": "owls"}))
+        .await;
+    assert_eq!(status, 503, "nothing listens on port 9: {body}");
 
     // A wrong key: the request fails as the server's fault, and says why in the log.
     let data = tempfile::tempdir().unwrap();
