@@ -23,7 +23,7 @@ cargo test --release --locked
 (cd fuzz && cargo fmt --check)
 scripts/fuzz_parsers.sh "${LLMSERVICE_FUZZ_SECONDS_EACH:-20}"
 
-.venv/bin/pytest -q tests/compat
+.venv/bin/pytest -q --durations=12 tests/compat
 # The chat, streaming, tools and embeddings cases again, through a second
 # llmservice whose tiers are served by the first ({TIER}_BACKEND=openai): every
 # answer must pass through unchanged. (The two long grammar sweeps test our
