@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import re
 import threading
 import time
@@ -188,6 +189,15 @@ def main() -> None:
     # a test wants an older server.
     parser.add_argument("--version", default=importlib.metadata.version("qdrant-client"))
     args = parser.parse_args()
+    # Gone with the test process that started it, even when that one crashes.
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
     handler = serve(Store(args.path), args.api_key, args.version)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     args.port_file.write_text(str(server.server_address[1]))
