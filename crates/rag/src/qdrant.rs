@@ -40,6 +40,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::collection::Prepared;
+use crate::dense::dot;
 use crate::store::{PageRequest, PointQuery, Store, StoredDocument};
 use crate::{
     BoxFuture, ChunkText, CollectionMeta, CollectionStats, DocumentPage, DocumentSummary, Encoded,
@@ -522,7 +523,7 @@ fn batches(points: Vec<Value>) -> Vec<Vec<Value>> {
 
 /// BM25's term-frequency part for each distinct token of a chunk, its
 /// length normalized by the collection's chunk size (Qdrant adds IDF).
-pub(crate) fn bm25_weights(tokens: &[u32], average_length: f32) -> (Vec<u32>, Vec<f32>) {
+fn bm25_weights(tokens: &[u32], average_length: f32) -> (Vec<u32>, Vec<f32>) {
     let mut counts: HashMap<u32, f32> = HashMap::new();
     for &token in tokens {
         *counts.entry(token).or_default() += 1.0;
@@ -651,10 +652,6 @@ fn id_text(id: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 impl Store for QdrantStore {

@@ -162,6 +162,14 @@ async fn nothing_relevant_means_no_sources_and_the_model_is_told() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["results"], json!([]));
+    let (status, list) = app.get("/v1/rag/documents").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["data"], json!([]));
+    let (status, list) = app.get("/v1/rag/documents?collection=other").await;
+    assert_eq!(
+        status, 404,
+        "only the default collection is empty before use: {list}"
+    );
     ingest_seed(&app).await;
     let (status, _, body) = app
         .post(

@@ -52,17 +52,17 @@ pub async fn list_documents(
         None => None,
     };
     let name = collection_name(query.collection.as_ref());
-    if library.meta(name).await?.is_none() {
-        if name == DEFAULT_COLLECTION {
-            return Ok(axum::Json(
-                json!({"object": "list", "data": [], "next_offset": null}),
-            ));
-        }
-        return Err(rag::Library::not_found(name).into());
-    }
-    let page = library
+    let page = match library
         .documents(name, filter, limit, query.offset.clone())
-        .await?;
+        .await
+    {
+        // Before the first ingest the default collection is empty, not missing.
+        Err(rag::RagError::NotFound(_)) if name == DEFAULT_COLLECTION => rag::DocumentPage {
+            documents: Vec::new(),
+            next_offset: None,
+        },
+        page => page?,
+    };
     Ok(axum::Json(json!({
         "object": "list",
         "data": page.documents,
