@@ -40,7 +40,7 @@ pub use backend::{Engine, EngineConfig, ModelInfo};
 /// Whether this build can offload layers to a GPU.
 pub const GPU_BUILD: bool = cfg!(any(feature = "cuda", feature = "vulkan", feature = "metal"));
 #[cfg(feature = "llama")]
-pub use constraint::{with_json_options, CompiledConstraint, Constraint};
+pub use constraint::{any_json_object, with_json_options, CompiledConstraint, Constraint};
 #[cfg(feature = "llama")]
 pub use embed::{normalize, EmbedOutputs, Embedding, PendingEmbeddings, Pooling};
 pub use error::EngineError;

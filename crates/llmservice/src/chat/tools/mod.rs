@@ -286,7 +286,7 @@ pub fn output_constraint(req: &ChatCompletionRequest) -> Result<Option<Constrain
                         // llama-cpp-python's extension: a schema next to the type.
                         match format.get("schema") {
                             Some(schema @ Value::Object(_)) => schema.clone(),
-                            _ => json!({"type": "object"}),
+                            _ => engine::any_json_object(),
                         },
                     )),
                     Some("json_schema") => {

@@ -125,7 +125,14 @@ fn reads_response_formats() {
         json!({"response_format": {"type": "json_object"}}),
     ))
     .unwrap();
-    assert_eq!(c, Some(Constraint::JsonSchema(json!({"type": "object"}))));
+    assert_eq!(c, Some(Constraint::JsonSchema(engine::any_json_object())));
+    // llama-cpp-python's schema next to the type is the schema.
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+    let c = output_constraint(&request(
+        json!({"response_format": {"type": "json_object", "schema": schema}}),
+    ))
+    .unwrap();
+    assert_eq!(c, Some(Constraint::JsonSchema(schema)));
     let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
     let c = output_constraint(&request(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}}))).unwrap();
     assert_eq!(c, Some(Constraint::JsonSchema(schema)));
