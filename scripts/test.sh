@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test: formatting and lints, the Rust unit and integration tests (release
 # build, real models from ../shared/models; the Qdrant tests' stand-in server
-# runs on the suite's Python), 20 seconds of libFuzzer on each
+# runs on the suite's Python), 10 seconds of libFuzzer on each
 # parser of untrusted bytes (scripts/fuzz_parsers.sh), then the openai-python
 # compatibility suite against the real binary (with a one-minute soak and the
 # fault tests).
@@ -36,7 +36,7 @@ stage "build"
 cargo test --release --locked
 stage "cargo-test"
 (cd fuzz && cargo fmt --check)
-scripts/fuzz_parsers.sh "${LLMSERVICE_FUZZ_SECONDS_EACH:-20}"
+scripts/fuzz_parsers.sh "${LLMSERVICE_FUZZ_SECONDS_EACH:-10}"
 stage "fuzz"
 
 .venv/bin/pytest -q --durations=12 tests/compat

@@ -72,7 +72,8 @@ def test_parse_with_a_pydantic_model(client):
 def test_json_object_format(client):
     response = client.responses.create(
         model="light",
-        input="Describe a cat as JSON.",
+        # A small object: see test_structured.SMALL_OBJECT.
+        input="Describe a cat as a JSON object with its name and age.",
         text={"format": {"type": "json_object"}},
         max_output_tokens=200,
         temperature=0,

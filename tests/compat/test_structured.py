@@ -221,10 +221,18 @@ def test_streamed_tool_calls_accumulate_through_sdk_helpers(client):
     assert json.loads(plain.choices[0].message.tool_calls[0].function.arguments) == json.loads(call.function.arguments)
 
 
+# Free-form prompts ("Describe a cat as JSON.") send a 135M model down a path
+# that finishes or loops depending on the CPU's rounding and on which prompt
+# prefix the KV cache reused (about 1 in 8 loop; BENCHMARKS.md, constrained
+# output): these cases test the mode, so they ask for a small object, which
+# finished for 30 of 30 seeds at temperature 0.7.
+SMALL_OBJECT = "Describe a cat as a JSON object with its name and age."
+
+
 def test_json_object_mode_parses(client):
     resp = client.chat.completions.create(
         model="light",
-        messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+        messages=[{"role": "user", "content": SMALL_OBJECT}],
         response_format={"type": "json_object"},
         temperature=0,
         max_tokens=400,
