@@ -28,6 +28,10 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub repeat_penalty: Option<f32>,
+    /// llama-server's and Ollama's: how many of the latest tokens the
+    /// repetition penalties look back over (64 unless set; 0 disables them;
+    /// -1 means the whole context).
+    pub repeat_last_n: Option<i32>,
     pub logit_bias: Option<HashMap<String, f32>>,
     pub n: Option<u32>,
     /// `true` (chat) or a number of alternatives (legacy completions).

@@ -49,6 +49,7 @@ pub fn key_for(
         "top_k": sampling.top_k.unwrap_or(defaults.top_k),
         "min_p": sampling.min_p.unwrap_or(defaults.min_p),
         "repeat_penalty": sampling.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+        "repeat_last_n": sampling.repeat_last_n,
         "presence_penalty": sampling.presence_penalty.unwrap_or(0.0),
         "frequency_penalty": sampling.frequency_penalty.unwrap_or(0.0),
         "seed": sampling.seed,

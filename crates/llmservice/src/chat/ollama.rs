@@ -117,6 +117,7 @@ fn body(
         ("top_p", "top_p"),
         ("min_p", "min_p"),
         ("repeat_penalty", "repeat_penalty"),
+        ("repeat_last_n", "repeat_last_n"),
         ("presence_penalty", "presence_penalty"),
         ("frequency_penalty", "frequency_penalty"),
         ("seed", "seed"),

@@ -63,6 +63,12 @@ pub fn validate(sampling: &SamplingFields) -> Result<(), RequestError> {
             "repeat_penalty must be greater than 0 (1 disables it)",
         ));
     }
+    if sampling.repeat_last_n.is_some_and(|n| n < -1) {
+        return Err(RequestError::invalid(
+            "repeat_last_n",
+            "repeat_last_n must be -1 (the whole context), 0 (no penalties) or positive",
+        ));
+    }
     if sampling.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
         return Err(RequestError::invalid(
             "top_logprobs",
@@ -153,6 +159,12 @@ pub fn build_request(
         repeat_penalty: sampling.repeat_penalty.unwrap_or(defaults.repeat_penalty),
         presence_penalty: sampling.presence_penalty.unwrap_or(0.0),
         frequency_penalty: sampling.frequency_penalty.unwrap_or(0.0),
+        // A window longer than the context would look back over nothing more.
+        penalty_last_n: match sampling.repeat_last_n {
+            None => SamplingParams::default().penalty_last_n,
+            Some(-1) => i32::try_from(n_ctx).unwrap_or(i32::MAX),
+            Some(n) => n.min(i32::try_from(n_ctx).unwrap_or(i32::MAX)),
+        },
         // Seeds are 64-bit on the wire and 32-bit in llama.cpp: fold, never reject.
         seed: sampling
             .seed
@@ -163,7 +175,6 @@ pub fn build_request(
             .flatten()
             .filter_map(|(k, v)| Some((k.parse().ok()?, *v)))
             .collect(),
-        ..SamplingParams::default()
     };
     Ok(GenerateRequest {
         prompt,

@@ -26,6 +26,7 @@ async fn bad_parameters_are_400_naming_the_field() {
         (json!({"n": 0}), "n"),
         (json!({"n": 4294967295u64}), "n"),
         (json!({"repeat_penalty": 0}), "repeat_penalty"),
+        (json!({"repeat_last_n": -2}), "repeat_last_n"),
         (json!({"logit_bias": {"99999999": 5}}), "logit_bias"),
         (json!({"messages": []}), "messages"),
         (

@@ -128,10 +128,22 @@ async fn the_tier_repeat_penalty_applies_unless_the_request_sets_one() {
     let (_, _, greedy) = app.post("/v1/completions", body(Some(1.0))).await;
     let (_, _, strong) = app.post("/v1/completions", body(Some(1.8))).await;
     assert_ne!(
-        text(strong),
-        text(greedy),
+        text(strong.clone()),
+        text(greedy.clone()),
         "a penalty changes a repetitive answer"
     );
+    // llama-server's repeat_last_n: the window the penalty looks back over.
+    let windowed = |n: i32| {
+        let mut b = body(Some(1.8));
+        b["repeat_last_n"] = json!(n);
+        b
+    };
+    let (_, _, none) = app.post("/v1/completions", windowed(0)).await;
+    assert_eq!(text(none), text(greedy), "an empty window is no penalty");
+    let (_, _, sixty_four) = app.post("/v1/completions", windowed(64)).await;
+    assert_eq!(text(sixty_four), text(strong.clone()), "the default is 64");
+    let (_, _, whole) = app.post("/v1/completions", windowed(-1)).await;
+    assert_eq!(text(whole), text(strong), "-1 covers this short answer too");
 }
 
 #[tokio::test]
