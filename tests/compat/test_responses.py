@@ -8,6 +8,7 @@ import json
 
 import openai
 import pytest
+from compat_helpers import SMALL_OBJECT
 from pydantic import BaseModel
 
 WEATHER = {
@@ -72,8 +73,7 @@ def test_parse_with_a_pydantic_model(client):
 def test_json_object_format(client):
     response = client.responses.create(
         model="light",
-        # A small object: see test_structured.SMALL_OBJECT.
-        input="Describe a cat as a JSON object with its name and age.",
+        input=SMALL_OBJECT,
         text={"format": {"type": "json_object"}},
         max_output_tokens=200,
         temperature=0,

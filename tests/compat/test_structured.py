@@ -17,6 +17,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+from compat_helpers import SMALL_OBJECT
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -219,14 +220,6 @@ def test_streamed_tool_calls_accumulate_through_sdk_helpers(client):
         max_tokens=200,
     )
     assert json.loads(plain.choices[0].message.tool_calls[0].function.arguments) == json.loads(call.function.arguments)
-
-
-# Free-form prompts ("Describe a cat as JSON.") send a 135M model down a path
-# that finishes or loops depending on the CPU's rounding and on which prompt
-# prefix the KV cache reused (about 1 in 8 loop; BENCHMARKS.md, constrained
-# output): these cases test the mode, so they ask for a small object, which
-# finished for 30 of 30 seeds at temperature 0.7.
-SMALL_OBJECT = "Describe a cat as a JSON object with its name and age."
 
 
 def test_json_object_mode_parses(client):

@@ -159,11 +159,17 @@ pub fn build_request(
         repeat_penalty: sampling.repeat_penalty.unwrap_or(defaults.repeat_penalty),
         presence_penalty: sampling.presence_penalty.unwrap_or(0.0),
         frequency_penalty: sampling.frequency_penalty.unwrap_or(0.0),
-        // A window longer than the context would look back over nothing more.
+        // -1 is the whole context; a longer window would see nothing more.
         penalty_last_n: match sampling.repeat_last_n {
             None => SamplingParams::default().penalty_last_n,
-            Some(-1) => i32::try_from(n_ctx).unwrap_or(i32::MAX),
-            Some(n) => n.min(i32::try_from(n_ctx).unwrap_or(i32::MAX)),
+            Some(n) => {
+                let context = i32::try_from(n_ctx).unwrap_or(i32::MAX);
+                if n == -1 {
+                    context
+                } else {
+                    n.min(context)
+                }
+            }
         },
         // Seeds are 64-bit on the wire and 32-bit in llama.cpp: fold, never reject.
         seed: sampling
