@@ -17,13 +17,14 @@ mod response_cache;
 mod sse;
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(cors(&state.settings.cors_allow_origins))
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
+        .layer(middleware::from_fn(close_after_unread_body))
         .with_state(state)
 }
 
@@ -246,6 +248,60 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
         response = response.map(|inner| Body::new(Tracked { inner, _done: done }));
     }
     response.into_response()
+}
+
+/// Marks a refusal `Connection: close` when the request's body was not read
+/// to its end (over the size limit, or refused before it was read). hyper
+/// closes such a connection after the response; without the header a client
+/// that pools connections sends its next request into the closed socket and
+/// gets "server disconnected without sending a response" instead of an answer.
+async fn close_after_unread_body(request: Request, next: Next) -> Response {
+    let read = Arc::new(AtomicBool::new(request.body().is_end_stream()));
+    let request = request.map(|inner| {
+        Body::new(ReadToEnd {
+            inner,
+            read: read.clone(),
+        })
+    });
+    let mut response = next.run(request).await;
+    let refused = response.status().is_client_error() || response.status().is_server_error();
+    if refused && !read.load(Ordering::Relaxed) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct ReadToEnd {
+    inner: Body,
+    read: Arc<AtomicBool>,
+}
+
+impl HttpBody for ReadToEnd {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.read.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body that records its request's analytics when dropped.

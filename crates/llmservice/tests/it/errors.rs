@@ -109,7 +109,7 @@ async fn unknown_model_is_404_listing_what_exists() {
 async fn oversized_body_is_413() {
     let app = TestApp::new(&[("MAX_BODY_BYTES", "1000")]);
     let big = "x".repeat(5000);
-    let (status, _, body) = app
+    let (status, headers, body) = app
         .post(
             "/v1/chat/completions",
             chat(json!({"messages": [{"role": "user", "content": big}]})),
@@ -117,6 +117,26 @@ async fn oversized_body_is_413() {
         .await;
     assert_eq!(status, 413);
     assert_eq!(error_of(&body)["code"], "request_too_large");
+    // Read whole, it needs no more from the connection.
+    assert!(headers.get("connection").is_none(), "{headers:?}");
+    // Sent in pieces, as over a network, the rest of the body is never read,
+    // so the connection cannot carry another request: the client is told so
+    // instead of finding it closed.
+    let pieces = (0..10).map(|_| Ok::<_, std::io::Error>(vec![b' '; 500]));
+    let request = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {OPERATOR_KEY}"))
+        .body(Body::from_stream(futures_util::stream::iter(pieces)))
+        .unwrap();
+    let (status, headers, _) = app.send(request).await;
+    assert_eq!(status, 413);
+    assert_eq!(headers["connection"], "close");
+    // A refusal that read the whole body keeps the connection.
+    let (status, headers, _) = app
+        .post("/v1/chat/completions", chat(json!({"temperature": "hot"})))
+        .await;
+    assert_eq!(status, 400);
+    assert!(headers.get("connection").is_none(), "{headers:?}");
 }
 
 #[tokio::test]
