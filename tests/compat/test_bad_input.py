@@ -223,6 +223,9 @@ def test_bodies_over_the_limit_are_413(http):
     for route in ("/v1/completions", "/v1/messages", "/api/generate"):
         response = http.post(route, content=huge, headers={"content-type": "application/json"})
         assert response.status_code == 413, route
+        # The rest of the body is unread, so the connection closes: said, so a
+        # pooled client does not send its next request into it.
+        assert response.headers.get("connection") == "close", route
         check_shape(ROUTES[route], response.json())
     assert http.get("/health").status_code == 200
 
