@@ -245,7 +245,12 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
             status,
             started,
         };
-        response = response.map(|inner| Body::new(Tracked { inner, _done: done }));
+        response = response.map(|inner| {
+            Body::new(Watched {
+                inner,
+                watcher: done,
+            })
+        });
     }
     response.into_response()
 }
@@ -258,9 +263,9 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
 async fn close_after_unread_body(request: Request, next: Next) -> Response {
     let read = Arc::new(AtomicBool::new(request.body().is_end_stream()));
     let request = request.map(|inner| {
-        Body::new(ReadToEnd {
+        Body::new(Watched {
             inner,
-            read: read.clone(),
+            watcher: BodyRead(read.clone()),
         })
     });
     let mut response = next.run(request).await;
@@ -273,13 +278,19 @@ async fn close_after_unread_body(request: Request, next: Next) -> Response {
     response
 }
 
-/// A request body that notes when it has been read to its end.
-struct ReadToEnd {
+/// A body passed through unchanged to a watcher, which is told when the body
+/// has been read to its end and is dropped with it.
+struct Watched<W> {
     inner: Body,
-    read: Arc<AtomicBool>,
+    watcher: W,
 }
 
-impl HttpBody for ReadToEnd {
+trait Watcher: Unpin + Send + 'static {
+    /// The body has been read to its end.
+    fn ended(&self) {}
+}
+
+impl<W: Watcher> HttpBody for Watched<W> {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -290,7 +301,7 @@ impl HttpBody for ReadToEnd {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
-            this.read.store(true, Ordering::Relaxed);
+            this.watcher.ended();
         }
         polled
     }
@@ -304,38 +315,24 @@ impl HttpBody for ReadToEnd {
     }
 }
 
-/// A response body that records its request's analytics when dropped.
-struct Tracked {
-    inner: Body,
-    _done: RecordWhenDropped,
-}
+/// Set once a request's body has been read to its end.
+struct BodyRead(Arc<AtomicBool>);
 
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+impl Watcher for BodyRead {
+    fn ended(&self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
+/// Records its request's analytics when the response body is dropped.
 struct RecordWhenDropped {
     analytics: Arc<Analytics>,
     ledger: Arc<Ledger>,
     status: u16,
     started: Instant,
 }
+
+impl Watcher for RecordWhenDropped {}
 
 impl Drop for RecordWhenDropped {
     fn drop(&mut self) {
