@@ -39,7 +39,11 @@ if [ ! -x "$server" ]; then
         "llama-cpp-python==$LCP_VERSION" -d "$work"
     tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
     src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
-    cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    # Built without AMX where the CPU reports it, as our own build is
+    # (.cargo/config.toml: its kernels die with SIGILL on such VMs).
+    no_amx=""
+    grep -qw amx_tile /proc/cpuinfo && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CFLAGS="$no_amx" CXXFLAGS="$no_amx" cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >/dev/null
     cmake --build "$work/build" --target llama-server -j "$(nproc)" >/dev/null

@@ -308,6 +308,9 @@ impl<D: Decoder> Scheduler<D> {
                 }
                 self.decoder.kv_clear();
                 self.slots.iter_mut().for_each(|s| s.cached.clear());
+            } else if free == self.slots.len() && self.waiting.len() == group_size {
+                let tokens = front.tokens.clone();
+                self.spill_idle_prefixes(&tokens);
             }
             for member in 0..group_size {
                 let seq = self.waiting.pop_front().expect("counted above");
@@ -410,6 +413,32 @@ impl<D: Decoder> Scheduler<D> {
         } else {
             (0, false)
         }
+    }
+
+    /// Before an idle engine runs one request alone, moves the cached prefixes
+    /// of every slot but the one it will take to host memory (when it keeps
+    /// prefixes there). Attention reads every KV cell up to the highest one in
+    /// use, and llama.cpp splits a lone token's attention over that span in
+    /// equal parts per thread: idle prefixes there cost a lone stream up to a
+    /// sixth of its speed with 16 slots (BENCHMARKS.md, 2026-12-07). Their
+    /// conversations come back from host memory, a copy instead of a recompute.
+    fn spill_idle_prefixes(&mut self, tokens: &[LlamaToken]) {
+        let Some(taken) = self.best_free_slot(tokens) else {
+            return;
+        };
+        if self.host.budget() == 0 {
+            return;
+        }
+        // A saved prefix the prompt will load is not pushed out by these copies.
+        let shared = common_prefix(&self.slots[taken].cached, tokens);
+        let wanted = self.host.find(tokens, shared);
+        self.host.pin(wanted);
+        for i in 0..self.slots.len() {
+            if i != taken && self.slots[i].active.is_none() && !self.slots[i].cached.is_empty() {
+                self.drop_prefix(i);
+            }
+        }
+        self.host.pin(None);
     }
 
     /// Loads host entry `id` into empty slot `slot_idx`, which then holds its

@@ -547,6 +547,61 @@ fn a_prefix_overwritten_in_its_slot_returns_from_host_memory() {
 }
 
 #[test]
+fn a_request_alone_on_an_idle_engine_moves_the_other_prefixes_to_host_memory() {
+    let mut s = with_host_cache(4, 64, 1000, 1 << 20);
+    let held = |s: &Scheduler<Fake>| s.decoder.kv.values().filter(|kv| !kv.is_empty()).count();
+    let a = tokens(100..140);
+    let b = tokens(200..240);
+    ask_one(&mut s, &a, 0);
+    // b arrives alone: a's 40 tokens go to host memory and leave the KV cache,
+    // so b's attention spans its own cells only.
+    ask_one(&mut s, &b, 1);
+    assert!(
+        matches!(
+            s.decoder.ops[..],
+            [KvOp::Save { n: 40, seq }, KvOp::Rm { seq: rm, from: None }, ..] if seq == rm
+        ),
+        "{:?}",
+        s.decoder.ops
+    );
+    assert_eq!(held(&s), 1);
+    // b's follow-up continues b where it is: nothing copied either way.
+    let mut b2 = b.clone();
+    b2.extend([7, 8]);
+    let usage = ask_one(&mut s, &b2, 2);
+    assert_eq!(usage.cached_tokens, 40);
+    assert!(
+        !s.decoder
+            .ops
+            .iter()
+            .any(|op| matches!(op, KvOp::Save { .. } | KvOp::Load { .. })),
+        "{:?}",
+        s.decoder.ops
+    );
+    // a's follow-up comes back from host memory, b's prefix saved in turn.
+    let mut a2 = a.clone();
+    a2.extend([7, 8]);
+    let usage = ask_one(&mut s, &a2, 3);
+    assert_eq!(usage.cached_tokens, 40);
+    assert_eq!(s.stats.host_hits.load(Ordering::Relaxed), 1);
+    assert!(
+        s.decoder
+            .ops
+            .iter()
+            .any(|op| matches!(op, KvOp::Load { n: 40, .. })),
+        "{:?}",
+        s.decoder.ops
+    );
+    assert_eq!(held(&s), 1);
+
+    // Without host memory the prefixes stay where they are.
+    let mut s = scheduler(4, 64, 1000);
+    ask_one(&mut s, &a, 0);
+    ask_one(&mut s, &b, 1);
+    assert_eq!(held(&s), 2);
+}
+
+#[test]
 fn a_prefix_larger_than_the_host_budget_is_not_copied() {
     // 100 bytes hold 25 of the fake's 4-byte tokens: a 40-token prefix is
     // dropped as before, without a copy made only to be thrown away.
