@@ -299,18 +299,20 @@ impl<D: Decoder> Scheduler<D> {
             if free < group_size {
                 return;
             }
-            if !front.reuse_prefix && free == self.slots.len() {
-                // A seeded request on an idle engine starts from an empty cache: where
-                // its cells land in the KV buffer changes the order of attention's
-                // sums, and with it what a seeded sampler draws.
-                for i in 0..self.slots.len() {
-                    self.save_prefix(i);
+            if free == self.slots.len() {
+                if !front.reuse_prefix {
+                    // A seeded request on an idle engine starts from an empty cache: where
+                    // its cells land in the KV buffer changes the order of attention's
+                    // sums, and with it what a seeded sampler draws.
+                    for i in 0..self.slots.len() {
+                        self.save_prefix(i);
+                    }
+                    self.decoder.kv_clear();
+                    self.slots.iter_mut().for_each(|s| s.cached.clear());
+                } else if self.waiting.len() == group_size {
+                    let tokens = front.tokens.clone();
+                    self.spill_idle_prefixes(&tokens);
                 }
-                self.decoder.kv_clear();
-                self.slots.iter_mut().for_each(|s| s.cached.clear());
-            } else if free == self.slots.len() && self.waiting.len() == group_size {
-                let tokens = front.tokens.clone();
-                self.spill_idle_prefixes(&tokens);
             }
             for member in 0..group_size {
                 let seq = self.waiting.pop_front().expect("counted above");
@@ -423,12 +425,12 @@ impl<D: Decoder> Scheduler<D> {
     /// sixth of its speed with 16 slots (BENCHMARKS.md, 2026-12-07). Their
     /// conversations come back from host memory, a copy instead of a recompute.
     fn spill_idle_prefixes(&mut self, tokens: &[LlamaToken]) {
-        let Some(taken) = self.best_free_slot(tokens) else {
-            return;
-        };
         if self.host.budget() == 0 {
             return;
         }
+        let Some(taken) = self.best_free_slot(tokens) else {
+            return;
+        };
         // A saved prefix the prompt will load is not pushed out by these copies.
         let shared = common_prefix(&self.slots[taken].cached, tokens);
         let wanted = self.host.find(tokens, shared);
