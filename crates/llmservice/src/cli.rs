@@ -83,7 +83,7 @@ pub struct ServeArgs {
     /// Directory for the service's own state [env: DATA_DIR, LLM_SERVICE_DATA_DIR] [default: ~/.llmservice]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Log filter, e.g. info or debug [env: LOG_LEVEL] [default: info]
+    /// Log level (trace, debug, info, warn(ing), error, critical, off) or filter [env: LOG_LEVEL] [default: info]
     #[arg(long)]
     pub log_level: Option<String>,
     /// Largest request body accepted, in bytes [env: MAX_BODY_BYTES] [default: 10485760]

@@ -18,6 +18,12 @@ pub struct CompletionRequest {
     pub sampling: SamplingFields,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
+    /// `json_object` or `json_schema` constrain the text as in chat (llama-server
+    /// accepts the same here).
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
+    /// llama.cpp GBNF grammar the text must follow (root rule `root`).
+    pub grammar: Option<String>,
     pub best_of: Option<u32>,
     /// Fields this server does not read: ignored here, passed on to an
     /// upstream tier.

@@ -1,13 +1,13 @@
 //! Who may call which route. Three families: open routes (`/health`, the
 //! OpenAPI document and its UI), the API (`/v1`, Ollama's `/api`, the
-//! tokenizer, embeddings, rerank, metrics), which needs a key when the
-//! server listens beyond loopback or `REQUIRE_API_KEY=true`, and the
-//! operator's routes (`/admin`, `/internal`, model load / unload), which
-//! always do, and only the operator's keys open them (a named key gets
-//! 403). A key comes as `Authorization: Bearer <key>` or `x-api-key`.
-//! Where no key is needed, whatever a client sends is ignored (the seeds'
-//! clients send `api_key="not-needed"`), except that a named key still
-//! counts its use.
+//! tokenizer, embeddings, rerank, metrics, the cache's counters), which
+//! needs a key when the server listens beyond loopback or
+//! `REQUIRE_API_KEY=true`, and the operator's routes (`/admin`, the rest of
+//! `/internal`, model load / unload), which always do, and only the
+//! operator's keys open them (a named key gets 403). A key comes as
+//! `Authorization: Bearer <key>` or `x-api-key`. Where no key is needed,
+//! whatever a client sends is ignored (the seeds' clients send
+//! `api_key="not-needed"`), except that a named key still counts its use.
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -34,6 +34,9 @@ fn access(method: &Method, path: &str) -> Access {
         // comes from `/admin/api`, with the key the operator types in.
         "/admin" | "/admin/" => Access::Open,
         _ if path.starts_with("/admin/assets/") => Access::Open,
+        // Seed 001 reads the cache's counters as a client would, with no key
+        // on loopback: they are numbers, as `/metrics` is.
+        "/internal/cache/stats" if method == Method::GET => Access::Api,
         _ if path.starts_with("/admin") || path.starts_with("/internal/") => Access::Operator,
         // `POST /v1/models/{id}/load` and `/unload`.
         _ if path.starts_with("/v1/models/") && method == Method::POST => Access::Operator,
@@ -56,7 +59,7 @@ pub fn is_operator_route(method: &Method, path: &str) -> bool {
 /// Whether a request on `path` counts in the dashboard's analytics: the API
 /// routes clients call, not the operator's, the open ones, or scrapes.
 pub fn counts_in_analytics(method: &Method, path: &str) -> bool {
-    access(method, path) == Access::Api && path != "/metrics"
+    access(method, path) == Access::Api && path != "/metrics" && !path.starts_with("/internal/")
 }
 
 /// The key a request carries, if any.
@@ -187,7 +190,8 @@ mod tests {
         assert_eq!(access(&get, "/docsx"), Access::Api);
         assert_eq!(access(&get, "/v1/models/light"), Access::Api);
         assert_eq!(access(&post, "/v1/models/light/load"), Access::Operator);
-        assert_eq!(access(&get, "/internal/cache/stats"), Access::Operator);
+        assert_eq!(access(&get, "/internal/cache/stats"), Access::Api);
+        assert_eq!(access(&get, "/internal/other"), Access::Operator);
         assert_eq!(access(&get, "/admin/api/keys"), Access::Operator);
         assert_eq!(access(&get, "/admin"), Access::Open);
         assert_eq!(access(&get, "/admin/assets/app.js"), Access::Open);

@@ -174,6 +174,8 @@ pub struct CacheStats {
     /// timer buckets, so this (and `bytes`) may briefly include a few that
     /// `get` already refuses.
     pub entries: u64,
+    /// `entries` under the name seed 001's stats used.
+    pub size: u64,
     /// Memory-tier entries dropped (or refused) to stay within `max_entries`.
     pub evictions: u64,
     /// Serialized JSON bytes held by the memory tier.
@@ -482,6 +484,7 @@ impl ResponseCache {
             hits: self.counters.hits.load(Relaxed),
             misses: self.counters.misses.load(Relaxed),
             entries,
+            size: entries,
             evictions: self.counters.evictions.load(Relaxed),
             bytes: self.counters.bytes.load(Relaxed),
             disk,

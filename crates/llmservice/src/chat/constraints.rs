@@ -34,7 +34,7 @@ pub async fn compile_for(
 
 /// Compiles what the request asked for; one that cannot be compiled is the
 /// client's 400, naming `param`.
-async fn compile(
+pub async fn compile(
     engine: &Arc<Engine>,
     constraint: Constraint,
     param: &'static str,

@@ -21,7 +21,7 @@ use crate::error::RequestError;
 use crate::generation;
 use crate::wire::{ChatCompletionRequest, SamplingFields};
 
-pub use constraints::compile_for;
+pub use constraints::{compile, compile_for};
 pub use messages::prepare_messages;
 pub use prompt::ChatPrompt;
 pub use rounds::Rounds;
@@ -46,7 +46,8 @@ impl ChatJob {
         generation::validate(&req.sampling)?;
         let messages = prepare_messages(&req.messages)?;
         let plan = tools::plan(req)?;
-        let output = tools::output_constraint(req)?;
+        let output =
+            tools::output_constraint(req.response_format.as_ref(), req.grammar.as_deref())?;
         if output.is_some() && plan.as_ref().is_some_and(ToolPlan::active) {
             return Err(RequestError::unsupported(
                 output_param(req),

@@ -286,6 +286,28 @@ where
     }
 }
 
+/// `LOG_LEVEL` as a tracing filter. The seeds set Python's level names
+/// (`INFO`, `WARNING`, `DEBUG`); tracing calls two of them differently, and
+/// would read any other bare word as the name of a module to log, silently
+/// logging nothing else. So a bare word must be a level; a value with `=` or
+/// `,` is a filter directive and passes through.
+fn log_filter(value: &str) -> Result<String, ConfigError> {
+    let level = value.trim().to_ascii_lowercase();
+    if level.contains(['=', ',']) {
+        return Ok(level);
+    }
+    match level.as_str() {
+        "trace" | "debug" | "info" | "warn" | "error" | "off" => Ok(level),
+        "warning" => Ok("warn".to_owned()),
+        "critical" | "fatal" => Ok("error".to_owned()),
+        _ => Err(ConfigError::new(
+            "LOG_LEVEL",
+            value,
+            "expected trace, debug, info, warn(ing), error, critical or off",
+        )),
+    }
+}
+
 fn parse_bool(env: &dyn Env, name: &str) -> Result<Option<bool>, ConfigError> {
     match env.get(name) {
         None => Ok(None),
@@ -431,17 +453,12 @@ impl Settings {
             },
             models_dir,
             data_dir,
-            log_level: args
-                .log_level
-                .clone()
-                .or_else(|| env.get("LOG_LEVEL"))
+            log_level: match args.log_level.clone().or_else(|| env.get("LOG_LEVEL")) {
+                Some(value) => log_filter(&value)?,
                 // Seed 002's VERBOSE=true.
-                .or_else(|| {
-                    (parse_bool(env, "VERBOSE").ok().flatten() == Some(true))
-                        .then(|| "debug".to_owned())
-                })
-                .unwrap_or_else(|| "info".to_owned())
-                .to_ascii_lowercase(),
+                None if parse_bool(env, "VERBOSE")? == Some(true) => "debug".to_owned(),
+                None => "info".to_owned(),
+            },
             max_body_bytes: match args.max_body_bytes {
                 Some(n) => n,
                 None => parse(env, &["MAX_BODY_BYTES"])?.unwrap_or(10 * 1024 * 1024),
@@ -578,6 +595,33 @@ mod tests {
         assert_eq!(s.port, 8000);
         assert_eq!(s.models_dir, PathBuf::from("/home/u/.llmservice/models"));
         assert!(s.tiers.is_empty());
+    }
+
+    #[test]
+    fn log_level_takes_the_seeds_python_level_names() {
+        let level = |value: &str| {
+            Settings::resolve(&ServeArgs::default(), &[("LOG_LEVEL", value)])
+                .map(|s| s.log_level)
+                .map_err(|e| e.to_string())
+        };
+        for (value, filter) in [
+            ("INFO", "info"),
+            ("WARNING", "warn"),
+            ("Warn", "warn"),
+            ("CRITICAL", "error"),
+            ("DEBUG", "debug"),
+            ("info,llmservice=debug", "info,llmservice=debug"),
+        ] {
+            assert_eq!(level(value).as_deref(), Ok(filter), "{value}");
+        }
+        // A bare word that is no level would log nothing at all: refused.
+        let error = level("verbose").unwrap_err();
+        assert!(
+            error.contains("LOG_LEVEL") && error.contains("warn"),
+            "{error}"
+        );
+        let verbose = Settings::resolve(&ServeArgs::default(), &[("VERBOSE", "true")]).unwrap();
+        assert_eq!(verbose.log_level, "debug");
     }
 
     #[test]

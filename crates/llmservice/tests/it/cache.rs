@@ -87,6 +87,7 @@ async fn a_deterministic_answer_is_served_again_as_json_and_as_a_stream() {
     let (_, served) = app.get("/internal/cache/stats").await;
     assert_eq!(served["hits"], 2);
     assert_eq!(served["entries"], 1);
+    assert_eq!(served["size"], 1, "seed 001's name for the entries");
 }
 
 #[tokio::test]

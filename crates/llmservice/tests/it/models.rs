@@ -54,6 +54,12 @@ async fn lists_tiers_and_the_models_directory_with_kinds_and_states() {
     assert_eq!(status, 200);
     let (_, one) = app.get(&format!("/v1/models/{LIGHT_ID}")).await;
     assert_eq!(one["state"], "loaded");
+    // Retrieving takes any name a request's `model` may use.
+    for name in ["light", "SmolLM2-135M-Instruct-Q4_1"] {
+        let (status, one) = app.get(&format!("/v1/models/{name}")).await;
+        assert_eq!(status, 200, "{name}");
+        assert_eq!(one["id"], LIGHT_ID, "{name}");
+    }
     let (_, health) = app.get("/health").await;
     assert_eq!(health["status"], "healthy");
     assert!(health["timestamp"].is_string());

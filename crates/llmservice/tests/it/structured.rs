@@ -67,6 +67,70 @@ reason ::= [a-z]+ (" " [a-z]+){0,4} "."
 }
 
 #[tokio::test]
+async fn legacy_completions_follow_a_grammar_or_a_schema() {
+    let app = TestApp::new(&[]);
+    // Every choice of every prompt follows the grammar.
+    let (status, _, body) = app
+        .post(
+            "/v1/completions",
+            json!({"model": "light", "prompt": ["Is the sky blue?", "Is fire cold?"], "n": 2,
+                "temperature": 1.0, "seed": 3, "max_tokens": 8, "grammar": "root ::= \"yes\" | \"no\""}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for choice in choices {
+        let text = choice["text"].as_str().unwrap();
+        assert!(text == "yes" || text == "no", "{choice}");
+        assert_eq!(choice["finish_reason"], "stop", "{choice}");
+    }
+    // A schema, streamed: the text put together parses and fits it.
+    let schema = json!({"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"], "additionalProperties": false});
+    let (status, _, body) = app
+        .post(
+            "/v1/completions",
+            json!({"model": "light", "prompt": "Is the sky blue? Answer in JSON.", "stream": true, "max_tokens": 40,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let chunks = chunks_of(&body);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    let answer: Value = serde_json::from_str(&text).expect(&text);
+    assert!(
+        answer["answer"] == "yes" || answer["answer"] == "no",
+        "{text}"
+    );
+    assert_eq!(answer.as_object().unwrap().len(), 1, "{text}");
+    // What cannot be honoured is the client's 400, named.
+    for (bad, param) in [
+        (json!({"grammar": "root ::= missing-rule"}), "grammar"),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "response_format.type",
+        ),
+        (
+            json!({"grammar": "root ::= \"a\"", "response_format": {"type": "json_object"}}),
+            "grammar",
+        ),
+    ] {
+        let mut request = json!({"model": "light", "prompt": "Hi", "max_tokens": 4});
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let (status, _, body) = app.post("/v1/completions", request).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(error_of(&body)["param"], param, "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn hermes_tool_calls_stream_exactly_like_the_whole_answer() {
     let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen_template())]);
     let request = |stream: bool| {

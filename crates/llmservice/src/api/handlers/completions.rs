@@ -7,7 +7,8 @@ use futures_util::StreamExt as _;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use engine::{Engine, EventStream, TokenId};
+use engine::{CompiledConstraint, Engine, EventStream, TokenId};
+use serde_json::Value;
 
 use super::{respond, text_model, wants_to_wait, Delivery};
 use crate::analytics::Ledger;
@@ -15,6 +16,7 @@ use crate::api::answer::{AnswerHead, TextAnswer};
 use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::response_cache;
+use crate::chat::{self, tools};
 use crate::generation;
 use crate::keys::Caller;
 use crate::models::ModelEntry;
@@ -47,6 +49,7 @@ pub async fn completions(
             "best_of > 1 is not supported yet",
         ));
     }
+    let output = tools::output_constraint(req.response_format.as_ref(), req.grammar.as_deref())?;
     let entry = text_model(&state, &req.model).await?;
     let logprobs = completion_logprobs_request(&req.sampling)?;
     let head = AnswerHead::new("cmpl", &req.model, &req.sampling);
@@ -59,6 +62,9 @@ pub async fn completions(
         serde_json::json!({
             "prompt": serde_json::to_value(&req.prompt).unwrap_or_default(),
             "echo": req.echo,
+            // As text: a schema's property order is what the model writes.
+            "response_format": req.response_format.as_ref().map(Value::to_string),
+            "grammar": req.grammar,
             // Fields we do not read change an upstream's answer, not ours.
             "upstream_fields": entry.upstream.as_ref().map(|_| &req.extra),
         }),
@@ -87,7 +93,18 @@ pub async fn completions(
                 .registry
                 .engine(&entry, wants_to_wait(&headers))
                 .await?;
-            let (streams, echoes) = submit(&engine, &entry, &req, logprobs)?;
+            let constraint = match output {
+                Some(output) => {
+                    let param = if req.grammar.is_some() {
+                        "grammar"
+                    } else {
+                        "response_format"
+                    };
+                    Some(chat::compile(&engine, output, param).await?)
+                }
+                None => None,
+            };
+            let (streams, echoes) = submit(&engine, &entry, &req, logprobs, constraint)?;
             let choices = generation::start(streams, &state.metrics, &entry.id, started).await?;
             (generation::merge(choices, || None).left_stream(), echoes)
         }
@@ -141,12 +158,14 @@ async fn upstream_events(
 }
 
 /// Queues every prompt's `n` choices, prompt-major (prompt p, choice c has
-/// index p * n + c), with the text each choice repeats first under `echo`.
+/// index p * n + c), with the text each choice repeats first under `echo`;
+/// each choice's text follows `constraint` when there is one.
 fn submit(
     engine: &Engine,
     entry: &ModelEntry,
     req: &CompletionRequest,
     logprobs: Option<u32>,
+    constraint: Option<CompiledConstraint>,
 ) -> Result<(Vec<EventStream>, Vec<String>), ApiError> {
     let prompts = prompts(engine, &req.prompt)?;
     let echo = req.echo.unwrap_or(false);
@@ -164,9 +183,10 @@ fn submit(
     let mut streams = Vec::with_capacity(prompts.len() * n as usize);
     let mut echoes = Vec::with_capacity(prompts.len() * n as usize);
     for (tokens, text) in prompts {
-        let request =
+        let mut request =
             generation::build_request(&req.sampling, &entry.defaults(), engine, tokens, logprobs)
                 .map_err(|e| ApiError::from(e).for_prompt_param("prompt"))?;
+        request.constraint = constraint.clone();
         streams.extend(
             engine
                 .submit_n(request, n)

@@ -8,7 +8,7 @@ use engine::ModelKind;
 use serde_json::{json, Value};
 
 use crate::api::error::ApiError;
-use crate::models::{ModelEntry, ModelError};
+use crate::models::ModelEntry;
 use crate::state::AppState;
 use crate::wire::{ErrorResponse, ModelList, ModelObject};
 
@@ -80,27 +80,16 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     })
 }
 
-#[utoipa::path(get, path = "/v1/models/{id}", params(("id" = String, Path, description = "Model id, e.g. light/qwen-0.5b")), responses((status = 200, description = "Success", body = ModelObject), (status = 404, description = "Unknown model", body = ErrorResponse)))]
+/// One model, named as a request's `model` may name it: its id, its tier, a
+/// file stem in the models directory or a seed's name pattern
+/// (`client.models.retrieve("light")` finds the light tier's model).
+#[utoipa::path(get, path = "/v1/models/{id}", params(("id" = String, Path, description = "Model id (e.g. light/qwen-0.5b), or any name a request's `model` may use")), responses((status = 200, description = "Success", body = ModelObject), (status = 404, description = "Unknown model", body = ErrorResponse)))]
 pub async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
-    let registry = state.registry.clone();
-    let lookup = id.clone();
-    let entries = tokio::task::spawn_blocking(move || registry.list())
-        .await
-        .unwrap_or_default();
-    entries
-        .iter()
-        .find(|e| e.id == lookup)
-        .map(|e| Json(model_object(e)))
-        .ok_or_else(|| {
-            ModelError::NotFound {
-                name: id,
-                available: entries.iter().map(|e| e.id.clone()).collect(),
-            }
-            .into()
-        })
+    let entry = state.registry.resolve_async(&id).await?;
+    Ok(Json(model_object(&entry)))
 }
 
 /// A bare array of `{name, ...}`, `name` being what to send as `model`.

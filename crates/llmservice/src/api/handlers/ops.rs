@@ -31,7 +31,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(get, path = "/internal/cache/stats", responses((status = 200, description = "Hits, misses, entries, evictions, bytes, disk tier state")))]
+#[utoipa::path(get, path = "/internal/cache/stats", responses((status = 200, description = "Hits, misses, entries (also as seed 001's `size`), evictions, bytes, disk tier state")))]
 pub async fn cache_stats(State(state): State<AppState>) -> axum::Json<crate::cache::CacheStats> {
     let cache = state.cache.clone();
     let stats = tokio::task::spawn_blocking(move || cache.stats()).await;

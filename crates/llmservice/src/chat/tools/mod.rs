@@ -274,9 +274,12 @@ fn read_choice(
 }
 
 /// The constraint from `response_format` or `grammar`, if any.
-pub fn output_constraint(req: &ChatCompletionRequest) -> Result<Option<Constraint>, RequestError> {
+pub fn output_constraint(
+    response_format: Option<&Value>,
+    grammar: Option<&str>,
+) -> Result<Option<Constraint>, RequestError> {
     let format =
-        match &req.response_format {
+        match response_format {
             None | Some(Value::Null) => None,
             Some(Value::Object(format)) => {
                 let kind = format.get("type").and_then(Value::as_str);
@@ -319,7 +322,7 @@ pub fn output_constraint(req: &ChatCompletionRequest) -> Result<Option<Constrain
                 ))
             }
         };
-    match (&req.grammar, format) {
+    match (grammar, format) {
         (Some(_), Some(_)) => Err(RequestError::invalid(
             "grammar",
             "send either grammar or a JSON response_format, not both",
@@ -327,7 +330,7 @@ pub fn output_constraint(req: &ChatCompletionRequest) -> Result<Option<Constrain
         (Some(grammar), None) if grammar.trim().is_empty() => {
             Err(RequestError::invalid("grammar", "grammar is empty"))
         }
-        (Some(grammar), None) => Ok(Some(Constraint::Gbnf(grammar.clone()))),
+        (Some(grammar), None) => Ok(Some(Constraint::Gbnf(grammar.to_owned()))),
         (None, format) => Ok(format),
     }
 }

@@ -119,24 +119,24 @@ fn rejects_bad_tools() {
     }
 }
 
+fn output_of(extra: Value) -> Result<Option<Constraint>, RequestError> {
+    let req = request(extra);
+    output_constraint(req.response_format.as_ref(), req.grammar.as_deref())
+}
+
 #[test]
 fn reads_response_formats() {
-    let c = output_constraint(&request(
-        json!({"response_format": {"type": "json_object"}}),
-    ))
-    .unwrap();
+    let c = output_of(json!({"response_format": {"type": "json_object"}})).unwrap();
     assert_eq!(c, Some(Constraint::JsonSchema(engine::any_json_object())));
     // llama-cpp-python's schema next to the type is the schema.
     let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
-    let c = output_constraint(&request(
-        json!({"response_format": {"type": "json_object", "schema": schema}}),
-    ))
-    .unwrap();
+    let c =
+        output_of(json!({"response_format": {"type": "json_object", "schema": schema}})).unwrap();
     assert_eq!(c, Some(Constraint::JsonSchema(schema.clone())));
-    let c = output_constraint(&request(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}}))).unwrap();
+    let c = output_of(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}})).unwrap();
     assert_eq!(c, Some(Constraint::JsonSchema(schema)));
     assert_eq!(
-        output_constraint(&request(json!({"response_format": {"type": "text"}}))).unwrap(),
+        output_of(json!({"response_format": {"type": "text"}})).unwrap(),
         None
     );
     for bad in [
@@ -146,7 +146,7 @@ fn reads_response_formats() {
         json!({"grammar": "root ::= \"a\"", "response_format": {"type": "json_object"}}),
         json!({"grammar": "  "}),
     ] {
-        assert!(output_constraint(&request(bad.clone())).is_err(), "{bad}");
+        assert!(output_of(bad.clone()).is_err(), "{bad}");
     }
 }
 
