@@ -413,9 +413,17 @@ impl Settings {
                 tiers.push(t);
             }
         }
+        tier::unprefixed_warnings(&tiers, env, &mut warnings);
         // The models directory's files take the seeds' unprefixed settings.
+        let mut dir_warnings = Vec::new();
         let (dir_engine, dir_defaults) =
-            tier::TierEnv { env, tier: None }.engine_and_defaults(&mut Vec::new())?;
+            tier::TierEnv { env, tier: None }.engine_and_defaults(&mut dir_warnings)?;
+        // The default tier reads the same names, and may have said so already.
+        for warning in dir_warnings {
+            if !warnings.contains(&warning) {
+                warnings.push(warning);
+            }
+        }
         let cache = CacheSettings::from_env(|n| env.get(n), &data_dir)?;
         let responses = response_store(env, &data_dir)?;
         let keys = crate::keys::KeySettings {
@@ -622,6 +630,39 @@ mod tests {
         );
         let verbose = Settings::resolve(&ServeArgs::default(), &[("VERBOSE", "true")]).unwrap();
         assert_eq!(verbose.log_level, "debug");
+    }
+
+    #[test]
+    fn engine_settings_of_a_tier_served_elsewhere_are_a_warning() {
+        let env = [
+            ("HEAVY_BACKEND", "vllm"),
+            ("HEAVY_MODEL_PATH", "Qwen/Qwen2.5-7B-Instruct"),
+            ("HEAVY_N_CTX", "8192"),
+            ("HEAVY_N_GPU_LAYERS", "-1"),
+            ("HEAVY_MAX_TOKENS", "512"),
+            ("MEDIUM_BASE_URL", "http://gpu-1:8000/v1"),
+            ("MEDIUM_N_THREADS", "8"),
+        ];
+        let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
+        for (setting, by) in [
+            ("HEAVY_N_CTX", "HEAVY_COMMAND"),
+            ("HEAVY_N_GPU_LAYERS", "HEAVY_COMMAND"),
+            ("MEDIUM_N_THREADS", "upstream server"),
+        ] {
+            assert!(
+                s.warnings
+                    .iter()
+                    .any(|w| w.starts_with(&format!("{setting} is not used")) && w.contains(by)),
+                "{setting}: {:?}",
+                s.warnings
+            );
+        }
+        // Sampling settings are used: they fill in requests.
+        assert!(
+            !s.warnings.iter().any(|w| w.contains("MAX_TOKENS")),
+            "{:?}",
+            s.warnings
+        );
     }
 
     #[test]

@@ -64,6 +64,8 @@ EMBEDDING_EMBEDDING_MODE=true           # Enable embedding mode
 EMBEDDING_EMBEDDING_DIMENSION=1024      # Embedding dimensions
 HEAVY_MODEL_PATH=mlx-community/Mistral-7B-Instruct-v0.3-4bit
 HEAVY_BACKEND=mlx
+HEAVY_TEMPERATURE=0.3
+HEAVY_REPEAT_PENALTY=1.2
 ",
     );
     let embedding = tier(&s, Tier::Embedding);
@@ -72,8 +74,15 @@ HEAVY_BACKEND=mlx
     assert!(embedding.engine.embedding_mode);
     assert_eq!(embedding.embedding_dimension, Some(1024));
     // MLX is accepted at start (it is refused when the tier first loads).
-    assert!(
-        matches!(&tier(&s, Tier::Heavy).backend, Backend::Managed(m) if m.kind == ManagedKind::Mlx)
+    let Backend::Managed(mlx) = &tier(&s, Tier::Heavy).backend else {
+        panic!("heavy is not managed")
+    };
+    assert_eq!(mlx.kind, ManagedKind::Mlx);
+    // The tier's sampling settings reach mlx_lm under its names; what the
+    // operator left unset stays mlx_lm's own.
+    assert_eq!(
+        serde_json::Value::Object(mlx.upstream.sampling.clone()),
+        serde_json::json!({"temperature": 0.3f32, "repetition_penalty": 1.2f32})
     );
     if !engine::GPU_BUILD {
         assert!(
@@ -169,12 +178,19 @@ VERBOSE=true
         "{:?}",
         s.warnings
     );
-    // Unprefixed names are only the default tier's.
-    let env = dotenv("MEDIUM_MODEL_PATH=/m.gguf\nN_CTX=2048\n");
+    // Unprefixed names are only the default tier's, and a tier that does
+    // not take one is named in a warning.
+    let env = dotenv(
+        "MEDIUM_MODEL_PATH=/m.gguf\nHEAVY_MODEL_PATH=/h.gguf\nHEAVY_N_CTX=1024\nN_CTX=2048\n",
+    );
     let s = Settings::resolve(&ServeArgs::default(), &env).unwrap();
     assert_eq!(
         tier(&s, Tier::Medium).engine.n_ctx,
         EngineConfig::default().n_ctx
+    );
+    assert_eq!(
+        s.warnings,
+        ["N_CTX=2048 sets the light tier and the models directory's files only; the other tiers read MEDIUM_N_CTX"]
     );
 }
 

@@ -141,6 +141,22 @@ pub struct UpstreamSettings {
     /// `{TIER}_TIMEOUT`: how long an upstream may stay silent (to connect,
     /// to answer, between streamed chunks).
     pub timeout: Duration,
+    /// The tier's sampling settings the operator set (`{TIER}_TEMPERATURE`,
+    /// `_TOP_P`, `_TOP_K`, `_MIN_P`, `_REPEAT_PENALTY`, `_MAX_TOKENS`), as
+    /// request fields under the names the upstream reads: a request that
+    /// leaves one out gets it. Settings left unset stay the upstream's own.
+    pub sampling: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Backend {
+    /// Where requests go when the tier is served by another server.
+    fn upstream_mut(&mut self) -> Option<&mut UpstreamSettings> {
+        match self {
+            Backend::LlamaCpp => None,
+            Backend::OpenAi(upstream) => Some(upstream),
+            Backend::Managed(managed) => Some(&mut managed.upstream),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -309,7 +325,89 @@ impl TierEnv<'_> {
         }
         Ok((engine, defaults))
     }
+
+    /// The sampling settings set here, as an upstream's request fields
+    /// (`repeat_penalty` is `repetition_penalty` to vLLM and mlx_lm).
+    fn upstream_sampling(
+        &self,
+        repeat_penalty: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
+        let mut fields = serde_json::Map::new();
+        for (suffix, field) in [
+            ("TEMPERATURE", "temperature"),
+            ("TOP_P", "top_p"),
+            ("MIN_P", "min_p"),
+            ("REPEAT_PENALTY", repeat_penalty),
+        ] {
+            if let Some(v) = self.parse::<f32>(suffix)? {
+                fields.insert(field.to_owned(), serde_json::json!(v));
+            }
+        }
+        if let Some(v) = self.parse::<i32>("TOP_K")? {
+            fields.insert("top_k".to_owned(), v.into());
+        }
+        if let Some(v) = self.parse::<u32>("MAX_TOKENS")? {
+            fields.insert("max_tokens".to_owned(), v.into());
+        }
+        Ok(fields)
+    }
 }
+
+/// The seeds' unprefixed names (besides `MODEL_PATH`) set the default tier
+/// and the models directory's files. A warning names each one set that
+/// another tier loaded here does not take, with the name that tier reads.
+pub(super) fn unprefixed_warnings(
+    tiers: &[TierSettings],
+    env: &dyn Env,
+    warnings: &mut Vec<String>,
+) {
+    let unprefixed = [
+        ("N_CTX", "N_CTX"),
+        ("CONTEXT_LENGTH", "N_CTX"),
+        ("N_BATCH", "N_BATCH"),
+        ("N_THREADS", "N_THREADS"),
+        ("N_GPU_LAYERS", "N_GPU_LAYERS"),
+        ("USE_MMAP", "USE_MMAP"),
+        ("TEMPERATURE", "TEMPERATURE"),
+        ("MAX_TOKENS", "MAX_TOKENS"),
+    ];
+    for (unprefixed, suffix) in unprefixed {
+        let Some(value) = env.get(unprefixed) else {
+            continue;
+        };
+        let missing: Vec<String> = tiers
+            .iter()
+            .filter(|t| t.tier != DEFAULT_TIER && t.backend == Backend::LlamaCpp)
+            .map(|t| format!("{}_{suffix}", t.tier.env_prefix()))
+            .filter(|own| env.get(own).is_none())
+            .collect();
+        if !missing.is_empty() {
+            warnings.push(format!(
+                "{unprefixed}={value} sets the {} tier and the models directory's files only; \
+                 the other tiers read {}",
+                DEFAULT_TIER.as_str(),
+                missing.join(", ")
+            ));
+        }
+    }
+}
+
+/// Settings of the engine that loads a model here, which a tier served by
+/// another server cannot use.
+const ENGINE_ONLY: [&str; 12] = [
+    "N_CTX",
+    "N_BATCH",
+    "N_THREADS",
+    "N_GPU_LAYERS",
+    "USE_MMAP",
+    "USE_MLOCK",
+    "PARALLEL",
+    "CHAT_TEMPLATE",
+    "EMBEDDING_MODE",
+    "DRAFT_MODEL_PATH",
+    "SPECULATIVE",
+    "PROMPT_CACHE_RAM",
+];
 
 /// A tier exists when `{TIER}_MODEL_PATH` (for the default tier, also
 /// `MODEL_PATH`) is set; its other settings fall back to defaults.
@@ -323,7 +421,33 @@ pub(super) fn tier_settings(
         tier: Some(tier),
     };
     let name = |suffix: &str| format!("{}_{suffix}", tier.env_prefix());
-    let backend = backend(tier, env)?;
+    let mut backend = backend(tier, env)?;
+    let repeat_penalty = match &backend {
+        Backend::Managed(m) if matches!(m.kind, ManagedKind::Vllm | ManagedKind::Mlx) => {
+            "repetition_penalty"
+        }
+        _ => "repeat_penalty",
+    };
+    // The engine's settings belong to the server that loads the model.
+    let elsewhere = match &backend {
+        Backend::LlamaCpp => None,
+        Backend::OpenAi(_) => Some("the upstream server".to_owned()),
+        Backend::Managed(_) => Some(format!("the command, {}", name("COMMAND"))),
+    };
+    if let Some(elsewhere) = elsewhere {
+        for setting in ENGINE_ONLY.map(name) {
+            if env.get(&setting).is_some() {
+                warnings.push(format!(
+                    "{setting} is not used: {elsewhere} loads the {} tier's model and \
+                     takes its settings",
+                    tier.as_str(),
+                ));
+            }
+        }
+    }
+    if let Some(upstream) = backend.upstream_mut() {
+        upstream.sampling = names.upstream_sampling(repeat_penalty)?;
+    }
     let model_path = names.get("MODEL_PATH");
     let (path_name, model_path) = match (&backend, model_path) {
         (_, Some(found)) => found,
@@ -403,6 +527,7 @@ fn backend(tier: Tier, env: &dyn Env) -> Result<Backend, ConfigError> {
                 api_key: env.get(&name("API_KEY")),
                 model: env.get(&name("UPSTREAM_MODEL")),
                 timeout: seconds(timeout, "TIMEOUT")?,
+                sampling: serde_json::Map::new(),
             },
         }));
     }
@@ -446,6 +571,7 @@ fn backend(tier: Tier, env: &dyn Env) -> Result<Backend, ConfigError> {
                 api_key: env.get(&name("API_KEY")),
                 model: env.get(&name("UPSTREAM_MODEL")),
                 timeout,
+                sampling: serde_json::Map::new(),
             }))
         }
         Some(other) => Err(ConfigError::new(

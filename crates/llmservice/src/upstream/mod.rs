@@ -133,6 +133,26 @@ impl Upstream {
             .unwrap_or_else(|| requested.to_owned())
     }
 
+    /// Fills the tier's configured sampling settings into a request body that
+    /// leaves them out (`max_tokens` also counts as given by
+    /// `max_completion_tokens`, `repetition_penalty` by `repeat_penalty`).
+    pub fn fill_sampling(&self, body: &mut Value) {
+        let Some(body) = body.as_object_mut() else {
+            return;
+        };
+        let given = |body: &serde_json::Map<String, Value>, key: &str| {
+            body.get(key).is_some_and(|v| !v.is_null())
+        };
+        for (key, value) in &self.settings.sampling {
+            let given = given(body, key)
+                || (key == "max_tokens" && given(body, "max_completion_tokens"))
+                || (key == "repetition_penalty" && given(body, "repeat_penalty"));
+            if !given {
+                body.insert(key.clone(), value.clone());
+            }
+        }
+    }
+
     /// What identifies the answers of this upstream (for the response cache).
     pub fn identity(&self) -> Value {
         serde_json::json!({"upstream": self.settings.base_urls, "model": self.settings.model})

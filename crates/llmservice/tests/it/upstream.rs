@@ -141,6 +141,35 @@ async fn answers_pass_through_unchanged_whole_and_streamed() {
 }
 
 #[tokio::test]
+async fn the_tiers_sampling_settings_fill_what_a_request_leaves_out() {
+    let upstream = TestApp::new(&[]);
+    let url = upstream.spawn().await;
+    let front = proxy(&[&url], &[("MEDIUM_MAX_TOKENS", "3")]);
+    let tokens = |answer: &Value| answer["usage"]["completion_tokens"].as_u64();
+    let ask = json!({"model": "medium", "temperature": 0, "repeat_penalty": 1.0,
+        "messages": [{"role": "user", "content": "Tell me a long story."}]});
+    let (status, _, answer) = front.post("/v1/chat/completions", ask.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(tokens(&answer), Some(3), "{answer}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    // What the request says wins, under either name.
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let mut ask = ask.clone();
+        ask[field] = json!(5);
+        let (_, _, answer) = front.post("/v1/chat/completions", ask).await;
+        assert_eq!(tokens(&answer), Some(5), "{field}: {answer}");
+    }
+    let (status, _, completion) = front
+        .post(
+            "/v1/completions",
+            json!({"model": "medium", "prompt": "Once upon a time", "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{completion}");
+    assert_eq!(tokens(&completion), Some(3), "{completion}");
+}
+
+#[tokio::test]
 async fn embeddings_pass_through_and_the_cache_stays_in_front() {
     let models = shared_models();
     let encoder = models

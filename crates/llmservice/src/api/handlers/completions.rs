@@ -152,6 +152,7 @@ async fn upstream_events(
     let mut body = serde_json::to_value(req)
         .map_err(|e| ApiError::internal(format!("cannot forward the request: {e}")))?;
     body["model"] = upstream.model_for(&req.model).into();
+    upstream.fill_sampling(&mut body);
     let n = req.sampling.n.unwrap_or(1);
     let timer = state.metrics.token_timer(&entry.id, started);
     Ok(crate::upstream::completion_events(upstream, body, n, timer).await?)

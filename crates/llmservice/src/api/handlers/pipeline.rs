@@ -158,6 +158,7 @@ async fn generate_upstream(
     let mut body = serde_json::to_value(req)
         .map_err(|e| ApiError::internal(format!("cannot forward the request: {e}")))?;
     body["model"] = upstream.model_for(&req.model).into();
+    upstream.fill_sampling(&mut body);
     if let Some(map) = body.as_object_mut() {
         map.remove("execute_builtin_functions");
         map.remove("rag");
