@@ -27,3 +27,8 @@ def test_docs_page_is_served(http):
     assert resp.status_code == 200
     assert "text/html" in resp.headers["content-type"]
     assert "swagger" in resp.text.lower()
+    # Seed 002 documents FastAPI's second page too.
+    resp = http.get("/redoc")
+    assert resp.status_code == 200
+    assert "text/html" in resp.headers["content-type"]
+    assert "redoc" in resp.text.lower()

@@ -1,5 +1,5 @@
 //! Who may call which route. Three families: open routes (`/health`, the
-//! OpenAPI document and its UI), the API (`/v1`, Ollama's `/api`, the
+//! OpenAPI document and its two UIs), the API (`/v1`, Ollama's `/api`, the
 //! tokenizer, embeddings, rerank, metrics, the cache's counters), which
 //! needs a key when the server listens beyond loopback or
 //! `REQUIRE_API_KEY=true`, and the operator's routes (`/admin`, the rest of
@@ -28,7 +28,7 @@ enum Access {
 
 fn access(method: &Method, path: &str) -> Access {
     match path {
-        "/health" | "/openapi.json" => Access::Open,
+        "/health" | "/openapi.json" | "/redoc" => Access::Open,
         _ if path == "/docs" || path.starts_with("/docs/") => Access::Open,
         // The dashboard's page and scripts hold no data; what they show
         // comes from `/admin/api`, with the key the operator types in.

@@ -31,6 +31,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
+use utoipa_redoc::Servable as _;
 
 use crate::analytics::{Analytics, Ledger};
 use error::ApiError;
@@ -65,6 +66,11 @@ fn api_routes(upload_limit: usize) -> Router<AppState> {
     Router::new()
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url(
             "/openapi.json",
+            <openapi::ApiDoc as utoipa::OpenApi>::openapi(),
+        ))
+        // Seed 002's second view of the same document (FastAPI's `/redoc`).
+        .merge(utoipa_redoc::Redoc::with_url(
+            "/redoc",
             <openapi::ApiDoc as utoipa::OpenApi>::openapi(),
         ))
         .route("/health", get(models::health))

@@ -43,7 +43,7 @@ fn chat() -> Value {
 #[tokio::test]
 async fn beyond_loopback_the_api_needs_a_key_in_each_apis_shape() {
     let app = TestApp::new(&[("HOST", "0.0.0.0")]);
-    for open in ["/health", "/openapi.json"] {
+    for open in ["/health", "/openapi.json", "/redoc"] {
         let (status, _, _) = call(&app, Method::GET, open, None, None).await;
         assert_eq!(status, 200, "{open}");
     }

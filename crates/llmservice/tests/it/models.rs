@@ -324,4 +324,14 @@ async fn openapi_document_and_docs_page() {
     }
     let page = app.router().oneshot_get("/docs/").await;
     assert!(page.contains("Swagger UI"));
+    // Seed 002's `/redoc`: the same document, in ReDoc.
+    let page = app.router().oneshot_get("/redoc").await;
+    assert!(
+        page.contains("<redoc") || page.contains("Redoc.init"),
+        "{page}"
+    );
+    assert!(
+        page.contains("/v1/chat/completions"),
+        "the document is in the page"
+    );
 }
