@@ -330,7 +330,10 @@ impl From<rag::RagError> for ApiError {
             },
             rag::RagError::Model(error) => match error.downcast::<EngineError>() {
                 Ok(engine) => (*engine).into(),
-                Err(other) => Self::internal(other.to_string()),
+                Err(other) => match other.downcast::<UpstreamError>() {
+                    Ok(upstream) => (*upstream).into(),
+                    Err(other) => Self::internal(other.to_string()),
+                },
             },
             rag::RagError::Store(message) => {
                 tracing::error!(%message, "document store");

@@ -290,6 +290,40 @@ impl Upstream {
         })
     }
 
+    /// `POST /rerank` (Cohere's shape, which vLLM, llama-server, Jina and
+    /// llmservice take) for `requested`: each document's `relevance_score`,
+    /// in the documents' order.
+    pub async fn rerank(
+        self: &Arc<Self>,
+        requested: &str,
+        query: &str,
+        documents: &[String],
+    ) -> Result<Vec<f32>, UpstreamError> {
+        let body = serde_json::json!({"model": self.model_for(requested), "query": query,
+            "documents": documents, "top_n": documents.len(), "return_documents": false});
+        let (response, _place) = self.post("/rerank", &body).await?;
+        let answer: Value = response.json().await.map_err(|e| {
+            UpstreamError::Failed(format!("not a rerank answer: {}", e.without_url()))
+        })?;
+        let results = answer["results"].as_array().ok_or_else(|| {
+            UpstreamError::Failed("the rerank answer has no `results`".to_owned())
+        })?;
+        let mut scores = vec![f32::NEG_INFINITY; documents.len()];
+        for result in results {
+            let index = result["index"].as_u64().map(|i| i as usize);
+            let score = result["relevance_score"].as_f64();
+            match (index, score) {
+                (Some(i), Some(score)) if i < scores.len() => scores[i] = score as f32,
+                _ => {
+                    return Err(UpstreamError::Failed(format!(
+                        "a rerank result without a document's index and relevance_score: {result}"
+                    )))
+                }
+            }
+        }
+        Ok(scores)
+    }
+
     /// Checks every replica now (`GET {base}/models`).
     pub async fn check_all(&self) {
         let checks = self.replicas.iter().map(|replica| async move {

@@ -512,6 +512,78 @@ async fn a_reranker_rescores_the_candidates() {
         )
         .await;
     assert_eq!(body["reranked"], false);
+
+    // The reranker tier on another server (this one): the same order and
+    // relevance, through its `/rerank`.
+    let (_, _, here) = app
+        .post(
+            "/v1/rag/search",
+            json!({"query": "containers", "top_k": 3, "score_threshold": 0.0}),
+        )
+        .await;
+    let url = format!("{}/v1", app.spawn().await);
+    let data = tempfile::tempdir().unwrap();
+    let front = rag_app(
+        data.path(),
+        &[
+            ("RERANKER_BACKEND", "openai"),
+            ("RERANKER_BASE_URL", url.as_str()),
+            ("RERANKER_UPSTREAM_MODEL", "reranker"),
+            ("RERANKER_API_KEY", crate::common::OPERATOR_KEY),
+        ],
+    );
+    ingest_seed(&front).await;
+    let (status, _, there) = front
+        .post(
+            "/v1/rag/search",
+            json!({"query": "containers", "top_k": 3, "score_threshold": 0.0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{there}");
+    assert_eq!(there["reranked"], true);
+    let ranked = |body: &Value| -> Vec<(String, f64)> {
+        body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["text"].as_str().unwrap().to_owned(),
+                    r["score"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (here, there) = (ranked(&here), ranked(&there));
+    assert_eq!(here.len(), there.len());
+    for ((text, score), (their_text, their_score)) in here.iter().zip(&there) {
+        assert_eq!(text, their_text, "{here:?} {there:?}");
+        assert!((score - their_score).abs() < 1e-3, "{here:?} {there:?}");
+    }
+    // `/v1/rerank` on that tier answers in this API's shapes.
+    let ask = json!({"model": "reranker", "query": "containers", "documents": SEED_DOCUMENTS});
+    let (_, _, direct) = app.post("/v1/rerank", ask.clone()).await;
+    let (status, _, proxied) = front.post("/v1/rerank", ask).await;
+    assert_eq!(status, 200, "{proxied}");
+    for (shape, field) in [("data", "score"), ("results", "relevance_score")] {
+        let pairs = |body: &Value| -> Vec<(u64, f64)> {
+            body[shape]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (r["index"].as_u64().unwrap(), r[field].as_f64().unwrap()))
+                .collect()
+        };
+        let (direct, proxied) = (pairs(&direct), pairs(&proxied));
+        assert_eq!(direct.len(), 3);
+        assert_eq!(
+            direct.iter().map(|p| p.0).collect::<Vec<_>>(),
+            proxied.iter().map(|p| p.0).collect::<Vec<_>>()
+        );
+        for (d, p) in direct.iter().zip(&proxied) {
+            assert!((d.1 - p.1).abs() < 1e-3, "{shape}: {direct:?} {proxied:?}");
+        }
+    }
 }
 
 #[tokio::test]

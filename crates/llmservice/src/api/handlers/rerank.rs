@@ -57,11 +57,17 @@ pub async fn rerank(
     if let Some(response) = replayed.await {
         return Ok(response);
     }
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
-    let (scored, prompt_tokens) = score(&engine, &req).await?;
+    let wait = wants_to_wait(&headers);
+    let (scored, prompt_tokens) = match state.registry.upstream(&entry, wait).await? {
+        // Another server scores; the answer keeps this API's shapes.
+        Some(upstream) => {
+            let texts: Vec<String> = req.documents.iter().map(|d| d.text().to_owned()).collect();
+            let reranker = crate::retrieval::UpstreamReranker::new(upstream, model);
+            let scores = rag::Reranker::scores(&reranker, &req.query, &texts).await?;
+            (ranked(scores, &req), 0)
+        }
+        None => score(&state.registry.engine(&entry, wait).await?, &req).await?,
+    };
     let body = answer(&req, model, &scored, prompt_tokens);
     log_encoded(&state, caller, &entry.id, "rerank", prompt_tokens, started);
     if let Some(key) = cache_key {
@@ -125,17 +131,23 @@ async fn score(
         .wait()
         .await?;
     let prompt_tokens: u32 = results.iter().map(|r| r.n_tokens).sum();
-    let mut scored: Vec<(usize, f32)> = results
+    let scores = results
         .iter()
-        .enumerate()
-        .map(|(i, r)| {
+        .map(|r| {
             let score = r.dense.as_ref().and_then(|s| s.first()).copied();
-            (i, score.unwrap_or(f32::NEG_INFINITY))
+            score.unwrap_or(f32::NEG_INFINITY)
         })
         .collect();
+    Ok((ranked(scores, req), prompt_tokens))
+}
+
+/// Each document's score by index, best first (ties keep the documents'
+/// order), cut to `top_n` / `top_k`.
+fn ranked(scores: Vec<f32>, req: &RerankRequest) -> Vec<(usize, f32)> {
+    let mut scored: Vec<(usize, f32)> = scores.into_iter().enumerate().collect();
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     scored.truncate(req.top_n.or(req.top_k).unwrap_or(scored.len()));
-    Ok((scored, prompt_tokens))
+    scored
 }
 
 /// The answer's body in the shape the request's fields choose.

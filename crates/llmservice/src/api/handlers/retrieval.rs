@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use super::{require_kind, wants_to_wait};
 use crate::api::error::ApiError;
-use crate::retrieval::{EngineEncoder, EngineReranker};
+use crate::retrieval::{EngineEncoder, EngineReranker, UpstreamReranker};
 use crate::state::AppState;
 use crate::wire::RagSource;
 
@@ -74,11 +74,11 @@ pub(super) async fn encoder(
 }
 
 /// The reranker, loaded, when one is configured (`RAG_RERANK_MODEL` or the
-/// reranker tier).
+/// reranker tier), here or on another server.
 pub(super) async fn reranker(
     state: &AppState,
     headers: &HeaderMap,
-) -> Result<Option<EngineReranker>, ApiError> {
+) -> Result<Option<Box<dyn rag::Reranker>>, ApiError> {
     let entry = match &state.settings.rag.rerank_model {
         Some(name) => state.registry.resolve_async(name).await?,
         None => match state.registry.list().into_iter().find(|e| {
@@ -89,11 +89,12 @@ pub(super) async fn reranker(
         },
     };
     require_kind(&entry, ModelKind::Reranker, "reranking")?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(headers))
-        .await?;
-    Ok(Some(EngineReranker::new(engine, &entry.id)))
+    let wait = wants_to_wait(headers);
+    if let Some(upstream) = state.registry.upstream(&entry, wait).await? {
+        return Ok(Some(Box::new(UpstreamReranker::new(upstream, &entry.id))));
+    }
+    let engine = state.registry.engine(&entry, wait).await?;
+    Ok(Some(Box::new(EngineReranker::new(engine, &entry.id))))
 }
 
 /// The search the request asks for, with the server's defaults.
@@ -203,7 +204,7 @@ impl Retrieval {
             .search(
                 &self.collection,
                 &encoder,
-                reranker.as_ref().map(|r| r as &dyn rag::Reranker),
+                reranker.as_deref(),
                 &self.query,
                 &self.options,
             )
