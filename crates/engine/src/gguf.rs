@@ -36,6 +36,10 @@ pub struct GgufSummary {
     pub has_chat_template: bool,
     /// `tokenizer.ggml.unknown_token_id` (llama.cpp's vocabulary API does not expose it).
     pub unknown_token_id: Option<u32>,
+    /// Bytes of f16 KV cache one token takes in a causal model (keys and
+    /// values of every layer); `None` for encoders, which keep none, or when
+    /// the header does not say.
+    pub kv_bytes_per_token: Option<u64>,
 }
 
 /// Encoder-only architectures: always embedding (or, with a classifier, reranking) models.
@@ -68,7 +72,11 @@ pub fn inspect(path: &Path) -> Option<GgufSummary> {
     } else {
         ModelKind::Chat
     };
+    let kv_bytes_per_token = (kind == ModelKind::Chat)
+        .then(|| kv_bytes_per_token(&ctx, &architecture))
+        .flatten();
     Some(GgufSummary {
+        kv_bytes_per_token,
         name: string(&ctx, "general.name"),
         kind,
         pooling_type,
@@ -77,6 +85,24 @@ pub fn inspect(path: &Path) -> Option<GgufSummary> {
         unknown_token_id: unsigned(&ctx, "tokenizer.ggml.unknown_token_id"),
         architecture,
     })
+}
+
+/// Keys and values of every layer for one token, f16: layers × KV heads ×
+/// (key width + value width) × 2 bytes. A per-layer head count (an array)
+/// or a missing width leaves it unknown rather than guessed.
+fn kv_bytes_per_token(ctx: &GgufContext, arch: &str) -> Option<u64> {
+    let key = |name: &str| unsigned(ctx, &format!("{arch}.{name}")).map(u64::from);
+    let layers = key("block_count")?;
+    let heads = key("attention.head_count")?;
+    let kv_heads = if ctx.find_key(&format!("{arch}.attention.head_count_kv")) >= 0 {
+        key("attention.head_count_kv")?
+    } else {
+        heads
+    };
+    let head_width = key("embedding_length")?.checked_div(heads)?;
+    let key_width = key("attention.key_length").unwrap_or(head_width);
+    let value_width = key("attention.value_length").unwrap_or(head_width);
+    Some(layers * kv_heads * (key_width + value_width) * 2)
 }
 
 fn string(ctx: &GgufContext, key: &str) -> Option<String> {
@@ -120,10 +146,13 @@ mod tests {
         assert_eq!(chat.kind, ModelKind::Chat);
         assert_eq!(chat.architecture, "llama");
         assert!(chat.has_chat_template);
+        // SmolLM2-135M: 30 layers, 3 KV heads of 64 (576 wide over 9 heads).
+        assert_eq!(chat.kv_bytes_per_token, Some(30 * 3 * (64 + 64) * 2));
 
         let embed = inspect(&shared_model("all-MiniLM-L6-v2-f16.gguf")).expect("embedding gguf");
         assert_eq!(embed.kind, ModelKind::Embedding);
         assert_eq!(embed.pooling_type, Some(1));
+        assert_eq!(embed.kv_bytes_per_token, None, "encoders keep no KV cache");
 
         let rerank =
             inspect(&shared_model("SYNTHETIC-minilm-l6-reranker-f16.gguf")).expect("reranker gguf");

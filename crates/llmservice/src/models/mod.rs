@@ -108,6 +108,26 @@ pub struct ModelEntry {
     pub managed: Option<Arc<crate::upstream::Supervisor>>,
     /// Milliseconds since the Unix epoch of the last use.
     last_used: std::sync::atomic::AtomicU64,
+    /// What its GGUF header says about the memory it takes.
+    footprint: Footprint,
+}
+
+/// A model's memory as its GGUF header tells it, for `MAX_MODEL_MEMORY`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Footprint {
+    file_bytes: u64,
+    kv_bytes_per_token: Option<u64>,
+    context_length: Option<u64>,
+}
+
+impl Footprint {
+    fn of(path: &Path, summary: Option<&engine::GgufSummary>) -> Self {
+        Self {
+            file_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
+            kv_bytes_per_token: summary.and_then(|s| s.kv_bytes_per_token),
+            context_length: summary.and_then(|s| s.context_length),
+        }
+    }
 }
 
 impl std::fmt::Debug for ModelEntry {
@@ -149,7 +169,30 @@ impl ModelEntry {
             upstream: None,
             managed: None,
             last_used: std::sync::atomic::AtomicU64::new(now_millis()),
+            footprint: Footprint::default(),
         }
+    }
+
+    /// The memory loading it takes here, estimated: its weights (the file),
+    /// its KV cache (f16, the context the next load gets) and the most its
+    /// host-memory prompt cache may hold. Compute buffers are left out; a
+    /// model served by another server takes none here.
+    pub fn memory_estimate(&self) -> u64 {
+        if self.upstream.is_some() {
+            return 0;
+        }
+        let config = self.engine_config();
+        let f = self.footprint;
+        let n_ctx = f
+            .context_length
+            .map_or(u64::from(config.n_ctx), |c| c.min(u64::from(config.n_ctx)));
+        let kv = f.kv_bytes_per_token.map_or(0, |b| b * n_ctx);
+        let host = if self.kind == ModelKind::Chat {
+            config.host_cache_bytes as u64
+        } else {
+            0
+        };
+        f.file_bytes + kv + host
     }
 
     fn touch(&self) {
@@ -404,7 +447,7 @@ impl ModelEntry {
     /// Starts loading in a task of its own, so a client that gives up does not
     /// abandon a half-done load; the returned future yields its outcome.
     ///
-    /// Under a registry with `MAX_LOADED_MODELS`, loads take turns: each makes
+    /// Under a registry with `MAX_LOADED_MODELS` or `MAX_MODEL_MEMORY`, loads take turns: each makes
     /// room and finishes before the next counts what is loaded, so two first
     /// requests for different models cannot both see a free place.
     fn start_load(
@@ -412,7 +455,9 @@ impl ModelEntry {
         registry: Option<Arc<Registry>>,
     ) -> impl std::future::Future<Output = Result<Arc<Engine>, ModelError>> {
         let task = tokio::spawn(async move {
-            let registry = registry.filter(|r| r.settings.max_loaded_models.is_some());
+            let registry = registry.filter(|r| {
+                r.settings.max_loaded_models.is_some() || r.settings.max_model_memory.is_some()
+            });
             let _turn = match &registry {
                 Some(r) => Some(r.load_turn.clone().lock_owned().await),
                 None => None,
@@ -555,16 +600,16 @@ impl Registry {
             .tiers
             .iter()
             .map(|t| {
-                let kind = match t.backend {
+                let (kind, footprint) = match t.backend {
                     // An MLX model is a directory or a Hub name, not a GGUF;
                     // an upstream's is elsewhere.
-                    Backend::Managed(_) | Backend::OpenAi(_) => tier_kind(t.tier),
+                    Backend::Managed(_) | Backend::OpenAi(_) => (tier_kind(t.tier), Footprint::default()),
                     Backend::LlamaCpp => engine::inspect(&t.model_path).map_or_else(
                         || {
                             tracing::warn!(tier = t.tier.as_str(), path = %t.model_path.display(), "tier model is not a readable GGUF file");
-                            tier_kind(t.tier)
+                            (tier_kind(t.tier), Footprint::of(&t.model_path, None))
                         },
-                        |s| s.kind,
+                        |s| (s.kind, Footprint::of(&t.model_path, Some(&s))),
                     ),
                 };
                 // `{TIER}_EMBEDDING_MODE`: a generative model served for embeddings.
@@ -581,6 +626,7 @@ impl Registry {
                     t.engine.clone(),
                     t.defaults.clone(),
                 );
+                entry.footprint = footprint;
                 entry.keep_alive = t.keep_alive;
                 entry.embedding_dimension = t.embedding_dimension;
                 entry.backend = t.backend.clone();
@@ -740,21 +786,41 @@ impl Registry {
         entry.engine_within(wait, Some(self.clone())).await
     }
 
+    /// Before `target` loads: unloads the least recently used idle models
+    /// until it fits under `MAX_LOADED_MODELS` and `MAX_MODEL_MEMORY`.
     async fn make_room_for(&self, target: &ModelEntry) {
-        let Some(max) = self.settings.max_loaded_models else {
+        let (max, budget) = (
+            self.settings.max_loaded_models,
+            self.settings.max_model_memory,
+        );
+        if max.is_none() && budget.is_none() {
             return;
-        };
-        let over = self.evict_lru(Some(&target.id), max - 1).await;
-        if over > 0 {
+        }
+        let need = target.memory_estimate();
+        let over = self
+            .evict_lru(
+                Some(&target.id),
+                max.map(|m| m - 1),
+                budget.map(|b| b.saturating_sub(need)),
+            )
+            .await;
+        if over {
             // Models in use are never evicted: go over the limit rather than
-            // fail; the keep-alive sweep evicts once they are idle.
-            tracing::warn!(over, max, model = %target.id, "MAX_LOADED_MODELS reached and every loaded model is in use");
+            // fail; the idle sweep evicts once they are idle.
+            tracing::warn!(
+                max,
+                budget_mib = budget.map(|b| b >> 20),
+                need_mib = need >> 20,
+                model = %target.id,
+                "MAX_LOADED_MODELS or MAX_MODEL_MEMORY reached and every other loaded model is in use (or none is left to unload)"
+            );
         }
     }
 
-    /// Unloads the least recently used idle models (never `keep`) until at most
-    /// `room` others are loaded; answers by how many it is still over.
-    async fn evict_lru(&self, keep: Option<&str>, room: usize) -> usize {
+    /// Unloads the least recently used idle models (never `keep`) until at
+    /// most `room` others are loaded and they take at most `bytes`; answers
+    /// whether they still exceed either.
+    async fn evict_lru(&self, keep: Option<&str>, room: Option<usize>, bytes: Option<u64>) -> bool {
         loop {
             let others: Vec<_> = self
                 .loaded()
@@ -764,26 +830,30 @@ impl Registry {
                     Some(e.id.as_str()) != keep && (e.upstream.is_none() || e.managed.is_some())
                 })
                 .collect();
-            if others.len() <= room {
-                return 0;
+            let too_many = room.is_some_and(|r| others.len() > r);
+            let too_big = bytes.is_some_and(|b| memory_of(&others) > b);
+            if !too_many && !too_big {
+                return false;
             }
+            // Over the memory budget alone, only a model that takes memory
+            // here is worth unloading.
             let victim = others
                 .iter()
-                .filter(|e| !e.is_busy())
+                .filter(|e| !e.is_busy() && (too_many || e.memory_estimate() > 0))
                 .max_by_key(|e| e.idle_for());
             let Some(victim) = victim else {
-                return others.len() - room;
+                return true;
             };
-            tracing::info!(evicted = %victim.id, max = self.settings.max_loaded_models, "MAX_LOADED_MODELS reached: unloading the least recently used model");
+            tracing::info!(evicted = %victim.id, max = self.settings.max_loaded_models, budget_mib = self.settings.max_model_memory.map(|b| b >> 20), "MAX_LOADED_MODELS or MAX_MODEL_MEMORY reached: unloading the least recently used model");
             if victim.unload().await.is_err() {
-                return others.len() - room;
+                return true;
             }
         }
     }
 
     /// Unloads every model idle past its keep-alive (never one in use), and
-    /// idle models beyond `MAX_LOADED_MODELS` that loads had to exceed while
-    /// every loaded model was busy.
+    /// idle models beyond `MAX_LOADED_MODELS` or `MAX_MODEL_MEMORY` that
+    /// loads had to exceed while every loaded model was busy.
     pub async fn unload_idle(&self) {
         for entry in self.loaded() {
             if entry.is_busy() {
@@ -794,10 +864,14 @@ impl Registry {
                 let _ = entry.unload().await;
             }
         }
-        if let Some(max) = self.settings.max_loaded_models {
+        let (max, budget) = (
+            self.settings.max_loaded_models,
+            self.settings.max_model_memory,
+        );
+        if max.is_some() || budget.is_some() {
             // A load in progress makes its own room; this sweep waits its turn.
             if let Ok(_turn) = self.load_turn.try_lock() {
-                self.evict_lru(None, max).await;
+                self.evict_lru(None, max, budget).await;
             }
         }
     }
@@ -963,6 +1037,7 @@ impl Registry {
                     self.settings.dir_engine.clone(),
                     self.settings.dir_defaults.clone(),
                 );
+                entry.footprint = Footprint::of(&path, Some(&summary));
                 entry.keep_alive = self.settings.dir_keep_alive;
                 entry.apply_overrides(&self.overrides.get(&entry.id));
                 let entry = Arc::new(entry);
@@ -973,6 +1048,11 @@ impl Registry {
         cache.entries = entries.clone();
         entries
     }
+}
+
+/// The memory `models` take together, estimated.
+fn memory_of(models: &[Arc<ModelEntry>]) -> u64 {
+    models.iter().map(|e| e.memory_estimate()).sum()
 }
 
 /// A managed tier's child: a free loopback port for it, its command with

@@ -35,6 +35,10 @@ pub struct Settings {
     /// Most models loaded at once (`MAX_LOADED_MODELS`); loading one more unloads
     /// the least recently used idle model.
     pub max_loaded_models: Option<usize>,
+    /// Bytes the loaded models may take together (`MAX_MODEL_MEMORY`, MiB;
+    /// 0 = no budget; by default 80% of the machine's memory): loading one
+    /// that does not fit unloads the least recently used idle models first.
+    pub max_model_memory: Option<u64>,
     /// Exit after this long without requests (`SHUTDOWN_TIMEOUT`, 0 = never).
     pub shutdown_timeout: Option<Duration>,
     /// How long a client may take to send a request's headers
@@ -286,6 +290,41 @@ where
     }
 }
 
+/// The models directory's engine settings and defaults (the seeds'
+/// unprefixed names), with the warnings the default tier has not given yet.
+fn dir_settings(
+    env: &dyn Env,
+    warnings: &mut Vec<String>,
+) -> Result<(EngineConfig, GenerationDefaults), ConfigError> {
+    let mut dir_warnings = Vec::new();
+    let settings = tier::TierEnv { env, tier: None }.engine_and_defaults(&mut dir_warnings)?;
+    // The default tier reads the same names, and may have said so already.
+    for warning in dir_warnings {
+        if !warnings.contains(&warning) {
+            warnings.push(warning);
+        }
+    }
+    Ok(settings)
+}
+
+/// `MAX_MODEL_MEMORY` (MiB) in bytes: 0 is no budget, unset is 80% of the
+/// machine's memory.
+fn model_memory_budget(env: &dyn Env) -> Result<Option<u64>, ConfigError> {
+    Ok(match parse::<u64>(env, &["MAX_MODEL_MEMORY"])? {
+        Some(0) => None,
+        Some(mib) => Some(mib.saturating_mul(1 << 20)),
+        None => machine_memory().map(|bytes| bytes / 5 * 4),
+    })
+}
+
+/// The machine's memory (`MemTotal`), where the system says.
+fn machine_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// `LOG_LEVEL` as a tracing filter. The seeds set Python's level names
 /// (`INFO`, `WARNING`, `DEBUG`); tracing calls two of them differently, and
 /// would read any other bare word as the name of a module to log, silently
@@ -415,15 +454,7 @@ impl Settings {
         }
         tier::unprefixed_warnings(&tiers, env, &mut warnings);
         // The models directory's files take the seeds' unprefixed settings.
-        let mut dir_warnings = Vec::new();
-        let (dir_engine, dir_defaults) =
-            tier::TierEnv { env, tier: None }.engine_and_defaults(&mut dir_warnings)?;
-        // The default tier reads the same names, and may have said so already.
-        for warning in dir_warnings {
-            if !warnings.contains(&warning) {
-                warnings.push(warning);
-            }
-        }
+        let (dir_engine, dir_defaults) = dir_settings(env, &mut warnings)?;
         let cache = CacheSettings::from_env(|n| env.get(n), &data_dir)?;
         let responses = response_store(env, &data_dir)?;
         let keys = crate::keys::KeySettings {
@@ -480,6 +511,7 @@ impl Settings {
                 &["MAX_LOADED_MODELS", "LLM_SERVICE_MAX_LOADED_MODELS"],
             )?
             .filter(|&n| n > 0),
+            max_model_memory: model_memory_budget(env)?,
             shutdown_timeout: shutdown_timeout(env)?,
             header_read_timeout: Duration::from_secs(
                 parse_positive(env, "HEADER_READ_TIMEOUT", "seconds")?.unwrap_or(30),
@@ -603,6 +635,14 @@ mod tests {
         assert_eq!(s.port, 8000);
         assert_eq!(s.models_dir, PathBuf::from("/home/u/.llmservice/models"));
         assert!(s.tiers.is_empty());
+        // A memory budget of 80% of the machine's memory, unless turned off.
+        let total = machine_memory().unwrap();
+        assert_eq!(s.max_model_memory, Some(total / 5 * 4));
+        let off = Settings::resolve(&ServeArgs::default(), &[("MAX_MODEL_MEMORY", "0")]).unwrap();
+        assert_eq!(off.max_model_memory, None);
+        let set =
+            Settings::resolve(&ServeArgs::default(), &[("MAX_MODEL_MEMORY", "2048")]).unwrap();
+        assert_eq!(set.max_model_memory, Some(2 << 30));
     }
 
     #[test]

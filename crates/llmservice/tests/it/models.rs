@@ -240,6 +240,38 @@ async fn operators_load_and_unload_and_idle_models_unload_but_busy_ones_stay() {
 }
 
 #[tokio::test]
+async fn max_model_memory_evicts_the_least_recently_used_idle_model() {
+    // No host prompt cache, so each model's estimate is its file and its KV.
+    let app = TestApp::new(&[("MAX_MODEL_MEMORY", "250"), ("PROMPT_CACHE_RAM", "0")]);
+    let file = shared_models().join("SmolLM2-135M-Instruct-Q4_1.gguf");
+    std::fs::copy(&file, app.models_dir().join("second.gguf")).unwrap();
+    let registry = &app.state.registry;
+    let file_bytes = std::fs::metadata(&file).unwrap().len();
+    let kv_per_token = 30 * 3 * (64 + 64) * 2;
+    let light = registry.resolve("light").unwrap();
+    assert_eq!(light.memory_estimate(), file_bytes + kv_per_token * 2048);
+    let second = registry.resolve("second").unwrap();
+    assert_eq!(second.memory_estimate(), file_bytes + kv_per_token * 4096);
+
+    let ask = |model: &str| json!({"model": model, "prompt": "Hi", "max_tokens": 1});
+    let (status, _, _) = app.post("/v1/completions", ask("light")).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = app.post("/v1/completions", ask("second")).await;
+    assert_eq!(status, 200);
+    // 139 MiB and 184 MiB do not fit in 250 together.
+    assert_eq!(second.state().as_str(), "loaded");
+    assert_eq!(
+        light.state().as_str(),
+        "available",
+        "the older model made room"
+    );
+    // A model alone over the budget still loads (with a warning).
+    let tight = TestApp::new(&[("MAX_MODEL_MEMORY", "100"), ("PROMPT_CACHE_RAM", "0")]);
+    let (status, _, _) = tight.post("/v1/completions", ask("light")).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
 async fn max_loaded_models_evicts_the_least_recently_used_idle_model() {
     let app = TestApp::new(&[("MAX_LOADED_MODELS", "1")]);
     std::fs::copy(

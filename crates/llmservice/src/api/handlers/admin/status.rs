@@ -166,6 +166,8 @@ pub struct ServerSettings {
     /// The shared tier (`CACHE_URL`, its password hidden), if any.
     pub cache_shared: Option<String>,
     pub max_loaded_models: Option<usize>,
+    /// `MAX_MODEL_MEMORY` in MiB (`null`: no budget).
+    pub max_model_memory_mib: Option<u64>,
     pub analytics_retention_days: u64,
 }
 
@@ -188,6 +190,7 @@ pub async fn settings(State(state): State<AppState>) -> axum::Json<ServerSetting
         cache_persist_to_disk: s.cache.persist_to_disk,
         cache_shared: state.cache.shared_url(),
         max_loaded_models: s.max_loaded_models,
+        max_model_memory_mib: s.max_model_memory.map(|b| b >> 20),
         analytics_retention_days: s.analytics_retention.as_secs() / 86400,
     })
 }
