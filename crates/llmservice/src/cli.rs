@@ -77,6 +77,9 @@ pub struct ServeArgs {
     /// Port to listen on; 0 picks a free one (written to `.port`) [env: PORT, LLM_SERVICE_PORT] [default: 8000]
     #[arg(long)]
     pub port: Option<u16>,
+    /// When the port is taken, listen on the next free one after it (written to `.port`) [env: NEXT_FREE_PORT]
+    #[arg(long)]
+    pub next_free_port: bool,
     /// Directory whose `.gguf` files are servable by file stem [env: MODELS_DIR, LLM_SERVICE_MODELS_DIR, MODEL_DIR]
     #[arg(long)]
     pub models_dir: Option<PathBuf>,

@@ -27,7 +27,7 @@ pub async fn serve(mut settings: Settings) -> Result<(), String> {
         settings.default_model_file = Some(path);
     }
     let settings = Arc::new(settings);
-    let listener = bind(&settings.host, settings.port).await?;
+    let listener = bind(&settings.host, settings.port, settings.next_free_port).await?;
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
@@ -123,15 +123,38 @@ async fn idle(state: AppState, limit: Option<Duration>) {
     }
 }
 
-async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
-    let addr = format!("{host}:{port}");
-    TcpListener::bind(&addr).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!("port {port} on {host} is already in use: stop the other process, choose another with --port or PORT, or use --port 0 for any free port (written to .port)")
-        } else {
-            format!("cannot listen on {addr}: {e}")
+/// Most ports after a taken one that `--next-free-port` tries.
+const NEXT_PORTS: u16 = 100;
+
+async fn bind(host: &str, port: u16, next_free: bool) -> Result<TcpListener, String> {
+    let in_use = |e: &std::io::Error| e.kind() == std::io::ErrorKind::AddrInUse;
+    let error = match TcpListener::bind(format!("{host}:{port}")).await {
+        Ok(listener) => return Ok(listener),
+        Err(e) => e,
+    };
+    if !in_use(&error) {
+        return Err(format!("cannot listen on {host}:{port}: {error}"));
+    }
+    if !next_free || port == 0 {
+        return Err(format!("port {port} on {host} is already in use: stop the other process, choose another with --port or PORT, take the next free one with --next-free-port (NEXT_FREE_PORT=true), or use --port 0 for any free port (written to .port)"));
+    }
+    for next in (port..port.saturating_add(NEXT_PORTS)).map(|p| p + 1) {
+        match TcpListener::bind(format!("{host}:{next}")).await {
+            Ok(listener) => {
+                tracing::warn!(
+                    taken = port,
+                    port = next,
+                    "the port is in use: listening on the next free one (written to .port)"
+                );
+                return Ok(listener);
+            }
+            Err(e) if in_use(&e) => continue,
+            Err(e) => return Err(format!("cannot listen on {host}:{next}: {e}")),
         }
-    })
+    }
+    Err(format!(
+        "port {port} on {host} and the {NEXT_PORTS} after it are in use"
+    ))
 }
 
 async fn shutdown_signal() {
@@ -369,6 +392,20 @@ mod tests {
             .await;
         });
         (addr, stop, server)
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_an_error_or_with_next_free_port_the_next_one() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let error = bind("127.0.0.1", port, false).await.unwrap_err();
+        assert!(
+            error.contains("already in use") && error.contains("--next-free-port"),
+            "{error}"
+        );
+        let next = bind("127.0.0.1", port, true).await.unwrap();
+        let got = next.local_addr().unwrap().port();
+        assert!(got > port && got <= port + NEXT_PORTS, "{got} after {port}");
     }
 
     /// Sets its flag when dropped: the answer's body was let go.

@@ -22,6 +22,9 @@ pub use tier::{
 pub struct Settings {
     pub host: String,
     pub port: u16,
+    /// When `port` is taken, take the next free one (`--next-free-port`,
+    /// `NEXT_FREE_PORT`).
+    pub next_free_port: bool,
     pub models_dir: PathBuf,
     pub data_dir: PathBuf,
     pub log_level: String,
@@ -490,6 +493,8 @@ impl Settings {
                 Some(p) => p,
                 None => parse(env, &["PORT", "LLM_SERVICE_PORT"])?.unwrap_or(8000),
             },
+            next_free_port: args.next_free_port
+                || parse_bool(env, "NEXT_FREE_PORT")?.unwrap_or(false),
             models_dir,
             data_dir,
             log_level: match args.log_level.clone().or_else(|| env.get("LOG_LEVEL")) {
