@@ -109,6 +109,14 @@ fn qdrant_server(
                         "QDRANT_HOST={host} is not used: as in seed 003, collections stay in \
                          this server's own store unless QDRANT_USE_MEMORY=false"
                     ));
+                } else if memory == Some(false) {
+                    let port = env.get("QDRANT_PORT").unwrap_or_else(|| "6333".into());
+                    warnings.push(format!(
+                        "QDRANT_USE_MEMORY=false with QDRANT_HOST={host}: collections are kept \
+                         on disk in this server's own store; for a Qdrant server on this \
+                         machine set QDRANT_URL=http://{host}:{}",
+                        port.trim()
+                    ));
                 }
                 return Ok(None);
             }

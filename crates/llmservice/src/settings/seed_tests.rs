@@ -288,6 +288,13 @@ fn seed_003_docker_deployment_keeps_collections_on_its_qdrant_server() {
     );
     let s = resolve("QDRANT_HOST=localhost\nQDRANT_USE_MEMORY=false\n");
     assert!(matches!(s.rag.storage, rag::Storage::Disk(_)));
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("QDRANT_URL=http://localhost:6333")),
+        "the way to a local Qdrant server is said: {:?}",
+        s.warnings
+    );
 
     for bad in ["QDRANT_URL=ftp://qdrant\n", "QDRANT_URL=http://\n"] {
         let error = Settings::resolve(&ServeArgs::default(), &dotenv(bad)).unwrap_err();
