@@ -88,11 +88,18 @@ pub fn inspect(path: &Path) -> Option<GgufSummary> {
 }
 
 /// Keys and values of every layer for one token, f16: layers × KV heads ×
-/// (key width + value width) × 2 bytes. A per-layer head count (an array)
+/// (key width + value width) × 2 bytes (for latent attention, layers ×
+/// (latent rank + rotary width) × 2). A per-layer head count (an array)
 /// or a missing width leaves it unknown rather than guessed.
 fn kv_bytes_per_token(ctx: &GgufContext, arch: &str) -> Option<u64> {
     let key = |name: &str| unsigned(ctx, &format!("{arch}.{name}")).map(u64::from);
     let layers = key("block_count")?;
+    // Multi-head latent attention (DeepSeek's) caches one compressed
+    // vector and the rotary part per layer, not keys and values per head.
+    if let Some(rank) = key("attention.kv_lora_rank") {
+        let rope = key("rope.dimension_count").unwrap_or(0);
+        return layers.checked_mul(rank.checked_add(rope)?)?.checked_mul(2);
+    }
     let heads = key("attention.head_count")?;
     let kv_heads = if ctx.find_key(&format!("{arch}.attention.head_count_kv")) >= 0 {
         key("attention.head_count_kv")?
@@ -102,7 +109,11 @@ fn kv_bytes_per_token(ctx: &GgufContext, arch: &str) -> Option<u64> {
     let head_width = key("embedding_length")?.checked_div(heads)?;
     let key_width = key("attention.key_length").unwrap_or(head_width);
     let value_width = key("attention.value_length").unwrap_or(head_width);
-    Some(layers * kv_heads * (key_width + value_width) * 2)
+    // Checked: the numbers come from the file, which may lie.
+    layers
+        .checked_mul(kv_heads)?
+        .checked_mul(key_width.checked_add(value_width)?)?
+        .checked_mul(2)
 }
 
 fn string(ctx: &GgufContext, key: &str) -> Option<String> {

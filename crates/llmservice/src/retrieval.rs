@@ -216,10 +216,11 @@ pub struct UpstreamReranker {
 }
 
 impl UpstreamReranker {
-    pub fn new(upstream: Arc<crate::upstream::Upstream>, model_id: &str) -> Self {
+    /// Asks `upstream` for `model` (its `{TIER}_UPSTREAM_MODEL` wins).
+    pub fn new(upstream: Arc<crate::upstream::Upstream>, model: &str) -> Self {
         Self {
             upstream,
-            model: model_id.to_owned(),
+            model: model.to_owned(),
         }
     }
 }
@@ -229,40 +230,18 @@ impl Reranker for UpstreamReranker {
         &self.model
     }
 
-    /// Cohere's `relevance_score` is a probability (vLLM's and Jina's are
-    /// too): as a logit, retrieval's logistic gives the same relevance back.
-    /// An answer with scores outside 0..1 (llama-server's raw scores) is
-    /// taken as raw scores.
     fn scores<'a>(
         &'a self,
         query: &'a str,
         texts: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<f32>, RagError>> {
         Box::pin(async move {
-            let scores = self
-                .upstream
+            self.upstream
                 .rerank(&self.model, query, texts)
                 .await
-                .map_err(|e| RagError::Model(Box::new(e)))?;
-            let probabilities = scores
-                .iter()
-                .all(|s| (0.0..=1.0).contains(s) || *s == f32::NEG_INFINITY);
-            Ok(if probabilities {
-                scores.into_iter().map(logit).collect()
-            } else {
-                scores
-            })
+                .map_err(|e| RagError::Model(Box::new(e)))
         })
     }
-}
-
-/// The score whose logistic is `p` (0 and 1 kept finite).
-fn logit(p: f32) -> f32 {
-    if p == f32::NEG_INFINITY {
-        return p;
-    }
-    let p = p.clamp(1e-6, 1.0 - 1e-6);
-    (p / (1.0 - p)).ln()
 }
 
 /// Every collection with its counts, for metrics and the dashboard; gives up

@@ -56,6 +56,13 @@ pub fn is_operator_route(method: &Method, path: &str) -> bool {
     access(method, path) == Access::Operator
 }
 
+/// Whether browsers on other origins are refused: the operator's routes, and
+/// the cache's counters (open to local clients, but they name the cache's
+/// file and Redis host, which no web page should read).
+pub fn same_origin_only(method: &Method, path: &str) -> bool {
+    is_operator_route(method, path) || path.starts_with("/internal/")
+}
+
 /// Whether a request on `path` counts in the dashboard's analytics: the API
 /// routes clients call, not the operator's, the open ones, or scrapes.
 pub fn counts_in_analytics(method: &Method, path: &str) -> bool {

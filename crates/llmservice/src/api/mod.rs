@@ -31,7 +31,6 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
-use utoipa_redoc::Servable as _;
 
 use crate::analytics::{Analytics, Ledger};
 use error::ApiError;
@@ -60,6 +59,26 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Seed 002's second view of the OpenAPI document (FastAPI's `/redoc`). Its
+/// script comes from ReDoc's CDN, so the page runs sandboxed, in an origin
+/// of its own: it cannot read what the dashboard keeps for this one (the
+/// operator's key).
+fn redoc_page() -> impl axum::handler::Handler<((),), AppState> {
+    let html = utoipa_redoc::Redoc::new(<openapi::ApiDoc as utoipa::OpenApi>::openapi()).to_html();
+    move || {
+        let html = html.clone();
+        async move {
+            (
+                [(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static("sandbox allow-scripts"),
+                )],
+                axum::response::Html(html),
+            )
+        }
+    }
+}
+
 /// What clients call: the OpenAI, Anthropic and Ollama APIs, retrieval, the
 /// tokenizer, health and metrics.
 fn api_routes(upload_limit: usize) -> Router<AppState> {
@@ -68,11 +87,7 @@ fn api_routes(upload_limit: usize) -> Router<AppState> {
             "/openapi.json",
             <openapi::ApiDoc as utoipa::OpenApi>::openapi(),
         ))
-        // Seed 002's second view of the same document (FastAPI's `/redoc`).
-        .merge(utoipa_redoc::Redoc::with_url(
-            "/redoc",
-            <openapi::ApiDoc as utoipa::OpenApi>::openapi(),
-        ))
+        .route("/redoc", get(redoc_page()))
         .route("/health", get(models::health))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/chat", get(models::chat_models))
@@ -173,7 +188,7 @@ fn cors(origins: &Option<Vec<String>>) -> CorsLayer {
     });
     CorsLayer::new()
         .allow_origin(AllowOrigin::predicate(move |origin, request| {
-            !auth::is_operator_route(&request.method, request.uri.path())
+            !auth::same_origin_only(&request.method, request.uri.path())
                 && origins.as_ref().is_none_or(|list| list.contains(origin))
         }))
         .allow_methods(Any)

@@ -186,13 +186,13 @@ impl ModelEntry {
         let n_ctx = f
             .context_length
             .map_or(u64::from(config.n_ctx), |c| c.min(u64::from(config.n_ctx)));
-        let kv = f.kv_bytes_per_token.map_or(0, |b| b * n_ctx);
+        let kv = f.kv_bytes_per_token.map_or(0, |b| b.saturating_mul(n_ctx));
         let host = if self.kind == ModelKind::Chat {
             config.host_cache_bytes as u64
         } else {
             0
         };
-        f.file_bytes + kv + host
+        f.file_bytes.saturating_add(kv).saturating_add(host)
     }
 
     fn touch(&self) {
@@ -723,6 +723,8 @@ impl Registry {
         wait: bool,
     ) -> Result<Option<Arc<crate::upstream::Upstream>>, ModelError> {
         if entry.managed.is_some() && entry.state() != ModelState::Loaded {
+            // In turn with loads, which count what is loaded too.
+            let _turn = self.load_turn.lock().await;
             self.make_room_for(entry).await;
         }
         entry.ready_upstream(wait).await.transpose()
@@ -871,7 +873,18 @@ impl Registry {
         if max.is_some() || budget.is_some() {
             // A load in progress makes its own room; this sweep waits its turn.
             if let Ok(_turn) = self.load_turn.try_lock() {
-                self.evict_lru(None, max, budget).await;
+                // The most recently used model stays, even alone over the
+                // budget: the older ones make room for it, as at its load.
+                let loaded = self.loaded();
+                let newest = loaded.iter().min_by_key(|e| e.idle_for());
+                let keep = newest.map(|e| e.id.clone());
+                let need = newest.map_or(0, |e| e.memory_estimate());
+                self.evict_lru(
+                    keep.as_deref(),
+                    max.map(|m| m - 1),
+                    budget.map(|b| b.saturating_sub(need)),
+                )
+                .await;
             }
         }
     }
@@ -931,6 +944,15 @@ impl Registry {
     }
 
     fn find(&self, all: &[Arc<ModelEntry>], name: &str) -> Option<Arc<ModelEntry>> {
+        self.find_named(all, name).or_else(|| {
+            let tier = tier_for_name(name)?;
+            self.tiers.iter().find(|e| e.tier == Some(tier)).cloned()
+        })
+    }
+
+    /// [`Registry::find`] without the seed's name patterns: a model that
+    /// goes by `name` (its id, tier, file stem, or `default`).
+    fn find_named(&self, all: &[Arc<ModelEntry>], name: &str) -> Option<Arc<ModelEntry>> {
         all.iter()
             .find(|e| e.id == name)
             .or_else(|| {
@@ -954,11 +976,19 @@ impl Registry {
                     .then(|| self.default_chat(all))
                     .flatten()
             })
-            .or_else(|| {
-                let tier = tier_for_name(name)?;
-                self.tiers.iter().find(|e| e.tier == Some(tier))
-            })
             .cloned()
+    }
+
+    /// The model that goes by `name` (not one a name pattern points to), for
+    /// `GET /v1/models/{id}`: a client asking whether `llama-70b` exists is
+    /// not answered with the heavy tier's model.
+    pub fn named(&self, name: &str) -> Result<Arc<ModelEntry>, ModelError> {
+        let all = self.list();
+        self.find_named(&all, name.trim())
+            .ok_or_else(|| ModelError::NotFound {
+                name: name.to_owned(),
+                available: all.iter().map(|e| e.id.clone()).collect(),
+            })
     }
 
     /// What `"model": "default"` names: the first chat tier of light,
@@ -1052,7 +1082,9 @@ impl Registry {
 
 /// The memory `models` take together, estimated.
 fn memory_of(models: &[Arc<ModelEntry>]) -> u64 {
-    models.iter().map(|e| e.memory_estimate()).sum()
+    models
+        .iter()
+        .fold(0, |sum, e| sum.saturating_add(e.memory_estimate()))
 }
 
 /// A managed tier's child: a free loopback port for it, its command with

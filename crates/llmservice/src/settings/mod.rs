@@ -39,8 +39,8 @@ pub struct Settings {
     /// the least recently used idle model.
     pub max_loaded_models: Option<usize>,
     /// Bytes the loaded models may take together (`MAX_MODEL_MEMORY`, MiB;
-    /// 0 = no budget; by default 80% of the machine's memory): loading one
-    /// that does not fit unloads the least recently used idle models first.
+    /// unset or 0 = no budget): loading one that does not fit unloads the
+    /// least recently used idle models first.
     pub max_model_memory: Option<u64>,
     /// Exit after this long without requests (`SHUTDOWN_TIMEOUT`, 0 = never).
     pub shutdown_timeout: Option<Duration>,
@@ -318,43 +318,44 @@ fn dir_settings(
     Ok(settings)
 }
 
-/// `MAX_MODEL_MEMORY` (MiB) in bytes: 0 is no budget, unset is 80% of the
-/// machine's memory.
+/// `MAX_MODEL_MEMORY` (MiB) in bytes; unset or 0 is no budget. There is no
+/// default: the machine's memory says nothing of a container's limit or of
+/// weights offloaded to a GPU, and models that fit together before must not
+/// start taking turns after an upgrade.
 fn model_memory_budget(env: &dyn Env) -> Result<Option<u64>, ConfigError> {
-    Ok(match parse::<u64>(env, &["MAX_MODEL_MEMORY"])? {
-        Some(0) => None,
-        Some(mib) => Some(mib.saturating_mul(1 << 20)),
-        None => machine_memory().map(|bytes| bytes / 5 * 4),
-    })
-}
-
-/// The machine's memory (`MemTotal`), where the system says.
-fn machine_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    Ok(parse::<u64>(env, &["MAX_MODEL_MEMORY"])?
+        .filter(|&mib| mib > 0)
+        .map(|mib| mib.saturating_mul(1 << 20)))
 }
 
 /// `LOG_LEVEL` as a tracing filter. The seeds set Python's level names
-/// (`INFO`, `WARNING`, `DEBUG`); tracing calls two of them differently, and
-/// would read any other bare word as the name of a module to log, silently
-/// logging nothing else. So a bare word must be a level; a value with `=` or
-/// `,` is a filter directive and passes through.
-fn log_filter(value: &str) -> Result<String, ConfigError> {
-    let level = value.trim().to_ascii_lowercase();
+/// (`INFO`, `WARNING`, `DEBUG`, or their numbers); tracing calls two of them
+/// differently, and would read any other bare word as the name of a module to
+/// log, silently logging nothing else. So a bare word must be a level: one
+/// that is not is a warning, and `info` is used. A value with `=` or `,` is a
+/// filter directive and passes through.
+fn log_filter(value: &str, warnings: &mut Vec<String>) -> String {
+    let level = value
+        .trim()
+        .trim_matches(|c| c == '"' || c == '\'')
+        .to_ascii_lowercase();
     if level.contains(['=', ',']) {
-        return Ok(level);
+        return level;
     }
     match level.as_str() {
-        "trace" | "debug" | "info" | "warn" | "error" | "off" => Ok(level),
-        "warning" => Ok("warn".to_owned()),
-        "critical" | "fatal" => Ok("error".to_owned()),
-        _ => Err(ConfigError::new(
-            "LOG_LEVEL",
-            value,
-            "expected trace, debug, info, warn(ing), error, critical or off",
-        )),
+        "trace" | "debug" | "info" | "warn" | "error" | "off" => level,
+        "notset" | "0" => "trace".to_owned(),
+        "10" => "debug".to_owned(),
+        "20" => "info".to_owned(),
+        "warning" | "30" => "warn".to_owned(),
+        "critical" | "fatal" | "40" | "50" => "error".to_owned(),
+        _ => {
+            warnings.push(format!(
+                "LOG_LEVEL={value:?} is not a log level (trace, debug, info, warning, error, \
+                 critical, off): logging at info"
+            ));
+            "info".to_owned()
+        }
     }
 }
 
@@ -466,6 +467,12 @@ impl Settings {
         tier::unprefixed_warnings(&tiers, env, &mut warnings);
         // The models directory's files take the seeds' unprefixed settings.
         let (dir_engine, dir_defaults) = dir_settings(env, &mut warnings)?;
+        let log_level = match args.log_level.clone().or_else(|| env.get("LOG_LEVEL")) {
+            Some(value) => log_filter(&value, &mut warnings),
+            // Seed 002's VERBOSE=true.
+            None if parse_bool(env, "VERBOSE").ok().flatten() == Some(true) => "debug".to_owned(),
+            None => "info".to_owned(),
+        };
         let cache = CacheSettings::from_env(|n| env.get(n), &data_dir)?;
         let responses = response_store(env, &data_dir)?;
         let keys = crate::keys::KeySettings {
@@ -505,12 +512,7 @@ impl Settings {
                 || parse_bool(env, "NEXT_FREE_PORT")?.unwrap_or(false),
             models_dir,
             data_dir,
-            log_level: match args.log_level.clone().or_else(|| env.get("LOG_LEVEL")) {
-                Some(value) => log_filter(&value)?,
-                // Seed 002's VERBOSE=true.
-                None if parse_bool(env, "VERBOSE")? == Some(true) => "debug".to_owned(),
-                None => "info".to_owned(),
-            },
+            log_level,
             max_body_bytes: match args.max_body_bytes {
                 Some(n) => n,
                 None => parse(env, &["MAX_BODY_BYTES"])?.unwrap_or(10 * 1024 * 1024),
@@ -648,9 +650,8 @@ mod tests {
         assert_eq!(s.port, 8000);
         assert_eq!(s.models_dir, PathBuf::from("/home/u/.llmservice/models"));
         assert!(s.tiers.is_empty());
-        // A memory budget of 80% of the machine's memory, unless turned off.
-        let total = machine_memory().unwrap();
-        assert_eq!(s.max_model_memory, Some(total / 5 * 4));
+        // No memory budget unless one is set.
+        assert_eq!(s.max_model_memory, None);
         let off = Settings::resolve(&ServeArgs::default(), &[("MAX_MODEL_MEMORY", "0")]).unwrap();
         assert_eq!(off.max_model_memory, None);
         let set =
@@ -672,14 +673,22 @@ mod tests {
             ("CRITICAL", "error"),
             ("DEBUG", "debug"),
             ("info,llmservice=debug", "info,llmservice=debug"),
+            ("\"info\"", "info"),
+            ("30", "warn"),
+            ("NOTSET", "trace"),
         ] {
             assert_eq!(level(value).as_deref(), Ok(filter), "{value}");
         }
-        // A bare word that is no level would log nothing at all: refused.
-        let error = level("verbose").unwrap_err();
+        // A bare word that is no level would log nothing at all: info, and
+        // a warning.
+        let s = Settings::resolve(&ServeArgs::default(), &[("LOG_LEVEL", "verbose")]).unwrap();
+        assert_eq!(s.log_level, "info");
         assert!(
-            error.contains("LOG_LEVEL") && error.contains("warn"),
-            "{error}"
+            s.warnings
+                .iter()
+                .any(|w| w.starts_with("LOG_LEVEL=\"verbose\"")),
+            "{:?}",
+            s.warnings
         );
         let verbose = Settings::resolve(&ServeArgs::default(), &[("VERBOSE", "true")]).unwrap();
         assert_eq!(verbose.log_level, "debug");

@@ -146,6 +146,9 @@ pub struct UpstreamSettings {
     /// request fields under the names the upstream reads: a request that
     /// leaves one out gets it. Settings left unset stay the upstream's own.
     pub sampling: serde_json::Map<String, serde_json::Value>,
+    /// The upstream calls the repetition penalty `repetition_penalty` (vLLM,
+    /// mlx_lm): a request's `repeat_penalty` goes by that name.
+    pub repetition_penalty: bool,
 }
 
 impl Backend {
@@ -375,9 +378,12 @@ pub(super) fn unprefixed_warnings(
         let Some(value) = env.get(unprefixed) else {
             continue;
         };
+        // Sampling settings are the chat tiers' only.
+        let sampling = matches!(suffix, "TEMPERATURE" | "MAX_TOKENS");
         let missing: Vec<String> = tiers
             .iter()
             .filter(|t| t.tier != DEFAULT_TIER && t.backend == Backend::LlamaCpp)
+            .filter(|t| !sampling || matches!(t.tier, Tier::Medium | Tier::Heavy))
             .map(|t| format!("{}_{suffix}", t.tier.env_prefix()))
             .filter(|own| env.get(own).is_none())
             .collect();
@@ -447,6 +453,7 @@ pub(super) fn tier_settings(
     }
     if let Some(upstream) = backend.upstream_mut() {
         upstream.sampling = names.upstream_sampling(repeat_penalty)?;
+        upstream.repetition_penalty = repeat_penalty == "repetition_penalty";
     }
     let model_path = names.get("MODEL_PATH");
     let (path_name, model_path) = match (&backend, model_path) {
@@ -528,6 +535,7 @@ fn backend(tier: Tier, env: &dyn Env) -> Result<Backend, ConfigError> {
                 model: env.get(&name("UPSTREAM_MODEL")),
                 timeout: seconds(timeout, "TIMEOUT")?,
                 sampling: serde_json::Map::new(),
+                repetition_penalty: false,
             },
         }));
     }
@@ -572,6 +580,7 @@ fn backend(tier: Tier, env: &dyn Env) -> Result<Backend, ConfigError> {
                 model: env.get(&name("UPSTREAM_MODEL")),
                 timeout,
                 sampling: serde_json::Map::new(),
+                repetition_penalty: false,
             }))
         }
         Some(other) => Err(ConfigError::new(

@@ -96,6 +96,9 @@ pub struct Upstream {
     checking: AtomicBool,
     /// Turns through equally loaded replicas.
     turn: AtomicUsize,
+    /// Whether a rerank answer has had a `relevance_score` outside 0..1:
+    /// the upstream sends raw scores, not Cohere's probabilities.
+    raw_rerank_scores: AtomicBool,
 }
 
 impl Upstream {
@@ -122,6 +125,7 @@ impl Upstream {
             http,
             checking: AtomicBool::new(false),
             turn: AtomicUsize::new(0),
+            raw_rerank_scores: AtomicBool::new(false),
         }))
     }
 
@@ -135,7 +139,8 @@ impl Upstream {
 
     /// Fills the tier's configured sampling settings into a request body that
     /// leaves them out (`max_tokens` also counts as given by
-    /// `max_completion_tokens`, `repetition_penalty` by `repeat_penalty`).
+    /// `max_completion_tokens`); a request's `repeat_penalty` goes by the
+    /// upstream's name.
     pub fn fill_sampling(&self, body: &mut Value) {
         let Some(body) = body.as_object_mut() else {
             return;
@@ -143,10 +148,14 @@ impl Upstream {
         let given = |body: &serde_json::Map<String, Value>, key: &str| {
             body.get(key).is_some_and(|v| !v.is_null())
         };
+        if self.settings.repetition_penalty && given(body, "repeat_penalty") {
+            if let Some(penalty) = body.remove("repeat_penalty") {
+                body.entry("repetition_penalty").or_insert(penalty);
+            }
+        }
         for (key, value) in &self.settings.sampling {
-            let given = given(body, key)
-                || (key == "max_tokens" && given(body, "max_completion_tokens"))
-                || (key == "repetition_penalty" && given(body, "repeat_penalty"));
+            let given =
+                given(body, key) || (key == "max_tokens" && given(body, "max_completion_tokens"));
             if !given {
                 body.insert(key.clone(), value.clone());
             }
@@ -291,8 +300,8 @@ impl Upstream {
     }
 
     /// `POST /rerank` (Cohere's shape, which vLLM, llama-server, Jina and
-    /// llmservice take) for `requested`: each document's `relevance_score`,
-    /// in the documents' order.
+    /// llmservice take) for `requested`: each document's score as a logit,
+    /// in the documents' order (see [`rerank_logits`]).
     pub async fn rerank(
         self: &Arc<Self>,
         requested: &str,
@@ -308,12 +317,12 @@ impl Upstream {
         let results = answer["results"].as_array().ok_or_else(|| {
             UpstreamError::Failed("the rerank answer has no `results`".to_owned())
         })?;
-        let mut scores = vec![f32::NEG_INFINITY; documents.len()];
+        let mut scores = vec![f64::NEG_INFINITY; documents.len()];
         for result in results {
             let index = result["index"].as_u64().map(|i| i as usize);
             let score = result["relevance_score"].as_f64();
             match (index, score) {
-                (Some(i), Some(score)) if i < scores.len() => scores[i] = score as f32,
+                (Some(i), Some(score)) if i < scores.len() => scores[i] = score,
                 _ => {
                     return Err(UpstreamError::Failed(format!(
                         "a rerank result without a document's index and relevance_score: {result}"
@@ -321,7 +330,7 @@ impl Upstream {
                 }
             }
         }
-        Ok(scores)
+        Ok(rerank_logits(scores, &self.raw_rerank_scores))
     }
 
     /// Checks every replica now (`GET {base}/models`).
@@ -366,6 +375,29 @@ impl Upstream {
     }
 }
 
+/// Rerank scores as logits. Cohere's `relevance_score` is a probability
+/// (vLLM's, Jina's and ours are too): its logit, whose logistic gives it
+/// back. Once an upstream has sent a score outside 0..1 (llama-server sends
+/// the model's raw scores) its scores are taken as they are, from then on,
+/// so one answer's scores never change meaning with the next's.
+fn rerank_logits(scores: Vec<f64>, raw_seen: &AtomicBool) -> Vec<f32> {
+    let outside = |s: &f64| s.is_finite() && !(0.0..=1.0).contains(s);
+    if scores.iter().any(outside) {
+        raw_seen.store(true, Ordering::Relaxed);
+    }
+    let raw = raw_seen.load(Ordering::Relaxed);
+    scores
+        .into_iter()
+        .map(|s| {
+            if raw || !s.is_finite() {
+                return s as f32;
+            }
+            let p = s.clamp(1e-12, 1.0 - 1e-12);
+            (p / (1.0 - p)).ln() as f32
+        })
+        .collect()
+}
+
 /// An upstream's 4xx as our error, with its own message (OpenAI's shape,
 /// or whatever text it sent).
 fn refusal(status: StatusCode, body: String) -> UpstreamError {
@@ -392,5 +424,56 @@ fn refusal(status: StatusCode, body: String) -> UpstreamError {
         kind: field("type"),
         param: field("param"),
         code: field("code"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tiers_sampling_fills_what_a_request_leaves_out_under_the_upstreams_names() {
+        let sampling =
+            serde_json::json!({"temperature": 0.3, "repetition_penalty": 1.2, "max_tokens": 64});
+        let upstream = Upstream::new(UpstreamSettings {
+            base_urls: vec!["http://127.0.0.1:9/v1".to_owned()],
+            api_key: None,
+            model: None,
+            timeout: Duration::from_secs(1),
+            sampling: sampling.as_object().unwrap().clone(),
+            repetition_penalty: true,
+        })
+        .unwrap();
+        let mut body = serde_json::json!({"model": "m", "temperature": null, "repeat_penalty": 1.05,
+            "max_completion_tokens": 10});
+        upstream.fill_sampling(&mut body);
+        assert_eq!(
+            body,
+            serde_json::json!({"model": "m", "temperature": 0.3, "repetition_penalty": 1.05,
+                "max_completion_tokens": 10})
+        );
+        let mut body = serde_json::json!({"model": "m"});
+        upstream.fill_sampling(&mut body);
+        assert_eq!(
+            body,
+            serde_json::json!({"model": "m", "temperature": 0.3,
+            "repetition_penalty": 1.2, "max_tokens": 64})
+        );
+    }
+
+    #[test]
+    fn rerank_probabilities_become_logits_and_raw_scores_stay_raw() {
+        let raw_seen = AtomicBool::new(false);
+        let logits = rerank_logits(vec![0.5, 0.880_797, 1.0, 0.0], &raw_seen);
+        assert!(
+            logits[0].abs() < 1e-6 && (logits[1] - 2.0).abs() < 1e-4,
+            "{logits:?}"
+        );
+        // A certain document still ranks above a very likely one.
+        assert!(logits[2] > logits[1] && logits[3] < logits[0], "{logits:?}");
+        // An upstream that sends raw scores is read as raw from then on,
+        // even when a later answer's happen to fall inside 0..1.
+        assert_eq!(rerank_logits(vec![3.5, -1.0], &raw_seen), vec![3.5, -1.0]);
+        assert_eq!(rerank_logits(vec![0.25, 0.75], &raw_seen), vec![0.25, 0.75]);
     }
 }

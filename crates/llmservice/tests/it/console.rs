@@ -101,6 +101,7 @@ async fn browsers_on_other_origins_reach_the_api_but_not_the_console() {
     for path in [
         "/admin/api/keys",
         "/admin/api/models/light/load",
+        "/internal/cache/stats",
         "/v1/models/light/load",
     ] {
         let (_, headers, _) = app.send(preflight(path)).await;

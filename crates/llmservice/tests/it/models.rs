@@ -54,12 +54,15 @@ async fn lists_tiers_and_the_models_directory_with_kinds_and_states() {
     assert_eq!(status, 200);
     let (_, one) = app.get(&format!("/v1/models/{LIGHT_ID}")).await;
     assert_eq!(one["state"], "loaded");
-    // Retrieving takes any name a request's `model` may use.
-    for name in ["light", "SmolLM2-135M-Instruct-Q4_1"] {
+    // Retrieving takes the names a model goes by, not the name patterns
+    // that route a request to a tier.
+    for name in ["light", "SmolLM2-135M-Instruct-Q4_1", "default"] {
         let (status, one) = app.get(&format!("/v1/models/{name}")).await;
         assert_eq!(status, 200, "{name}");
         assert_eq!(one["id"], LIGHT_ID, "{name}");
     }
+    let (status, _) = app.get("/v1/models/qwen-0.5b").await;
+    assert_eq!(status, 404, "a pattern is not a model");
     let (_, health) = app.get("/health").await;
     assert_eq!(health["status"], "healthy");
     assert!(health["timestamp"].is_string());
@@ -265,10 +268,17 @@ async fn max_model_memory_evicts_the_least_recently_used_idle_model() {
         "available",
         "the older model made room"
     );
-    // A model alone over the budget still loads (with a warning).
+    // The idle sweep keeps the newest model, which fits.
+    registry.unload_idle().await;
+    assert_eq!(second.state().as_str(), "loaded");
+    // A model alone over the budget still loads (with a warning), and the
+    // idle sweep does not unload it.
     let tight = TestApp::new(&[("MAX_MODEL_MEMORY", "100"), ("PROMPT_CACHE_RAM", "0")]);
     let (status, _, _) = tight.post("/v1/completions", ask("light")).await;
     assert_eq!(status, 200);
+    tight.state.registry.unload_idle().await;
+    let light = tight.state.registry.resolve("light").unwrap();
+    assert_eq!(light.state().as_str(), "loaded", "the one model left stays");
 }
 
 #[tokio::test]
@@ -366,4 +376,14 @@ async fn openapi_document_and_docs_page() {
         page.contains("/v1/chat/completions"),
         "the document is in the page"
     );
+    // Its script is ReDoc's CDN's: sandboxed away from the dashboard's origin.
+    let (status, headers, _) = app
+        .send(
+            axum::http::Request::get("/redoc")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-security-policy"], "sandbox allow-scripts");
 }

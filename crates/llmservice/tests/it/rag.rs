@@ -528,7 +528,8 @@ async fn a_reranker_rescores_the_candidates() {
         &[
             ("RERANKER_BACKEND", "openai"),
             ("RERANKER_BASE_URL", url.as_str()),
-            ("RERANKER_UPSTREAM_MODEL", "reranker"),
+            // Asked for by this name, as `vllm serve` would know it.
+            ("RERANKER_MODEL_PATH", "reranker"),
             ("RERANKER_API_KEY", crate::common::OPERATOR_KEY),
         ],
     );

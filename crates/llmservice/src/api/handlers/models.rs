@@ -80,15 +80,18 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     })
 }
 
-/// One model, named as a request's `model` may name it: its id, its tier, a
-/// file stem in the models directory or a seed's name pattern
-/// (`client.models.retrieve("light")` finds the light tier's model).
+/// One model, named as a request's `model` may name it: its id, its tier or
+/// a file stem in the models directory (`client.models.retrieve("light")`
+/// finds the light tier's model); not through the seed's name patterns.
 #[utoipa::path(get, path = "/v1/models/{id}", params(("id" = String, Path, description = "Model id (e.g. light/qwen-0.5b), or any name a request's `model` may use")), responses((status = 200, description = "Success", body = ModelObject), (status = 404, description = "Unknown model", body = ErrorResponse)))]
 pub async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
-    let entry = state.registry.resolve_async(&id).await?;
+    let registry = state.registry.clone();
+    let entry = tokio::task::spawn_blocking(move || registry.named(&id))
+        .await
+        .map_err(|e| ApiError::internal(format!("model lookup failed: {e}")))??;
     Ok(Json(model_object(&entry)))
 }
 

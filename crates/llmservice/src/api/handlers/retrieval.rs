@@ -91,7 +91,10 @@ pub(super) async fn reranker(
     require_kind(&entry, ModelKind::Reranker, "reranking")?;
     let wait = wants_to_wait(headers);
     if let Some(upstream) = state.registry.upstream(&entry, wait).await? {
-        return Ok(Some(Box::new(UpstreamReranker::new(upstream, &entry.id))));
+        // The name the upstream knows it by: its `{TIER}_MODEL_PATH` (what
+        // `vllm serve` was given), as a client would name it.
+        let model = entry.path.display().to_string();
+        return Ok(Some(Box::new(UpstreamReranker::new(upstream, &model))));
     }
     let engine = state.registry.engine(&entry, wait).await?;
     Ok(Some(Box::new(EngineReranker::new(engine, &entry.id))))
