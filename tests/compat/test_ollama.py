@@ -31,7 +31,9 @@ def test_version_tags_show_and_ps(llama, http):
     shown = llama.show("light")
     assert "completion" in shown.capabilities
     assert shown.details.family == "llama" and shown.details.parameter_size.endswith("M")
-    assert shown.template and shown.modelinfo["context_length"] > 0
+    # Ollama's keys, under the architecture's name, as editors read them.
+    assert shown.template and shown.modelinfo["llama.context_length"] > 0
+    assert shown.modelinfo["llama.embedding_length"] == 576
     assert any(m.model.startswith("light/") for m in llama.ps().models)
 
 
@@ -88,6 +90,9 @@ def test_generate_and_load(llama):
     assert streamed == reply.response
     loaded = llama.generate(model="light", prompt="")
     assert loaded.done and loaded.done_reason == "load"
+    # Chat without messages loads too, as in Ollama.
+    loaded = llama.chat(model="light", messages=[])
+    assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
 
 
 def test_keep_alive_zero_unloads(llama, http):

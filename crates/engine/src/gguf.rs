@@ -36,6 +36,10 @@ pub struct GgufSummary {
     pub has_chat_template: bool,
     /// `tokenizer.ggml.unknown_token_id` (llama.cpp's vocabulary API does not expose it).
     pub unknown_token_id: Option<u32>,
+    /// `{arch}.embedding_length`: the width of the model's hidden states.
+    pub embedding_length: Option<u64>,
+    /// `general.size_label` (`135M`, `7B`, `8x7B`), where the file says.
+    pub size_label: Option<String>,
     /// Bytes of f16 KV cache one token takes in a causal model (keys and
     /// values of every layer); `None` for encoders, which keep none, or when
     /// the header does not say.
@@ -77,6 +81,9 @@ pub fn inspect(path: &Path) -> Option<GgufSummary> {
         .flatten();
     Some(GgufSummary {
         kv_bytes_per_token,
+        embedding_length: unsigned(&ctx, &format!("{architecture}.embedding_length"))
+            .map(u64::from),
+        size_label: string(&ctx, "general.size_label"),
         name: string(&ctx, "general.name"),
         kind,
         pooling_type,
@@ -114,6 +121,11 @@ fn kv_bytes_per_token(ctx: &GgufContext, arch: &str) -> Option<u64> {
         .checked_mul(kv_heads)?
         .checked_mul(key_width.checked_add(value_width)?)?
         .checked_mul(2)
+}
+
+/// The chat template a GGUF file carries (`tokenizer.chat_template`).
+pub fn chat_template(path: &Path) -> Option<String> {
+    string(&GgufContext::from_file(path)?, "tokenizer.chat_template")
 }
 
 fn string(ctx: &GgufContext, key: &str) -> Option<String> {
@@ -159,6 +171,9 @@ mod tests {
         assert!(chat.has_chat_template);
         // SmolLM2-135M: 30 layers, 3 KV heads of 64 (576 wide over 9 heads).
         assert_eq!(chat.kv_bytes_per_token, Some(30 * 3 * (64 + 64) * 2));
+        assert_eq!(chat.embedding_length, Some(576));
+        let template = chat_template(&shared_model("SmolLM2-135M-Instruct-Q4_1.gguf")).unwrap();
+        assert!(template.contains("<|im_start|>"), "{template}");
 
         let embed = inspect(&shared_model("all-MiniLM-L6-v2-f16.gguf")).expect("embedding gguf");
         assert_eq!(embed.kind, ModelKind::Embedding);

@@ -46,7 +46,7 @@ pub use embed::{normalize, EmbedOutputs, Embedding, PendingEmbeddings, Pooling};
 pub use error::EngineError;
 pub use event::{Event, EventStream, FinishReason, TokenLogprob, Usage};
 #[cfg(feature = "llama")]
-pub use gguf::{inspect, GgufSummary, ModelKind};
+pub use gguf::{chat_template as gguf_chat_template, inspect, GgufSummary, ModelKind};
 #[cfg(feature = "llama")]
 pub use request::{GenerateRequest, SamplingParams, TokenId};
 #[cfg(feature = "llama")]

@@ -23,6 +23,10 @@ pub struct SamplingFields {
     pub min_p: Option<f32>,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
+    /// llama-server's `n_predict` (Ollama's `num_predict`): at most this
+    /// many tokens where `max_tokens` is not given, cut to what the context
+    /// holds rather than refused; negative: until the context is full.
+    pub n_predict: Option<i64>,
     pub stop: Option<StopField>,
     pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,

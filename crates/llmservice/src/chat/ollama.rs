@@ -128,11 +128,10 @@ fn body(
             body.insert(ours.into(), value.clone());
         }
     }
-    // -1 (and -2) mean "until the context is full".
+    // Ollama caps num_predict at the context rather than refusing it, and
+    // -1 (and -2) mean "until the context is full": llama-server's n_predict.
     if let Some(n) = options.get("num_predict").and_then(Value::as_i64) {
-        if n > 0 {
-            body.insert("max_tokens".into(), n.into());
-        }
+        body.insert("n_predict".into(), n.into());
     }
     Ok(body)
 }
@@ -230,7 +229,8 @@ mod tests {
             Some(true),
             "Ollama streams by default"
         );
-        assert_eq!(chat.sampling.max_tokens, Some(12));
+        // As llama-server's n_predict: capped at the context, never refused.
+        assert_eq!(chat.sampling.n_predict, Some(12));
         assert_eq!(chat.sampling.temperature, Some(0.0));
         assert_eq!(chat.response_format.unwrap()["type"], "json_schema");
         let call = &chat.messages[1]["tool_calls"][0];

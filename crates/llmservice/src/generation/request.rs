@@ -184,8 +184,7 @@ pub fn build_request(
     };
     Ok(GenerateRequest {
         prompt,
-        max_tokens: explicit
-            .unwrap_or(defaults.max_tokens)
+        max_tokens: max_tokens(explicit, sampling.n_predict, defaults.max_tokens)
             .min(n_ctx.saturating_sub(prompt_len).max(1)),
         stop: stops(sampling)?,
         sampling: params,
@@ -203,4 +202,32 @@ pub fn build_request(
         special_text: false,
         span: tracing::Span::current(),
     })
+}
+
+/// The most tokens to generate, before the context's room cuts it:
+/// `max_tokens` as asked, else `n_predict` (negative: no limit of its own),
+/// else the tier's default.
+fn max_tokens(explicit: Option<u32>, n_predict: Option<i64>, default: u32) -> u32 {
+    match (explicit, n_predict) {
+        (Some(max), _) => max,
+        (None, Some(n)) if n < 0 => u32::MAX,
+        (None, Some(n)) if n > 0 => u32::try_from(n).unwrap_or(u32::MAX),
+        _ => default,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_tokens;
+
+    #[test]
+    fn max_tokens_then_n_predict_then_the_default() {
+        assert_eq!(max_tokens(Some(5), Some(9), 1000), 5);
+        assert_eq!(max_tokens(None, Some(9), 1000), 9);
+        // Negative: until the context is full (the caller cuts it there).
+        assert_eq!(max_tokens(None, Some(-1), 1000), u32::MAX);
+        assert_eq!(max_tokens(None, Some(-2), 1000), u32::MAX);
+        assert_eq!(max_tokens(None, Some(0), 1000), 1000);
+        assert_eq!(max_tokens(None, None, 1000), 1000);
+    }
 }

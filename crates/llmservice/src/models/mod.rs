@@ -110,6 +110,9 @@ pub struct ModelEntry {
     last_used: std::sync::atomic::AtomicU64,
     /// What its GGUF header says about the memory it takes.
     footprint: Footprint,
+    /// Its GGUF header's summary (`None` for a model served elsewhere, or a
+    /// file that does not read).
+    pub gguf: Option<engine::GgufSummary>,
 }
 
 /// A model's memory as its GGUF header tells it, for `MAX_MODEL_MEMORY`.
@@ -170,6 +173,7 @@ impl ModelEntry {
             managed: None,
             last_used: std::sync::atomic::AtomicU64::new(now_millis()),
             footprint: Footprint::default(),
+            gguf: None,
         }
     }
 
@@ -600,17 +604,17 @@ impl Registry {
             .tiers
             .iter()
             .map(|t| {
-                let (kind, footprint) = match t.backend {
+                let (kind, gguf) = match t.backend {
                     // An MLX model is a directory or a Hub name, not a GGUF;
                     // an upstream's is elsewhere.
-                    Backend::Managed(_) | Backend::OpenAi(_) => (tier_kind(t.tier), Footprint::default()),
-                    Backend::LlamaCpp => engine::inspect(&t.model_path).map_or_else(
-                        || {
+                    Backend::Managed(_) | Backend::OpenAi(_) => (tier_kind(t.tier), None),
+                    Backend::LlamaCpp => match engine::inspect(&t.model_path) {
+                        Some(summary) => (summary.kind, Some(summary)),
+                        None => {
                             tracing::warn!(tier = t.tier.as_str(), path = %t.model_path.display(), "tier model is not a readable GGUF file");
-                            (tier_kind(t.tier), Footprint::of(&t.model_path, None))
-                        },
-                        |s| (s.kind, Footprint::of(&t.model_path, Some(&s))),
-                    ),
+                            (tier_kind(t.tier), None)
+                        }
+                    },
                 };
                 // `{TIER}_EMBEDDING_MODE`: a generative model served for embeddings.
                 let kind = if t.engine.embedding_mode && kind == ModelKind::Chat {
@@ -626,7 +630,10 @@ impl Registry {
                     t.engine.clone(),
                     t.defaults.clone(),
                 );
-                entry.footprint = footprint;
+                if t.backend == Backend::LlamaCpp {
+                    entry.footprint = Footprint::of(&t.model_path, gguf.as_ref());
+                }
+                entry.gguf = gguf;
                 entry.keep_alive = t.keep_alive;
                 entry.embedding_dimension = t.embedding_dimension;
                 entry.backend = t.backend.clone();
@@ -1068,6 +1075,7 @@ impl Registry {
                     self.settings.dir_defaults.clone(),
                 );
                 entry.footprint = Footprint::of(&path, Some(&summary));
+                entry.gguf = Some(summary);
                 entry.keep_alive = self.settings.dir_keep_alive;
                 entry.apply_overrides(&self.overrides.get(&entry.id));
                 let entry = Arc::new(entry);

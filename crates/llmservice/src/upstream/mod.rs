@@ -148,6 +148,13 @@ impl Upstream {
         let given = |body: &serde_json::Map<String, Value>, key: &str| {
             body.get(key).is_some_and(|v| !v.is_null())
         };
+        // llama-server's n_predict (an Ollama request's num_predict) as the
+        // max_tokens every OpenAI-compatible server reads.
+        if let Some(n) = body.remove("n_predict").and_then(|n| n.as_i64()) {
+            if n > 0 && !given(body, "max_tokens") && !given(body, "max_completion_tokens") {
+                body.insert("max_tokens".into(), n.into());
+            }
+        }
         if self.settings.repetition_penalty && given(body, "repeat_penalty") {
             if let Some(penalty) = body.remove("repeat_penalty") {
                 body.entry("repetition_penalty").or_insert(penalty);

@@ -298,3 +298,37 @@ async fn a_configured_chat_template_replaces_the_models_own() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(error_of(&body)["code"], "chat_template_missing");
 }
+
+#[tokio::test]
+async fn n_predict_and_ollamas_num_predict_are_capped_by_the_context_never_refused() {
+    let app = TestApp::new(&[]);
+    let ask = |n_predict: i64| {
+        json!({"model": "light", "temperature": 0, "n_predict": n_predict,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]})
+    };
+    let (status, _, answer) = app.post("/v1/chat/completions", ask(3)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 3);
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    // More than the context holds is what it holds, not a 400 (max_tokens
+    // keeps OpenAI's 400).
+    let (status, _, answer) = app.post("/v1/chat/completions", ask(1_000_000)).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut too_many = ask(0);
+    too_many["max_tokens"] = json!(1_000_000);
+    let (status, _, _) = app.post("/v1/chat/completions", too_many).await;
+    assert_eq!(status, 400);
+    // Ollama's num_predict: the same, and -1 is no limit of its own.
+    for num_predict in [1_000_000, -1] {
+        let (status, _, answer) = app
+            .post(
+                "/api/chat",
+                json!({"model": "light", "stream": false,
+                    "options": {"num_predict": num_predict, "temperature": 0},
+                    "messages": [{"role": "user", "content": "Say hi."}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{num_predict}: {answer}");
+        assert_eq!(answer["done"], true, "{answer}");
+    }
+}

@@ -243,6 +243,35 @@ async fn operators_load_and_unload_and_idle_models_unload_but_busy_ones_stay() {
 }
 
 #[tokio::test]
+async fn ollama_show_reads_the_file_without_loading_the_model() {
+    let app = TestApp::new(&[]);
+    let (status, _, shown) = app.post("/api/show", json!({"model": "light"})).await;
+    assert_eq!(status, 200, "{shown}");
+    let light = app.state.registry.resolve("light").unwrap();
+    assert_eq!(light.state().as_str(), "available", "nothing loaded");
+    assert_eq!(shown["model_info"]["general.architecture"], "llama");
+    // The context it serves with (LIGHT_N_CTX), under Ollama's key.
+    assert_eq!(shown["model_info"]["llama.context_length"], 2048);
+    assert_eq!(shown["model_info"]["llama.embedding_length"], 576);
+    assert_eq!(shown["details"]["family"], "llama");
+    assert_eq!(shown["details"]["parameter_size"], "135M");
+    assert!(shown["template"].as_str().unwrap().contains("<|im_start|>"));
+    assert_eq!(shown["capabilities"], json!(["completion"]));
+    // Loaded, it says the same.
+    let (status, _, _) = app
+        .post(
+            "/v1/completions",
+            json!({"model": "light", "prompt": "Hi", "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, _, again) = app.post("/api/show", json!({"model": "light"})).await;
+    assert_eq!(again["model_info"]["llama.context_length"], 2048);
+    assert_eq!(again["template"], shown["template"]);
+    assert_eq!(again["capabilities"], shown["capabilities"]);
+}
+
+#[tokio::test]
 async fn max_model_memory_evicts_the_least_recently_used_idle_model() {
     // No host prompt cache, so each model's estimate is its file and its KV.
     let app = TestApp::new(&[("MAX_MODEL_MEMORY", "250"), ("PROMPT_CACHE_RAM", "0")]);

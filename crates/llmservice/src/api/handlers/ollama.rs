@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::pipeline::{cache_key, cached_events, check, generate, load, replayed};
 use super::{
-    log_encoded, require_kind, respond, text_model, tokenize_inputs, wants_to_wait, Delivery,
+    log_encoded, off_async, require_kind, respond, text_model, tokenize_inputs, wants_to_wait,
+    Delivery,
 };
 use crate::analytics::Ledger;
 use crate::api::answer::{AnswerHead, OllamaAnswer};
@@ -30,7 +31,8 @@ use crate::state::AppState;
 use crate::wire::{
     ChatCompletionRequest, OllamaChatRequest, OllamaChunk, OllamaDetails, OllamaEmbedAnswer,
     OllamaEmbedRequest, OllamaEmbeddingAnswer, OllamaEmbeddingsRequest, OllamaGenerateRequest,
-    OllamaModel, OllamaModels, OllamaShow, OllamaShowRequest, OllamaStats, PromptField,
+    OllamaMessage, OllamaModel, OllamaModels, OllamaShow, OllamaShowRequest, OllamaStats,
+    PromptField,
 };
 
 /// The version of Ollama's API these routes follow.
@@ -92,25 +94,64 @@ pub async fn show(
     if entry.upstream.is_some() {
         return show_upstream(&state, &headers, entry).await;
     }
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(&headers))
-        .await?;
-    let info = engine.info();
-    let template = info
-        .chat_template
-        .as_ref()
-        .map(|t| t.source().to_owned())
+    // Read from the file, not a load: editors ask for every model they list.
+    let reading = entry.clone();
+    let (template, model_info, capabilities) = off_async(move || Ok(shown(&reading))).await?;
+    Ok(axum::Json(OllamaShow {
+        modelfile: String::new(),
+        parameters: String::new(),
+        template,
+        details: details(&entry),
+        model_info,
+        capabilities,
+        modified_at: modified_at(&entry),
+    }))
+}
+
+/// What `/api/show` tells of a model: its template and capabilities, and
+/// `model_info` under Ollama's keys (`{arch}.context_length`, the context it
+/// serves with), from the loaded engine or else the GGUF header.
+fn shown(entry: &ModelEntry) -> (String, serde_json::Value, Vec<&'static str>) {
+    let config = entry.engine_config();
+    let loaded = entry.loaded_engine();
+    let info = loaded.as_ref().map(|engine| engine.info());
+    let gguf = entry.gguf.as_ref();
+    let architecture = info
+        .map(|i| i.architecture.clone())
+        .or_else(|| gguf.map(|g| g.architecture.clone()))
         .unwrap_or_default();
+    let template = match info {
+        Some(info) => info.chat_template.as_ref().map(|t| t.source().to_owned()),
+        None => config
+            .chat_template
+            .clone()
+            .or_else(|| engine::gguf_chat_template(&entry.path)),
+    }
+    .unwrap_or_default();
+    let context = info.map(|i| u64::from(i.n_ctx)).unwrap_or_else(|| {
+        let configured = u64::from(config.n_ctx);
+        gguf.and_then(|g| g.context_length)
+            .map_or(configured, |train| train.min(configured))
+    });
+    let mut model_info = json!({"general.architecture": architecture});
+    model_info[format!("{architecture}.context_length")] = context.into();
+    if let Some(width) = info
+        .map(|i| u64::from(i.n_embd))
+        .or_else(|| gguf.and_then(|g| g.embedding_length))
+    {
+        model_info[format!("{architecture}.embedding_length")] = width.into();
+    }
+    if let Some(info) = info {
+        model_info["general.parameter_count"] = info.n_params.into();
+    }
     let mut capabilities = Vec::new();
     match entry.kind {
         engine::ModelKind::Chat => {
             capabilities.push("completion");
-            if info
-                .chat_template
-                .as_ref()
-                .is_some_and(|t| t.supports_tools())
-            {
+            // Whether the template shows tools to the model, as a load reads it.
+            let tools = engine::chat::ChatTemplate::new(&template, "", "")
+                .is_ok_and(|t| t.supports_tools());
+            if tools {
                 capabilities.push("tools");
             }
         }
@@ -118,20 +159,7 @@ pub async fn show(
             capabilities.push("embedding")
         }
     }
-    Ok(axum::Json(OllamaShow {
-        modelfile: String::new(),
-        parameters: String::new(),
-        template,
-        details: details(&entry),
-        model_info: json!({
-            "general.architecture": info.architecture,
-            "general.parameter_count": info.n_params,
-            "context_length": info.n_ctx,
-            "embedding_length": info.n_embd,
-        }),
-        capabilities,
-        modified_at: modified_at(&entry),
-    }))
+    (template, model_info, capabilities)
 }
 
 /// `/api/show` for a model served upstream: what is known here (its
@@ -166,6 +194,10 @@ pub async fn chat(
     body: Result<Json<OllamaChatRequest>, ApiError>,
 ) -> Result<Response, OllamaError> {
     let Json(req) = body?;
+    // As in Ollama: no messages loads the model (or, with keep_alive 0, unloads it).
+    if req.messages.is_empty() {
+        return load_or_unload(state, headers, &req.model, req.keep_alive.as_ref(), true).await;
+    }
     let chat = translate::chat_request(&req)?;
     answer(
         state,
@@ -189,7 +221,7 @@ pub async fn generate_text(
     let Json(req) = body?;
     let prompt = req.prompt.as_deref().unwrap_or_default();
     if prompt.is_empty() {
-        return load_or_unload(state, headers, &req).await;
+        return load_or_unload(state, headers, &req.model, req.keep_alive.as_ref(), false).await;
     }
     let chat = translate::generate_request(&req, prompt)?;
     answer(
@@ -441,11 +473,13 @@ fn unload_when_idle(entry: Arc<ModelEntry>) {
 async fn load_or_unload(
     state: AppState,
     headers: HeaderMap,
-    req: &OllamaGenerateRequest,
+    model: &str,
+    keep_alive: Option<&serde_json::Value>,
+    chat: bool,
 ) -> Result<Response, OllamaError> {
     let started = Instant::now();
-    let entry = text_model(&state, model_name(&req.model)).await?;
-    let reason = if translate::unloads_now(req.keep_alive.as_ref()) {
+    let entry = text_model(&state, model_name(model)).await?;
+    let reason = if translate::unloads_now(keep_alive) {
         entry.unload().await?;
         "unload"
     } else {
@@ -456,10 +490,14 @@ async fn load_or_unload(
         "load"
     };
     let done = OllamaChunk {
-        model: req.model.clone(),
+        model: model.to_owned(),
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-        message: None,
-        response: Some(String::new()),
+        message: chat.then(|| OllamaMessage {
+            role: "assistant",
+            content: String::new(),
+            tool_calls: Vec::new(),
+        }),
+        response: (!chat).then(String::new),
         done: true,
         stats: Some(OllamaStats {
             done_reason: reason,
@@ -511,7 +549,13 @@ fn details(entry: &ModelEntry) -> OllamaDetails {
             };
             (info.architecture.clone(), size)
         }
-        None => (String::new(), String::new()),
+        // Not loaded: what the file's header says.
+        None => entry.gguf.as_ref().map_or_else(Default::default, |g| {
+            (
+                g.architecture.clone(),
+                g.size_label.clone().unwrap_or_default(),
+            )
+        }),
     };
     OllamaDetails {
         parent_model: String::new(),
