@@ -8,10 +8,18 @@ use serde::de::DeserializeOwned;
 use wire::{parse_body, BodyError};
 
 fn check<T: DeserializeOwned>(data: &[u8]) {
-    if let Err(BodyError { message, param }) = parse_body::<T>(data) {
+    if let Err(BodyError {
+        message,
+        param,
+        code,
+    }) = parse_body::<T>(data)
+    {
         assert!(!message.is_empty());
         if message.starts_with("could not parse") {
             assert_eq!(param, None, "{message}");
+        }
+        if code.is_some() {
+            assert!(param.is_some(), "a missing field is named: {message}");
         }
     }
 }

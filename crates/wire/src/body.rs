@@ -9,6 +9,9 @@ use serde::de::DeserializeOwned;
 pub struct BodyError {
     pub message: String,
     pub param: Option<String>,
+    /// `missing_required_parameter` for a required field left out, as
+    /// OpenAI says it.
+    pub code: Option<&'static str>,
 }
 
 /// Parses `bytes` as one JSON value of type `T` followed by nothing but
@@ -21,6 +24,7 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BodyError> {
             Err(e) => Err(BodyError {
                 message: format!("could not parse the JSON body: {e}"),
                 param: None,
+                code: None,
             }),
         },
         Err(err) => {
@@ -35,8 +39,30 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BodyError> {
             } else {
                 format!("invalid request body: {inner}")
             };
+            // serde names a missing field in its message, not its path.
+            let missing = inner
+                .to_string()
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned);
+            if let Some(field) = missing {
+                let param = if path == "." {
+                    field
+                } else {
+                    format!("{path}.{field}")
+                };
+                return Err(BodyError {
+                    message: format!("invalid request body: {param} is required"),
+                    param: Some(param),
+                    code: Some("missing_required_parameter"),
+                });
+            }
             let param = (path != "." && !syntax).then_some(path);
-            Err(BodyError { message, param })
+            Err(BodyError {
+                message,
+                param,
+                code: None,
+            })
         }
     }
 }
@@ -68,5 +94,15 @@ mod tests {
         .unwrap_err();
         assert!(err.message.contains("trailing characters"), "{err:?}");
         assert_eq!(err.param, None);
+    }
+
+    #[test]
+    fn a_missing_field_is_named_as_openai_names_it() {
+        let err = parse_body::<ChatCompletionRequest>(br#"{"model": "m"}"#).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages"));
+        assert_eq!(err.code, Some("missing_required_parameter"));
+        assert!(err.message.contains("messages is required"), "{err:?}");
+        let err = parse_body::<crate::EmbeddingRequest>(br#"{"input": "x"}"#).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("model"));
     }
 }

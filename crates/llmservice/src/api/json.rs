@@ -33,9 +33,15 @@ where
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(body_rejection)?;
-        wire::parse_body(&bytes).map(Json).map_err(|e| ApiError {
-            param: e.param,
-            ..ApiError::bad_request(e.message)
+        wire::parse_body(&bytes).map(Json).map_err(|e| {
+            let error = ApiError {
+                param: e.param,
+                ..ApiError::bad_request(e.message)
+            };
+            match e.code {
+                Some(code) => error.with_code(code),
+                None => error,
+            }
         })
     }
 }
