@@ -76,6 +76,20 @@ def test_chat_empty_messages(client):
     _check_sdk_error(info.value, 400, type_="invalid_request_error", param="messages")
 
 
+def test_missing_messages_is_named_as_openai_names_it(http):
+    response = http.post("/v1/chat/completions", json={"model": MODEL_TIER})
+    assert_openai_error(response, 400, param="messages", code="missing_required_parameter")
+
+
+def test_audio_output_is_refused_not_answered_in_text(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL_TIER, messages=HI, max_tokens=1, modalities=["text", "audio"],
+            audio={"voice": "alloy", "format": "wav"},
+        )
+    _check_sdk_error(info.value, 400, type_="invalid_request_error", param="modalities")
+
+
 def test_invalid_stream_request_fails_before_streaming(client):
     # Validation happens before the SSE response starts: a plain 400, no stream.
     with pytest.raises(openai.BadRequestError) as info:

@@ -117,6 +117,8 @@ def test_keep_alive_zero_unloads(llama, http):
         ("/api/chat", {"model": "light", "messages": [{"role": "tool", "content": "x"}]}, 400),
         ("/api/chat", {"messages": []}, 400),
         ("/api/generate", {"model": "light", "prompt": "x", "raw": True}, 400),
+        ("/api/generate", {"model": "light", "prompt": "def f(", "suffix": "return 1"}, 400),
+        ("/api/generate", {"model": "light", "prompt": "x", "images": ["aGk="]}, 400),
         ("/api/generate", {"model": "light", "prompt": "x", "options": {"temperature": -1}}, 400),
         ("/api/show", {"model": "nope"}, 404),
     ],

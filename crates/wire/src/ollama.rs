@@ -39,6 +39,12 @@ pub struct OllamaGenerateRequest {
     pub system: Option<String>,
     /// `true` would skip the chat template; not supported.
     pub raw: Option<bool>,
+    /// Fill-in-the-middle text after the cursor; not supported (a 400, not a
+    /// chat answer that ignores it).
+    pub suffix: Option<String>,
+    /// Base64 images; no model here reads them (a 400).
+    #[schema(value_type = Option<Vec<String>>)]
+    pub images: Option<Vec<Value>>,
     #[schema(value_type = Option<Object>)]
     pub format: Option<Value>,
     #[schema(value_type = Option<Object>)]

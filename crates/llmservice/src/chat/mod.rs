@@ -126,6 +126,22 @@ fn chat_from_body(
         .map_err(|e| RequestError::invalid(param, format!("invalid request: {e}")))
 }
 
+/// Refuses a request for an answer in audio, as OpenAI refuses it for a
+/// model without audio, rather than answering in text (models run here have
+/// no voice; an upstream may).
+pub fn check_text_only(req: &ChatCompletionRequest) -> Result<(), RequestError> {
+    let modalities = req.extra.get("modalities").and_then(Value::as_array);
+    let audio = modalities.is_some_and(|m| m.iter().any(|m| m.as_str() == Some("audio")))
+        || req.extra.get("audio").is_some_and(|a| !a.is_null());
+    if audio {
+        return Err(RequestError::unsupported(
+            "modalities",
+            "audio output is not supported: models run here answer in text",
+        ));
+    }
+    Ok(())
+}
+
 /// The field an output constraint came from.
 pub fn output_param(req: &ChatCompletionRequest) -> &'static str {
     if req.grammar.is_some() {

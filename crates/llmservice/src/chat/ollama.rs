@@ -39,6 +39,18 @@ pub fn generate_request(
             "raw prompts are not supported; send the prompt without raw, or use /v1/completions",
         ));
     }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(RequestError::unsupported(
+            "suffix",
+            "suffix (fill-in-the-middle) is not supported",
+        ));
+    }
+    if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
+        return Err(RequestError::unsupported(
+            "images",
+            "images are not supported: no model here reads them",
+        ));
+    }
     let mut messages = Vec::new();
     if let Some(system) = req.system.as_deref().filter(|s| !s.is_empty()) {
         messages.push(json!({"role": "system", "content": system}));

@@ -175,6 +175,7 @@ async fn generate_here(
     job: ChatJob,
     started: Instant,
 ) -> Result<(impl Stream<Item = Events> + Send + 'static, u32), ApiError> {
+    chat::check_text_only(req)?;
     let info = engine.info();
     let template = chat_template(info)?;
     let format = template.tool_call_format();
