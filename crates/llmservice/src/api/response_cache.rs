@@ -54,7 +54,13 @@ pub fn key_for(
         "frequency_penalty": sampling.frequency_penalty.unwrap_or(0.0),
         "seed": sampling.seed,
         "logit_bias": sampling.logit_bias,
-        "max_tokens": sampling.max_completion_tokens.or(sampling.max_tokens).unwrap_or(defaults.max_tokens),
+        // Before the context's room cuts it: an Ollama `num_predict` and the
+        // same `max_tokens` ask for the same answer.
+        "max_tokens": crate::generation::max_tokens(
+            sampling.max_completion_tokens.or(sampling.max_tokens),
+            sampling.n_predict,
+            defaults.max_tokens,
+        ),
         "stop": sampling.stop.as_ref().map(|s| match s {
             StopField::One(one) => vec![one.clone()],
             StopField::Many(many) => many.clone(),

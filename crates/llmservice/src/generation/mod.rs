@@ -14,7 +14,7 @@ use crate::telemetry::Metrics;
 
 pub use answer::{ChoiceEvent, ChoiceRecord};
 pub use choices::{merge, start, total_usage, Choice};
-pub use request::{build_request, validate, MAX_TOP_LOGPROBS};
+pub use request::{build_request, max_tokens, validate, MAX_TOP_LOGPROBS};
 
 /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
 pub fn include_usage(sampling: &crate::wire::SamplingFields) -> bool {

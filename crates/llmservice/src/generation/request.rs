@@ -207,7 +207,7 @@ pub fn build_request(
 /// The most tokens to generate, before the context's room cuts it:
 /// `max_tokens` as asked, else `n_predict` (negative: no limit of its own),
 /// else the tier's default.
-fn max_tokens(explicit: Option<u32>, n_predict: Option<i64>, default: u32) -> u32 {
+pub fn max_tokens(explicit: Option<u32>, n_predict: Option<i64>, default: u32) -> u32 {
     match (explicit, n_predict) {
         (Some(max), _) => max,
         (None, Some(n)) if n < 0 => u32::MAX,

@@ -149,9 +149,15 @@ async fn the_translated_apis_share_the_chat_answer() {
     let ollama = json!({"model": "light", "stream": false,
                         "options": {"temperature": 0, "num_predict": 12},
                         "messages": [{"role": "user", "content": question}]});
-    let (_, headers, reply) = app.post("/api/chat", ollama).await;
+    let (_, headers, reply) = app.post("/api/chat", ollama.clone()).await;
     assert_eq!(headers["x-llmservice-cache"], "hit", "{reply}");
     assert_eq!(reply["message"]["content"], text);
+    // Another num_predict is another answer.
+    let mut shorter = ollama;
+    shorter["options"]["num_predict"] = json!(3);
+    let (_, headers, reply) = app.post("/api/chat", shorter).await;
+    assert_eq!(headers["x-llmservice-cache"], "miss", "{reply}");
+    assert_eq!(reply["eval_count"], 3, "{reply}");
 
     let responses =
         json!({"model": "light", "temperature": 0, "max_output_tokens": 12, "input": question});
@@ -170,7 +176,8 @@ async fn the_translated_apis_share_the_chat_answer() {
     let (_, headers, _) = app.post("/v1/messages", stopped).await;
     assert_eq!(headers["x-llmservice-cache"], "miss");
     let stats = app.state.cache.stats();
-    assert_eq!((stats.hits, stats.misses), (3, 1));
+    // The first chat and the shorter num_predict missed.
+    assert_eq!((stats.hits, stats.misses), (3, 2));
 }
 
 #[tokio::test]
