@@ -20,8 +20,22 @@ pub async fn compile_for(
     output_param: &'static str,
 ) -> Result<Option<CompiledConstraint>, RequestError> {
     match (&job.output, &job.plan) {
-        (Some(output), _) => Ok(Some(compile(engine, output.clone(), output_param).await?)),
-        (None, Some(plan)) if plan.forced() => {
+        // A JSON answer, or calls of the tools the model may call.
+        (Some(Constraint::JsonSchema(answer)), Some(plan)) if plan.active() && !plan.forced() => {
+            let either = tools::answer_or_calls_constraint(
+                plan,
+                format,
+                &|t| engine.control_token(t),
+                answer,
+            );
+            Ok(Some(compile(engine, either, output_param).await?))
+        }
+        (Some(output), plan) if !plan.as_ref().is_some_and(ToolPlan::forced) => {
+            Ok(Some(compile(engine, output.clone(), output_param).await?))
+        }
+        // Calls are forced: the answer is calls, whatever format a text
+        // answer would have had.
+        (_, Some(plan)) if plan.forced() => {
             let calls = tools::call_constraint(plan, format, &|t| engine.control_token(t));
             let param = if plan.legacy { "functions" } else { "tools" };
             Ok(Some(compile(engine, calls, param).await?))

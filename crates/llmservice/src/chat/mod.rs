@@ -48,11 +48,14 @@ impl ChatJob {
         let plan = tools::plan(req)?;
         let output =
             tools::output_constraint(req.response_format.as_ref(), req.grammar.as_deref())?;
-        if output.is_some() && plan.as_ref().is_some_and(ToolPlan::active) {
+        // A JSON response_format goes with tools (the answer or calls); a
+        // GBNF grammar cannot be joined to a call grammar.
+        let joinable = matches!(output, None | Some(engine::Constraint::JsonSchema(_)));
+        if !joinable && plan.as_ref().is_some_and(ToolPlan::active) {
             return Err(RequestError::unsupported(
                 output_param(req),
-                "a response_format or grammar cannot be combined with tools the model may call; \
-                 send tool_choice \"none\" or leave the tools out",
+                "a grammar cannot be combined with tools the model may call; send \
+                 tool_choice \"none\", leave the tools out, or use a JSON response_format",
             ));
         }
         let builtins = plan

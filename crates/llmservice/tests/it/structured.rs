@@ -402,6 +402,58 @@ async fn with_tool_choice_auto_a_call_the_model_opens_is_valid() {
 }
 
 #[tokio::test]
+async fn with_tools_and_a_json_response_format_the_answer_is_that_json_or_calls() {
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+        "sunny": {"type": "boolean"}}, "required": ["city", "sunny"], "additionalProperties": false});
+    // The generic JSON form (SmolLM2's own template) and Hermes (Qwen 2.5's).
+    for template in [None, Some(qwen_template())] {
+        let env: Vec<(&str, &str)> = template
+            .as_deref()
+            .map(|t| vec![("LIGHT_CHAT_TEMPLATE", t)])
+            .unwrap_or_default();
+        let app = TestApp::new(&env);
+        let (mut answers, mut calls) = (0, 0);
+        for seed in 0..6 {
+            let (status, _, body) = app
+                .post(
+                    "/v1/chat/completions",
+                    json!({"model": "light", "temperature": 0.9, "seed": seed, "max_tokens": 80,
+                        "tools": weather_tools(),
+                        "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}},
+                        "messages": [{"role": "user", "content": "Is it sunny in Paris?"}]}),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let choice = &body["choices"][0];
+            match choice["finish_reason"].as_str() {
+                Some("tool_calls") => {
+                    for call in choice["message"]["tool_calls"].as_array().unwrap() {
+                        assert_eq!(call["function"]["name"], "get_weather");
+                        let arguments: Value =
+                            serde_json::from_str(call["function"]["arguments"].as_str().unwrap())
+                                .unwrap();
+                        assert!(arguments["city"].is_string(), "{arguments}");
+                    }
+                    calls += 1;
+                }
+                Some("stop") => {
+                    let content = choice["message"]["content"].as_str().unwrap();
+                    let answer: Value = serde_json::from_str(content).expect(content);
+                    assert!(
+                        answer["city"].is_string() && answer["sunny"].is_boolean(),
+                        "{content}"
+                    );
+                    assert_eq!(answer.as_object().unwrap().len(), 2, "{content}");
+                    answers += 1;
+                }
+                _ => {}
+            }
+        }
+        assert!(answers + calls > 0, "{template:?}: nothing finished");
+    }
+}
+
+#[tokio::test]
 async fn a_triggered_grammar_governs_only_what_follows_its_trigger() {
     let app = TestApp::new(&[]);
     let entry = app.state.registry.resolve("light").unwrap();
@@ -451,8 +503,8 @@ async fn what_cannot_be_honoured_is_a_400() {
     let user = json!([{"role": "user", "content": "hi"}]);
     for (body, param) in [
         (
-            json!({"tools": weather_tools(), "response_format": {"type": "json_object"}}),
-            "response_format",
+            json!({"tools": weather_tools(), "grammar": "root ::= \"a\""}),
+            "grammar",
         ),
         (
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}),

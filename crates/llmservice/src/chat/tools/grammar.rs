@@ -181,6 +181,46 @@ pub fn call_constraint(
     }
 }
 
+/// For `tool_choice: "auto"` with a JSON `response_format`: the answer the
+/// schema describes, or calls of the offered tools in the model family's
+/// syntax (OpenAI takes the two together: an agent's structured final answer
+/// and its tools).
+pub fn answer_or_calls_constraint(
+    plan: &ToolPlan,
+    format: ToolCallFormat,
+    control: MarkerToken<'_>,
+    answer: &Value,
+) -> Constraint {
+    let calls = match call_syntax(plan, format, control) {
+        Some(syntax) => {
+            let next = match &syntax.next {
+                Some(next) if plan.parallel => {
+                    format!("({next}){{0,{}}}", MAX_PARALLEL_CALLS - 1)
+                }
+                _ => String::new(),
+            };
+            format!(
+                "calls: {} {} {next}\n{}",
+                syntax.lead, syntax.first, syntax.rules
+            )
+        }
+        // The generic form: one call object per line, as for a forced call.
+        None => {
+            let call = lark_json(&call_schema(&plan.allowed(), "arguments"));
+            if plan.parallel {
+                let more = MAX_PARALLEL_CALLS - 1;
+                format!("calls: call (\"\\n\" call){{0,{more}}} \"\\n\"?\ncall: {call}\n")
+            } else {
+                format!("calls: {call}\n")
+            }
+        }
+    };
+    Constraint::Lark(format!(
+        "start: answer | calls\nanswer: {}\n{calls}",
+        lark_json(answer)
+    ))
+}
+
 /// For `tool_choice: "auto"`: free output until the model opens a call with
 /// its family's marker, and from there valid calls of the offered tools only,
 /// so a call the model starts is a call the client can run. `None` for

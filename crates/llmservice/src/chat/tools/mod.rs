@@ -15,7 +15,9 @@ mod history;
 #[cfg(test)]
 mod tests;
 
-pub use grammar::{call_constraint, triggered_call_constraint, MarkerToken};
+pub use grammar::{
+    answer_or_calls_constraint, call_constraint, triggered_call_constraint, MarkerToken,
+};
 pub use history::{
     adapt_for_generic, check_history, generic_tools_prompt, legacy_history_as_tools,
 };
