@@ -24,7 +24,23 @@ pub fn chat_request(req: &OllamaChatRequest) -> Result<ChatCompletionRequest, Re
             body.insert("tools".into(), tools.clone().into());
         }
     }
+    think(&mut body, req.think.as_ref());
     chat_from_body(body, "options")
+}
+
+/// Ollama's `think` as the template variable thinking models' templates read
+/// (`enable_thinking`, Qwen3's): `false` turns thinking off, `true` or a
+/// level (`"low"`, ...) on. Templates without the variable ignore it.
+fn think(body: &mut Map<String, Value>, think: Option<&Value>) {
+    let enable = match think {
+        Some(Value::Bool(on)) => *on,
+        Some(Value::String(level)) => !level.is_empty(),
+        _ => return,
+    };
+    body.insert(
+        "chat_template_kwargs".into(),
+        json!({"enable_thinking": enable}),
+    );
 }
 
 /// The chat request an `/api/generate` request with a prompt stands for: the
@@ -56,16 +72,15 @@ pub fn generate_request(
         messages.push(json!({"role": "system", "content": system}));
     }
     messages.push(json!({"role": "user", "content": prompt}));
-    chat_from_body(
-        body(
-            &req.model,
-            messages,
-            req.format.as_ref(),
-            req.options.as_ref(),
-            req.stream,
-        )?,
-        "options",
-    )
+    let mut body = body(
+        &req.model,
+        messages,
+        req.format.as_ref(),
+        req.options.as_ref(),
+        req.stream,
+    )?;
+    think(&mut body, req.think.as_ref());
+    chat_from_body(body, "options")
 }
 
 /// Whether a `keep_alive` asks to unload now: `0`, `"0"` or a zero duration.
@@ -244,6 +259,7 @@ mod tests {
         // As llama-server's n_predict: capped at the context, never refused.
         assert_eq!(chat.sampling.n_predict, Some(12));
         assert_eq!(chat.sampling.temperature, Some(0.0));
+        assert_eq!(chat.chat_template_kwargs, None, "no think, no variable");
         assert_eq!(chat.response_format.unwrap()["type"], "json_schema");
         let call = &chat.messages[1]["tool_calls"][0];
         assert_eq!(call["function"]["arguments"], r#"{"city":"Paris"}"#);
@@ -269,5 +285,25 @@ mod tests {
         );
         assert!(unloads_now(Some(&json!(0))) && unloads_now(Some(&json!("0s"))));
         assert!(!unloads_now(Some(&json!("5m"))) && !unloads_now(None));
+    }
+
+    #[test]
+    fn think_sets_the_templates_enable_thinking() {
+        let user = json!([{"role": "user", "content": "x"}]);
+        for (think, enable) in [
+            (json!(false), false),
+            (json!(true), true),
+            (json!("low"), true),
+        ] {
+            let req: OllamaChatRequest =
+                serde_json::from_value(json!({"model": "m", "messages": user, "think": think}))
+                    .unwrap();
+            let chat = chat_request(&req).unwrap();
+            assert_eq!(
+                chat.chat_template_kwargs.unwrap()["enable_thinking"],
+                enable,
+                "{think}"
+            );
+        }
     }
 }

@@ -559,3 +559,33 @@ async fn what_cannot_be_honoured_is_a_400() {
         .await;
     assert_eq!(status, 200, "the server is still up");
 }
+
+#[tokio::test]
+async fn ollamas_think_false_reaches_a_thinking_template() {
+    let qwen3 = shared_models()
+        .join("../templates/qwen3.jinja")
+        .display()
+        .to_string();
+    let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", qwen3.as_str())]);
+    let prompt_tokens = |think: Option<bool>| {
+        let mut body = json!({"model": "light", "stream": false, "options": {"num_predict": 1},
+            "messages": [{"role": "user", "content": "Hi"}]});
+        if let Some(think) = think {
+            body["think"] = think.into();
+        }
+        let app = &app;
+        async move {
+            let (status, _, answer) = app.post("/api/chat", body).await;
+            assert_eq!(status, 200, "{answer}");
+            answer["prompt_eval_count"].as_u64().unwrap()
+        }
+    };
+    // Qwen3's template closes an empty think block when thinking is off.
+    let (default, off, on) = (
+        prompt_tokens(None).await,
+        prompt_tokens(Some(false)).await,
+        prompt_tokens(Some(true)).await,
+    );
+    assert!(off > default, "{off} vs {default}");
+    assert_eq!(on, default);
+}
