@@ -53,7 +53,7 @@ impl ChatJob {
         let joinable = matches!(output, None | Some(engine::Constraint::JsonSchema(_)));
         if !joinable && plan.as_ref().is_some_and(ToolPlan::active) {
             return Err(RequestError::unsupported(
-                output_param(req),
+                output_param(req.grammar.as_deref()),
                 "a grammar cannot be combined with tools the model may call; send \
                  tool_choice \"none\", leave the tools out, or use a JSON response_format",
             ));
@@ -145,9 +145,10 @@ pub fn check_text_only(req: &ChatCompletionRequest) -> Result<(), RequestError> 
     Ok(())
 }
 
-/// The field an output constraint came from.
-pub fn output_param(req: &ChatCompletionRequest) -> &'static str {
-    if req.grammar.is_some() {
+/// The field an output constraint came from: `grammar` when one was sent,
+/// else `response_format`.
+pub fn output_param(grammar: Option<&str>) -> &'static str {
+    if grammar.is_some() {
         "grammar"
     } else {
         "response_format"

@@ -18,20 +18,20 @@ pub fn chat_request(req: &OllamaChatRequest) -> Result<ChatCompletionRequest, Re
         req.format.as_ref(),
         req.options.as_ref(),
         req.stream,
+        req.think.as_ref(),
     )?;
     if let Some(tools) = &req.tools {
         if !tools.is_empty() {
             body.insert("tools".into(), tools.clone().into());
         }
     }
-    think(&mut body, req.think.as_ref());
     chat_from_body(body, "options")
 }
 
 /// Ollama's `think` as the template variable thinking models' templates read
 /// (`enable_thinking`, Qwen3's): `false` turns thinking off, `true` or a
 /// level (`"low"`, ...) on. Templates without the variable ignore it.
-fn think(body: &mut Map<String, Value>, think: Option<&Value>) {
+fn thinking(body: &mut Map<String, Value>, think: Option<&Value>) {
     let enable = match think {
         Some(Value::Bool(on)) => *on,
         Some(Value::String(level)) => !level.is_empty(),
@@ -72,15 +72,17 @@ pub fn generate_request(
         messages.push(json!({"role": "system", "content": system}));
     }
     messages.push(json!({"role": "user", "content": prompt}));
-    let mut body = body(
-        &req.model,
-        messages,
-        req.format.as_ref(),
-        req.options.as_ref(),
-        req.stream,
-    )?;
-    think(&mut body, req.think.as_ref());
-    chat_from_body(body, "options")
+    chat_from_body(
+        body(
+            &req.model,
+            messages,
+            req.format.as_ref(),
+            req.options.as_ref(),
+            req.stream,
+            req.think.as_ref(),
+        )?,
+        "options",
+    )
 }
 
 /// Whether a `keep_alive` asks to unload now: `0`, `"0"` or a zero duration.
@@ -95,19 +97,21 @@ pub fn unloads_now(keep_alive: Option<&Value>) -> bool {
     }
 }
 
-/// A chat request's body: `model`, `messages`, and what `format`, `options`
-/// and `stream` (which defaults to true in Ollama) ask for.
+/// A chat request's body: `model`, `messages`, and what `format`, `options`,
+/// `stream` (which defaults to true in Ollama) and `think` ask for.
 fn body(
     model: &str,
     messages: Vec<Value>,
     format: Option<&Value>,
     options: Option<&Value>,
     stream: Option<bool>,
+    think: Option<&Value>,
 ) -> Result<Map<String, Value>, RequestError> {
     let mut body = Map::new();
     body.insert("model".into(), model.into());
     body.insert("messages".into(), messages.into());
     body.insert("stream".into(), stream.unwrap_or(true).into());
+    thinking(&mut body, think);
     match format {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s.is_empty() => {}

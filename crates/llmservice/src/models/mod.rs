@@ -108,29 +108,11 @@ pub struct ModelEntry {
     pub managed: Option<Arc<crate::upstream::Supervisor>>,
     /// Milliseconds since the Unix epoch of the last use.
     last_used: std::sync::atomic::AtomicU64,
-    /// What its GGUF header says about the memory it takes.
-    footprint: Footprint,
     /// Its GGUF header's summary (`None` for a model served elsewhere, or a
     /// file that does not read).
     pub gguf: Option<engine::GgufSummary>,
-}
-
-/// A model's memory as its GGUF header tells it, for `MAX_MODEL_MEMORY`.
-#[derive(Debug, Clone, Copy, Default)]
-struct Footprint {
+    /// The model file's size (its weights), for `MAX_MODEL_MEMORY`.
     file_bytes: u64,
-    kv_bytes_per_token: Option<u64>,
-    context_length: Option<u64>,
-}
-
-impl Footprint {
-    fn of(path: &Path, summary: Option<&engine::GgufSummary>) -> Self {
-        Self {
-            file_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
-            kv_bytes_per_token: summary.and_then(|s| s.kv_bytes_per_token),
-            context_length: summary.and_then(|s| s.context_length),
-        }
-    }
 }
 
 impl std::fmt::Debug for ModelEntry {
@@ -148,9 +130,10 @@ impl ModelEntry {
         engine_config: EngineConfig,
         defaults: GenerationDefaults,
     ) -> Self {
-        let created = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .ok()
+        let meta = std::fs::metadata(&path).ok();
+        let created = meta
+            .as_ref()
+            .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs() as i64);
         Self {
@@ -172,8 +155,8 @@ impl ModelEntry {
             upstream: None,
             managed: None,
             last_used: std::sync::atomic::AtomicU64::new(now_millis()),
-            footprint: Footprint::default(),
             gguf: None,
+            file_bytes: meta.map_or(0, |m| m.len()),
         }
     }
 
@@ -182,21 +165,22 @@ impl ModelEntry {
     /// host-memory prompt cache may hold. Compute buffers are left out; a
     /// model served by another server takes none here.
     pub fn memory_estimate(&self) -> u64 {
-        if self.upstream.is_some() {
+        let Some(gguf) = self.gguf.as_ref().filter(|_| self.upstream.is_none()) else {
             return 0;
-        }
+        };
         let config = self.engine_config();
-        let f = self.footprint;
-        let n_ctx = f
+        let n_ctx = gguf
             .context_length
             .map_or(u64::from(config.n_ctx), |c| c.min(u64::from(config.n_ctx)));
-        let kv = f.kv_bytes_per_token.map_or(0, |b| b.saturating_mul(n_ctx));
+        let kv = gguf
+            .kv_bytes_per_token
+            .map_or(0, |b| b.saturating_mul(n_ctx));
         let host = if self.kind == ModelKind::Chat {
             config.host_cache_bytes as u64
         } else {
             0
         };
-        f.file_bytes.saturating_add(kv).saturating_add(host)
+        self.file_bytes.saturating_add(kv).saturating_add(host)
     }
 
     fn touch(&self) {
@@ -630,9 +614,6 @@ impl Registry {
                     t.engine.clone(),
                     t.defaults.clone(),
                 );
-                if t.backend == Backend::LlamaCpp {
-                    entry.footprint = Footprint::of(&t.model_path, gguf.as_ref());
-                }
                 entry.gguf = gguf;
                 entry.keep_alive = t.keep_alive;
                 entry.embedding_dimension = t.embedding_dimension;
@@ -798,49 +779,39 @@ impl Registry {
     /// Before `target` loads: unloads the least recently used idle models
     /// until it fits under `MAX_LOADED_MODELS` and `MAX_MODEL_MEMORY`.
     async fn make_room_for(&self, target: &ModelEntry) {
-        let (max, budget) = (
-            self.settings.max_loaded_models,
-            self.settings.max_model_memory,
-        );
-        if max.is_none() && budget.is_none() {
-            return;
-        }
-        let need = target.memory_estimate();
-        let over = self
-            .evict_lru(
-                Some(&target.id),
-                max.map(|m| m - 1),
-                budget.map(|b| b.saturating_sub(need)),
-            )
-            .await;
-        if over {
+        if self.evict_around(target).await {
             // Models in use are never evicted: go over the limit rather than
             // fail; the idle sweep evicts once they are idle.
             tracing::warn!(
-                max,
-                budget_mib = budget.map(|b| b >> 20),
-                need_mib = need >> 20,
+                max = self.settings.max_loaded_models,
+                budget_mib = self.settings.max_model_memory.map(|b| b >> 20),
+                need_mib = target.memory_estimate() >> 20,
                 model = %target.id,
                 "MAX_LOADED_MODELS or MAX_MODEL_MEMORY reached and every other loaded model is in use (or none is left to unload)"
             );
         }
     }
 
-    /// Unloads the least recently used idle models (never `keep`) until at
-    /// most `room` others are loaded and they take at most `bytes`; answers
-    /// whether they still exceed either.
-    async fn evict_lru(&self, keep: Option<&str>, room: Option<usize>, bytes: Option<u64>) -> bool {
+    /// Unloads the least recently used idle models other than `keep` until
+    /// `keep` and the rest fit under `MAX_LOADED_MODELS` and
+    /// `MAX_MODEL_MEMORY`; answers whether they still do not.
+    async fn evict_around(&self, keep: &ModelEntry) -> bool {
+        let (max, budget) = (
+            self.settings.max_loaded_models,
+            self.settings.max_model_memory,
+        );
+        if max.is_none() && budget.is_none() {
+            return false;
+        }
+        let need = keep.memory_estimate();
         loop {
             let others: Vec<_> = self
                 .loaded()
                 .into_iter()
-                // Upstream tiers hold no memory here; managed children do.
-                .filter(|e| {
-                    Some(e.id.as_str()) != keep && (e.upstream.is_none() || e.managed.is_some())
-                })
+                .filter(|e| e.id != keep.id && holds_resources(e))
                 .collect();
-            let too_many = room.is_some_and(|r| others.len() > r);
-            let too_big = bytes.is_some_and(|b| memory_of(&others) > b);
+            let too_many = max.is_some_and(|m| others.len() >= m);
+            let too_big = budget.is_some_and(|b| memory_of(&others).saturating_add(need) > b);
             if !too_many && !too_big {
                 return false;
             }
@@ -853,7 +824,7 @@ impl Registry {
             let Some(victim) = victim else {
                 return true;
             };
-            tracing::info!(evicted = %victim.id, max = self.settings.max_loaded_models, budget_mib = self.settings.max_model_memory.map(|b| b >> 20), "MAX_LOADED_MODELS or MAX_MODEL_MEMORY reached: unloading the least recently used model");
+            tracing::info!(evicted = %victim.id, max, budget_mib = budget.map(|b| b >> 20), "MAX_LOADED_MODELS or MAX_MODEL_MEMORY reached: unloading the least recently used model");
             if victim.unload().await.is_err() {
                 return true;
             }
@@ -873,26 +844,19 @@ impl Registry {
                 let _ = entry.unload().await;
             }
         }
-        let (max, budget) = (
-            self.settings.max_loaded_models,
-            self.settings.max_model_memory,
-        );
-        if max.is_some() || budget.is_some() {
-            // A load in progress makes its own room; this sweep waits its turn.
-            if let Ok(_turn) = self.load_turn.try_lock() {
-                // The most recently used model stays, even alone over the
-                // budget: the older ones make room for it, as at its load.
-                let loaded = self.loaded();
-                let newest = loaded.iter().min_by_key(|e| e.idle_for());
-                let keep = newest.map(|e| e.id.clone());
-                let need = newest.map_or(0, |e| e.memory_estimate());
-                self.evict_lru(
-                    keep.as_deref(),
-                    max.map(|m| m - 1),
-                    budget.map(|b| b.saturating_sub(need)),
-                )
-                .await;
-            }
+        // A load in progress makes its own room; this sweep waits its turn.
+        let Ok(_turn) = self.load_turn.try_lock() else {
+            return;
+        };
+        // The most recently used model stays, even alone over the budget:
+        // the older ones make room for it, as at its load.
+        let loaded = self.loaded();
+        if let Some(newest) = loaded
+            .iter()
+            .filter(|e| holds_resources(e))
+            .min_by_key(|e| e.idle_for())
+        {
+            self.evict_around(newest).await;
         }
     }
 
@@ -1074,7 +1038,6 @@ impl Registry {
                     self.settings.dir_engine.clone(),
                     self.settings.dir_defaults.clone(),
                 );
-                entry.footprint = Footprint::of(&path, Some(&summary));
                 entry.gguf = Some(summary);
                 entry.keep_alive = self.settings.dir_keep_alive;
                 entry.apply_overrides(&self.overrides.get(&entry.id));
@@ -1086,6 +1049,12 @@ impl Registry {
         cache.entries = entries.clone();
         entries
     }
+}
+
+/// Whether a loaded model counts against the limits: upstream tiers hold
+/// nothing here; managed children run on this machine.
+fn holds_resources(entry: &ModelEntry) -> bool {
+    entry.upstream.is_none() || entry.managed.is_some()
 }
 
 /// The memory `models` take together, estimated.

@@ -78,12 +78,13 @@ HEAVY_REPEAT_PENALTY=1.2
         panic!("heavy is not managed")
     };
     assert_eq!(mlx.kind, ManagedKind::Mlx);
-    // The tier's sampling settings reach mlx_lm under its names; what the
-    // operator left unset stays mlx_lm's own.
+    // The tier's sampling settings reach mlx_lm, the penalty under its name;
+    // what the operator left unset stays mlx_lm's own.
     assert_eq!(
         serde_json::Value::Object(mlx.upstream.sampling.clone()),
-        serde_json::json!({"temperature": 0.3f32, "repetition_penalty": 1.2f32})
+        serde_json::json!({"temperature": 0.3f32, "repeat_penalty": 1.2f32})
     );
+    assert!(mlx.upstream.repetition_penalty);
     if !engine::GPU_BUILD {
         assert!(
             s.warnings

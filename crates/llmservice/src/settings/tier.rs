@@ -143,11 +143,11 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     /// The tier's sampling settings the operator set (`{TIER}_TEMPERATURE`,
     /// `_TOP_P`, `_TOP_K`, `_MIN_P`, `_REPEAT_PENALTY`, `_MAX_TOKENS`), as
-    /// request fields under the names the upstream reads: a request that
-    /// leaves one out gets it. Settings left unset stay the upstream's own.
+    /// request fields: a request that leaves one out gets it. Settings left
+    /// unset stay the upstream's own.
     pub sampling: serde_json::Map<String, serde_json::Value>,
     /// The upstream calls the repetition penalty `repetition_penalty` (vLLM,
-    /// mlx_lm): a request's `repeat_penalty` goes by that name.
+    /// mlx_lm): `repeat_penalty` is sent by that name.
     pub repetition_penalty: bool,
 }
 
@@ -329,18 +329,14 @@ impl TierEnv<'_> {
         Ok((engine, defaults))
     }
 
-    /// The sampling settings set here, as an upstream's request fields
-    /// (`repeat_penalty` is `repetition_penalty` to vLLM and mlx_lm).
-    fn upstream_sampling(
-        &self,
-        repeat_penalty: &str,
-    ) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
+    /// The sampling settings set here, as request fields.
+    fn upstream_sampling(&self) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
         let mut fields = serde_json::Map::new();
         for (suffix, field) in [
             ("TEMPERATURE", "temperature"),
             ("TOP_P", "top_p"),
             ("MIN_P", "min_p"),
-            ("REPEAT_PENALTY", repeat_penalty),
+            ("REPEAT_PENALTY", "repeat_penalty"),
         ] {
             if let Some(v) = self.parse::<f32>(suffix)? {
                 fields.insert(field.to_owned(), serde_json::json!(v));
@@ -428,12 +424,8 @@ pub(super) fn tier_settings(
     };
     let name = |suffix: &str| format!("{}_{suffix}", tier.env_prefix());
     let mut backend = backend(tier, env)?;
-    let repeat_penalty = match &backend {
-        Backend::Managed(m) if matches!(m.kind, ManagedKind::Vllm | ManagedKind::Mlx) => {
-            "repetition_penalty"
-        }
-        _ => "repeat_penalty",
-    };
+    let repetition_penalty = matches!(&backend,
+        Backend::Managed(m) if matches!(m.kind, ManagedKind::Vllm | ManagedKind::Mlx));
     // The engine's settings belong to the server that loads the model.
     let elsewhere = match &backend {
         Backend::LlamaCpp => None,
@@ -452,8 +444,8 @@ pub(super) fn tier_settings(
         }
     }
     if let Some(upstream) = backend.upstream_mut() {
-        upstream.sampling = names.upstream_sampling(repeat_penalty)?;
-        upstream.repetition_penalty = repeat_penalty == "repetition_penalty";
+        upstream.sampling = names.upstream_sampling()?;
+        upstream.repetition_penalty = repetition_penalty;
     }
     let model_path = names.get("MODEL_PATH");
     let (path_name, model_path) = match (&backend, model_path) {

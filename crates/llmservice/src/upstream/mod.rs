@@ -139,8 +139,8 @@ impl Upstream {
 
     /// Fills the tier's configured sampling settings into a request body that
     /// leaves them out (`max_tokens` also counts as given by
-    /// `max_completion_tokens`); a request's `repeat_penalty` goes by the
-    /// upstream's name.
+    /// `max_completion_tokens`); `repeat_penalty` then goes by the upstream's
+    /// name.
     pub fn fill_sampling(&self, body: &mut Value) {
         let Some(body) = body.as_object_mut() else {
             return;
@@ -155,16 +155,17 @@ impl Upstream {
                 body.insert("max_tokens".into(), n.into());
             }
         }
+        for (key, value) in &self.settings.sampling {
+            let given = given(body, key)
+                || (key == "max_tokens" && given(body, "max_completion_tokens"))
+                || (key == "repeat_penalty" && given(body, "repetition_penalty"));
+            if !given {
+                body.insert(key.clone(), value.clone());
+            }
+        }
         if self.settings.repetition_penalty && given(body, "repeat_penalty") {
             if let Some(penalty) = body.remove("repeat_penalty") {
                 body.entry("repetition_penalty").or_insert(penalty);
-            }
-        }
-        for (key, value) in &self.settings.sampling {
-            let given =
-                given(body, key) || (key == "max_tokens" && given(body, "max_completion_tokens"));
-            if !given {
-                body.insert(key.clone(), value.clone());
             }
         }
     }
@@ -441,7 +442,7 @@ mod tests {
     #[test]
     fn the_tiers_sampling_fills_what_a_request_leaves_out_under_the_upstreams_names() {
         let sampling =
-            serde_json::json!({"temperature": 0.3, "repetition_penalty": 1.2, "max_tokens": 64});
+            serde_json::json!({"temperature": 0.3, "repeat_penalty": 1.2, "max_tokens": 64});
         let upstream = Upstream::new(UpstreamSettings {
             base_urls: vec!["http://127.0.0.1:9/v1".to_owned()],
             api_key: None,

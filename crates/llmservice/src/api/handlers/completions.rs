@@ -95,11 +95,7 @@ pub async fn completions(
                 .await?;
             let constraint = match output {
                 Some(output) => {
-                    let param = if req.grammar.is_some() {
-                        "grammar"
-                    } else {
-                        "response_format"
-                    };
+                    let param = chat::output_param(req.grammar.as_deref());
                     Some(chat::compile(&engine, output, param).await?)
                 }
                 None => None,

@@ -149,8 +149,14 @@ fn shown(entry: &ModelEntry) -> (String, serde_json::Value, Vec<&'static str>) {
         engine::ModelKind::Chat => {
             capabilities.push("completion");
             // Whether the template shows tools to the model, as a load reads it.
-            let tools = engine::chat::ChatTemplate::new(&template, "", "")
-                .is_ok_and(|t| t.supports_tools());
+            let tools = match info {
+                Some(info) => info
+                    .chat_template
+                    .as_ref()
+                    .is_some_and(|t| t.supports_tools()),
+                None => engine::chat::ChatTemplate::new(&template, "", "")
+                    .is_ok_and(|t| t.supports_tools()),
+            };
             if tools {
                 capabilities.push("tools");
             }

@@ -179,7 +179,13 @@ async fn generate_here(
     let info = engine.info();
     let template = chat_template(info)?;
     let format = template.tool_call_format();
-    let constraint = chat::compile_for(engine, &job, format, chat::output_param(req)).await?;
+    let constraint = chat::compile_for(
+        engine,
+        &job,
+        format,
+        chat::output_param(req.grammar.as_deref()),
+    )
+    .await?;
     if job.builtins {
         let rounds = Rounds {
             metrics: state.metrics.clone(),

@@ -62,8 +62,7 @@ pub async fn rerank(
         // Another server scores; the answer keeps this API's shapes.
         Some(upstream) => {
             let texts: Vec<String> = req.documents.iter().map(|d| d.text().to_owned()).collect();
-            let reranker = crate::retrieval::UpstreamReranker::new(upstream, model);
-            let scores = rag::Reranker::scores(&reranker, &req.query, &texts).await?;
+            let scores = upstream.rerank(model, &req.query, &texts).await?;
             (ranked(scores, &req), 0)
         }
         None => score(&state.registry.engine(&entry, wait).await?, &req).await?,
