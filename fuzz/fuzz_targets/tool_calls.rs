@@ -1,10 +1,13 @@
-//! The tool-call stream parser on model output split anywhere: it never
-//! panics, and the calls and content it finds do not depend on where the
-//! output was split (the first byte picks the format, the second the cuts).
+//! The output parser (a thinking model's reasoning split off, then the
+//! tool-call parser) on model output split anywhere: it never panics, and the
+//! reasoning, calls and content it finds do not depend on where the output
+//! was split. The first byte picks the format (its top bits: reasoning split
+//! off, the block opened by the prompt), the second the cuts.
 #![no_main]
 
 use engine::chat::{
-    parse_with_ids, ParsedOutput, StreamDelta, ToolCall, ToolCallFormat, ToolCallStream,
+    OutputParser, ParsedOutput, ReasoningStream, StreamDelta, ToolCall, ToolCallFormat,
+    ToolCallStream, THINK_CLOSE,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -28,6 +31,7 @@ fn collect(deltas: Vec<StreamDelta>) -> ParsedOutput {
     let mut out = ParsedOutput::default();
     for delta in deltas {
         match delta {
+            StreamDelta::Reasoning(text) => out.reasoning.push_str(&text),
             StreamDelta::Content(text) => out.content.push_str(&text),
             StreamDelta::ToolCallStart { index, id, name } => {
                 assert_eq!(index, out.tool_calls.len(), "calls start in order");
@@ -49,11 +53,23 @@ fuzz_target!(|data: &[u8]| {
     let [format, seed, rest @ ..] = data else {
         return;
     };
-    let format = FORMATS[usize::from(*format) % FORMATS.len()];
+    let (thinking, open) = (format & 0x80 != 0, format & 0x40 != 0);
+    let format = FORMATS[usize::from(format & 0x3f) % FORMATS.len()];
     let Ok(text) = std::str::from_utf8(rest) else {
         return;
     };
-    let whole = parse_with_ids(format, text, ids());
+    let parser = || OutputParser {
+        reasoning: thinking.then(|| ReasoningStream::new(open)),
+        calls: Some(ToolCallStream::with_id_source(format, ids())),
+    };
+    let mut stream = parser();
+    let mut deltas = stream.push(text);
+    deltas.extend(stream.finish());
+    let whole = collect(deltas);
+    assert!(
+        !whole.reasoning.contains(THINK_CLOSE),
+        "the block ends at its tag"
+    );
     for call in &whole.tool_calls {
         let args: serde_json::Value =
             serde_json::from_str(&call.arguments).expect("arguments are JSON");
@@ -65,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Cut at every char boundary whose index the seed's bits select.
-    let mut stream = ToolCallStream::with_id_source(format, ids());
+    let mut stream = parser();
     let mut deltas = Vec::new();
     let mut from = 0;
     for (i, (at, _)) in text.char_indices().enumerate().skip(1) {

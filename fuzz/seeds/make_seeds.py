@@ -67,6 +67,9 @@ outputs = [  # (format index as in tool_calls.rs, text)
     (3, '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'),
     (4, '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'),
     (4, 'Plain text with { braces } and no call.'),
+    # Top bits: the reasoning split off (0x80), the block opened by the prompt (0x40).
+    (0x80, '<think>\nThe user wants weather.\n</think>\n\n<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call>'),
+    (0xC4, 'Counting: 1, 2 </th</think>\n\nThree.'),
 ]
 for i, (fmt, text) in enumerate(outputs):
     seed("tool_calls", f"{i}", bytes([fmt, 0x55]) + text.encode())

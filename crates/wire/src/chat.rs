@@ -41,6 +41,11 @@ pub struct ChatCompletionRequest {
     /// and give the model the numbered sources (`/v1/rag/chat` for any OpenAI
     /// client); the answer carries them in `sources`.
     pub rag: Option<super::RagOptions>,
+    /// Where a thinking model's reasoning (its `<think>` block) goes, as
+    /// llama-server takes it: `auto` (the default) or `deepseek` put it in
+    /// `reasoning_content`, apart from the answer; `none` leaves it in
+    /// `content`, tags and all.
+    pub reasoning_format: Option<String>,
     /// Fields this server does not read: ignored here, passed on to an
     /// upstream tier (vLLM's `guided_json`, `top_a`, ...).
     #[serde(flatten)]
@@ -89,6 +94,10 @@ pub struct ChatMessage {
     pub role: Cow<'static, str>,
     /// `null` when the message is only tool calls, as OpenAI sends it.
     pub content: Option<String>,
+    /// A thinking model's reasoning, apart from its answer (llama-server's
+    /// and vLLM's field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
     /// Legacy `functions` requests get their call here.
@@ -144,6 +153,8 @@ pub struct ChatCompletion {
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

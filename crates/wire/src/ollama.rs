@@ -83,6 +83,9 @@ pub struct OllamaFunction {
 pub struct OllamaMessage {
     pub role: &'static str,
     pub content: String,
+    /// A thinking model's reasoning, apart from its answer.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub thinking: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<OllamaToolCall>,
 }
@@ -110,6 +113,9 @@ pub struct OllamaChunk {
     pub message: Option<OllamaMessage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response: Option<String>,
+    /// `/api/generate`'s reasoning of a thinking model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
     pub done: bool,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub stats: Option<OllamaStats>,

@@ -96,6 +96,15 @@ pub struct IncompleteDetails {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OutputItem {
+    /// A thinking model's reasoning, as OpenAI gives an open-weight model's:
+    /// its text in `content`, no `summary`.
+    Reasoning {
+        id: String,
+        status: ResponseStatus,
+        #[schema(value_type = Vec<Object>)]
+        summary: Vec<Value>,
+        content: Vec<ReasoningText>,
+    },
     Message {
         id: String,
         status: ResponseStatus,
@@ -110,6 +119,23 @@ pub enum OutputItem {
         /// The arguments as JSON text.
         arguments: String,
     },
+}
+
+/// A `reasoning_text` part of a reasoning item.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReasoningText {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+}
+
+impl ReasoningText {
+    pub fn new(text: String) -> Self {
+        Self {
+            kind: "reasoning_text".to_owned(),
+            text,
+        }
+    }
 }
 
 /// An `output_text` part of a message.
@@ -193,6 +219,20 @@ pub enum ResponsesEventPayload {
         content_index: usize,
         part: OutputText,
     },
+    #[serde(rename = "response.reasoning_text.delta")]
+    ReasoningTextDelta {
+        item_id: String,
+        output_index: usize,
+        content_index: usize,
+        delta: String,
+    },
+    #[serde(rename = "response.reasoning_text.done")]
+    ReasoningTextDone {
+        item_id: String,
+        output_index: usize,
+        content_index: usize,
+        text: String,
+    },
     #[serde(rename = "response.output_text.delta")]
     OutputTextDelta {
         item_id: String,
@@ -257,6 +297,8 @@ impl ResponsesEventPayload {
             Self::InProgress { .. } => "response.in_progress",
             Self::OutputItemAdded { .. } => "response.output_item.added",
             Self::ContentPartAdded { .. } => "response.content_part.added",
+            Self::ReasoningTextDelta { .. } => "response.reasoning_text.delta",
+            Self::ReasoningTextDone { .. } => "response.reasoning_text.done",
             Self::OutputTextDelta { .. } => "response.output_text.delta",
             Self::OutputTextDone { .. } => "response.output_text.done",
             Self::ContentPartDone { .. } => "response.content_part.done",

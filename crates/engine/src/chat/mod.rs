@@ -2,8 +2,10 @@
 //! `transformers` renders it.
 
 mod pyjson;
+mod reasoning;
 mod template;
 mod tool_calls;
 
+pub use reasoning::*;
 pub use template::*;
 pub use tool_calls::*;

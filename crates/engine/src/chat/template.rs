@@ -119,15 +119,20 @@ impl ChatTemplate {
         })
     }
 
-    /// Whether the template reads the `tools` variable, i.e. can present tool
-    /// definitions to the model itself.
     /// The template's Jinja source.
     pub fn source(&self) -> &str {
         &self.source
     }
 
+    /// Whether the template reads the `tools` variable, i.e. can present tool
+    /// definitions to the model itself.
     pub fn supports_tools(&self) -> bool {
         self.supports_tools
+    }
+
+    /// Whether the model thinks in a `<think>` block before it answers.
+    pub fn thinks(&self) -> bool {
+        super::template_thinks(&self.source)
     }
 
     /// How this model writes tool calls.

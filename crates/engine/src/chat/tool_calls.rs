@@ -31,8 +31,7 @@ const PYTHON_TAG: &str = "<|python_tag|>";
 const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
 const MISTRAL_CALL_ID: &str = "[CALL_ID]";
 const MISTRAL_ARGS: &str = "[ARGS]";
-const THINK_OPEN: &str = "<think>";
-const THINK_CLOSE: &str = "</think>";
+use super::reasoning::{THINK_CLOSE, THINK_OPEN};
 const FENCE: &str = "```";
 
 /// How a model family writes tool calls.
@@ -95,6 +94,9 @@ pub struct ToolCall {
 /// A whole output split into message content and tool calls.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ParsedOutput {
+    /// A thinking model's reasoning, apart from the answer (see
+    /// [`super::ReasoningStream`]); empty for other models.
+    pub reasoning: String,
     pub content: String,
     pub tool_calls: Vec<ToolCall>,
 }
@@ -121,6 +123,9 @@ pub fn parse_with_ids(
 /// What one [`ToolCallStream::push`] adds to the response.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamDelta {
+    /// More of a thinking model's reasoning (never from this parser: see
+    /// [`super::ReasoningStream`]).
+    Reasoning(String),
     Content(String),
     /// first fragment of call `index`
     ToolCallStart {
@@ -421,6 +426,7 @@ fn collect(deltas: Vec<StreamDelta>) -> ParsedOutput {
     let mut parsed = ParsedOutput::default();
     for delta in deltas {
         match delta {
+            StreamDelta::Reasoning(text) => parsed.reasoning.push_str(&text),
             StreamDelta::Content(text) => parsed.content.push_str(&text),
             StreamDelta::ToolCallStart { id, name, .. } => parsed.tool_calls.push(ToolCall {
                 id,

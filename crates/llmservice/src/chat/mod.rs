@@ -39,6 +39,9 @@ pub struct ChatJob {
     pub n: u32,
     /// `Some(k)` when the client asked for logprobs with `k` alternatives.
     pub logprobs: Option<u32>,
+    /// A thinking model's reasoning goes apart from its answer (unless
+    /// `reasoning_format: "none"`).
+    pub reasoning: bool,
 }
 
 impl ChatJob {
@@ -75,7 +78,13 @@ impl ChatJob {
             builtins,
             n,
             logprobs: logprobs_request(&req.sampling)?,
+            reasoning: separates_reasoning(req.reasoning_format.as_deref())?,
         })
+    }
+
+    /// Whether `template`'s model has its reasoning split from its answer.
+    pub fn splits_reasoning(&self, template: &engine::chat::ChatTemplate) -> bool {
+        self.reasoning && template.thinks()
     }
 
     /// The tools the model is offered, if any (`tool_choice: none` offers none).
@@ -92,13 +101,31 @@ impl ChatJob {
     /// The key sorts object keys, so schemas go in as text: their property
     /// order is what the model sees and writes.
     pub fn cache_payload(&self, req: &ChatCompletionRequest) -> Value {
-        json!({
+        let mut payload = json!({
             "messages": self.messages,
             "chat_template_kwargs": req.chat_template_kwargs,
             "tools": self.plan.as_ref().map(|p| (Value::Array(p.template_tools()).to_string(), format!("{:?}", p.choice), p.parallel, p.legacy)),
             "response_format": req.response_format.as_ref().map(Value::to_string),
             "grammar": req.grammar,
-        })
+        });
+        // Only the answer that keeps its thoughts in the content differs.
+        if !self.reasoning {
+            payload["reasoning_format"] = "none".into();
+        }
+        payload
+    }
+}
+
+/// Reads llama-server's `reasoning_format`: whether a thinking model's
+/// reasoning goes apart from its answer.
+fn separates_reasoning(format: Option<&str>) -> Result<bool, RequestError> {
+    match format {
+        None | Some("auto" | "deepseek" | "deepseek-legacy") => Ok(true),
+        Some("none") => Ok(false),
+        Some(other) => Err(RequestError::invalid(
+            "reasoning_format",
+            format!("unknown reasoning_format {other:?}; expected auto, deepseek or none"),
+        )),
     }
 }
 

@@ -210,6 +210,9 @@ fn messages(messages: &[Value]) -> Result<Vec<Value>, RequestError> {
                 if !calls.is_empty() {
                     turn["tool_calls"] = calls.into();
                 }
+                if let Some(thinking) = message.get("thinking").filter(|t| t.is_string()) {
+                    turn["reasoning_content"] = thinking.clone();
+                }
                 out.push(turn);
             }
             "tool" => {

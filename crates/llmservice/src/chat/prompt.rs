@@ -13,6 +13,13 @@ pub struct ChatPrompt<'a> {
     pub extra: Option<&'a Map<String, Value>>,
 }
 
+/// A rendered conversation.
+pub struct Prompt {
+    pub tokens: Vec<engine::TokenId>,
+    /// The prompt opened the model's `<think>` block: its output starts inside.
+    pub thinking_open: bool,
+}
+
 impl ChatPrompt<'_> {
     /// The prompt tokens for `messages`, tools shown the way the template can.
     pub fn tokens(
@@ -20,7 +27,7 @@ impl ChatPrompt<'_> {
         engine: &engine::Engine,
         messages: &[Value],
         plan: Option<&ToolPlan>,
-    ) -> Result<Vec<engine::TokenId>, RequestError> {
+    ) -> Result<Prompt, RequestError> {
         let plan = plan.filter(|p| p.active());
         let tools = plan.map(ToolPlan::template_tools);
         let mut messages = messages.to_vec();
@@ -37,6 +44,9 @@ impl ChatPrompt<'_> {
                 extra: self.extra,
             })
             .map_err(|e| RequestError::invalid("messages", e.to_string()))?;
-        Ok(engine.tokenize_chat_prompt(&prompt))
+        Ok(Prompt {
+            tokens: engine.tokenize_chat_prompt(&prompt),
+            thinking_open: engine::chat::prompt_opens_thinking(&prompt),
+        })
     }
 }

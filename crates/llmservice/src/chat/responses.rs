@@ -85,9 +85,15 @@ pub fn chat_request(
 /// output as one assistant turn (text and calls).
 pub fn history_after(mut history: Vec<Value>, response: &ResponseObject) -> Vec<Value> {
     let mut text = String::new();
+    let mut reasoning = String::new();
     let mut calls = Vec::new();
     for item in &response.output {
         match item {
+            OutputItem::Reasoning { content, .. } => {
+                content
+                    .iter()
+                    .for_each(|part| reasoning.push_str(&part.text));
+            }
             OutputItem::Message { content, .. } => {
                 content.iter().for_each(|part| text.push_str(&part.text));
             }
@@ -100,6 +106,11 @@ pub fn history_after(mut history: Vec<Value>, response: &ResponseObject) -> Vec<
         }
     }
     assistant_turn(&mut history, text, calls);
+    // Thinking templates show the reasoning of the turns since the last
+    // question (a tool-call loop's); they drop the rest themselves.
+    if let Some(turn) = history.last_mut().filter(|_| !reasoning.is_empty()) {
+        turn["reasoning_content"] = reasoning.into();
+    }
     history
 }
 

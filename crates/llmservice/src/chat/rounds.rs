@@ -5,7 +5,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use engine::chat::{normalize_messages, StreamDelta, ToolCall, ToolCallFormat, ToolCallStream};
+use engine::chat::{
+    normalize_messages, OutputParser, ReasoningStream, StreamDelta, ToolCall, ToolCallFormat,
+    ToolCallStream,
+};
 use engine::{CompiledConstraint, Engine, FinishReason, TokenLogprob, Usage};
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
@@ -31,6 +34,8 @@ pub struct Rounds {
     pub defaults: GenerationDefaults,
     pub engine: Arc<Engine>,
     pub format: ToolCallFormat,
+    /// A thinking model's reasoning goes apart from its answer.
+    pub reasoning: bool,
     pub plan: ToolPlan,
     pub extra: Option<Map<String, Value>>,
     pub sampling: SamplingFields,
@@ -64,8 +69,12 @@ impl Rounds {
                     // Later rounds answer freely, but a call they open is made valid.
                     constraint = triggered_calls(&self.engine, &self.plan, self.format).await?;
                 }
-                let choice = self.submit(&messages, constraint.take()).await?;
-                let mut events = Box::pin(choice.events(Some(ToolCallStream::new(self.format))));
+                let (choice, open) = self.submit(&messages, constraint.take()).await?;
+                let parser = OutputParser {
+                    reasoning: self.reasoning.then(|| ReasoningStream::new(open)),
+                    calls: Some(ToolCallStream::new(self.format)),
+                };
+                let mut events = Box::pin(choice.events(parser));
                 let mut this = Round { content: String::new(), held: Vec::new(), finish: FinishReason::Stop };
                 let mut set_off = said;
                 while let Some(event) = events.next().await {
@@ -76,6 +85,11 @@ impl Rounds {
                             let text = if std::mem::take(&mut set_off) { format!("\n\n{text}") } else { text };
                             said = true;
                             yield ChoiceEvent::Delta(StreamDelta::Content(text), std::mem::take(&mut pending));
+                        }
+                        // Every round's reasoning goes out as it comes.
+                        ChoiceEvent::Delta(StreamDelta::Reasoning(text), logprobs) => {
+                            pending.extend(logprobs);
+                            yield ChoiceEvent::Delta(StreamDelta::Reasoning(text), std::mem::take(&mut pending));
                         }
                         ChoiceEvent::Delta(delta, logprobs) => {
                             pending.extend(logprobs);
@@ -109,12 +123,13 @@ impl Rounds {
         }
     }
 
-    /// Renders the conversation and starts one round's generation.
+    /// Renders the conversation and starts one round's generation; with it,
+    /// whether the prompt opened the model's `<think>` block.
     async fn submit(
         &self,
         messages: &[Value],
         constraint: Option<CompiledConstraint>,
-    ) -> Result<Choice, RequestError> {
+    ) -> Result<(Choice, bool), RequestError> {
         let info = self.engine.info();
         let template = info
             .chat_template
@@ -124,12 +139,12 @@ impl Rounds {
             template,
             extra: self.extra.as_ref(),
         };
-        let tokens = prompt.tokens(&self.engine, messages, Some(&self.plan))?;
+        let prompt = prompt.tokens(&self.engine, messages, Some(&self.plan))?;
         let mut request = generation::build_request(
             &self.sampling,
             &self.defaults,
             &self.engine,
-            tokens,
+            prompt.tokens,
             self.logprobs,
         )?;
         request.constraint = constraint;
@@ -138,7 +153,7 @@ impl Rounds {
         let streams = self.engine.submit_n(request, 1)?;
         let mut choices =
             generation::start(streams, &self.metrics, &self.model_id, self.started).await?;
-        Ok(choices.remove(0))
+        Ok((choices.remove(0), prompt.thinking_open))
     }
 
     /// Runs the round's calls and appends them and their results to the

@@ -32,6 +32,7 @@ impl ChoiceRecord {
     pub fn record(&mut self, delta: &StreamDelta, logprobs: &[TokenLogprob]) {
         self.logprobs.extend_from_slice(logprobs);
         match delta {
+            StreamDelta::Reasoning(text) => self.output.reasoning.push_str(text),
             StreamDelta::Content(text) => self.output.content.push_str(text),
             StreamDelta::ToolCallStart { id, name, .. } => self.output.tool_calls.push(ToolCall {
                 id: id.clone(),
@@ -51,11 +52,17 @@ impl ChoiceRecord {
         self.usage = usage;
     }
 
-    /// The events that rebuild this record from nothing: its content (with
-    /// every logprob), each call's head and arguments, then `Done`. What a
-    /// cache replay streams.
+    /// The events that rebuild this record from nothing: its reasoning, its
+    /// content (with every logprob), each call's head and arguments, then
+    /// `Done`. What a cache replay streams.
     pub fn replay(&self) -> Vec<ChoiceEvent> {
         let mut events = Vec::new();
+        if !self.output.reasoning.is_empty() {
+            events.push(ChoiceEvent::Delta(
+                StreamDelta::Reasoning(self.output.reasoning.clone()),
+                Vec::new(),
+            ));
+        }
         if !self.output.content.is_empty() || !self.logprobs.is_empty() {
             events.push(ChoiceEvent::Delta(
                 StreamDelta::Content(self.output.content.clone()),
@@ -104,6 +111,7 @@ mod tests {
             top: Vec::new(),
         };
         let mut record = ChoiceRecord::default();
+        record.record(&StreamDelta::Reasoning("Hmm.".into()), &[lp("Hmm.")]);
         record.record(&piece("Hel"), &[lp("Hel")]);
         record.record(&piece("lo"), &[lp("lo")]);
         let start = StreamDelta::ToolCallStart {
@@ -128,6 +136,7 @@ mod tests {
                 ..Default::default()
             },
         );
+        assert_eq!(record.output.reasoning, "Hmm.");
         assert_eq!(record.output.content, "Hello");
         assert_eq!(record.output.tool_calls[0].arguments, "{\"a\":1}");
 

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use engine::chat::{StreamDelta, ToolCallStream};
+use engine::chat::{OutputParser, StreamDelta};
 use engine::{EngineError, Event, EventStream, TokenLogprob, Usage};
 use futures_util::{Stream, StreamExt};
 
@@ -57,14 +57,14 @@ impl Choice {
 }
 
 impl Choice {
-    /// This choice's events as the answer sees them: text through the tool-call
-    /// parser (when tools were offered) into content and call pieces, each with
+    /// This choice's events as the answer sees them: text through `parser`
+    /// into reasoning, content and call pieces, each with
     /// the logprobs of the tokens since the previous piece, then `Done`. Tokens
     /// the parser took without a piece (a closing tag) still send their
     /// logprobs, on an empty content piece before `Done`.
     pub fn events(
         mut self,
-        mut parser: Option<ToolCallStream>,
+        mut parser: OutputParser,
     ) -> impl Stream<Item = Result<ChoiceEvent, RequestError>> + Send {
         async_stream::stream! {
             let mut pending: Vec<TokenLogprob> = Vec::new();
@@ -72,16 +72,12 @@ impl Choice {
                 match event {
                     Event::Text { text, logprobs } => {
                         pending.extend(logprobs);
-                        let deltas = match &mut parser {
-                            Some(parser) => parser.push(&text),
-                            None => vec![StreamDelta::Content(text)],
-                        };
-                        for delta in deltas {
+                        for delta in parser.push(&text) {
                             yield Ok(ChoiceEvent::Delta(delta, std::mem::take(&mut pending)));
                         }
                     }
                     Event::Done { finish_reason, usage } => {
-                        for delta in parser.as_mut().map(ToolCallStream::finish).unwrap_or_default() {
+                        for delta in parser.finish() {
                             yield Ok(ChoiceEvent::Delta(delta, std::mem::take(&mut pending)));
                         }
                         if !pending.is_empty() {
@@ -103,10 +99,10 @@ impl Choice {
 }
 
 /// Every choice's events as one stream of `(choice index, event)`, interleaved
-/// as they come. `parser` makes each choice's tool-call parser, if any.
+/// as they come. `parser` makes each choice's output parser.
 pub fn merge(
     choices: Vec<Choice>,
-    parser: impl Fn() -> Option<ToolCallStream>,
+    parser: impl Fn() -> OutputParser,
 ) -> impl Stream<Item = (u32, Result<ChoiceEvent, RequestError>)> + Send {
     futures_util::stream::select_all(choices.into_iter().map(|choice| {
         let index = choice.index;

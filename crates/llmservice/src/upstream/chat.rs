@@ -164,13 +164,22 @@ fn usage_of(u: &Value) -> Usage {
     }
 }
 
-/// A chat chunk's choice: content, then call pieces (a call's first piece
-/// carries its id and name; the legacy `function_call` is call 0).
+/// A chat chunk's choice: reasoning (llama-server's and vLLM's
+/// `reasoning_content`, newer vLLM's `reasoning`), content, then call pieces
+/// (a call's first piece carries its id and name; the legacy `function_call`
+/// is call 0).
 fn chat_deltas(choice: &Value, started: &mut HashSet<usize>) -> Vec<StreamDelta> {
     let Some(delta) = choice.get("delta") else {
         return Vec::new();
     };
     let mut out = Vec::new();
+    let reasoning = ["reasoning_content", "reasoning"]
+        .iter()
+        .find_map(|key| delta.get(key).and_then(Value::as_str))
+        .filter(|t| !t.is_empty());
+    if let Some(text) = reasoning {
+        out.push(StreamDelta::Reasoning(text.to_owned()));
+    }
     if let Some(text) = delta
         .get("content")
         .and_then(Value::as_str)
@@ -233,15 +242,19 @@ mod tests {
     #[test]
     fn chat_chunks_become_content_and_call_pieces() {
         let mut started = HashSet::new();
-        let first = json!({"delta": {"role": "assistant", "content": "Hi",
+        let first = json!({"delta": {"role": "assistant", "reasoning_content": "Greet.", "content": "Hi",
             "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
                             "function": {"name": "get_weather", "arguments": ""}}]}});
         let deltas = chat_deltas(&first, &mut started);
-        assert!(matches!(&deltas[0], StreamDelta::Content(t) if t == "Hi"));
+        assert!(matches!(&deltas[0], StreamDelta::Reasoning(t) if t == "Greet."));
+        assert!(matches!(&deltas[1], StreamDelta::Content(t) if t == "Hi"));
         assert!(
-            matches!(&deltas[1], StreamDelta::ToolCallStart { index: 0, id, name } if id == "call_a" && name == "get_weather")
+            matches!(&deltas[2], StreamDelta::ToolCallStart { index: 0, id, name } if id == "call_a" && name == "get_weather")
         );
-        assert_eq!(deltas.len(), 2);
+        assert_eq!(deltas.len(), 3);
+        let vllm = json!({"delta": {"reasoning": "Hmm", "content": null}});
+        let deltas = chat_deltas(&vllm, &mut HashSet::new());
+        assert!(matches!(&deltas[..], [StreamDelta::Reasoning(t)] if t == "Hmm"));
         let more = json!({"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}});
         let deltas = chat_deltas(&more, &mut started);
         assert!(

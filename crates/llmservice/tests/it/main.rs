@@ -22,4 +22,5 @@ mod seeds;
 mod speculation;
 mod streaming;
 mod structured;
+mod thinking;
 mod upstream;

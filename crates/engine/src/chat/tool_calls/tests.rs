@@ -69,6 +69,7 @@ fn reassemble(deltas: &[StreamDelta]) -> Result<ParsedOutput, String> {
     let mut parsed = ParsedOutput::default();
     for delta in deltas {
         match delta {
+            StreamDelta::Reasoning(_) => return Err("the call parser gave reasoning".into()),
             StreamDelta::Content(text) => parsed.content.push_str(text),
             StreamDelta::ToolCallStart { index, id, name } => {
                 if *index != parsed.tool_calls.len() {

@@ -70,6 +70,7 @@ impl ChatAnswer {
             };
             let record = ChoiceRecord {
                 output: ParsedOutput {
+                    reasoning: choice.message.reasoning_content.unwrap_or_default(),
                     content: choice.message.content.unwrap_or_default(),
                     tool_calls: calls
                         .into_iter()
@@ -151,6 +152,10 @@ impl ChatAnswer {
     /// the legacy shape, which holds one call.
     fn delta(&self, delta: &StreamDelta) -> Option<ChatDelta> {
         let delta = match delta {
+            StreamDelta::Reasoning(text) => ChatDelta {
+                reasoning_content: Some(text.clone()),
+                ..Default::default()
+            },
             StreamDelta::Content(text) => ChatDelta {
                 content: Some(text.clone()),
                 ..Default::default()
@@ -231,6 +236,7 @@ impl ChatAnswer {
         };
         ChatMessage {
             role: Cow::Borrowed("assistant"),
+            reasoning_content: Some(output.reasoning.clone()).filter(|r| !r.is_empty()),
             content,
             tool_calls,
             function_call,

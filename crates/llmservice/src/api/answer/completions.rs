@@ -52,6 +52,7 @@ impl TextAnswer {
             echoes.push(choice.text[..split].to_owned());
             let record = ChoiceRecord {
                 output: ParsedOutput {
+                    reasoning: String::new(),
                     content: choice.text[split..].to_owned(),
                     tool_calls: Vec::new(),
                 },

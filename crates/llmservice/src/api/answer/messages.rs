@@ -1,5 +1,5 @@
 //! Anthropic `message` answers and their named-event streams: content comes
-//! as blocks (`text`, `tool_use`), each opened, filled by deltas and stopped,
+//! as blocks (`thinking`, `text`, `tool_use`), each opened, filled by deltas and stopped,
 //! then one `message_delta` with the stop reason and usage, and `message_stop`.
 
 use axum::response::sse::Event as SseEvent;
@@ -29,6 +29,7 @@ pub struct MessagesAnswer {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum OpenBlock {
+    Thinking,
     Text,
     /// A call, by its index among the answer's calls.
     Call(usize),
@@ -145,6 +146,21 @@ impl Answer for MessagesAnswer {
             return events;
         };
         match delta {
+            StreamDelta::Reasoning(thinking) => {
+                if self.open != Some(OpenBlock::Thinking) {
+                    let block = ContentBlock::Thinking {
+                        thinking: String::new(),
+                        signature: String::new(),
+                    };
+                    self.open(OpenBlock::Thinking, block, &mut events);
+                }
+                events.push(MessagesEvent::ContentBlockDelta {
+                    index: self.blocks - 1,
+                    delta: BlockDelta::ThinkingDelta {
+                        thinking: thinking.clone(),
+                    },
+                });
+            }
             StreamDelta::Content(text) if text.is_empty() => {}
             StreamDelta::Content(text) => {
                 if self.open != Some(OpenBlock::Text) {
@@ -202,6 +218,12 @@ impl Answer for MessagesAnswer {
     fn whole(&self) -> Message {
         let output = &self.record().output;
         let mut content = Vec::new();
+        if !output.reasoning.is_empty() {
+            content.push(ContentBlock::Thinking {
+                thinking: output.reasoning.clone(),
+                signature: String::new(),
+            });
+        }
         if !output.content.is_empty() {
             content.push(ContentBlock::Text {
                 text: output.content.clone(),

@@ -31,28 +31,32 @@ impl OllamaAnswer {
         }
     }
 
-    /// A line with `text` and `calls`, and the stats when it is the last.
+    /// A line with `thinking`, `text` and `calls`, and the stats when it is
+    /// the last.
     fn line(
         &self,
+        thinking: String,
         text: String,
         calls: Vec<OllamaToolCall>,
         stats: Option<OllamaStats>,
     ) -> OllamaChunk {
-        let (message, response) = if self.chat {
+        let (message, response, thinking) = if self.chat {
             let message = OllamaMessage {
                 role: "assistant",
                 content: text,
+                thinking,
                 tool_calls: calls,
             };
-            (Some(message), None)
+            (Some(message), None, None)
         } else {
-            (None, Some(text))
+            (None, Some(text), Some(thinking).filter(|t| !t.is_empty()))
         };
         OllamaChunk {
             model: self.head.model.clone(),
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             message,
             response,
+            thinking,
             done: stats.is_some(),
             stats,
         }
@@ -115,22 +119,29 @@ impl Answer for OllamaAnswer {
             return Vec::new();
         };
         match delta {
+            StreamDelta::Reasoning(thinking) => {
+                vec![self.line(thinking.clone(), String::new(), Vec::new(), None)]
+            }
             StreamDelta::Content(text) if !text.is_empty() => {
-                vec![self.line(text.clone(), Vec::new(), None)]
+                vec![self.line(String::new(), text.clone(), Vec::new(), None)]
             }
             // A call goes out whole: the parser sends its arguments at once,
             // when its JSON is complete.
             StreamDelta::ToolCallArguments { index, .. } if self.chat => {
                 let call = self.records[0].output.tool_calls.get(*index);
-                call.map(|c| vec![self.line(String::new(), vec![ollama_call(c)], None)])
-                    .unwrap_or_default()
+                call.map(|c| {
+                    let calls = vec![ollama_call(c)];
+                    vec![self.line(String::new(), String::new(), calls, None)]
+                })
+                .unwrap_or_default()
             }
             _ => Vec::new(),
         }
     }
 
     fn finish_chunks(&mut self, _index: u32) -> Vec<OllamaChunk> {
-        vec![self.line(String::new(), Vec::new(), Some(self.stats()))]
+        let stats = Some(self.stats());
+        vec![self.line(String::new(), String::new(), Vec::new(), stats)]
     }
 
     fn cache_body(&self) -> serde_json::Value {
@@ -140,6 +151,7 @@ impl Answer for OllamaAnswer {
     fn whole(&self) -> OllamaChunk {
         let output = &self.records[0].output;
         let calls = output.tool_calls.iter().map(ollama_call).collect();
-        self.line(output.content.clone(), calls, Some(self.stats()))
+        let (thinking, content) = (output.reasoning.clone(), output.content.clone());
+        self.line(thinking, content, calls, Some(self.stats()))
     }
 }

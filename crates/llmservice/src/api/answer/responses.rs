@@ -1,5 +1,6 @@
 //! Responses API answers: a `response` object whose output is a list of
-//! items (a `message` with `output_text`, `function_call`s), streamed as
+//! items (a thinking model's `reasoning`, a `message` with `output_text`,
+//! `function_call`s), streamed as
 //! typed, numbered events: the response created and in progress, each item
 //! added, filled by deltas and done, then the response completed (or
 //! incomplete, when `max_output_tokens` cut it).
@@ -15,8 +16,8 @@ use crate::error::RequestError;
 use crate::generation::{ChoiceEvent, ChoiceRecord};
 use crate::wire::{
     IncompleteDetails, InputTokensDetails, OutputItem, OutputText, OutputTokensDetails,
-    ResponseObject, ResponseStatus, ResponsesEvent, ResponsesEventPayload as Payload,
-    ResponsesRequest, ResponsesUsage,
+    ReasoningText, ResponseObject, ResponseStatus, ResponsesEvent,
+    ResponsesEventPayload as Payload, ResponsesRequest, ResponsesUsage,
 };
 
 pub struct ResponsesAnswer {
@@ -33,6 +34,9 @@ pub struct ResponsesAnswer {
 
 /// The item a stream is filling, with what it holds so far.
 enum OpenItem {
+    Reasoning {
+        text: String,
+    },
     Message {
         text: String,
     },
@@ -117,6 +121,15 @@ impl ResponsesAnswer {
         }
     }
 
+    fn reasoning_item(&self, output_index: usize, text: String) -> OutputItem {
+        OutputItem::Reasoning {
+            id: self.item_id("rs", output_index),
+            status: self.done_status(),
+            summary: Vec::new(),
+            content: vec![ReasoningText::new(text)],
+        }
+    }
+
     fn message_item(&self, output_index: usize, text: String) -> OutputItem {
         OutputItem::Message {
             id: self.item_id("msg", output_index),
@@ -181,6 +194,16 @@ impl ResponsesAnswer {
         };
         let output_index = self.items - 1;
         let item = match open {
+            OpenItem::Reasoning { text } => {
+                let done = Payload::ReasoningTextDone {
+                    item_id: self.item_id("rs", output_index),
+                    output_index,
+                    content_index: 0,
+                    text: text.clone(),
+                };
+                events.push(self.event(done));
+                self.reasoning_item(output_index, text)
+            }
             OpenItem::Message { text } => {
                 let item_id = self.item_id("msg", output_index);
                 let part = OutputText::new(text.clone());
@@ -227,6 +250,12 @@ impl ResponsesAnswer {
         let output_index = self.items;
         self.items += 1;
         let item = match &open {
+            OpenItem::Reasoning { .. } => OutputItem::Reasoning {
+                id: self.item_id("rs", output_index),
+                status: ResponseStatus::InProgress,
+                summary: Vec::new(),
+                content: Vec::new(),
+            },
             OpenItem::Message { .. } => OutputItem::Message {
                 id: self.item_id("msg", output_index),
                 status: ResponseStatus::InProgress,
@@ -287,6 +316,25 @@ impl Answer for ResponsesAnswer {
             return events;
         };
         match delta {
+            StreamDelta::Reasoning(text) => {
+                if !matches!(self.open, Some(OpenItem::Reasoning { .. })) {
+                    let open = OpenItem::Reasoning {
+                        text: String::new(),
+                    };
+                    self.open(open, &mut events);
+                }
+                if let Some(OpenItem::Reasoning { text: so_far }) = &mut self.open {
+                    so_far.push_str(text);
+                }
+                let output_index = self.items - 1;
+                let delta = Payload::ReasoningTextDelta {
+                    item_id: self.item_id("rs", output_index),
+                    output_index,
+                    content_index: 0,
+                    delta: text.clone(),
+                };
+                events.push(self.event(delta));
+            }
             StreamDelta::Content(text) if text.is_empty() => {}
             StreamDelta::Content(text) => {
                 if !matches!(self.open, Some(OpenItem::Message { .. })) {
@@ -365,10 +413,14 @@ impl Answer for ResponsesAnswer {
         super::ChatAnswer::cache_body_of(&self.records)
     }
 
-    /// The output in stream order: the text as one message, then the calls.
+    /// The output in stream order: the reasoning, the text as one message,
+    /// then the calls.
     fn whole(&self) -> ResponseObject {
         let output = &self.record().output;
         let mut items = Vec::new();
+        if !output.reasoning.is_empty() {
+            items.push(self.reasoning_item(items.len(), output.reasoning.clone()));
+        }
         if !output.content.is_empty() {
             items.push(self.message_item(items.len(), output.content.clone()));
         }

@@ -7,6 +7,7 @@ use futures_util::StreamExt as _;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
+use engine::chat::OutputParser;
 use engine::{CompiledConstraint, Engine, EventStream, TokenId};
 use serde_json::Value;
 
@@ -102,7 +103,10 @@ pub async fn completions(
             };
             let (streams, echoes) = submit(&engine, &entry, &req, logprobs, constraint)?;
             let choices = generation::start(streams, &state.metrics, &entry.id, started).await?;
-            (generation::merge(choices, || None).left_stream(), echoes)
+            (
+                generation::merge(choices, OutputParser::default).left_stream(),
+                echoes,
+            )
         }
     };
     let answer = TextAnswer::new(head, echoes, n as usize, logprobs.is_some());

@@ -95,8 +95,8 @@ pub async fn count_tokens(
             template: chat_template(engine.info())?,
             extra: None,
         };
-        let tokens = prompt.tokens(&engine, &job.messages, job.active_plan())?;
-        Ok(tokens.len() as u32)
+        let prompt = prompt.tokens(&engine, &job.messages, job.active_plan())?;
+        Ok(prompt.tokens.len() as u32)
     })
     .await?;
     Ok(axum::Json(CountTokensAnswer { input_tokens }))

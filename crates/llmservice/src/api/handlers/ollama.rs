@@ -501,9 +501,11 @@ async fn load_or_unload(
         message: chat.then(|| OllamaMessage {
             role: "assistant",
             content: String::new(),
+            thinking: String::new(),
             tool_calls: Vec::new(),
         }),
         response: (!chat).then(String::new),
+        thinking: None,
         done: true,
         stats: Some(OllamaStats {
             done_reason: reason,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::HeaderMap;
-use engine::chat::{ChatTemplate, ToolCallStream};
+use engine::chat::{ChatTemplate, OutputParser, ReasoningStream, ToolCallStream};
 use engine::Engine;
 use futures_util::{Stream, StreamExt};
 
@@ -179,6 +179,7 @@ async fn generate_here(
     let info = engine.info();
     let template = chat_template(info)?;
     let format = template.tool_call_format();
+    let reasoning = job.splits_reasoning(template);
     let constraint = chat::compile_for(
         engine,
         &job,
@@ -193,6 +194,7 @@ async fn generate_here(
             defaults: entry.defaults(),
             engine: engine.clone(),
             format,
+            reasoning,
             plan: job.plan.expect("built-in rounds come with a plan"),
             extra: req.chat_template_kwargs.clone(),
             sampling: req.sampling.clone(),
@@ -212,13 +214,14 @@ async fn generate_here(
         extra: req.chat_template_kwargs.as_ref(),
     };
     let plan = job.active_plan();
-    let tokens = prompt.tokens(engine, &job.messages, plan)?;
-    let prompt_tokens = tokens.len() as u32;
+    let prompt = prompt.tokens(engine, &job.messages, plan)?;
+    let prompt_tokens = prompt.tokens.len() as u32;
+    let open = prompt.thinking_open;
     let mut request = generation::build_request(
         &req.sampling,
         &entry.defaults(),
         engine,
-        tokens,
+        prompt.tokens,
         job.logprobs,
     )?;
     request.constraint = constraint;
@@ -228,7 +231,10 @@ async fn generate_here(
     let streams = engine.submit_n(request, job.n)?;
     let choices = generation::start(streams, &state.metrics, &entry.id, started).await?;
     let parse = plan.is_some();
-    let events = generation::merge(choices, move || parse.then(|| ToolCallStream::new(format)));
+    let events = generation::merge(choices, move || OutputParser {
+        reasoning: reasoning.then(|| ReasoningStream::new(open)),
+        calls: parse.then(|| ToolCallStream::new(format)),
+    });
     Ok((events.right_stream(), prompt_tokens))
 }
 
