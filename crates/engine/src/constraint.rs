@@ -45,6 +45,41 @@ pub enum Constraint {
     Triggered { trigger: String, then: String },
 }
 
+impl Constraint {
+    /// This constraint after a thinking model's `<think>` block, as llama-server
+    /// lets a thinking model think before a constrained answer: the block, then
+    /// the answer the constraint describes. When the prompt `open`ed the block,
+    /// the model must close it first; otherwise the block is optional. GBNF and
+    /// triggered grammars cannot be joined to it and come back as they were.
+    pub fn after_thought(self, open: bool) -> Self {
+        let answer = match self {
+            Self::JsonSchema(schema) => format!(
+                "thinking_answer: %json {}\n",
+                serde_json::to_string(&with_json_options(&schema)).expect("values serialize")
+            ),
+            // Our Lark grammars open with their `start` rule.
+            Self::Lark(source) => match source.strip_prefix("start:") {
+                Some(rules) => format!("thinking_answer:{rules}\n"),
+                None => return Self::Lark(source),
+            },
+            other => return other,
+        };
+        let thought = if open {
+            "thinking_thought thinking_gap?"
+        } else {
+            r#"("<think>" thinking_thought thinking_gap?)?"#
+        };
+        Self::Lark(format!(
+            "start: {thought} thinking_answer\n{THOUGHT}\n{answer}"
+        ))
+    }
+}
+
+/// A thought: anything up to the first `</think>` (lazy: the lexeme ends
+/// there), then the whitespace that sets the answer off.
+const THOUGHT: &str = r"thinking_thought[lazy]: /(.|\n)*<\/think>/
+thinking_gap: /[ \t\n]{1,4}/";
+
 /// A constraint checked against the model's vocabulary, ready to start a sequence.
 #[derive(Clone)]
 pub struct CompiledConstraint(Compiled);
@@ -764,6 +799,59 @@ mod tests {
             let text = generate(&model, &mut state, &mut chain, &logits, &forbidden);
             assert!(text == "go(a)" || text == "go(b)", "{text:?}");
         }
+    }
+
+    /// Whether the whole of `text`, as the model would tokenize it, is a
+    /// complete output of `compiled`.
+    fn accepts(model: &LlamaModel, compiled: &CompiledConstraint, text: &str) -> bool {
+        let Compiled::Llg(matcher) = &compiled.0 else {
+            panic!("an llguidance grammar");
+        };
+        let mut matcher = matcher.deep_clone();
+        let tokens: Vec<u32> = model
+            .vocab()
+            .tokenize(text.as_bytes(), false, false)
+            .iter()
+            .map(|t| t.0 as u32)
+            .collect();
+        matcher.validate_tokens(&tokens).unwrap() == tokens.len()
+            && matcher.consume_tokens(&tokens).is_ok()
+            && matcher.is_accepting().unwrap()
+    }
+
+    #[test]
+    fn a_thinking_model_may_think_before_its_constrained_answer() {
+        let model = smollm();
+        let grammars = Grammars::new(model.clone());
+        let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                            "required": ["ok"]});
+        let answer = r#"{"ok": true}"#;
+        let thought = "<think>\nThe user wants a flag.\n</think>\n\n";
+        let free = grammars
+            .compile(&Constraint::JsonSchema(schema.clone()).after_thought(false))
+            .unwrap();
+        assert!(accepts(&model, &free, answer), "the block is optional");
+        assert!(
+            !accepts(&model, &free, &format!("\n{answer}")),
+            "no gap without it"
+        );
+        assert!(accepts(&model, &free, &format!("{thought}{answer}")));
+        assert!(!accepts(&model, &free, &format!("{thought}yes")));
+        assert!(!accepts(&model, &free, "<think>only thoughts"));
+        // The prompt opened the block: it closes before the answer.
+        let open = grammars
+            .compile(&Constraint::JsonSchema(schema).after_thought(true))
+            .unwrap();
+        assert!(accepts(&model, &open, &format!("Hmm.</think>{answer}")));
+        assert!(!accepts(&model, &open, answer));
+        // Our Lark grammars join the same way (answer_or_calls names a rule
+        // `answer` of its own).
+        let lark = Constraint::Lark("start: answer | \"no\"\nanswer: \"yes\"\n".into());
+        let lark = grammars.compile(&lark.after_thought(false)).unwrap();
+        assert!(accepts(&model, &lark, "<think>x</think>yes"));
+        assert!(accepts(&model, &lark, "no"));
+        let gbnf = Constraint::Gbnf("root ::= \"a\"".into());
+        assert_eq!(gbnf.clone().after_thought(true), gbnf);
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub struct MessagesRequest {
     /// each with an optional `disable_parallel_tool_use`.
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
+    /// `{"type": "enabled", "budget_tokens": n}` (or `adaptive`) lets a
+    /// thinking model think; without it, or with `disabled`, its template is
+    /// asked not to, as Anthropic's models do not think unless asked.
+    #[schema(value_type = Option<Object>)]
+    pub thinking: Option<Value>,
     /// Accepted and ignored (`user_id`).
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
@@ -48,6 +53,8 @@ pub struct CountTokensRequest {
     pub tools: Option<Vec<Value>>,
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub thinking: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

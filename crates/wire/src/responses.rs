@@ -121,6 +121,14 @@ pub enum OutputItem {
     },
 }
 
+/// A part of an output item, as `response.content_part.*` events carry it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ContentPart {
+    Text(OutputText),
+    Reasoning(ReasoningText),
+}
+
 /// A `reasoning_text` part of a reasoning item.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReasoningText {
@@ -217,7 +225,7 @@ pub enum ResponsesEventPayload {
         item_id: String,
         output_index: usize,
         content_index: usize,
-        part: OutputText,
+        part: ContentPart,
     },
     #[serde(rename = "response.reasoning_text.delta")]
     ReasoningTextDelta {
@@ -256,7 +264,7 @@ pub enum ResponsesEventPayload {
         item_id: String,
         output_index: usize,
         content_index: usize,
-        part: OutputText,
+        part: ContentPart,
     },
     #[serde(rename = "response.function_call_arguments.delta")]
     FunctionCallArgumentsDelta {

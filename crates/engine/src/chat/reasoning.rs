@@ -32,6 +32,9 @@ pub fn prompt_opens_thinking(prompt: &str) -> bool {
 enum State {
     /// Nothing but whitespace yet: a `<think>` block may open.
     Start,
+    /// The prompt opened the block, and nothing but whitespace came yet: the
+    /// model may write the opening tag again, which is no thought.
+    Opened,
     /// Inside the block.
     Thinking,
     /// Just past the block: the whitespace that separates it from the answer.
@@ -57,7 +60,7 @@ impl ReasoningStream {
     /// prompt opened it, see [`prompt_opens_thinking`]).
     pub fn new(open: bool) -> Self {
         Self {
-            state: if open { State::Thinking } else { State::Start },
+            state: if open { State::Opened } else { State::Start },
             buf: String::new(),
             said: false,
         }
@@ -92,6 +95,15 @@ impl ReasoningStream {
                     } else {
                         self.state = State::Answer;
                     }
+                }
+                State::Opened => {
+                    let text = self.buf.trim_start();
+                    if let Some(rest) = text.strip_prefix(THINK_OPEN) {
+                        self.buf = rest.to_owned();
+                    } else if !last && THINK_OPEN.starts_with(text) {
+                        return;
+                    }
+                    self.state = State::Thinking;
                 }
                 State::Thinking => {
                     if let Some(i) = self.buf.find(THINK_CLOSE) {
@@ -269,6 +281,19 @@ mod tests {
             every_cut(true, text),
             ("Let me see.".to_owned(), "Four.".to_owned())
         );
+    }
+
+    #[test]
+    fn an_opening_tag_the_prompt_already_wrote_is_no_thought() {
+        assert_eq!(
+            every_cut(true, "\n<think>\nLet me see.</think>Four."),
+            ("Let me see.".to_owned(), "Four.".to_owned())
+        );
+        assert_eq!(
+            every_cut(true, "<think><think>a</think>b"),
+            ("<think>a".to_owned(), "b".to_owned())
+        );
+        assert_eq!(every_cut(true, "<thi"), ("<thi".to_owned(), String::new()));
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub struct CacheKey(String);
 
 /// Bumped whenever the stored format or the meaning of the key parts changes,
 /// so rows written by an older build on disk are never mistaken for hits.
-const KEY_DOMAIN: &[u8] = b"llmservice-response-cache-v1\n";
+const KEY_DOMAIN: &[u8] = b"llmservice-response-cache-v2\n";
 
 impl CacheKey {
     /// `parts` must hold every input that changes the answer: the model file's

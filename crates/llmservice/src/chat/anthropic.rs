@@ -15,6 +15,7 @@ pub struct PromptParts<'a> {
     pub messages: &'a [Value],
     pub tools: Option<&'a [Value]>,
     pub tool_choice: Option<&'a Value>,
+    pub thinking: Option<&'a Value>,
 }
 
 impl<'a> From<&'a MessagesRequest> for PromptParts<'a> {
@@ -24,6 +25,7 @@ impl<'a> From<&'a MessagesRequest> for PromptParts<'a> {
             messages: &req.messages,
             tools: req.tools.as_deref(),
             tool_choice: req.tool_choice.as_ref(),
+            thinking: req.thinking.as_ref(),
         }
     }
 }
@@ -72,6 +74,24 @@ fn prompt_body(model: &str, parts: &PromptParts) -> Result<Map<String, Value>, R
             body.insert("tools".into(), tools.into());
         }
     }
+    // Thinking models' templates read `enable_thinking` (Qwen3's).
+    let thinks = match parts
+        .thinking
+        .map(|t| t.get("type").and_then(Value::as_str))
+    {
+        None | Some(Some("disabled")) => false,
+        Some(Some("enabled" | "adaptive")) => true,
+        Some(_) => {
+            return Err(RequestError::invalid(
+                "thinking.type",
+                "thinking.type must be \"enabled\", \"adaptive\" or \"disabled\"",
+            ))
+        }
+    };
+    body.insert(
+        "chat_template_kwargs".into(),
+        json!({"enable_thinking": thinks}),
+    );
     if let Some(choice) = parts.tool_choice {
         let (choice, parallel) = tool_choice(choice)?;
         body.insert("tool_choice".into(), choice);
@@ -99,11 +119,17 @@ fn turn(message: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), RequestEr
         }
     };
     let mut text = String::new();
+    let mut thought = String::new();
     let mut calls = Vec::new();
     for (j, block) in blocks.iter().enumerate() {
         let here = format!("{at}.content[{j}]");
         match (role, block.get("type").and_then(Value::as_str)) {
             (_, Some("text")) => text.push_str(block["text"].as_str().unwrap_or_default()),
+            // A tool loop's thoughts go back to the template, which decides
+            // what to show; redacted ones are another model's.
+            (Some("assistant"), Some("thinking")) => {
+                thought.push_str(block["thinking"].as_str().unwrap_or_default());
+            }
             (_, Some("thinking" | "redacted_thinking")) => {}
             (Some("user"), Some("tool_result")) => out.push(json!({
                 "role": "tool",
@@ -135,6 +161,9 @@ fn turn(message: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), RequestEr
             let mut turn = json!({"role": "assistant", "content": text});
             if !calls.is_empty() {
                 turn["tool_calls"] = calls.into();
+            }
+            if !thought.is_empty() {
+                turn["reasoning_content"] = thought.into();
             }
             out.push(turn);
         }

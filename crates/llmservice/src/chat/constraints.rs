@@ -12,13 +12,21 @@ use super::ChatJob;
 use crate::error::RequestError;
 
 /// The compiled constraint for `job` on `engine`, if it needs one.
-/// `output_param` names the field an output constraint came from.
+/// `output_param` names the field an output constraint came from. For a
+/// thinking model, `thought` says whether the prompt opened its block: a
+/// constraint from the first token comes after the block (see
+/// [`Constraint::after_thought`]).
 pub async fn compile_for(
     engine: &Arc<Engine>,
     job: &ChatJob,
     format: ToolCallFormat,
     output_param: &'static str,
+    thought: Option<bool>,
 ) -> Result<Option<CompiledConstraint>, RequestError> {
+    let after_thought = |constraint: Constraint| match thought {
+        Some(open) => constraint.after_thought(open),
+        None => constraint,
+    };
     match (&job.output, &job.plan) {
         // A JSON answer, or calls of the tools the model may call.
         (Some(Constraint::JsonSchema(answer)), Some(plan)) if plan.active() && !plan.forced() => {
@@ -28,17 +36,20 @@ pub async fn compile_for(
                 &|t| engine.control_token(t),
                 answer,
             );
-            Ok(Some(compile(engine, either, output_param).await?))
+            Ok(Some(
+                compile(engine, after_thought(either), output_param).await?,
+            ))
         }
         (Some(output), plan) if !plan.as_ref().is_some_and(ToolPlan::forced) => {
-            Ok(Some(compile(engine, output.clone(), output_param).await?))
+            let output = after_thought(output.clone());
+            Ok(Some(compile(engine, output, output_param).await?))
         }
         // Calls are forced: the answer is calls, whatever format a text
         // answer would have had.
         (_, Some(plan)) if plan.forced() => {
             let calls = tools::call_constraint(plan, format, &|t| engine.control_token(t));
             let param = if plan.legacy { "functions" } else { "tools" };
-            Ok(Some(compile(engine, calls, param).await?))
+            Ok(Some(compile(engine, after_thought(calls), param).await?))
         }
         // Free to answer, but a call the model opens is made valid.
         (None, Some(plan)) if plan.active() => triggered_calls(engine, plan, format).await,

@@ -105,12 +105,12 @@ pub fn history_after(mut history: Vec<Value>, response: &ResponseObject) -> Vec<
             } => calls.push(function_call(call_id, name, arguments)),
         }
     }
-    assistant_turn(&mut history, text, calls);
     // Thinking templates show the reasoning of the turns since the last
     // question (a tool-call loop's); they drop the rest themselves.
-    if let Some(turn) = history.last_mut().filter(|_| !reasoning.is_empty()) {
-        turn["reasoning_content"] = reasoning.into();
+    if !reasoning.is_empty() {
+        reasoning_turn(&mut history, &reasoning);
     }
+    assistant_turn(&mut history, text, calls);
     history
 }
 
@@ -142,6 +142,18 @@ fn assistant_turn(history: &mut Vec<Value>, text: String, calls: Vec<Value>) {
         turn["tool_calls"] = calls.into();
     }
     history.push(turn);
+}
+
+/// Adds reasoning to the assistant turn it belongs to: the one in progress,
+/// or a new one that the turn's message and calls join.
+fn reasoning_turn(history: &mut Vec<Value>, text: &str) {
+    match history.last_mut() {
+        Some(last) if last["role"] == "assistant" => {
+            let so_far = last["reasoning_content"].as_str().unwrap_or_default();
+            last["reasoning_content"] = format!("{so_far}{text}").into();
+        }
+        _ => history.push(json!({"role": "assistant", "content": "", "reasoning_content": text})),
+    }
 }
 
 /// One input item as chat messages.
@@ -176,8 +188,21 @@ fn input_item(item: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), Reques
             }));
             Ok(())
         }
-        // Reasoning summaries of other models carry nothing a local model reads.
-        Some("reasoning") => Ok(()),
+        // An open model's reasoning goes with its turn; other models'
+        // summaries and encrypted reasoning carry nothing a local model reads.
+        Some("reasoning") => {
+            let parts = item.get("content").and_then(Value::as_array);
+            let text: String = parts
+                .into_iter()
+                .flatten()
+                .filter(|part| part["type"] == "reasoning_text")
+                .filter_map(|part| part["text"].as_str())
+                .collect();
+            if !text.is_empty() {
+                reasoning_turn(out, &text);
+            }
+            Ok(())
+        }
         Some(other) => Err(RequestError::unsupported(
             &format!("{at}.type"),
             format!("input items of type {other:?} are not supported; send messages, function_call and function_call_output items"),
@@ -304,6 +329,30 @@ mod tests {
 
     fn request(body: Value) -> ResponsesRequest {
         serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn an_open_models_reasoning_goes_with_its_turn() {
+        let req = request(json!({
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "x"}],
+                 "content": [{"type": "reasoning_text", "text": "Needs a call."}]},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+                {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": "opaque"},
+            ],
+        }));
+        let Translated { chat, .. } = chat_request(&req, Vec::new()).unwrap();
+        let roles: Vec<_> = chat
+            .messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["user", "assistant", "tool"]);
+        assert_eq!(chat.messages[1]["reasoning_content"], "Needs a call.");
+        assert_eq!(chat.messages[1]["tool_calls"][0]["id"], "call_1");
     }
 
     #[test]

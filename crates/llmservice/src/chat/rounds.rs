@@ -43,8 +43,10 @@ pub struct Rounds {
     pub started: Instant,
 }
 
-/// What one round said: content already went out; calls are held.
+/// What one round said: reasoning and content already went out; calls are
+/// held.
 struct Round {
+    reasoning: String,
     content: String,
     held: Vec<StreamDelta>,
     finish: FinishReason,
@@ -63,7 +65,7 @@ impl Rounds {
         async_stream::try_stream! {
             let mut total = Usage::default();
             let mut pending: Vec<TokenLogprob> = Vec::new();
-            let mut said = false;
+            let (mut said, mut thought) = (false, false);
             for round in 0..MAX_BUILTIN_ROUNDS {
                 if round > 0 {
                     // Later rounds answer freely, but a call they open is made valid.
@@ -75,8 +77,13 @@ impl Rounds {
                     calls: Some(ToolCallStream::new(self.format)),
                 };
                 let mut events = Box::pin(choice.events(parser));
-                let mut this = Round { content: String::new(), held: Vec::new(), finish: FinishReason::Stop };
-                let mut set_off = said;
+                let mut this = Round {
+                    reasoning: String::new(),
+                    content: String::new(),
+                    held: Vec::new(),
+                    finish: FinishReason::Stop,
+                };
+                let (mut set_off, mut set_off_thought) = (said, thought);
                 while let Some(event) = events.next().await {
                     match event? {
                         ChoiceEvent::Delta(StreamDelta::Content(text), logprobs) if !text.is_empty() => {
@@ -86,9 +93,12 @@ impl Rounds {
                             said = true;
                             yield ChoiceEvent::Delta(StreamDelta::Content(text), std::mem::take(&mut pending));
                         }
-                        // Every round's reasoning goes out as it comes.
+                        // Every round's reasoning goes out as it comes, set off as content is.
                         ChoiceEvent::Delta(StreamDelta::Reasoning(text), logprobs) => {
                             pending.extend(logprobs);
+                            this.reasoning.push_str(&text);
+                            let text = if std::mem::take(&mut set_off_thought) { format!("\n\n{text}") } else { text };
+                            thought = true;
                             yield ChoiceEvent::Delta(StreamDelta::Reasoning(text), std::mem::take(&mut pending));
                         }
                         ChoiceEvent::Delta(delta, logprobs) => {
@@ -118,7 +128,7 @@ impl Rounds {
                     return;
                 }
                 tracing::debug!(round, calls = calls.len(), "running built-in functions");
-                self.run_calls(&mut messages, this.content, &calls);
+                self.run_calls(&mut messages, this, &calls);
             }
         }
     }
@@ -159,13 +169,18 @@ impl Rounds {
     /// Runs the round's calls and appends them and their results to the
     /// conversation. The call the client insisted on has been made: from now
     /// on the model answers freely.
-    fn run_calls(&mut self, messages: &mut Vec<Value>, content: String, calls: &[ToolCall]) {
+    fn run_calls(&mut self, messages: &mut Vec<Value>, round: Round, calls: &[ToolCall]) {
         let wire_calls: Vec<crate::wire::ToolCall> = calls.iter().map(Into::into).collect();
-        messages.push(json!({
+        let mut turn = json!({
             "role": "assistant",
-            "content": content,
+            "content": round.content,
             "tool_calls": wire_calls,
-        }));
+        });
+        // Thinking templates show a tool loop's thoughts to its next round.
+        if !round.reasoning.is_empty() {
+            turn["reasoning_content"] = round.reasoning.into();
+        }
+        messages.push(turn);
         for call in calls {
             let builtin = self
                 .plan

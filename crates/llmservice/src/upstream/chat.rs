@@ -173,10 +173,12 @@ fn chat_deltas(choice: &Value, started: &mut HashSet<usize>) -> Vec<StreamDelta>
         return Vec::new();
     };
     let mut out = Vec::new();
-    let reasoning = ["reasoning_content", "reasoning"]
-        .iter()
-        .find_map(|key| delta.get(key).and_then(Value::as_str))
-        .filter(|t| !t.is_empty());
+    let reasoning = ["reasoning_content", "reasoning"].iter().find_map(|key| {
+        delta
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+    });
     if let Some(text) = reasoning {
         out.push(StreamDelta::Reasoning(text.to_owned()));
     }
@@ -252,7 +254,7 @@ mod tests {
             matches!(&deltas[2], StreamDelta::ToolCallStart { index: 0, id, name } if id == "call_a" && name == "get_weather")
         );
         assert_eq!(deltas.len(), 3);
-        let vllm = json!({"delta": {"reasoning": "Hmm", "content": null}});
+        let vllm = json!({"delta": {"reasoning_content": "", "reasoning": "Hmm", "content": null}});
         let deltas = chat_deltas(&vllm, &mut HashSet::new());
         assert!(matches!(&deltas[..], [StreamDelta::Reasoning(t)] if t == "Hmm"));
         let more = json!({"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}});

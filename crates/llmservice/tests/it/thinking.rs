@@ -309,3 +309,96 @@ async fn an_upstreams_reasoning_passes_through() {
     assert_eq!(status, 200, "{ollama}");
     assert_eq!(ollama["message"]["thinking"], reasoning);
 }
+
+#[tokio::test]
+async fn a_constrained_answer_comes_after_the_thought_the_prompt_opened() {
+    let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", OPENS_THE_BLOCK)]);
+    let schema = json!({"type": "object", "required": ["name", "population"],
+        "properties": {"name": {"type": "string"}, "population": {"type": "integer"}}});
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "light", "temperature": 0, "max_tokens": 60,
+            "messages": [{"role": "user", "content": "Give a city."}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let format = json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "city", "schema": schema}}});
+    // SmolLM2 does not close a block of its own: the answer never comes, and
+    // what it wrote is thought, not a JSON answer filed as thought.
+    let (status, _, thinking) = app.post("/v1/chat/completions", ask(format.clone())).await;
+    assert_eq!(status, 200, "{thinking}");
+    let message = &thinking["choices"][0]["message"];
+    assert_eq!(message["content"], "", "{thinking}");
+    let thought = message["reasoning_content"].as_str().unwrap();
+    assert!(!thought.trim_start().starts_with('{'), "{thinking}");
+    assert_eq!(thinking["choices"][0]["finish_reason"], "length");
+
+    // Made likely to close its block (a bias towards "</"), it closes it and
+    // then answers as the schema says.
+    let (_, _, tokens) = app
+        .post(
+            "/tokenize",
+            json!({"model": "light", "content": "</think>", "add_special": false}),
+        )
+        .await;
+    let close = tokens["tokens"][0].as_u64().unwrap().to_string();
+    let bias = json!({"logit_bias": {close.as_str(): 6}});
+    let mut biased = ask(format);
+    biased["logit_bias"] = bias["logit_bias"].clone();
+    let (status, _, answer) = app.post("/v1/chat/completions", biased).await;
+    assert_eq!(status, 200, "{answer}");
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    let city: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert!(
+        city["name"].is_string() && city["population"].is_i64(),
+        "{answer}"
+    );
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+
+    // A forced call, the same way.
+    let mut forced = ask(
+        json!({"tool_choice": "required", "tools": [{"type": "function",
+        "function": {"name": "lookup", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]}),
+    );
+    forced["logit_bias"] = bias["logit_bias"].clone();
+    let (status, _, called) = app.post("/v1/chat/completions", forced).await;
+    assert_eq!(status, 200, "{called}");
+    let call = &called["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "lookup", "{called}");
+    assert_eq!(called["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn messages_think_only_when_asked_as_anthropic_models_do() {
+    let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen3())]);
+    let count = |thinking: Option<Value>| {
+        let mut body = json!({"model": "light",
+            "messages": [{"role": "user", "content": "Hi"}]});
+        if let Some(thinking) = thinking {
+            body["thinking"] = thinking;
+        }
+        let app = &app;
+        async move {
+            let (status, _, counted) = app.post("/v1/messages/count_tokens", body).await;
+            assert_eq!(status, 200, "{counted}");
+            counted["input_tokens"].as_u64().unwrap()
+        }
+    };
+    // Qwen3's template closes an empty block when thinking is off.
+    let unasked = count(None).await;
+    let disabled = count(Some(json!({"type": "disabled"}))).await;
+    let enabled = count(Some(json!({"type": "enabled", "budget_tokens": 1024}))).await;
+    assert_eq!(unasked, disabled);
+    assert!(enabled < disabled, "{enabled} vs {disabled}");
+    let (status, _, refused) = app
+        .post(
+            "/v1/messages",
+            json!({"model": "light", "max_tokens": 4, "thinking": {"type": "sometimes"},
+                "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+}

@@ -15,8 +15,8 @@ use crate::api::sse::wire_json;
 use crate::error::RequestError;
 use crate::generation::{ChoiceEvent, ChoiceRecord};
 use crate::wire::{
-    IncompleteDetails, InputTokensDetails, OutputItem, OutputText, OutputTokensDetails,
-    ReasoningText, ResponseObject, ResponseStatus, ResponsesEvent,
+    ContentPart, IncompleteDetails, InputTokensDetails, OutputItem, OutputText,
+    OutputTokensDetails, ReasoningText, ResponseObject, ResponseStatus, ResponsesEvent,
     ResponsesEventPayload as Payload, ResponsesRequest, ResponsesUsage,
 };
 
@@ -195,13 +195,21 @@ impl ResponsesAnswer {
         let output_index = self.items - 1;
         let item = match open {
             OpenItem::Reasoning { text } => {
+                let item_id = self.item_id("rs", output_index);
                 let done = Payload::ReasoningTextDone {
-                    item_id: self.item_id("rs", output_index),
+                    item_id: item_id.clone(),
                     output_index,
                     content_index: 0,
                     text: text.clone(),
                 };
                 events.push(self.event(done));
+                let part = Payload::ContentPartDone {
+                    item_id,
+                    output_index,
+                    content_index: 0,
+                    part: ContentPart::Reasoning(ReasoningText::new(text.clone())),
+                };
+                events.push(self.event(part));
                 self.reasoning_item(output_index, text)
             }
             OpenItem::Message { text } => {
@@ -219,7 +227,7 @@ impl ResponsesAnswer {
                     item_id,
                     output_index,
                     content_index: 0,
-                    part,
+                    part: ContentPart::Text(part),
                 };
                 events.push(self.event(part));
                 self.message_item(output_index, text)
@@ -271,12 +279,22 @@ impl ResponsesAnswer {
         };
         let added = Payload::OutputItemAdded { output_index, item };
         events.push(self.event(added));
-        if let OpenItem::Message { .. } = open {
+        let part = match open {
+            OpenItem::Message { .. } => {
+                Some(("msg", ContentPart::Text(OutputText::new(String::new()))))
+            }
+            OpenItem::Reasoning { .. } => Some((
+                "rs",
+                ContentPart::Reasoning(ReasoningText::new(String::new())),
+            )),
+            OpenItem::Call { .. } => None,
+        };
+        if let Some((prefix, part)) = part {
             let part = Payload::ContentPartAdded {
-                item_id: self.item_id("msg", output_index),
+                item_id: self.item_id(prefix, output_index),
                 output_index,
                 content_index: 0,
-                part: OutputText::new(String::new()),
+                part,
             };
             events.push(self.event(part));
         }

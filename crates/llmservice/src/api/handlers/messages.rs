@@ -81,6 +81,7 @@ pub async fn count_tokens(
         messages: &req.messages,
         tools: req.tools.as_deref(),
         tool_choice: req.tool_choice.as_ref(),
+        thinking: req.thinking.as_ref(),
     };
     let chat = anthropic::count_request(&req.model, &parts)?;
     let (job, entry) = check(&state, &chat).await?;
@@ -90,10 +91,11 @@ pub async fn count_tokens(
         .engine(&entry, super::wants_to_wait(&headers))
         .await
         .map_err(ApiError::from)?;
+    let extra = chat.chat_template_kwargs;
     let input_tokens = off_async(move || {
         let prompt = ChatPrompt {
             template: chat_template(engine.info())?,
-            extra: None,
+            extra: extra.as_ref(),
         };
         let prompt = prompt.tokens(&engine, &job.messages, job.active_plan())?;
         Ok(prompt.tokens.len() as u32)

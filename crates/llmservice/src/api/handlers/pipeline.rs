@@ -180,11 +180,21 @@ async fn generate_here(
     let template = chat_template(info)?;
     let format = template.tool_call_format();
     let reasoning = job.splits_reasoning(template);
+    let prompt = ChatPrompt {
+        template,
+        extra: req.chat_template_kwargs.as_ref(),
+    };
+    let plan = job.active_plan();
+    let prompt = prompt.tokens(engine, &job.messages, plan)?;
+    // A client's GBNF grammar spells the whole output, block or not.
+    let gbnf = matches!(job.output, Some(engine::Constraint::Gbnf(_)));
+    let open = prompt.thinking_open && !gbnf;
     let constraint = chat::compile_for(
         engine,
         &job,
         format,
         chat::output_param(req.grammar.as_deref()),
+        reasoning.then_some(open),
     )
     .await?;
     if job.builtins {
@@ -209,14 +219,7 @@ async fn generate_here(
         let events = futures_util::stream::iter(first).chain(events);
         return Ok((events.map(|event| (0, event)).left_stream(), 0));
     }
-    let prompt = ChatPrompt {
-        template,
-        extra: req.chat_template_kwargs.as_ref(),
-    };
-    let plan = job.active_plan();
-    let prompt = prompt.tokens(engine, &job.messages, plan)?;
     let prompt_tokens = prompt.tokens.len() as u32;
-    let open = prompt.thinking_open;
     let mut request = generation::build_request(
         &req.sampling,
         &entry.defaults(),
