@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import conftest
 import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -155,3 +156,55 @@ def test_an_operator_runs_the_server_from_the_dashboard(server, base_url, browse
     page.close()
     assert not errors, errors
     print(f"\nscreenshots: {shots}")
+
+
+# A template whose generation prompt opens the model's <think> block, as
+# DeepSeek-R1's does: SmolLM2 then writes nothing but thoughts.
+OPENS_THE_BLOCK = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if '</think>' in m.content %}{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def test_the_playground_shows_a_thinking_models_thoughts(browser, tmp_path):
+    template = tmp_path / "thinking.jinja"
+    template.write_text(OPENS_THE_BLOCK)
+    (tmp_path / "models").mkdir()
+    key = "thinking-operator-key"
+    env = dict(
+        os.environ,
+        LIGHT_MODEL_PATH=str(conftest._resolve_model()),
+        LIGHT_CHAT_TEMPLATE=str(template),
+        LIGHT_N_CTX="2048",
+        LIGHT_N_THREADS="2",
+        MODELS_DIR=str(tmp_path / "models"),
+        DATA_DIR=str(tmp_path / "data"),
+        API_KEY=key,
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    proc, port = conftest._launch(conftest._resolve_binary(), tmp_path, env, "thinking")
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        sign_in(page, base_url, key)
+        page.click("#nav a[data-page=playground]")
+        expect(page.locator("#play-model")).to_have_value(LIGHT)
+        page.fill("#play-temperature", "0")
+        page.fill("#play-max-tokens", "16")
+        page.fill("#chat-input", "Name a colour.")
+        page.click("#chat-send")
+        expect(page.locator("#play-stats")).to_contain_text("finish: length", timeout=60_000)
+        thoughts = page.locator("#transcript .msg.assistant details.thinking")
+        expect(thoughts).to_be_visible()
+        expect(thoughts).to_have_attribute("open", "")
+        expect(thoughts.locator(".text")).not_to_be_empty()
+        assert "<think>" not in thoughts.inner_text()
+        assert "first token" in page.locator("#play-stats").inner_text()
+        page.screenshot(path=tmp_path / "thinking.png", full_page=True)
+        page.close()
+        assert not errors, errors
+    finally:
+        conftest._stop(proc)

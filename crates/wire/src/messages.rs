@@ -31,9 +31,9 @@ pub struct MessagesRequest {
     /// each with an optional `disable_parallel_tool_use`.
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
-    /// `{"type": "enabled", "budget_tokens": n}` (or `adaptive`) lets a
-    /// thinking model think; without it, or with `disabled`, its template is
-    /// asked not to, as Anthropic's models do not think unless asked.
+    /// `{"type": "enabled", "budget_tokens": n}` (or `adaptive`) asks a
+    /// thinking model's template to think, `disabled` asks it not to; without
+    /// it the model does as its template does.
     #[schema(value_type = Option<Object>)]
     pub thinking: Option<Value>,
     /// Accepted and ignored (`user_id`).

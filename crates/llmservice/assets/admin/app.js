@@ -412,6 +412,9 @@
     const box = $("transcript");
     box.replaceChildren(...app.chat.map((m) => h("div", { class: `msg ${m.role}` },
       h("div", { class: "who", text: m.role }),
+      // A thinking model's thoughts: open while it is still thinking.
+      m.reasoning ? h("details", { class: "thinking", open: !m.content && !(m.tool_calls || []).length },
+        h("summary", { text: "Thinking" }), h("div", { class: "text", text: m.reasoning })) : null,
       m.content ? h("div", { class: "text", text: m.content }) : null,
       (m.tool_calls || []).map((c) => h("pre", { text: `${c.function.name}(${c.function.arguments})` })))));
     box.scrollTop = box.scrollHeight;
@@ -424,6 +427,7 @@
     for (const m of app.chat) {
       const message = { role: m.role, content: m.content || "" };
       if (m.tool_calls && m.tool_calls.length) message.tool_calls = m.tool_calls;
+      if (m.reasoning) message.reasoning_content = m.reasoning;
       messages.push(message);
     }
     const body = {
@@ -452,7 +456,7 @@
       return;
     }
     $("chat-input").value = "";
-    const reply = { role: "assistant", content: "", tool_calls: [] };
+    const reply = { role: "assistant", content: "", reasoning: "", tool_calls: [] };
     app.chat.push(reply);
     renderTranscript();
     app.abort = new AbortController();
@@ -475,7 +479,8 @@
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices || []) {
           const delta = choice.delta || {};
-          if (delta.content || delta.tool_calls) first = first || performance.now();
+          if (delta.content || delta.reasoning_content || delta.tool_calls) first = first || performance.now();
+          if (delta.reasoning_content) reply.reasoning += delta.reasoning_content;
           if (delta.content) reply.content += delta.content;
           for (const call of delta.tool_calls || []) {
             const slot = reply.tool_calls[call.index] || (reply.tool_calls[call.index] = { id: call.id, type: "function", function: { name: "", arguments: "" } });
@@ -498,7 +503,7 @@
       ].filter(Boolean).join(" · ");
     } catch (error) {
       $("play-stats").textContent = error.name === "AbortError" ? "stopped" : `error: ${error.message}`;
-      if (!reply.content && !reply.tool_calls.length) app.chat.pop();
+      if (!reply.content && !reply.reasoning && !reply.tool_calls.length) app.chat.pop();
     } finally {
       app.abort = null;
       $("chat-send").hidden = false;

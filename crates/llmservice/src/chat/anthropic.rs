@@ -74,24 +74,25 @@ fn prompt_body(model: &str, parts: &PromptParts) -> Result<Map<String, Value>, R
             body.insert("tools".into(), tools.into());
         }
     }
-    // Thinking models' templates read `enable_thinking` (Qwen3's).
-    let thinks = match parts
-        .thinking
-        .map(|t| t.get("type").and_then(Value::as_str))
-    {
-        None | Some(Some("disabled")) => false,
-        Some(Some("enabled" | "adaptive")) => true,
-        Some(_) => {
-            return Err(RequestError::invalid(
-                "thinking.type",
-                "thinking.type must be \"enabled\", \"adaptive\" or \"disabled\"",
-            ))
-        }
-    };
-    body.insert(
-        "chat_template_kwargs".into(),
-        json!({"enable_thinking": thinks}),
-    );
+    // Thinking models' templates read `enable_thinking` (Qwen3's). Without
+    // `thinking` the model does as its template does, as on the other APIs
+    // (and the same question shares their cached answer).
+    if let Some(thinking) = parts.thinking {
+        let thinks = match thinking.get("type").and_then(Value::as_str) {
+            Some("enabled" | "adaptive") => true,
+            Some("disabled") => false,
+            _ => {
+                return Err(RequestError::invalid(
+                    "thinking.type",
+                    "thinking.type must be \"enabled\", \"adaptive\" or \"disabled\"",
+                ))
+            }
+        };
+        body.insert(
+            "chat_template_kwargs".into(),
+            json!({"enable_thinking": thinks}),
+        );
+    }
     if let Some(choice) = parts.tool_choice {
         let (choice, parallel) = tool_choice(choice)?;
         body.insert("tool_choice".into(), choice);

@@ -23,7 +23,7 @@ use crate::wire::{ChatCompletionRequest, SamplingFields};
 
 pub use constraints::{compile, compile_for};
 pub use messages::prepare_messages;
-pub use prompt::ChatPrompt;
+pub use prompt::{ChatPrompt, Prompt};
 pub use rounds::Rounds;
 pub use tools::ToolPlan;
 

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use super::constraints::triggered_calls;
 use super::tools::{ToolChoice, ToolPlan};
-use super::{builtins, ChatPrompt};
+use super::{builtins, ChatPrompt, Prompt};
 use crate::error::RequestError;
 use crate::generation::{self, Choice, ChoiceEvent, ChoiceRecord};
 use crate::settings::GenerationDefaults;
@@ -67,11 +67,14 @@ impl Rounds {
             let mut pending: Vec<TokenLogprob> = Vec::new();
             let (mut said, mut thought) = (false, false);
             for round in 0..MAX_BUILTIN_ROUNDS {
+                let prompt = self.prompt(&messages)?;
+                let open = prompt.thinking_open;
                 if round > 0 {
                     // Later rounds answer freely, but a call they open is made valid.
-                    constraint = triggered_calls(&self.engine, &self.plan, self.format).await?;
+                    let thought = self.reasoning.then_some(open);
+                    constraint = triggered_calls(&self.engine, &self.plan, self.format, thought).await?;
                 }
-                let (choice, open) = self.submit(&messages, constraint.take()).await?;
+                let choice = self.submit(prompt, constraint.take()).await?;
                 let parser = OutputParser {
                     reasoning: self.reasoning.then(|| ReasoningStream::new(open)),
                     calls: Some(ToolCallStream::new(self.format)),
@@ -133,13 +136,8 @@ impl Rounds {
         }
     }
 
-    /// Renders the conversation and starts one round's generation; with it,
-    /// whether the prompt opened the model's `<think>` block.
-    async fn submit(
-        &self,
-        messages: &[Value],
-        constraint: Option<CompiledConstraint>,
-    ) -> Result<(Choice, bool), RequestError> {
+    /// Renders the conversation so far.
+    fn prompt(&self, messages: &[Value]) -> Result<Prompt, RequestError> {
         let info = self.engine.info();
         let template = info
             .chat_template
@@ -149,7 +147,15 @@ impl Rounds {
             template,
             extra: self.extra.as_ref(),
         };
-        let prompt = prompt.tokens(&self.engine, messages, Some(&self.plan))?;
+        prompt.tokens(&self.engine, messages, Some(&self.plan))
+    }
+
+    /// Starts one round's generation.
+    async fn submit(
+        &self,
+        prompt: Prompt,
+        constraint: Option<CompiledConstraint>,
+    ) -> Result<Choice, RequestError> {
         let mut request = generation::build_request(
             &self.sampling,
             &self.defaults,
@@ -163,7 +169,7 @@ impl Rounds {
         let streams = self.engine.submit_n(request, 1)?;
         let mut choices =
             generation::start(streams, &self.metrics, &self.model_id, self.started).await?;
-        Ok((choices.remove(0), prompt.thinking_open))
+        Ok(choices.remove(0))
     }
 
     /// Runs the round's calls and appends them and their results to the

@@ -372,7 +372,7 @@ async fn a_constrained_answer_comes_after_the_thought_the_prompt_opened() {
 }
 
 #[tokio::test]
-async fn messages_think_only_when_asked_as_anthropic_models_do() {
+async fn messages_turn_thinking_on_and_off() {
     let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen3())]);
     let count = |thinking: Option<Value>| {
         let mut body = json!({"model": "light",
@@ -387,11 +387,12 @@ async fn messages_think_only_when_asked_as_anthropic_models_do() {
             counted["input_tokens"].as_u64().unwrap()
         }
     };
-    // Qwen3's template closes an empty block when thinking is off.
+    // Qwen3's template closes an empty block when thinking is off, and
+    // thinks unless told otherwise.
     let unasked = count(None).await;
     let disabled = count(Some(json!({"type": "disabled"}))).await;
     let enabled = count(Some(json!({"type": "enabled", "budget_tokens": 1024}))).await;
-    assert_eq!(unasked, disabled);
+    assert_eq!(unasked, enabled);
     assert!(enabled < disabled, "{enabled} vs {disabled}");
     let (status, _, refused) = app
         .post(
