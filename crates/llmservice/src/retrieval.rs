@@ -1,6 +1,7 @@
-//! Retrieval's models, served by our engines: the embedding model as a
-//! [`rag::Encoder`] (its inputs share the embedding worker's batches with
-//! `/v1/embeddings` traffic) and the reranker as a [`rag::Reranker`].
+//! Retrieval's models: the embedding model as a [`rag::Encoder`] (on our
+//! engine its inputs share the embedding worker's batches with
+//! `/v1/embeddings` traffic) and the reranker as a [`rag::Reranker`], each
+//! served here or by the upstream of a tier served elsewhere.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,18 +39,59 @@ impl EngineEncoder {
             tokens: AtomicU64::new(0),
         }
     }
+}
+
+/// The embedding model retrieval uses: here, or on an upstream.
+pub enum ModelEncoder {
+    Engine(EngineEncoder),
+    Upstream(UpstreamEncoder),
+}
+
+impl ModelEncoder {
+    fn inner(&self) -> &dyn Encoder {
+        match self {
+            Self::Engine(encoder) => encoder,
+            Self::Upstream(encoder) => encoder,
+        }
+    }
 
     /// Tokens embedded through this encoder.
     pub fn tokens(&self) -> u64 {
-        self.tokens.load(Ordering::Relaxed)
+        match self {
+            Self::Engine(encoder) => &encoder.tokens,
+            Self::Upstream(encoder) => &encoder.tokens,
+        }
+        .load(Ordering::Relaxed)
     }
 
     /// Chunks of `RAG_CHUNK_TOKENS` (default 256), within the model's input
     /// limit after its special tokens.
     pub fn chunk_size(&self, settings: &RagSettings) -> Result<rag::chunk::ChunkSize, RagError> {
-        let room = self.info.max_tokens.saturating_sub(2);
+        let room = self.info().max_tokens.saturating_sub(2);
         let tokens = settings.chunk_tokens.unwrap_or(256).min(room);
         rag::chunk::ChunkSize::new(tokens, settings.chunk_overlap.min(tokens / 4))
+    }
+}
+
+impl Encoder for ModelEncoder {
+    fn info(&self) -> &EncoderInfo {
+        self.inner().info()
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        self.inner().count_tokens(text)
+    }
+
+    fn token_ids(&self, text: &str) -> Vec<u32> {
+        self.inner().token_ids(text)
+    }
+
+    fn encode<'a>(
+        &'a self,
+        texts: &'a [String],
+        want: Want,
+    ) -> BoxFuture<'a, Result<Vec<Encoded>, RagError>> {
+        self.inner().encode(texts, want)
     }
 }
 
@@ -205,6 +247,113 @@ impl Reranker for EngineReranker {
                         .unwrap_or(f32::NEG_INFINITY)
                 })
                 .collect())
+        })
+    }
+}
+
+/// Inputs per `/embeddings` call to an upstream (Text Embeddings Inference
+/// takes 32 by default; vLLM and OpenAI more).
+const UPSTREAM_BATCH: usize = 32;
+
+/// The input limit assumed for an upstream's embedding model, which no
+/// OpenAI-shaped API reports: BERT-style encoders' 512.
+const UPSTREAM_MAX_TOKENS: usize = 512;
+
+/// An embedding tier served by another server, through its `/embeddings`.
+/// No tokenizer of its model is here, so chunks are sized by an estimate (a
+/// token for every three bytes, more than English or most other scripts
+/// take, so chunks stay within the model's limit) and BM25 weighs words
+/// (lowercased, with stable ids) instead of the model's tokens.
+pub struct UpstreamEncoder {
+    upstream: Arc<crate::upstream::Upstream>,
+    /// The name to ask for (the upstream's own wins, see `model_for`).
+    requested: String,
+    info: EncoderInfo,
+    tokens: AtomicU64,
+}
+
+impl UpstreamEncoder {
+    /// The encoder for `upstream`'s model, which the registry calls
+    /// `model_id`; its width is asked of the upstream once (one embedding)
+    /// and cut to `dimension` when that is narrower.
+    pub async fn new(
+        upstream: Arc<crate::upstream::Upstream>,
+        model_id: &str,
+        requested: &str,
+        dimension: Option<usize>,
+    ) -> Result<Self, RagError> {
+        let width = upstream
+            .embedding_width(requested)
+            .await
+            .map_err(|e| RagError::Model(Box::new(e)))?;
+        let info = EncoderInfo {
+            model: model_id.to_owned(),
+            dimension: dimension.map_or(width, |d| d.min(width)),
+            sparse_head: false,
+            colbert_head: false,
+            max_tokens: UPSTREAM_MAX_TOKENS,
+        };
+        Ok(Self {
+            upstream,
+            requested: requested.to_owned(),
+            info,
+            tokens: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The words of `text`, lowercased: runs of letters and digits.
+fn words(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+}
+
+/// A word's id: FNV-1a of its bytes. Stored sparse vectors hold these ids,
+/// so they must not change between builds, which std's hashers do not
+/// promise; FNV-1a is five lines.
+fn word_id(word: &str) -> u32 {
+    word.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
+impl Encoder for UpstreamEncoder {
+    fn info(&self) -> &EncoderInfo {
+        &self.info
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        text.len().div_ceil(3)
+    }
+
+    fn token_ids(&self, text: &str) -> Vec<u32> {
+        words(text).map(|w| word_id(&w)).collect()
+    }
+
+    fn encode<'a>(
+        &'a self,
+        texts: &'a [String],
+        _want: Want,
+    ) -> BoxFuture<'a, Result<Vec<Encoded>, RagError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(texts.len());
+            for batch in texts.chunks(UPSTREAM_BATCH) {
+                let (vectors, tokens) = self
+                    .upstream
+                    .embed(&self.requested, batch)
+                    .await
+                    .map_err(|e| RagError::Model(Box::new(e)))?;
+                self.tokens.fetch_add(tokens, Ordering::Relaxed);
+                out.extend(vectors.into_iter().map(|mut dense| {
+                    engine::normalize(&mut dense);
+                    Encoded {
+                        dense: narrowed(dense, self.info.dimension),
+                        ..Default::default()
+                    }
+                }));
+            }
+            Ok(out)
         })
     }
 }

@@ -99,6 +99,8 @@ pub struct Upstream {
     /// Whether a rerank answer has had a `relevance_score` outside 0..1:
     /// the upstream sends raw scores, not Cohere's probabilities.
     raw_rerank_scores: AtomicBool,
+    /// The width of the upstream's embeddings, learned from one (retrieval).
+    embedding_width: tokio::sync::OnceCell<usize>,
 }
 
 impl Upstream {
@@ -126,6 +128,7 @@ impl Upstream {
             checking: AtomicBool::new(false),
             turn: AtomicUsize::new(0),
             raw_rerank_scores: AtomicBool::new(false),
+            embedding_width: tokio::sync::OnceCell::new(),
         }))
     }
 
@@ -305,6 +308,66 @@ impl Upstream {
         response.json().await.map_err(|e| {
             UpstreamError::Failed(format!("not an embeddings answer: {}", e.without_url()))
         })
+    }
+
+    /// The dense vectors of `input` from `/embeddings`, in the inputs'
+    /// order, and the tokens the upstream says it read.
+    pub async fn embed(
+        self: &Arc<Self>,
+        requested: &str,
+        input: &[String],
+    ) -> Result<(Vec<Vec<f32>>, u64), UpstreamError> {
+        let answer = self
+            .embeddings(requested, input.into(), None, Some("float"))
+            .await?;
+        let data = answer["data"].as_array().ok_or_else(|| {
+            UpstreamError::Failed("the embeddings answer has no `data`".to_owned())
+        })?;
+        let mut vectors: Vec<Option<Vec<f32>>> = vec![None; input.len()];
+        for (i, item) in data.iter().enumerate() {
+            let index = item["index"].as_u64().map_or(i, |index| index as usize);
+            let floats = item["embedding"].as_array().map(|values| {
+                values
+                    .iter()
+                    .filter_map(Value::as_f64)
+                    .map(|x| x as f32)
+                    .collect::<Vec<_>>()
+            });
+            match (vectors.get_mut(index), floats) {
+                (Some(slot), Some(floats)) if !floats.is_empty() => *slot = Some(floats),
+                _ => {
+                    return Err(UpstreamError::Failed(format!(
+                        "an embedding without its input's index or its floats at data[{i}]"
+                    )))
+                }
+            }
+        }
+        let vectors = vectors
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                UpstreamError::Failed(format!(
+                    "the embeddings answer has {} vectors for {} inputs",
+                    data.len(),
+                    input.len()
+                ))
+            })?;
+        let tokens = answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+        Ok((vectors, tokens))
+    }
+
+    /// The width of the upstream's embeddings of `requested`, asked once.
+    pub async fn embedding_width(
+        self: &Arc<Self>,
+        requested: &str,
+    ) -> Result<usize, UpstreamError> {
+        self.embedding_width
+            .get_or_try_init(|| async {
+                let (vectors, _) = self.embed(requested, &["width".to_owned()]).await?;
+                Ok(vectors[0].len())
+            })
+            .await
+            .copied()
     }
 
     /// `POST /rerank` (Cohere's shape, which vLLM, llama-server, Jina and

@@ -738,3 +738,36 @@ pub(crate) async fn m3_heads(app: &TestApp) {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn an_embedding_tier_on_another_server_serves_retrieval() {
+    let (upstream_data, front_data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let upstream = rag_app(upstream_data.path(), &[]);
+    let base_url = format!("{}/v1", upstream.spawn().await);
+    let data = front_data.path().display().to_string();
+    let front = TestApp::new(&[
+        ("EMBEDDING_BACKEND", "openai"),
+        ("EMBEDDING_BASE_URL", &base_url),
+        ("EMBEDDING_UPSTREAM_MODEL", "embedding"),
+        ("DATA_DIR", &data),
+    ]);
+    // Seed 003's requests as they are, every search mode (BM25 on words:
+    // no tokenizer of the model is here), cited answers.
+    seed_requests_as_sent(&front).await;
+
+    // The dense side is the upstream's own vectors: the same similarity as
+    // retrieval run on that server.
+    ingest_seed(&upstream).await;
+    let query = json!({"query": "What orchestrates containers?", "top_k": 1, "mode": "dense",
+        "score_threshold": 0.0});
+    let (_, _, here) = front.post("/v1/rag/search", query.clone()).await;
+    let (_, _, there) = upstream.post("/v1/rag/search", query).await;
+    assert_eq!(texts(&here["results"]), texts(&there["results"]));
+    let similarity = |v: &Value| v["results"][0]["similarity"].as_f64().unwrap();
+    assert!(
+        (similarity(&here) - similarity(&there)).abs() < 1e-4,
+        "{here} vs {there}"
+    );
+    let (_, collections) = front.get("/v1/rag/collections").await;
+    assert_eq!(collections["data"][0]["dimension"], 384, "{collections}");
+}

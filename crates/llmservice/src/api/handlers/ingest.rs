@@ -22,7 +22,7 @@ use crate::api::error::ApiError;
 use crate::api::json::Json;
 use crate::api::sse;
 use crate::keys::Caller;
-use crate::retrieval::EngineEncoder;
+use crate::retrieval::ModelEncoder;
 use crate::state::AppState;
 use crate::wire::{
     ErrorResponse, IngestedDocument, RagDocumentsAnswer, RagDocumentsRequest, SseEvent,
@@ -371,7 +371,7 @@ impl Ingest {
         &self,
         state: &AppState,
         headers: &HeaderMap,
-    ) -> Result<EngineEncoder, ApiError> {
+    ) -> Result<ModelEncoder, ApiError> {
         library(state)?;
         let encoder = encoder(state, headers).await?;
         library(state)?
@@ -383,7 +383,7 @@ impl Ingest {
     async fn run(
         self,
         state: AppState,
-        encoder: EngineEncoder,
+        encoder: ModelEncoder,
         documents: Vec<rag::NewDocument>,
         stream: bool,
     ) -> Result<Response, ApiError> {
@@ -433,7 +433,7 @@ impl Ingest {
     async fn write(
         &self,
         state: &AppState,
-        encoder: &EngineEncoder,
+        encoder: &ModelEncoder,
         documents: Vec<rag::NewDocument>,
         progress: &(dyn Fn(rag::Progress) + Sync),
     ) -> Result<RagDocumentsAnswer, ApiError> {

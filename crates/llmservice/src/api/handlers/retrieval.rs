@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 
 use super::{require_kind, wants_to_wait};
 use crate::api::error::ApiError;
-use crate::retrieval::{EngineEncoder, EngineReranker, UpstreamReranker};
+use crate::retrieval::{
+    EngineEncoder, EngineReranker, ModelEncoder, UpstreamEncoder, UpstreamReranker,
+};
 use crate::state::AppState;
 use crate::wire::RagSource;
 
@@ -31,11 +33,11 @@ pub(super) fn collection_name(name: Option<&String>) -> &str {
     name.map_or(DEFAULT_COLLECTION, String::as_str)
 }
 
-/// The embedding model retrieval uses, loaded.
+/// The embedding model retrieval uses, loaded (or on another server).
 pub(super) async fn encoder(
     state: &AppState,
     headers: &HeaderMap,
-) -> Result<EngineEncoder, ApiError> {
+) -> Result<ModelEncoder, ApiError> {
     let settings = &state.settings.rag;
     let entry = match &settings.embedding_model {
         Some(name) => state.registry.resolve_async(name).await?,
@@ -66,11 +68,19 @@ pub(super) async fn encoder(
         }
     };
     require_kind(&entry, ModelKind::Embedding, "retrieval")?;
-    let engine = state
-        .registry
-        .engine(&entry, wants_to_wait(headers))
-        .await?;
-    Ok(EngineEncoder::new(engine, &entry.id, settings.dimension))
+    let wait = wants_to_wait(headers);
+    if let Some(upstream) = state.registry.upstream(&entry, wait).await? {
+        // The name the upstream knows it by, as for the reranker.
+        let model = entry.path.display().to_string();
+        let encoder = UpstreamEncoder::new(upstream, &entry.id, &model, settings.dimension).await?;
+        return Ok(ModelEncoder::Upstream(encoder));
+    }
+    let engine = state.registry.engine(&entry, wait).await?;
+    Ok(ModelEncoder::Engine(EngineEncoder::new(
+        engine,
+        &entry.id,
+        settings.dimension,
+    )))
 }
 
 /// The reranker, loaded, when one is configured (`RAG_RERANK_MODEL` or the
