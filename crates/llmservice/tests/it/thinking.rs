@@ -403,3 +403,16 @@ async fn messages_turn_thinking_on_and_off() {
         .await;
     assert_eq!(status, 400, "{refused}");
 }
+
+#[tokio::test]
+async fn ollama_clients_see_a_thinking_model_as_one() {
+    for (app, thinks) in [
+        (TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen3())]), true),
+        (TestApp::new(&[]), false),
+    ] {
+        let (status, _, shown) = app.post("/api/show", json!({"model": "light"})).await;
+        assert_eq!(status, 200, "{shown}");
+        let capabilities = shown["capabilities"].as_array().unwrap();
+        assert_eq!(capabilities.contains(&json!("thinking")), thinks, "{shown}");
+    }
+}

@@ -160,6 +160,10 @@ fn shown(entry: &ModelEntry) -> (String, serde_json::Value, Vec<&'static str>) {
             if tools {
                 capabilities.push("tools");
             }
+            // Clients show a thinking toggle for these (Ollama's `think`).
+            if engine::chat::template_thinks(&template) {
+                capabilities.push("thinking");
+            }
         }
         engine::ModelKind::Embedding | engine::ModelKind::Reranker => {
             capabilities.push("embedding")
