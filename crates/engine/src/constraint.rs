@@ -72,10 +72,14 @@ impl Constraint {
                 "thinking_answer: %json {}\n",
                 serde_json::to_string(&with_json_options(&schema)).expect("values serialize")
             ),
-            // Our Lark grammars open with their `start` rule.
+            // Our Lark grammars open with their `start` rule and do not
+            // refer back to it.
             Self::Lark(source) => match source.strip_prefix("start:") {
                 Some(rules) => format!("thinking_answer:{rules}\n"),
-                None => return Self::Lark(source),
+                None => {
+                    debug_assert!(false, "a Lark grammar without a leading start rule");
+                    return Self::Lark(source);
+                }
             },
             other => return other,
         };

@@ -10,6 +10,7 @@ use engine::{EmbedOutputs, Engine, EngineError};
 use rag::{BoxFuture, Encoded, Encoder, EncoderInfo, RagError, Reranker, Want};
 
 use crate::settings::RagSettings;
+use crate::upstream::UpstreamError;
 
 pub struct EngineEncoder {
     engine: Arc<Engine>,
@@ -268,6 +269,8 @@ pub struct UpstreamEncoder {
     upstream: Arc<crate::upstream::Upstream>,
     /// The name to ask for (the upstream's own wins, see `model_for`).
     requested: String,
+    /// The width of the upstream's vectors, before any cut to `dimension`.
+    width: usize,
     info: EncoderInfo,
     tokens: AtomicU64,
 }
@@ -275,7 +278,9 @@ pub struct UpstreamEncoder {
 impl UpstreamEncoder {
     /// The encoder for `upstream`'s model, which the registry calls
     /// `model_id`; its width is asked of the upstream once (one embedding)
-    /// and cut to `dimension` when that is narrower.
+    /// and cut to `dimension` when that is narrower. Collections record it as
+    /// `{model_id} (upstream)`: its vectors and its BM25 terms are not those
+    /// of the same model run here, so the two never share a collection.
     pub async fn new(
         upstream: Arc<crate::upstream::Upstream>,
         model_id: &str,
@@ -285,9 +290,9 @@ impl UpstreamEncoder {
         let width = upstream
             .embedding_width(requested)
             .await
-            .map_err(|e| RagError::Model(Box::new(e)))?;
+            .map_err(upstream_error)?;
         let info = EncoderInfo {
-            model: model_id.to_owned(),
+            model: format!("{model_id} (upstream)"),
             dimension: dimension.map_or(width, |d| d.min(width)),
             sparse_head: false,
             colbert_head: false,
@@ -296,6 +301,7 @@ impl UpstreamEncoder {
         Ok(Self {
             upstream,
             requested: requested.to_owned(),
+            width,
             info,
             tokens: AtomicU64::new(0),
         })
@@ -343,19 +349,41 @@ impl Encoder for UpstreamEncoder {
                     .upstream
                     .embed(&self.requested, batch)
                     .await
-                    .map_err(|e| RagError::Model(Box::new(e)))?;
+                    .map_err(upstream_error)?;
                 self.tokens.fetch_add(tokens, Ordering::Relaxed);
-                out.extend(vectors.into_iter().map(|mut dense| {
+                for mut dense in vectors {
+                    // Another model behind the same upstream: its vectors
+                    // would be cut or padded into nonsense.
+                    if dense.len() != self.width {
+                        return Err(upstream_error(UpstreamError::Failed(format!(
+                            "the upstream's embeddings are {} wide, not {} as when first asked",
+                            dense.len(),
+                            self.width
+                        ))));
+                    }
                     engine::normalize(&mut dense);
-                    Encoded {
+                    out.push(Encoded {
                         dense: narrowed(dense, self.info.dimension),
                         ..Default::default()
-                    }
-                }));
+                    });
+                }
             }
             Ok(out)
         })
     }
+}
+
+/// An upstream's failure in a call the server made itself: a refusal is the
+/// upstream's (a wrong key, an unknown model, an input it finds too long),
+/// not the client's, so it is a 502 that quotes it rather than its status.
+fn upstream_error(error: UpstreamError) -> RagError {
+    let error = match error {
+        UpstreamError::Refused {
+            status, message, ..
+        } => UpstreamError::Failed(format!("it refused with {status}: {message}")),
+        other => other,
+    };
+    RagError::Model(Box::new(error))
 }
 
 /// A reranker tier served by another server, through its `/rerank`.
@@ -388,7 +416,7 @@ impl Reranker for UpstreamReranker {
             self.upstream
                 .rerank(&self.model, query, texts)
                 .await
-                .map_err(|e| RagError::Model(Box::new(e)))
+                .map_err(upstream_error)
         })
     }
 }

@@ -117,6 +117,15 @@ impl CollectionMeta {
                 self.name, self.dimension, self.embedding_model, encoder.model, encoder.dimension
             )));
         }
+        // The same model without the heads its vectors came from (head files
+        // moved away): its sparse or ColBERT side would be empty.
+        let sparse_lost = self.sparse == Sparse::Model && !encoder.sparse_head;
+        if sparse_lost || (self.colbert && !encoder.colbert_head) {
+            return Err(RagError::Conflict(format!(
+                "collection {:?} holds vectors from {:?} with its sparse and ColBERT heads,                  which the model has no longer: put the head files back, or delete the                  collection and ingest again",
+                self.name, self.embedding_model
+            )));
+        }
         Ok(())
     }
 }
@@ -912,6 +921,36 @@ mod tests {
                 assert!(tied, "{query:?}: {ours:?} vs {theirs:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_collection_refuses_an_encoder_that_cannot_make_its_vectors() {
+        let m3 = EncoderInfo {
+            model: "m3".into(),
+            dimension: 4,
+            sparse_head: true,
+            colbert_head: true,
+            max_tokens: 512,
+        };
+        let meta = CollectionMeta::new("c", &m3, ChunkSize::new(64, 8).unwrap());
+        assert!(meta.check_encoder(&m3).is_ok());
+        let headless = EncoderInfo {
+            sparse_head: false,
+            colbert_head: false,
+            ..m3.clone()
+        };
+        assert!(matches!(
+            meta.check_encoder(&headless),
+            Err(RagError::Conflict(_))
+        ));
+        let elsewhere = EncoderInfo {
+            model: "m3 (upstream)".into(),
+            ..m3
+        };
+        assert!(matches!(
+            meta.check_encoder(&elsewhere),
+            Err(RagError::Conflict(_))
+        ));
     }
 
     #[test]

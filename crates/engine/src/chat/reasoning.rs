@@ -28,6 +28,12 @@ pub fn prompt_opens_thinking(prompt: &str) -> bool {
     prompt.trim_end().ends_with(THINK_OPEN)
 }
 
+/// Whether a rendered prompt closes the model's `<think>` block itself (Qwen
+/// 3 with `enable_thinking: false`): the model answers without one.
+pub fn prompt_closes_thinking(prompt: &str) -> bool {
+    prompt.trim_end().ends_with(THINK_CLOSE)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Nothing but whitespace yet: a `<think>` block may open.
@@ -364,6 +370,9 @@ mod tests {
         assert!(!template_thinks("{{ message.content }}"));
         assert!(prompt_opens_thinking("<|im_start|>assistant\n<think>\n"));
         assert!(!prompt_opens_thinking(
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        ));
+        assert!(prompt_closes_thinking(
             "<|im_start|>assistant\n<think>\n\n</think>\n\n"
         ));
     }

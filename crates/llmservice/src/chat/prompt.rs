@@ -18,6 +18,8 @@ pub struct Prompt {
     pub tokens: Vec<engine::TokenId>,
     /// The prompt opened the model's `<think>` block: its output starts inside.
     pub thinking_open: bool,
+    /// The prompt closed the block itself: the model answers without one.
+    pub thinking_closed: bool,
 }
 
 impl ChatPrompt<'_> {
@@ -47,6 +49,7 @@ impl ChatPrompt<'_> {
         Ok(Prompt {
             tokens: engine.tokenize_chat_prompt(&prompt),
             thinking_open: engine::chat::prompt_opens_thinking(&prompt),
+            thinking_closed: engine::chat::prompt_closes_thinking(&prompt),
         })
     }
 }

@@ -57,21 +57,27 @@ impl Rounds {
     /// generated in every round (rounds after the first are set off by a blank
     /// line); calls are held to the end of their round, and only the last
     /// round's reach the client. `Done` carries the usage of every round.
+    /// `prompt` is the first round's, rendered from `messages`.
     pub fn run(
         mut self,
         mut messages: Vec<Value>,
+        prompt: Prompt,
         mut constraint: Option<CompiledConstraint>,
     ) -> impl Stream<Item = Result<ChoiceEvent, RequestError>> + Send {
         async_stream::try_stream! {
             let mut total = Usage::default();
             let mut pending: Vec<TokenLogprob> = Vec::new();
-            let (mut said, mut thought) = (false, false);
+            let (mut said, mut thought_said) = (false, false);
+            let mut first = Some(prompt);
             for round in 0..MAX_BUILTIN_ROUNDS {
-                let prompt = self.prompt(&messages)?;
+                let prompt = match first.take() {
+                    Some(prompt) => prompt,
+                    None => self.prompt(&messages)?,
+                };
                 let open = prompt.thinking_open;
                 if round > 0 {
                     // Later rounds answer freely, but a call they open is made valid.
-                    let thought = self.reasoning.then_some(open);
+                    let thought = (self.reasoning && !prompt.thinking_closed).then_some(open);
                     constraint = triggered_calls(&self.engine, &self.plan, self.format, thought).await?;
                 }
                 let choice = self.submit(prompt, constraint.take()).await?;
@@ -86,7 +92,7 @@ impl Rounds {
                     held: Vec::new(),
                     finish: FinishReason::Stop,
                 };
-                let (mut set_off, mut set_off_thought) = (said, thought);
+                let (mut set_off, mut set_off_thought) = (said, thought_said);
                 while let Some(event) = events.next().await {
                     match event? {
                         ChoiceEvent::Delta(StreamDelta::Content(text), logprobs) if !text.is_empty() => {
@@ -101,7 +107,7 @@ impl Rounds {
                             pending.extend(logprobs);
                             this.reasoning.push_str(&text);
                             let text = if std::mem::take(&mut set_off_thought) { format!("\n\n{text}") } else { text };
-                            thought = true;
+                            thought_said = true;
                             yield ChoiceEvent::Delta(StreamDelta::Reasoning(text), std::mem::take(&mut pending));
                         }
                         ChoiceEvent::Delta(delta, logprobs) => {

@@ -326,18 +326,17 @@ impl Upstream {
         let mut vectors: Vec<Option<Vec<f32>>> = vec![None; input.len()];
         for (i, item) in data.iter().enumerate() {
             let index = item["index"].as_u64().map_or(i, |index| index as usize);
-            let floats = item["embedding"].as_array().map(|values| {
+            let floats = item["embedding"].as_array().and_then(|values| {
                 values
                     .iter()
-                    .filter_map(Value::as_f64)
-                    .map(|x| x as f32)
-                    .collect::<Vec<_>>()
+                    .map(|x| x.as_f64().map(|x| x as f32))
+                    .collect::<Option<Vec<_>>>()
             });
             match (vectors.get_mut(index), floats) {
-                (Some(slot), Some(floats)) if !floats.is_empty() => *slot = Some(floats),
+                (Some(slot @ None), Some(floats)) if !floats.is_empty() => *slot = Some(floats),
                 _ => {
                     return Err(UpstreamError::Failed(format!(
-                        "an embedding without its input's index or its floats at data[{i}]"
+                        "data[{i}] is not one input's embedding as a list of floats"
                     )))
                 }
             }
@@ -356,7 +355,9 @@ impl Upstream {
         Ok((vectors, tokens))
     }
 
-    /// The width of the upstream's embeddings of `requested`, asked once.
+    /// The width of the upstream's embeddings of `requested`, the tier's one
+    /// model (one `Upstream` serves one tier), asked once; a failed ask is
+    /// asked again next time.
     pub async fn embedding_width(
         self: &Arc<Self>,
         requested: &str,

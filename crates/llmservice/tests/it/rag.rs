@@ -769,5 +769,14 @@ async fn an_embedding_tier_on_another_server_serves_retrieval() {
         "{here} vs {there}"
     );
     let (_, collections) = front.get("/v1/rag/collections").await;
-    assert_eq!(collections["data"][0]["dimension"], 384, "{collections}");
+    let collection = &collections["data"][0];
+    assert_eq!(collection["dimension"], 384, "{collections}");
+    // Its vectors and terms are not those of the model run here: a
+    // collection never mixes the two.
+    assert!(
+        collection["embedding_model"]
+            .as_str()
+            .is_some_and(|m| m.ends_with(" (upstream)")),
+        "{collection}"
+    );
 }

@@ -416,3 +416,44 @@ async fn ollama_clients_see_a_thinking_model_as_one() {
         assert_eq!(capabilities.contains(&json!("thinking")), thinks, "{shown}");
     }
 }
+
+#[tokio::test]
+async fn a_block_the_prompt_closed_is_not_opened_again() {
+    let app = TestApp::new(&[("LIGHT_CHAT_TEMPLATE", &qwen3())]);
+    let (_, _, tokens) = app
+        .post(
+            "/tokenize",
+            json!({"model": "light", "content": "<think>", "add_special": false}),
+        )
+        .await;
+    // A strong pull towards writing "<think>", token by token.
+    let bias: serde_json::Map<String, Value> = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t.as_u64().unwrap().to_string(), json!(15)))
+        .collect();
+    let ask = |enable_thinking: bool| {
+        json!({"model": "light", "temperature": 0, "max_tokens": 40, "logit_bias": bias,
+            "chat_template_kwargs": {"enable_thinking": enable_thinking},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "f",
+                "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                           "required": ["ok"]}}},
+            "messages": [{"role": "user", "content": "Is the sky blue?"}]})
+    };
+    // Thinking on: the model may think before the answer, and does.
+    let (status, _, thinking) = app.post("/v1/chat/completions", ask(true)).await;
+    assert_eq!(status, 200, "{thinking}");
+    assert!(
+        thinking["choices"][0]["message"]["reasoning_content"].is_string(),
+        "{thinking}"
+    );
+    // Thinking off (Qwen3's prompt closes an empty block): the answer is
+    // the JSON, whatever the pull.
+    let (status, _, answer) = app.post("/v1/chat/completions", ask(false)).await;
+    assert_eq!(status, 200, "{answer}");
+    let message = &answer["choices"][0]["message"];
+    assert!(message.get("reasoning_content").is_none(), "{answer}");
+    let value: Value = serde_json::from_str(message["content"].as_str().unwrap()).unwrap();
+    assert!(value["ok"].is_boolean(), "{answer}");
+}

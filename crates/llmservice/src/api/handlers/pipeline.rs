@@ -189,12 +189,14 @@ async fn generate_here(
     // A client's GBNF grammar spells the whole output, block or not.
     let gbnf = matches!(job.output, Some(engine::Constraint::Gbnf(_)));
     let open = prompt.thinking_open && !gbnf;
+    // A block the prompt closed is not to be opened again.
+    let thought = (reasoning && !prompt.thinking_closed).then_some(open);
     let constraint = chat::compile_for(
         engine,
         &job,
         format,
         chat::output_param(req.grammar.as_deref()),
-        reasoning.then_some(open),
+        thought,
     )
     .await?;
     if job.builtins {
@@ -211,7 +213,7 @@ async fn generate_here(
             logprobs: job.logprobs,
             started,
         };
-        let mut events = Box::pin(rounds.run(job.messages, constraint));
+        let mut events = Box::pin(rounds.run(job.messages, prompt, constraint));
         let first = match events.next().await {
             Some(Err(error)) => return Err(error.into()),
             first => first,
