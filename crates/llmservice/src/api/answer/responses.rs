@@ -252,6 +252,36 @@ impl ResponsesAnswer {
         events.push(self.event(done));
     }
 
+    /// Adds `text` to the open reasoning item (`reasoning`) or message,
+    /// opening one first when another kind is open; returns its output index.
+    fn extend_text(
+        &mut self,
+        reasoning: bool,
+        text: &str,
+        events: &mut Vec<ResponsesEvent>,
+    ) -> usize {
+        let same = match &self.open {
+            Some(OpenItem::Reasoning { .. }) => reasoning,
+            Some(OpenItem::Message { .. }) => !reasoning,
+            _ => false,
+        };
+        if !same {
+            let text = String::new();
+            let open = if reasoning {
+                OpenItem::Reasoning { text }
+            } else {
+                OpenItem::Message { text }
+            };
+            self.open(open, events);
+        }
+        if let Some(OpenItem::Reasoning { text: so_far } | OpenItem::Message { text: so_far }) =
+            &mut self.open
+        {
+            so_far.push_str(text);
+        }
+        self.items - 1
+    }
+
     /// Opens the next item, closing the one before.
     fn open(&mut self, open: OpenItem, events: &mut Vec<ResponsesEvent>) {
         self.close(events);
@@ -335,16 +365,7 @@ impl Answer for ResponsesAnswer {
         };
         match delta {
             StreamDelta::Reasoning(text) => {
-                if !matches!(self.open, Some(OpenItem::Reasoning { .. })) {
-                    let open = OpenItem::Reasoning {
-                        text: String::new(),
-                    };
-                    self.open(open, &mut events);
-                }
-                if let Some(OpenItem::Reasoning { text: so_far }) = &mut self.open {
-                    so_far.push_str(text);
-                }
-                let output_index = self.items - 1;
+                let output_index = self.extend_text(true, text, &mut events);
                 let delta = Payload::ReasoningTextDelta {
                     item_id: self.item_id("rs", output_index),
                     output_index,
@@ -355,16 +376,7 @@ impl Answer for ResponsesAnswer {
             }
             StreamDelta::Content(text) if text.is_empty() => {}
             StreamDelta::Content(text) => {
-                if !matches!(self.open, Some(OpenItem::Message { .. })) {
-                    let open = OpenItem::Message {
-                        text: String::new(),
-                    };
-                    self.open(open, &mut events);
-                }
-                if let Some(OpenItem::Message { text: so_far }) = &mut self.open {
-                    so_far.push_str(text);
-                }
-                let output_index = self.items - 1;
+                let output_index = self.extend_text(false, text, &mut events);
                 let delta = Payload::OutputTextDelta {
                     item_id: self.item_id("msg", output_index),
                     output_index,
