@@ -590,6 +590,7 @@ impl Engine {
         seq.ignore_eos = request.ignore_eos;
         seq.special_text = request.special_text;
         seq.finish_within_budget = request.finish_within_budget;
+        seq.thought = request.thought.map(crate::chat::ReasoningStream::new);
         seq.logprobs = request.logprobs;
         seq.reuse_prefix = request.sampling.seed.is_none();
         let greedy = request.sampling.temperature <= 0.0;

@@ -64,6 +64,10 @@ pub struct GenerateRequest {
     /// have room to finish. Without it a small model that adds a call it does
     /// not need loses the whole answer to `max_tokens`.
     pub finish_within_budget: bool,
+    /// A thinking model's request: `Some(open)`, `open` when the prompt opened
+    /// its `<think>` block. The budget above then counts only the answer's
+    /// tokens, not the thought's.
+    pub thought: Option<bool>,
     /// Whether this request may use the model's speculation (only greedy
     /// requests speculate, and a guess is kept only where it is the token the
     /// model draws; the extra rows change the batch's shape, which on some

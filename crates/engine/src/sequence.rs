@@ -36,6 +36,10 @@ pub(crate) struct Sequence {
     pub special_text: bool,
     /// See [`crate::GenerateRequest::finish_within_budget`].
     pub finish_within_budget: bool,
+    /// A thinking model's output, watched until its thought is over.
+    pub thought: Option<crate::chat::ReasoningStream>,
+    /// Tokens of the thought (see [`Sequence::answer_tokens`]).
+    thought_tokens: u32,
     /// `Some(k)`: report logprobs with `k` alternatives.
     pub logprobs: Option<u32>,
     pub group: Option<Group>,
@@ -97,6 +101,8 @@ impl Sequence {
             ignore_eos: false,
             special_text: false,
             finish_within_budget: false,
+            thought: None,
+            thought_tokens: 0,
             logprobs: None,
             group: None,
             reuse_prefix: true,
@@ -119,6 +125,12 @@ impl Sequence {
             drafts: Vec::new(),
             drafts_at: 0,
         }
+    }
+
+    /// Tokens generated for the answer: all of them but a thinking model's
+    /// thought.
+    pub fn answer_tokens(&self) -> u32 {
+        self.n_generated - self.thought_tokens
     }
 
     /// Tokens that must still go through the model before the next sample.
@@ -145,6 +157,14 @@ impl Sequence {
         }
         self.tokens.push(token);
         self.n_generated += 1;
+        if let Some(thought) = &mut self.thought {
+            thought.push(&String::from_utf8_lossy(piece));
+            if thought.answering() {
+                self.thought = None;
+            } else {
+                self.thought_tokens += 1;
+            }
+        }
         self.pending_logprobs.extend(logprob);
         let text = self.utf8.push(piece);
         if !text.is_empty() {
@@ -222,5 +242,48 @@ impl Sequence {
         if let Err(TrySendError::Full(_)) = self.events.try_send(event) {
             tracing::error!(parent: &self.span, "event channel full: dropping an event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::ReasoningStream;
+
+    fn sequence() -> (Sequence, mpsc::Receiver<Event>) {
+        let (events, receiver) = mpsc::channel(64);
+        let seq = Sequence::new(
+            Vec::new(),
+            100,
+            Vec::new(),
+            LlamaSampler::greedy(),
+            events,
+            tracing::Span::none(),
+            0,
+        );
+        (seq, receiver)
+    }
+
+    #[test]
+    fn a_thought_does_not_count_against_the_answers_budget() {
+        let pieces = ["<think>", "\n", "plan", " it", "</think>", "\n\n", "{", "}"];
+        let (mut thinking, _events) = sequence();
+        thinking.thought = Some(ReasoningStream::new(false));
+        let (mut plain, _plain_events) = sequence();
+        for piece in pieces {
+            thinking.accept(LlamaToken(1), piece.as_bytes(), false, None);
+            plain.accept(LlamaToken(1), piece.as_bytes(), false, None);
+        }
+        assert_eq!(thinking.n_generated, 8);
+        // The block's four tokens up to its closing tag are thought.
+        assert_eq!(thinking.answer_tokens(), 4);
+        assert_eq!(plain.answer_tokens(), 8);
+        // An output without a block is all answer.
+        let (mut direct, _direct_events) = sequence();
+        direct.thought = Some(ReasoningStream::new(false));
+        for piece in ["{", "\"a\"", ":", "1", "}"] {
+            direct.accept(LlamaToken(1), piece.as_bytes(), false, None);
+        }
+        assert_eq!(direct.answer_tokens(), 5);
     }
 }

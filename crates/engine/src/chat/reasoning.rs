@@ -80,6 +80,12 @@ impl ReasoningStream {
         out
     }
 
+    /// Whether the block is over, or the output turned out to have none: what
+    /// follows is the answer.
+    pub fn answering(&self) -> bool {
+        matches!(self.state, State::Closed | State::Answer)
+    }
+
     /// The output's end: what was held back, as what it turned out to be (a
     /// block the budget cut is reasoning all the same).
     pub fn finish(&mut self) -> Vec<StreamDelta> {

@@ -324,13 +324,13 @@ impl Decoder for LlamaDecoder<'_> {
 
     fn sample(&mut self, seq: &mut Sequence, index: i32) -> Result<Option<Sampled>, EngineError> {
         let vocab = self.model.vocab();
+        let spent = seq.answer_tokens();
         let (token, grammar_complete) = match seq.constraint.as_mut().filter(|c| !c.is_waiting()) {
             None => (
                 sampling::sample(&mut seq.sampler, seq.penalties.as_mut(), &self.ctx, index),
                 false,
             ),
             Some(constraint) => {
-                let spent = seq.n_generated;
                 // Not with ignore_eos: the end token would not end it.
                 let end_if_complete = seq.finish_within_budget
                     && !seq.ignore_eos

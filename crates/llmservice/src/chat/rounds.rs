@@ -162,6 +162,7 @@ impl Rounds {
         prompt: Prompt,
         constraint: Option<CompiledConstraint>,
     ) -> Result<Choice, RequestError> {
+        let prompt_open = prompt.thinking_open;
         let mut request = generation::build_request(
             &self.sampling,
             &self.defaults,
@@ -172,6 +173,7 @@ impl Rounds {
         request.constraint = constraint;
         request.special_text = true;
         request.finish_within_budget = true;
+        request.thought = self.reasoning.then_some(prompt_open);
         let streams = self.engine.submit_n(request, 1)?;
         let mut choices =
             generation::start(streams, &self.metrics, &self.model_id, self.started).await?;

@@ -192,6 +192,7 @@ pub fn build_request(
         logprobs,
         constraint: None,
         finish_within_budget: false,
+        thought: None,
         speculative: sampling.speculative.unwrap_or(true),
         prediction: sampling
             .prediction

@@ -480,6 +480,7 @@ async fn a_triggered_grammar_governs_only_what_follows_its_trigger() {
         special_text: false,
         constraint: Some(compiled),
         finish_within_budget: false,
+        thought: None,
         speculative: true,
         prediction: Vec::new(),
         span: tracing::Span::none(),

@@ -233,6 +233,7 @@ async fn generate_here(
     request.special_text = plan.is_some();
     // A forced or opened call list ends rather than start a call it cannot finish.
     request.finish_within_budget = plan.is_some();
+    request.thought = reasoning.then_some(open);
     let streams = engine.submit_n(request, job.n)?;
     let choices = generation::start(streams, &state.metrics, &entry.id, started).await?;
     let parse = plan.is_some();
