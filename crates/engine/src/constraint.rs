@@ -25,7 +25,6 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
-use crate::chat::{ReasoningStream, StreamDelta};
 use crate::sampling::Penalties;
 use crate::EngineError;
 
@@ -43,13 +42,9 @@ pub enum Constraint {
     /// Free output until `trigger` is generated, then the Lark grammar `then`
     /// for the rest: a model that may answer in prose or call a tool writes
     /// whatever it likes until it opens a call, and then a valid call. For a
-    /// thinking model, `thought` (whether the prompt opened its block) makes
-    /// a trigger inside the `<think>` block no trigger: it is thought.
-    Triggered {
-        trigger: String,
-        then: String,
-        thought: Option<bool>,
-    },
+    /// thinking model the scheduler shows it only the answer's text (see
+    /// `Sequence::answer_part`): a trigger inside the `<think>` block is thought.
+    Triggered { trigger: String, then: String },
 }
 
 impl Constraint {
@@ -57,17 +52,11 @@ impl Constraint {
     /// lets a thinking model think before a constrained answer: the block, then
     /// the answer the constraint describes. When the prompt `open`ed the block,
     /// the model must close it first; otherwise the block is optional. A
-    /// triggered grammar waits for its trigger after the block; a GBNF grammar
-    /// cannot be joined to it and comes back as it was.
+    /// triggered grammar needs nothing (it waits freely and sees only the
+    /// answer's text); a GBNF grammar cannot be joined to it. Both come back
+    /// as they were.
     pub fn after_thought(self, open: bool) -> Self {
         let answer = match self {
-            Self::Triggered { trigger, then, .. } => {
-                return Self::Triggered {
-                    trigger,
-                    then,
-                    thought: Some(open),
-                }
-            }
             Self::JsonSchema(schema) => format!(
                 "thinking_answer: %json {}\n",
                 serde_json::to_string(&with_json_options(&schema)).expect("values serialize")
@@ -107,11 +96,7 @@ pub struct CompiledConstraint(Compiled);
 enum Compiled {
     Llg(Box<Matcher>),
     Gbnf(String),
-    Triggered {
-        trigger: String,
-        then: Box<Matcher>,
-        thought: Option<bool>,
-    },
+    Triggered { trigger: String, then: Box<Matcher> },
 }
 
 impl std::fmt::Debug for CompiledConstraint {
@@ -285,11 +270,7 @@ impl Grammars {
                 TopLevelGrammar::from_json_schema(with_json_options(schema))
             }
             Constraint::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
-            Constraint::Triggered {
-                trigger,
-                then,
-                thought,
-            } => {
+            Constraint::Triggered { trigger, then } => {
                 if trigger.is_empty() {
                     return Err(EngineError::InvalidGrammar(
                         "a triggered grammar needs a trigger".to_owned(),
@@ -299,7 +280,6 @@ impl Grammars {
                 return Ok(CompiledConstraint(Compiled::Triggered {
                     trigger: trigger.clone(),
                     then,
-                    thought: *thought,
                 }));
             }
         };
@@ -339,8 +319,6 @@ pub(crate) enum ConstraintState {
         trigger: String,
         seen: String,
         then: Box<Matcher>,
-        /// A thinking model's output, split: only its answer may trigger.
-        thought: Option<ReasoningStream>,
     },
 }
 
@@ -358,15 +336,10 @@ impl ConstraintState {
         Ok(match &compiled.0 {
             Compiled::Llg(matcher) => Self::Llg(Box::new(matcher.deep_clone())),
             Compiled::Gbnf(source) => Self::Gbnf(gbnf_sampler(model, source)?),
-            Compiled::Triggered {
-                trigger,
-                then,
-                thought,
-            } => Self::Waiting {
+            Compiled::Triggered { trigger, then } => Self::Waiting {
                 trigger: trigger.clone(),
                 seen: String::new(),
                 then: Box::new(then.deep_clone()),
-                thought: thought.map(ReasoningStream::new),
             },
         })
     }
@@ -386,22 +359,11 @@ impl ConstraintState {
             trigger,
             seen,
             then,
-            thought,
         } = self
         else {
             return;
         };
-        let text = String::from_utf8_lossy(piece);
-        match thought {
-            Some(thought) => {
-                for piece in thought.push(&text) {
-                    if let StreamDelta::Content(answer) = piece {
-                        seen.push_str(&answer);
-                    }
-                }
-            }
-            None => seen.push_str(&text),
-        }
+        seen.push_str(&String::from_utf8_lossy(piece));
         while let Some(at) = seen.find(trigger.as_str()) {
             if seen[at + trigger.len()..].trim().is_empty() {
                 let grammar = Self::Llg(Box::new(then.deep_clone()));
@@ -819,7 +781,6 @@ mod tests {
             .compile(&Constraint::Triggered {
                 trigger: "<call>".to_owned(),
                 then: r#"start: "go(" ("a" | "b") ")""#.to_owned(),
-                thought: None,
             })
             .unwrap();
         let mut state = ConstraintState::start(&model, &compiled).unwrap();
@@ -899,37 +860,6 @@ mod tests {
         assert!(accepts(&model, &lark, "no"));
         let gbnf = Constraint::Gbnf("root ::= \"a\"".into());
         assert_eq!(gbnf.clone().after_thought(true), gbnf);
-    }
-
-    #[test]
-    fn a_trigger_in_a_thinking_models_thought_is_thought() {
-        let model = smollm();
-        let grammars = Grammars::new(model.clone());
-        let triggered = |thought| Constraint::Triggered {
-            trigger: "<call>".to_owned(),
-            then: r#"start: "go()""#.to_owned(),
-            thought,
-        };
-        let closed = grammars
-            .compile(&triggered(None).after_thought(false))
-            .unwrap();
-        let mut state = ConstraintState::start(&model, &closed).unwrap();
-        state.observe(b"<think>I could write <call>");
-        assert!(state.is_waiting(), "a call in the block is thought");
-        state.observe(b"</think>\n\n<call>");
-        assert!(!state.is_waiting(), "after the block it is a call");
-        let mut plain = ConstraintState::start(&model, &closed).unwrap();
-        plain.observe(b"<call>");
-        assert!(!plain.is_waiting(), "no block: the answer starts at once");
-
-        let open = grammars
-            .compile(&triggered(None).after_thought(true))
-            .unwrap();
-        let mut state = ConstraintState::start(&model, &open).unwrap();
-        state.observe(b"<call>");
-        assert!(state.is_waiting(), "the prompt opened the block");
-        state.observe(b"</think><call>");
-        assert!(!state.is_waiting());
     }
 
     #[test]

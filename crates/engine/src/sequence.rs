@@ -133,6 +133,27 @@ impl Sequence {
         self.n_generated - self.thought_tokens
     }
 
+    /// The part of a sampled token's text that belongs to the answer: all of
+    /// it, but a thinking model's thought (counted, for [`Self::answer_tokens`]).
+    /// What a waiting grammar watches for its trigger.
+    pub fn answer_part<'a>(&mut self, piece: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        let Some(thought) = &mut self.thought else {
+            return piece.into();
+        };
+        let mut answer = Vec::new();
+        for part in thought.push(&String::from_utf8_lossy(piece)) {
+            if let crate::chat::StreamDelta::Content(text) = part {
+                answer.extend_from_slice(text.as_bytes());
+            }
+        }
+        if thought.answering() {
+            self.thought = None;
+        } else {
+            self.thought_tokens += 1;
+        }
+        answer.into()
+    }
+
     /// Tokens that must still go through the model before the next sample.
     pub fn pending(&self) -> usize {
         self.tokens.len() - self.n_past
@@ -157,14 +178,6 @@ impl Sequence {
         }
         self.tokens.push(token);
         self.n_generated += 1;
-        if let Some(thought) = &mut self.thought {
-            thought.push(&String::from_utf8_lossy(piece));
-            if thought.answering() {
-                self.thought = None;
-            } else {
-                self.thought_tokens += 1;
-            }
-        }
         self.pending_logprobs.extend(logprob);
         let text = self.utf8.push(piece);
         if !text.is_empty() {
@@ -265,25 +278,45 @@ mod tests {
     }
 
     #[test]
-    fn a_thought_does_not_count_against_the_answers_budget() {
-        let pieces = ["<think>", "\n", "plan", " it", "</think>", "\n\n", "{", "}"];
+    fn only_the_answer_counts_and_only_the_answer_is_watched() {
         let (mut thinking, _events) = sequence();
         thinking.thought = Some(ReasoningStream::new(false));
-        let (mut plain, _plain_events) = sequence();
+        let pieces = [
+            "<think>",
+            "\n",
+            "a <call>",
+            " it",
+            "</think>",
+            "\n\n<call>",
+            "{",
+            "}",
+        ];
+        let mut watched = Vec::new();
         for piece in pieces {
+            watched.extend_from_slice(&thinking.answer_part(piece.as_bytes()));
             thinking.accept(LlamaToken(1), piece.as_bytes(), false, None);
-            plain.accept(LlamaToken(1), piece.as_bytes(), false, None);
         }
         assert_eq!(thinking.n_generated, 8);
-        // The block's four tokens up to its closing tag are thought.
+        // The block's four tokens up to its closing tag are thought; a
+        // trigger written there is not shown to the grammar.
         assert_eq!(thinking.answer_tokens(), 4);
-        assert_eq!(plain.answer_tokens(), 8);
-        // An output without a block is all answer.
-        let (mut direct, _direct_events) = sequence();
-        direct.thought = Some(ReasoningStream::new(false));
-        for piece in ["{", "\"a\"", ":", "1", "}"] {
-            direct.accept(LlamaToken(1), piece.as_bytes(), false, None);
+        assert_eq!(String::from_utf8(watched).unwrap(), "\n\n<call>{}");
+        // Without a block (or without a thinking model), all is answer.
+        for thought in [Some(ReasoningStream::new(false)), None] {
+            let (mut direct, _events) = sequence();
+            direct.thought = thought;
+            let mut watched = Vec::new();
+            for piece in ["{", "\"a\"", ":", "1", "}"] {
+                watched.extend_from_slice(&direct.answer_part(piece.as_bytes()));
+                direct.accept(LlamaToken(1), piece.as_bytes(), false, None);
+            }
+            assert_eq!(direct.answer_tokens(), 5);
+            assert_eq!(watched, br#"{"a":1}"#);
         }
-        assert_eq!(direct.answer_tokens(), 5);
+        // A block the prompt opened needs no tag.
+        let (mut opened, _events) = sequence();
+        opened.thought = Some(ReasoningStream::new(true));
+        assert!(opened.answer_part(b"<call>").is_empty());
+        assert_eq!(&*opened.answer_part(b"</think><call>"), b"<call>");
     }
 }

@@ -354,8 +354,9 @@ impl Decoder for LlamaDecoder<'_> {
         } else {
             vocab.token_to_piece(token, seq.special_text, None)
         };
+        let answer = seq.answer_part(&piece);
         if let Some(constraint) = seq.constraint.as_mut() {
-            constraint.observe(&piece);
+            constraint.observe(&answer);
         }
         let logprob = seq
             .logprobs

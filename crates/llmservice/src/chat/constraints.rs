@@ -52,7 +52,7 @@ pub async fn compile_for(
             Ok(Some(compile(engine, after_thought(calls), param).await?))
         }
         // Free to answer, but a call the model opens is made valid.
-        (None, Some(plan)) if plan.active() => triggered_calls(engine, plan, format, thought).await,
+        (None, Some(plan)) if plan.active() => triggered_calls(engine, plan, format).await,
         _ => Ok(None),
     }
 }
@@ -78,23 +78,19 @@ pub async fn compile(
 }
 
 /// The compiled grammar that makes a call the model opens valid, when the
-/// model's syntax has a marker to wait for (after a thinking model's block:
-/// `thought`, as for [`compile_for`]). Tools that do not compile into it are
+/// model's syntax has a marker to wait for (a thinking model's scheduler shows
+/// it only the text after the block). Tools that do not compile into it are
 /// the client's 400, as they are for a forced call.
 pub(super) async fn triggered_calls(
     engine: &Arc<Engine>,
     plan: &ToolPlan,
     format: ToolCallFormat,
-    thought: Option<bool>,
 ) -> Result<Option<CompiledConstraint>, RequestError> {
-    let Some(mut constraint) =
+    let Some(constraint) =
         tools::triggered_call_constraint(plan, format, &|t| engine.control_token(t))
     else {
         return Ok(None);
     };
-    if let Some(open) = thought {
-        constraint = constraint.after_thought(open);
-    }
     let param = if plan.legacy { "functions" } else { "tools" };
     compile(engine, constraint, param).await.map(Some)
 }

@@ -77,8 +77,7 @@ impl Rounds {
                 let open = prompt.thinking_open;
                 if round > 0 {
                     // Later rounds answer freely, but a call they open is made valid.
-                    let thought = (self.reasoning && !prompt.thinking_closed).then_some(open);
-                    constraint = triggered_calls(&self.engine, &self.plan, self.format, thought).await?;
+                    constraint = triggered_calls(&self.engine, &self.plan, self.format).await?;
                 }
                 let choice = self.submit(prompt, constraint.take()).await?;
                 let parser = OutputParser {

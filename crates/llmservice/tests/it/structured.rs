@@ -464,7 +464,6 @@ async fn a_triggered_grammar_governs_only_what_follows_its_trigger() {
         .compile_constraint(&engine::Constraint::Triggered {
             trigger: "e".into(),
             then: "start: \"!!!\"\n".into(),
-            thought: None,
         })
         .unwrap();
     let request = engine::GenerateRequest {

@@ -234,6 +234,5 @@ pub fn triggered_call_constraint(
     Some(Constraint::Triggered {
         trigger: syntax.trigger?.to_owned(),
         then: syntax.grammar(syntax.after_trigger, plan.parallel),
-        thought: None,
     })
 }
